@@ -1,0 +1,159 @@
+"""Small building blocks shared by the vision tower and the language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Normalizes in fp32, casts back to the input dtype, then scales by the weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))"""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE; cos/sin computed in fp32 for any position tensor."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [..., head_dim / 2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [..., head_dim]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., tokens, heads, head_dim]; cos/sin: [..., tokens, head_dim]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class PaddedKVCache:
+    """Contiguous per-layer K/V for `generate()`: [batch, kv_heads, max_len, head_dim] each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_mask: torch.Tensor  # [batch, max_len] bool: which cached positions are real tokens
+    length: int = 0  # positions filled so far
+
+
+@dataclass
+class PaddedAttentionMetadata:
+    """A left-padded batch: queries are the positions [cache.length, cache.length + T)."""
+
+    key_mask: torch.Tensor  # [batch, total_len] bool, total_len = cache.length + T (or T without cache)
+    cache: PaddedKVCache | None = None
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """A flat batch of T new tokens from B sequences over a paged KV pool (the engine's path)."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B + 1] int64: cumulative new-token counts
+    seq_lens: torch.Tensor  # [B] int64: context length after this step (cached + new)
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: [blocks, block_size, kv_heads, d]
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+
+def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v: [batch, heads, tokens, head_dim] -> same shape."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def padded_attention(q, k, v, meta: PaddedAttentionMetadata, layer: int) -> torch.Tensor:
+    """q: [B, h, T, d]; k, v: [B, kvh, T, d] (new tokens). Returns [B, h, T, d]."""
+    if meta.cache is not None:
+        cache = meta.cache
+        start, end = cache.length, cache.length + k.shape[2]
+        cache.keys[layer][:, :, start:end] = k
+        cache.values[layer][:, :, start:end] = v
+        k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=q.device)
+    key_pos = torch.arange(num_keys, device=q.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
+    itself = key_pos[None, :] == query_pos[:, None]  # keeps a left-pad query's row from being all masked (NaN)
+    mask = (causal[None, None] & meta.key_mask[:, None, None, :num_keys]) | itself[None, None]  # [B, 1, T, S]
+    return _sdpa_gqa(q, k, v, mask)
+
+
+def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.Tensor:
+    """q: [T, h, d]; k, v: [T, kvh, d]. Writes k/v into the pool, attends over each sequence's blocks."""
+    assert meta.kv_caches is not None
+    k_cache, v_cache = meta.kv_caches[layer]
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
+
+    num_seqs, max_q, max_s = meta.num_seqs, meta.max_query_len, meta.max_seq_len
+    max_blocks = (max_s + block_size - 1) // block_size
+    tables = meta.block_tables[:, :max_blocks]
+    keys = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]  # [B, S, kvh, d]
+    values = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+
+    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
+    slot = torch.arange(max_q, device=q.device)
+    token_index = meta.query_start_loc[:-1, None] + slot[None, :]  # [B, max_q]
+    query_valid = slot[None, :] < query_lens[:, None]
+    padded_q = q[token_index.clamp(max=q.shape[0] - 1)]  # [B, max_q, h, d]
+
+    query_pos = (meta.seq_lens - query_lens)[:, None] + slot[None, :]  # [B, max_q]
+    key_pos = torch.arange(max_s, device=q.device)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, max_q, S]
+    mask = mask & (key_pos[None, None, :] < meta.seq_lens[:, None, None])
+    mask[..., 0] |= ~query_valid  # padded query rows attend to something (then are dropped)
+
+    out = _sdpa_gqa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask[:, None])
+    out = out.transpose(1, 2)  # [B, max_q, h, d]
+    return out[query_valid]  # [T, h, d] in flat order
+
+
+def _sdpa_gqa(q, k, v, mask):
+    """q: [B, h, T, d]; k, v: [B, kvh, S, d]; mask bool broadcastable to [B, h, T, S]."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
