@@ -42,11 +42,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        # Computed per call (tiny) instead of a buffer, so models built on the meta device need no fix-up.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [..., head_dim / 2]
+        inv_freq = self.inverse_frequencies(positions.device)
+        freqs = positions.float().unsqueeze(-1) * inv_freq  # [..., head_dim / 2]
         angles = torch.cat([freqs, freqs], dim=-1)  # [..., head_dim]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

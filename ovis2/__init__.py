@@ -1,0 +1,44 @@
+"""Ovis2 vision-language models: the model, its processors, and a continuous-batching engine.
+
+Names load lazily, so `import ovis2` stays cheap and has no side effects.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "Ovis2Error": "errors",
+    "Ovis2Config": "configuration",
+    "Ovis2VisionConfig": "configuration",
+    "Ovis2TextConfig": "configuration",
+    "config_for_size": "configuration",
+    "Ovis2VisionModel": "modeling",
+    "Ovis2Model": "modeling",
+    "Ovis2ForConditionalGeneration": "modeling",
+    "Ovis2ImageProcessor": "image_processing",
+    "Ovis2ImageProcessorFast": "image_processing_fast",
+    "Ovis2Processor": "processing",
+    "build_tokenizer": "tokenizer",
+    "demo_checkpoint_dir": "demo",
+    "write_checkpoint": "demo",
+    "tiny_config": "demo",
+    "resolve_checkpoint": "weights",
+    "LLM": "llm",
+    "SamplingParams": "engine.sampling_params",
+    "EngineArgs": "engine.engine_args",
+    "EngineInputs": "engine.inputs",
+    "ImageInput": "engine.inputs",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
+    "AsyncEngine": "engine.async_engine",
+    "LLMEngine": "engine.llm_engine",
+    "EngineDeadError": "engine.async_engine",
+    "EngineOverloadedError": "engine.async_engine",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ovis2' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,199 @@
+"""Find a checkpoint, read its safetensors, map the original AIDC layout to -hf, fill the model in place."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .configuration import Ovis2Config
+from .errors import Ovis2Error
+
+logger = logging.getLogger(__name__)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PROGRESS_BAR_BYTES = 1 << 30
+DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise Ovis2Error(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+def resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local directory, "demo" (the built-in random-weight checkpoint), or a hub id (downloaded once)."""
+    text = str(path_or_id)
+    if text == "demo":
+        from .demo import demo_checkpoint_dir
+
+        return demo_checkpoint_dir()
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or not HUB_ID.match(text):
+        raise Ovis2Error(f"model {text!r} is neither a checkpoint directory nor a hub id like 'org/name'")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise Ovis2Error(f"could not fetch {repo_id!r} from the hub (HF_HUB_OFFLINE set or no network?): {error}")
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise Ovis2Error(f"{index} is not a valid safetensors index: {error}") from error
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise Ovis2Error(f"no *.safetensors weights in {directory}")
+    for file in files:
+        if not file.is_file():
+            raise Ovis2Error(f"weight file {file.name} named in the index is missing from {directory}")
+    return files
+
+
+def iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    total = sum(f.stat().st_size for f in files)
+    bar = _progress_bar(total)
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise Ovis2Error(f"weight file {file} is corrupt or unreadable: {error}") from error
+        if bar is not None:
+            bar.update(file.stat().st_size)
+    if bar is not None:
+        bar.close()
+
+
+def _progress_bar(total_bytes: int):
+    if total_bytes < PROGRESS_BAR_BYTES:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights")
+
+
+# --- original AIDC layout -> -hf layout
+_ORIGINAL_RENAMES = (
+    (r"^llm\.model\.", "model.language_model."),
+    (r"^llm\.lm_head\.", "lm_head."),
+    (r"^vte\.weight$", "model.visual_embeddings_table.weight"),
+    (r"^visual_tokenizer\.head\.0\.", "model.vision_tower.head_linear."),
+    (r"^visual_tokenizer\.head\.1\.", "model.vision_tower.head_norm."),
+    (r"^visual_tokenizer\.backbone\.", "model.vision_tower.transformer."),
+    (r"\.preprocessor\.patchifier\.proj\.", ".embeddings.patch_embedding."),
+    (r"\.preprocessor\.patchifier\.norm\.", ".embeddings.rms_norm."),
+    (r"\.preprocessor\.pos_embed$", ".embeddings.position_embedding.weight"),
+    (r"\.trunk\.post_trunk_norm\.", ".rms_norm."),
+    (r"\.trunk\.blocks\.(\d+)\.", r".encoder.layers.\1."),
+    (r"\.norm_1\.", ".rms_norm1."),
+    (r"\.norm_2\.", ".rms_norm2."),
+    (r"\.attn\.proj\.", ".attention.out_proj."),
+    (r"\.mlp\.fc1\.", ".ffn.gate_proj."),
+    (r"\.mlp\.fc3\.", ".ffn.up_proj."),
+    (r"\.mlp\.fc2\.", ".ffn.down_proj."),
+)
+
+
+def original_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    for pattern, replacement in _ORIGINAL_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    if key.endswith("embeddings.position_embedding.weight") and tensor.dim() == 3:
+        return [(key, tensor.squeeze(0))]  # [1, 1024, D] -> [1024, D]
+    if ".attn.qkv." in key:
+        q, k, v = tensor.chunk(3, dim=0)
+        return [(key.replace(".attn.qkv.", f".attention.{name}_proj."), t) for name, t in zip("qkv", (q, k, v))]
+    return [(key, tensor)]
+
+
+def load_model(cls, path_or_id, dtype=None, device=None, compat: str = "ovis", **unused):
+    directory = resolve_checkpoint(path_or_id)
+    config = Ovis2Config.from_pretrained(directory)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = cls(config, compat=compat)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    loaded = _read_state_dict(directory, config, expected, dtype, device)
+    has_head = "lm_head.weight" in loaded
+    missing = sorted(set(expected) - set(loaded) - ({"lm_head.weight"} if not has_head else set()))
+    if missing:
+        raise Ovis2Error(f"checkpoint {directory} lacks tensors: {', '.join(missing[:10])}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if not has_head:
+        model.tie_weights()
+    else:
+        model.config.tie_word_embeddings = False
+    _check_no_meta(model)
+    return model.eval()
+
+
+def _read_state_dict(directory, config, expected, dtype, device) -> dict[str, torch.Tensor]:
+    loaded, unexpected, misshaped = {}, [], []
+    for raw_key, raw in iter_tensors(safetensors_files(directory), device):
+        pairs = original_to_hf(raw_key, raw) if config.source_format == "ovis" else [(raw_key, raw)]
+        for key, tensor in pairs:
+            if key not in expected:
+                unexpected.append(key)
+            elif tuple(tensor.shape) != tuple(expected[key]):
+                misshaped.append(f"{key} {tuple(tensor.shape)} != {tuple(expected[key])}")
+            else:
+                loaded[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if unexpected:
+        raise Ovis2Error(f"checkpoint {directory} has unexpected tensors: {', '.join(sorted(unexpected)[:10])}")
+    if misshaped:
+        raise Ovis2Error(f"checkpoint {directory} has tensors of the wrong shape: {'; '.join(misshaped[:10])}")
+    return loaded
+
+
+def _check_no_meta(model) -> None:
+    left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    assert not left, f"parameters left on the meta device: {left}"
+
+
+def save_model(model, directory) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
