@@ -1,0 +1,95 @@
+"""`ovis2-serve` / `python -m server`: one flag per ServerSettings field, each also an OVIS2_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import types
+import typing
+
+from pydantic import ValidationError
+
+from .settings import ServerSettings
+
+DESCRIPTION = """OpenAI-compatible server for Ovis2 vision-language models.
+
+Every flag can also be set with an environment variable: --max-num-seqs 8 is OVIS2_MAX_NUM_SEQS=8.
+Flags given on the command line win over the environment. List flags take comma-separated values."""
+
+
+def _flag_kind(annotation: object) -> str:
+    """'bool', 'list' or 'value' for a settings field's type."""
+    args = typing.get_args(annotation)
+    if annotation is bool:
+        return "bool"
+    origin = typing.get_origin(annotation)
+    if origin is list or (origin is typing.Annotated and typing.get_origin(args[0]) is list):
+        return "list"
+    if origin in (typing.Union, types.UnionType) and bool in args:
+        return "bool"
+    return "value"
+
+
+def _metavar(annotation: object) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "{" + ",".join(typing.get_args(annotation)) + "}"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(args[0]) is typing.Literal:
+        return "{" + ",".join(typing.get_args(args[0])) + "}"
+    return {int: "N", float: "X"}.get(args[0], "TEXT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ovis2-serve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else default
+        text = f"{field.description} [env: OVIS2_{name.upper()}; default: {shown}]"
+        kind = _flag_kind(field.annotation)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            metavar = "A,B,..." if kind == "list" else _metavar(field.annotation)
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=text)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> ServerSettings:
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    try:
+        return ServerSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        parser.error(problems)
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it after its graceful shutdown; with these handlers in place that
+    # re-raise is a no-op, so SIGTERM ends in exit status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The app factory: `create_app(settings, engine=None)`; its lifespan starts the engine and stops it last."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .engine_api import build_engine
+from .errors import install_error_handlers
+from .media import ImageLoader, MediaPolicy
+from .metrics import ServerMetrics
+from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from .routes import router
+from .settings import ServerSettings
+from .state import ServerState
+
+logger = logging.getLogger("ovis2.server")
+
+
+def create_app(settings: ServerSettings | None = None, engine: Any = None) -> FastAPI:
+    """The server. Without `engine`, the lifespan builds the real AsyncEngine from `settings`; tests pass a fake."""
+    settings = settings if settings is not None else ServerSettings()
+    state = ServerState(
+        settings=settings,
+        metrics=ServerMetrics(settings.model_id),
+        images=ImageLoader(MediaPolicy.from_settings(settings)),
+        engine=engine,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.engine is None:
+            state.engine = await asyncio.to_thread(build_engine, settings.engine_args_kwargs())
+        await state.engine.start()
+        logger.info("serving %s (max_model_len %s)", state.model_id, state.engine.max_model_len)
+        try:
+            yield
+        finally:
+            await _drain(state, settings.shutdown_grace_seconds)
+            await state.engine.shutdown()
+
+    app = FastAPI(title="ovis2-serve", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_key is not None and settings.api_key.get_secret_value():
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    return app
+
+
+async def _drain(state: ServerState, grace_seconds: float) -> None:
+    """Let in-flight requests finish, for at most the grace period."""
+    if state.num_in_flight:
+        logger.info("waiting up to %.0fs for %d in-flight requests", grace_seconds, state.num_in_flight)
+    deadline = time.monotonic() + grace_seconds
+    while state.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.num_in_flight:
+        logger.warning("%d requests still running after the grace period; stopping", state.num_in_flight)

@@ -1,0 +1,261 @@
+"""/v1/chat/completions: OpenAI messages -> EngineInputs + SamplingParams; RequestOutputs -> responses or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request, Response
+from PIL import Image
+
+from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
+from .errors import APIError, bad_request
+from .generation import ClientDisconnected, collect_final, generate, unless_disconnected
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
+    DeltaMessage,
+    ImagePart,
+    PromptTokensDetails,
+    TextPart,
+    TopLogprob,
+    Usage,
+    now,
+    random_id,
+    unsupported_chat_fields,
+)
+from .sampling import build_sampling_params, resolve_max_tokens
+from .state import ServerState
+from .streaming import DONE, chunk_payload, sse, sse_error, sse_response
+
+logger = logging.getLogger("ovis2.server")
+ENGINE_FAILED = "the engine failed while generating this answer"
+
+
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw: Request) -> Response:
+    arrival = time.monotonic()
+    state.check_model(request.model)
+    problem = unsupported_chat_fields(request)
+    if problem is not None:
+        raise bad_request(problem[1], problem[0])
+    inputs = await build_chat_inputs(state, request.messages, request.max_tiles_per_image)
+    state.metrics.observe(state.metrics.preprocess_time, time.monotonic() - arrival)
+    params = chat_sampling_params(state, request, inputs)
+    request_id = random_id("chatcmpl")
+    outputs = generate(state, inputs, params, request_id, arrival)
+    if request.stream:
+        try:  # the first output before the headers, so a full queue is still a 503
+            first = await unless_disconnected(anext(outputs), raw)
+        except (ClientDisconnected, StopAsyncIteration):
+            return Response(status_code=499)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return sse_response(stream_chat(outputs, first, request_id, state.model_id, params, include_usage))
+    try:
+        final = await unless_disconnected(collect_final(outputs), raw)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return chat_response(final, request_id, state.model_id, want_logprobs=bool(request.logprobs))
+
+
+# ------------------------------------------------------------------------------------------------- the prompt
+
+
+def image_parts(messages: list[ChatMessage]) -> list[tuple[ImagePart, str]]:
+    found = []
+    for i, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, ImagePart):
+                    found.append((part, f"messages[{i}].content[{j}].image_url"))
+    return found
+
+
+def max_tiles(state: ServerState, requested: int | None, parts: list[ImagePart]) -> int | None:
+    """The tile cap for this request's images: the request's, within the server's; 1 if every image is low detail."""
+    server_cap = state.settings.max_tiles_per_image
+    if requested is not None and server_cap is not None and requested > server_cap:
+        raise bad_request(f"max_tiles_per_image is {requested}; this server allows at most {server_cap}",
+                          "max_tiles_per_image")  # fmt: skip
+    if parts and all(part.image_url.detail == "low" for part in parts):
+        return 1
+    return requested if requested is not None else server_cap
+
+
+def processor_messages(messages: list[ChatMessage], images: list[Image.Image]) -> list[dict]:
+    """OpenAI messages in the processor's form: image parts carry the decoded PIL images, in order."""
+    pending = iter(images)
+    result = []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        if not isinstance(message.content, list):
+            result.append({"role": role, "content": message.content or ""})
+            continue
+        parts = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                parts.append({"type": "image", "image": next(pending)})
+        result.append({"role": role, "content": parts})
+    return result
+
+
+async def build_chat_inputs(
+    state: ServerState, messages: list[ChatMessage], requested_tiles: int | None
+) -> EngineInputs:
+    """Fetch and decode every image at once, then let the processor build the prompt (in a thread)."""
+    found = image_parts(messages)
+    limit = state.settings.max_images_per_request
+    if len(found) > limit:
+        raise bad_request(f"the request has {len(found)} images; at most {limit} are allowed", "messages")
+    tiles = max_tiles(state, requested_tiles, [part for part, _ in found])
+    images = await state.images.load_all([(part.image_url.url, param) for part, param in found])
+    return await asyncio.to_thread(state.engine.processor.prepare_chat, processor_messages(messages, images), tiles)
+
+
+def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inputs: EngineInputs) -> SamplingParams:
+    requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    try:
+        max_tokens = resolve_max_tokens(
+            requested, len(inputs.prompt_token_ids), inputs.num_image_tokens, state.max_model_len
+        )
+    except APIError as exc:
+        if exc.param == "max_tokens" and request.max_completion_tokens is not None:
+            exc.param = "max_completion_tokens"
+        raise
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return build_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, vocab_size=state.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------- the response
+
+
+def usage_of(output: RequestOutput) -> Usage:
+    prompt = len(output.prompt_token_ids)
+    completion = sum(len(o.token_ids) for o in output.outputs)
+    details = PromptTokensDetails(cached_tokens=output.num_cached_tokens, image_tokens=output.num_image_tokens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=details)  # fmt: skip
+
+
+def token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs:
+    content = [
+        ChatTokenLogprob(
+            token=lp.token, logprob=lp.logprob, bytes=token_bytes(lp.token),
+            top_logprobs=[TopLogprob(token=t, logprob=p, bytes=token_bytes(t)) for _, t, p in lp.top],
+        )
+        for lp in logprobs or ()
+    ]  # fmt: skip
+    return ChoiceLogprobs(content=content)
+
+
+def failed(output: RequestOutput) -> bool:
+    return output.error is not None or any(o.finish_reason == "error" for o in output.outputs)
+
+
+def check_engine_error(output: RequestOutput | None, request_id: str) -> RequestOutput:
+    if output is None:
+        logger.error("request %s ended without output", request_id)
+        raise APIError(ENGINE_FAILED, 500)
+    if failed(output):
+        logger.error("request %s failed in the engine: %s", request_id, output.error)
+        raise APIError(ENGINE_FAILED, 500)
+    return output
+
+
+def chat_response(
+    final: RequestOutput | None, request_id: str, model: str, want_logprobs: bool
+) -> ChatCompletionResponse:
+    final = check_engine_error(final, request_id)
+    choices = [
+        ChatChoice(
+            index=o.index, message=AssistantMessage(content=o.text),
+            logprobs=chat_logprobs(o.logprobs) if want_logprobs else None,
+            finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+        )
+        for o in sorted(final.outputs, key=lambda o: o.index)
+    ]  # fmt: skip
+    return ChatCompletionResponse(id=request_id, created=now(), model=model, choices=choices, usage=usage_of(final))
+
+
+# --------------------------------------------------------------------------------------------------- streaming
+
+
+class ChatChunker:
+    """Builds the chunks of one streamed answer."""
+
+    def __init__(self, request_id: str, model: str, want_logprobs: bool):
+        self.request_id, self.model, self.want_logprobs = request_id, model, want_logprobs
+        self.created = now()
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                   usage=usage)  # fmt: skip
+
+    def role(self, index: int) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+
+    def delta(self, output: CompletionOutput) -> ChatChunkChoice | None:
+        if not output.delta_text and not (self.want_logprobs and output.delta_logprobs):
+            return None
+        logprobs = chat_logprobs(output.delta_logprobs) if self.want_logprobs else None
+        return ChatChunkChoice(index=output.index, delta=DeltaMessage(content=output.delta_text), logprobs=logprobs)
+
+    def finish(self, output: CompletionOutput) -> ChatChunkChoice:
+        return ChatChunkChoice(index=output.index, delta=DeltaMessage(), finish_reason=output.finish_reason,
+                               stop_reason=output.stop_reason)  # fmt: skip
+
+
+async def stream_chat(
+    outputs: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str, model: str,
+    params: SamplingParams, include_usage: bool,
+) -> AsyncIterator[str]:  # fmt: skip
+    chunker = ChatChunker(request_id, model, want_logprobs=params.logprobs is not None)
+
+    def emit(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(chunk_payload(chunker.chunk(choices, usage), include_usage))
+
+    last = first
+    async with aclosing(outputs):
+        for index in range(params.n):
+            yield emit([chunker.role(index)])
+        finished: set[int] = set()
+        async for output in prepend(first, outputs):
+            last = output
+            if failed(output):
+                logger.error("request %s failed in the engine: %s", request_id, output.error)
+                yield sse_error(ENGINE_FAILED)
+                yield DONE
+                return
+            for choice in output.outputs:
+                if choice.index in finished:
+                    continue
+                delta = chunker.delta(choice)
+                if delta is not None:
+                    yield emit([delta])
+                if choice.finished:
+                    finished.add(choice.index)
+                    yield emit([chunker.finish(choice)])
+    if include_usage:
+        yield emit([], usage_of(last))
+    yield DONE
+
+
+async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for output in rest:
+        yield output

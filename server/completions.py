@@ -1,0 +1,153 @@
+"""/v1/completions for plain text prompts (a string or token ids)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request, Response
+
+from .chat import ENGINE_FAILED, check_engine_error, failed, logger, prepend, usage_of
+from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
+from .errors import bad_request
+from .generation import ClientDisconnected, collect_final, generate, unless_disconnected
+from .protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    now,
+    random_id,
+)
+from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
+from .state import ServerState
+from .streaming import DONE, chunk_payload, sse, sse_error, sse_response
+
+
+async def create_completion(state: ServerState, request: CompletionRequest, raw: Request) -> Response:
+    arrival = time.monotonic()
+    state.check_model(request.model)
+    check_unsupported(request)
+    prompt_ids = prompt_token_ids(state, request.prompt)
+    prompt_text = state.engine.tokenizer.decode(prompt_ids) if request.echo else ""
+    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len)
+    params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs,
+                                   vocab_size=state.vocab_size)  # fmt: skip
+    request_id = random_id("cmpl")
+    outputs = generate(state, EngineInputs(prompt_token_ids=prompt_ids), params, request_id, arrival)
+    want_logprobs = request.logprobs is not None
+    if request.stream:
+        try:
+            first = await unless_disconnected(anext(outputs), raw)
+        except (ClientDisconnected, StopAsyncIteration):
+            return Response(status_code=499)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs)
+        return sse_response(stream_completion(outputs, first, builder, include_usage))
+    try:
+        final = await unless_disconnected(collect_final(outputs), raw)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    final = check_engine_error(final, request_id)
+    builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs)
+    choices = [builder.full(o) for o in sorted(final.outputs, key=lambda o: o.index)]
+    return CompletionResponse(id=request_id, created=builder.created, model=state.model_id, choices=choices,
+                              usage=usage_of(final))  # fmt: skip
+
+
+def check_unsupported(request: CompletionRequest) -> None:
+    if request.suffix:
+        raise bad_request("suffix (insertion) is not supported", "suffix")
+    if request.best_of is not None and request.best_of != (request.n or 1):
+        raise bad_request("best_of other than n is not supported", "best_of")
+    if request.echo and request.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+
+
+def prompt_token_ids(state: ServerState, prompt: str | list) -> list[int]:
+    """One prompt: text (control tokens in it act as control tokens) or token ids; never image tokens."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
+        raise bad_request("send one prompt per request", "prompt")
+    if isinstance(prompt, str):
+        ids = state.engine.tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        ids = list(prompt)
+        check_token_ids(ids, state.vocab_size, "prompt")
+    if not ids:
+        raise bad_request("the prompt is empty", "prompt")
+    if IMAGE_TOKEN_IDS.intersection(ids):
+        raise bad_request("image tokens are not allowed in a text prompt; send images to /v1/chat/completions",
+                          "prompt")  # fmt: skip
+    return ids
+
+
+class CompletionBuilder:
+    def __init__(self, request_id: str, model: str, prompt_text: str, want_logprobs: bool):
+        self.request_id, self.model, self.prompt_text = request_id, model, prompt_text
+        self.want_logprobs = want_logprobs
+        self.created = now()
+        self.offsets: dict[int, int] = {}
+
+    def logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+        if not self.want_logprobs:
+            return None
+        result = CompletionLogprobs()
+        offset = self.offsets.get(index, len(self.prompt_text))
+        for lp in logprobs or ():
+            result.tokens.append(lp.token)
+            result.token_logprobs.append(lp.logprob)
+            result.top_logprobs.append({text: p for _, text, p in lp.top})
+            result.text_offset.append(offset)
+            offset += len(lp.token)
+        self.offsets[index] = offset
+        return result
+
+    def full(self, output: CompletionOutput) -> CompletionChoice:
+        return CompletionChoice(index=output.index, text=self.prompt_text + output.text,
+                                logprobs=self.logprobs(output.index, output.logprobs),
+                                finish_reason=output.finish_reason, stop_reason=output.stop_reason)  # fmt: skip
+
+    def delta(self, output: CompletionOutput, first: bool) -> CompletionChoice | None:
+        text = (self.prompt_text if first else "") + output.delta_text
+        if not text and not output.finished and not (self.want_logprobs and output.delta_logprobs):
+            return None
+        return CompletionChoice(index=output.index, text=text,
+                                logprobs=self.logprobs(output.index, output.delta_logprobs),
+                                finish_reason=output.finish_reason, stop_reason=output.stop_reason)  # fmt: skip
+
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None, include_usage: bool) -> str:
+        response = CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                      usage=usage)  # fmt: skip
+        return sse(chunk_payload(response, include_usage))
+
+
+async def stream_completion(
+    outputs: AsyncIterator[RequestOutput], first: RequestOutput, builder: CompletionBuilder, include_usage: bool
+) -> AsyncIterator[str]:
+    last = first
+    started: set[int] = set()
+    finished: set[int] = set()
+    async with aclosing(outputs):
+        async for output in prepend(first, outputs):
+            last = output
+            if failed(output):
+                logger.error("request %s failed in the engine: %s", builder.request_id, output.error)
+                yield sse_error(ENGINE_FAILED)
+                yield DONE
+                return
+            for choice in output.outputs:
+                if choice.index in finished:
+                    continue
+                delta = builder.delta(choice, first=choice.index not in started)
+                if choice.finished:
+                    finished.add(choice.index)
+                if delta is not None:
+                    started.add(choice.index)
+                    yield builder.chunk([delta], None, include_usage)
+    if include_usage:
+        yield builder.chunk([], usage_of(last), include_usage)
+    yield DONE

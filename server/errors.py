@@ -1,0 +1,128 @@
+"""Every failure leaves as the OpenAI error envelope: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ovis2.errors import Ovis2Error
+
+from .engine_api import EngineDeadError, EngineOverloadedError
+
+logger = logging.getLogger("ovis2.server")
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """A failure the client should see, with its HTTP status and the request field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(message, 400, param=param)
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    error_type = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+
+def _location(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return "the request needs a JSON body", None
+    param = _location(tuple(first.get("loc", ()))) or None
+    message = first.get("msg", "invalid value")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    text = f"{param}: {message}" if param else message
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return text, param
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(exc)
+    return error_response(message, 400, param)
+
+
+async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.message, exc.status, exc.param, exc.code)
+
+
+async def _on_ovis2_error(request: Request, exc: Ovis2Error) -> JSONResponse:
+    return error_response(str(exc), 400)
+
+
+async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
+    return error_response("the server is overloaded; retry later", 503, code="overloaded")
+
+
+async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("engine is dead: %s", exc)
+    return error_response("the inference engine is not running", 503, code="engine_dead")
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "error"
+    message = exc.detail if isinstance(exc.detail, str) else phrase
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response("internal server error", 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(Ovis2Error, _on_ovis2_error)
+    app.add_exception_handler(EngineOverloadedError, _on_overloaded)
+    app.add_exception_handler(EngineDeadError, _on_engine_dead)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

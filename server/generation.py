@@ -1,0 +1,100 @@
+"""One request's run through the engine: records its metrics and aborts it when the consumer goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import TypeVar
+
+import anyio
+from fastapi import Request
+
+from .engine_api import EngineInputs, RequestOutput, SamplingParams
+from .state import ServerState
+
+T = TypeVar("T")
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready."""
+
+
+async def generate(
+    state: ServerState, inputs: EngineInputs, params: SamplingParams, request_id: str, arrival: float
+) -> AsyncIterator[RequestOutput]:
+    """`engine.generate` with metrics; leaving early (close, cancel, error) aborts the request in the engine.
+
+    Consume it inside `contextlib.aclosing` so the abort happens at once, not when it is garbage-collected.
+    """
+    metrics = state.metrics
+    final: RequestOutput | None = None
+    first = last = None
+    state.request_started()
+    try:
+        async for output in state.engine.generate(inputs, params, request_id):
+            now = time.monotonic()
+            step_tokens = max((len(o.delta_token_ids) for o in output.outputs), default=0)
+            if step_tokens:
+                if first is None:
+                    first = now
+                    metrics.observe(metrics.time_to_first_token, now - arrival)
+                    _observe_queue_time(state, output)
+                else:
+                    metrics.observe(metrics.inter_token_latency, (now - last) / step_tokens)
+                last = now
+            final = output
+            yield output
+    finally:
+        try:
+            if final is not None and not final.finished:
+                with anyio.CancelScope(shield=True):
+                    await state.engine.abort(request_id)
+            if final is not None:
+                _record_finished(state, inputs, final, arrival)
+        finally:
+            state.request_finished()
+
+
+def _observe_queue_time(state: ServerState, output: RequestOutput) -> None:
+    queue_time = getattr(getattr(output, "metrics", None), "queue_time", None)
+    if queue_time is not None:
+        state.metrics.observe(state.metrics.queue_time, queue_time)
+
+
+def _record_finished(state: ServerState, inputs: EngineInputs, final: RequestOutput, arrival: float) -> None:
+    m = state.metrics
+    m.observe(m.e2e_latency, time.monotonic() - arrival)
+    m.count(m.prompt_tokens, len(final.prompt_token_ids))
+    m.count(m.image_tokens, inputs.num_image_tokens)
+    m.count(m.images, len(inputs.images))
+    m.count(m.generation_tokens, sum(len(o.token_ids) for o in final.outputs))
+    for output in final.outputs:
+        m.count(m.requests, 1, finished_reason=output.finish_reason or "abort")
+
+
+async def collect_final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    final = None
+    async with aclosing(outputs):
+        async for output in outputs:
+            final = output
+    return final
+
+
+async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
+    """Await `work`, cancelling it (and so aborting its engine request) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})

@@ -1,0 +1,309 @@
+"""Images from `image_url` parts, fetched and decoded safely (see "Image inputs, safely" in the reference).
+
+- `data:image/<png|jpeg|webp|gif|bmp>;base64,...` with a length cap.
+- `http(s)://`: the host is resolved once and the connection goes to the address that was checked (the URL
+  is rewritten to the IP, with the Host header and TLS SNI set to the name, so no second DNS lookup can
+  swap in another address); private, loopback, link-local, multicast, reserved and cloud metadata addresses
+  are refused unless the operator allows them; every redirect is checked again (at most a few); connect and
+  total timeouts; the byte cap is enforced while streaming; an optional host allow-list.
+- `file://` only inside a directory the operator names.
+- Decoding runs in a thread: only common formats, the pixel count is checked from the header before the
+  pixels are decoded, the first frame of animations, truncated or corrupt files are a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from .errors import APIError
+from .settings import ServerSettings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+DATA_URL_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/x-ms-bmp"}
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
+)
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
+
+
+class MediaError(APIError):
+    """A bad image URL or image: a 400 naming the part it came from."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, 400, param=param, code="invalid_image")
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    connect_timeout: float = 3.0
+    fetch_timeout: float = 10.0
+    max_redirects: int = 3
+    allowed_domains: tuple[str, ...] = ()
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    allow_private: bool = False
+    local_dir: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> MediaPolicy:
+        try:
+            networks = tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_media_networks)
+        except ValueError as exc:
+            raise ValueError(f"allowed_media_networks: {exc}") from exc
+        local_dir = settings.allowed_local_media_path
+        return cls(
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            connect_timeout=settings.media_connect_timeout,
+            fetch_timeout=settings.media_fetch_timeout,
+            max_redirects=settings.max_media_redirects,
+            allowed_domains=tuple(d.lower().rstrip(".") for d in settings.allowed_media_domains),
+            allowed_networks=networks,
+            allow_private=settings.allow_private_media_addresses,
+            local_dir=local_dir.resolve() if local_dir is not None else None,
+        )
+
+    @property
+    def max_base64_chars(self) -> int:
+        return (self.max_image_bytes + 2) // 3 * 4
+
+
+# ------------------------------------------------------------------------------------------- address checks
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip.teredo is not None:
+            return ip.teredo[1]
+        if ip in ipaddress.ip_network("64:ff9b::/96"):  # NAT64
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_problem(ip: IPAddress, policy: MediaPolicy) -> str | None:
+    """Why fetching from `ip` is refused, or None when it is allowed."""
+    if any(ip in net for net in policy.allowed_networks if net.version == ip.version):
+        return None
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        return address_problem(embedded, policy)
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "a multicast, unspecified or reserved address"
+    if ip.is_loopback or ip.is_link_local or ip.is_private or not ip.is_global:
+        return None if policy.allow_private else "a private, loopback or link-local address"
+    return None
+
+
+def host_allowed(host: str, policy: MediaPolicy) -> bool:
+    if not policy.allowed_domains:
+        return True
+    host = host.lower().rstrip(".")
+    for pattern in policy.allowed_domains:
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+        if host == pattern:
+            return True
+    return False
+
+
+async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddress:
+    """The first address of `host` that the policy allows; the fetch then connects to exactly that one."""
+    try:
+        return _checked(ipaddress.ip_address(host), policy)
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise MediaError(f"cannot resolve image host '{host}'") from exc
+    problems = []
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        problem = address_problem(ip, policy)
+        if problem is None:
+            return ip
+        problems.append(problem)
+    raise MediaError(f"image host '{host}' resolves to {problems[0] if problems else 'no address'}; refused")
+
+
+def _checked(ip: IPAddress, policy: MediaPolicy) -> IPAddress:
+    problem = address_problem(ip, policy)
+    if problem is not None:
+        raise MediaError(f"image URL points to {problem}; refused")
+    return ip
+
+
+# -------------------------------------------------------------------------------------------------- fetching
+
+
+@dataclass
+class ImageLoader:
+    """Turns `image_url` URLs into RGB PIL images under a MediaPolicy."""
+
+    policy: MediaPolicy = field(default_factory=MediaPolicy)
+    transport: httpx.AsyncBaseTransport | None = None  # tests may inject one
+
+    async def load_all(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
+        """Every (url, param) at once; the first failure wins and names its part."""
+        return list(await asyncio.gather(*(self.load(url, param) for url, param in urls)))
+
+    async def load(self, url: str, param: str | None = None) -> Image.Image:
+        try:
+            data = await self.read_bytes(url)
+            return await asyncio.to_thread(decode_image, data, self.policy.max_image_pixels)
+        except MediaError as exc:
+            exc.param = exc.param or param
+            raise
+
+    async def read_bytes(self, url: str) -> bytes:
+        scheme = url[: url.find(":")].lower() if ":" in url[:10] else ""
+        if scheme == "data":
+            return await asyncio.to_thread(decode_data_url, url, self.policy.max_base64_chars)
+        if scheme in ("http", "https"):
+            return await self.fetch(url)
+        if scheme == "file":
+            return await asyncio.to_thread(read_local_file, url, self.policy)
+        raise MediaError("image_url must be an http(s):// URL or a data:image/...;base64 URL")
+
+    async def fetch(self, url: str) -> bytes:
+        try:
+            async with asyncio.timeout(self.policy.fetch_timeout):
+                return await self._fetch_following_redirects(url)
+        except TimeoutError as exc:
+            raise MediaError(f"fetching the image took longer than {self.policy.fetch_timeout:g}s") from exc
+        except httpx.TimeoutException as exc:
+            raise MediaError("timed out connecting to the image server") from exc
+        except httpx.HTTPError as exc:
+            raise MediaError(f"could not fetch the image ({type(exc).__name__})") from exc
+
+    async def _fetch_following_redirects(self, url: str) -> bytes:
+        for _ in range(self.policy.max_redirects + 1):
+            response_or_next = await self._fetch_once(url)
+            if isinstance(response_or_next, bytes):
+                return response_or_next
+            url = response_or_next
+        raise MediaError(f"the image URL redirected more than {self.policy.max_redirects} times")
+
+    async def _fetch_once(self, url: str) -> bytes | str:
+        """The body, or the next URL when the server redirects."""
+        target = httpx.URL(url)
+        if target.scheme not in ("http", "https") or not target.host:
+            raise MediaError("image URLs (and their redirects) must be http(s):// URLs with a host")
+        if target.userinfo:
+            raise MediaError("image URLs must not carry credentials")
+        if not host_allowed(target.host, self.policy):
+            raise MediaError(f"image host '{target.host}' is not in the allowed list")
+        port = target.port or (443 if target.scheme == "https" else 80)
+        ip = await resolve_checked(target.host, port, self.policy)
+        pinned = target.copy_with(host=str(ip))
+        headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*", "User-Agent": "ovis2-serve"}
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        timeout = httpx.Timeout(self.policy.fetch_timeout, connect=self.policy.connect_timeout)
+        async with httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, trust_env=False, transport=self.transport
+        ) as client:
+            request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code in REDIRECT_CODES and "location" in response.headers:
+                    return urljoin(url, response.headers["location"])
+                if response.status_code != 200:
+                    raise MediaError(f"the image server answered HTTP {response.status_code}")
+                return await self._read_capped(response)
+            finally:
+                await response.aclose()
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        cap = self.policy.max_image_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise MediaError(f"the image is larger than {cap} bytes")
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > cap:
+                raise MediaError(f"the image is larger than {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def decode_data_url(url: str, max_base64_chars: int) -> bytes:
+    match = _DATA_URL.match(url[:256])
+    if match is None or ";base64" not in (match.group("params") or "").lower():
+        raise MediaError("data URLs must look like data:image/png;base64,<data>")
+    mime = (match.group("mime") or "").lower()
+    if mime not in DATA_URL_TYPES:
+        raise MediaError(f"data URL type '{mime or 'none'}' is not supported; use png, jpeg, webp, gif or bmp")
+    payload = url[match.end() :]
+    if len(payload) > max_base64_chars + 1024:
+        raise MediaError(f"the base64 image is longer than {max_base64_chars} characters")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError("the data URL is not valid base64") from exc
+    return data
+
+
+def read_local_file(url: str, policy: MediaPolicy) -> bytes:
+    if policy.local_dir is None:
+        raise MediaError("file:// image URLs are disabled on this server")
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError("file:// URLs must name a local path")
+    path = Path(unquote(parts.path)).resolve()
+    if not path.is_relative_to(policy.local_dir) or not path.is_file():
+        raise MediaError("file:// image is not a file inside the allowed directory")
+    if path.stat().st_size > policy.max_image_bytes:
+        raise MediaError(f"the image is larger than {policy.max_image_bytes} bytes")
+    return path.read_bytes()
+
+
+# -------------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An RGB image from encoded bytes: allowed formats only, pixel cap checked before decoding."""
+    if not data:
+        raise MediaError("the image is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise MediaError("the image is not a png, jpeg, webp, gif or bmp file") from exc
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"the image has more than {max_pixels} pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise MediaError("the image file is corrupt") from exc
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise MediaError("the image has no pixels")
+    if width * height > max_pixels:
+        raise MediaError(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+    try:
+        image.seek(0)  # the first frame of an animation
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise MediaError("the image file is corrupt or truncated") from exc

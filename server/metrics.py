@@ -1,0 +1,63 @@
+"""Prometheus metrics, in a registry per app so that tests can build several apps in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "ovis2_time_to_first_token_seconds", "Time from request arrival to its first output token.",
+            labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "ovis2_inter_token_latency_seconds", "Time between consecutive output tokens (time per output token).",
+            labels, buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(
+            "ovis2_e2e_request_latency_seconds", "Time from request arrival to its last token.",
+            labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            "ovis2_request_queue_time_seconds", "Time from handing a request to the engine until it starts running.",
+            labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess_time = Histogram(
+            "ovis2_request_preprocess_seconds", "Time spent fetching, decoding and preprocessing a request's images and prompt.",
+            labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.num_running = Gauge("ovis2_num_requests_running", "Requests in the running batch.", labels, registry=r)
+        self.num_waiting = Gauge("ovis2_num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r)
+        self.kv_cache_usage = Gauge("ovis2_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", labels, registry=r)
+        self.kv_free_blocks = Gauge("ovis2_kv_cache_free_blocks", "Free KV cache blocks.", labels, registry=r)
+        self.kv_total_blocks = Gauge("ovis2_kv_cache_total_blocks", "KV cache blocks in all.", labels, registry=r)
+        self.prompt_tokens = Counter("ovis2_prompt_tokens", "Prompt tokens processed, image tokens included.", labels, registry=r)
+        self.generation_tokens = Counter("ovis2_generation_tokens", "Output tokens generated.", labels, registry=r)
+        self.image_tokens = Counter("ovis2_image_tokens", "Prompt tokens that stand for images.", labels, registry=r)
+        self.images = Counter("ovis2_images", "Images processed.", labels, registry=r)
+        self.requests = Counter(
+            "ovis2_requests", "Finished requests by finish reason (stop, length, abort, error).",
+            labels + ["finished_reason"], registry=r)
+        self._labels = {"model_name": model_name}
+
+    def observe(self, histogram: Histogram, seconds: float) -> None:
+        histogram.labels(**self._labels).observe(seconds)
+
+    def count(self, counter: Counter, amount: float = 1.0, **labels: str) -> None:
+        if amount:
+            counter.labels(**self._labels, **labels).inc(amount)
+
+    def update_engine_stats(self, stats) -> None:
+        self.num_running.labels(**self._labels).set(stats.num_running)
+        self.num_waiting.labels(**self._labels).set(stats.num_waiting)
+        self.kv_cache_usage.labels(**self._labels).set(stats.kv_cache_usage)
+        self.kv_free_blocks.labels(**self._labels).set(stats.num_free_blocks)
+        self.kv_total_blocks.labels(**self._labels).set(stats.num_total_blocks)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,363 @@
+"""Wire models: the OpenAI request and response shapes, fields in the order of the OpenAI reference.
+
+Requests forbid unknown fields, so a field this server does not implement is a 400 that names it instead
+of being silently ignored. Fields that exist in OpenAI's API but would change the answer here (tools,
+json response formats, audio...) are accepted by the model and refused by `unsupported_fields`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------------------------------------- chat: request
+
+
+class ImageURL(RequestModel):
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(RequestModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class UnsupportedPart(RequestModel):
+    """input_audio, file, refusal...: parsed so the error can name them."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["input_audio", "file", "refusal", "video_url", "audio_url"]
+
+
+ContentPart = Annotated[TextPart | ImagePart | UnsupportedPart, Field(discriminator="type")]
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class SamplingExtensions(RequestModel):
+    """vLLM's names for the sampling knobs OpenAI does not have."""
+
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+
+
+class ChatCompletionRequest(SamplingExtensions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    audio: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    function_call: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    n: int | None = 1
+    parallel_tool_calls: bool | None = None
+    prediction: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    prompt_cache_key: str | None = None
+    reasoning_effort: str | None = None
+    response_format: ResponseFormat | None = None
+    safety_identifier: str | None = None
+    seed: int | None = None
+    service_tier: str | None = None
+    stop: str | list[str] | None = None
+    store: bool | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = None
+    top_p: float | None = None
+    user: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    # Extension: the most tiles each image of this request may be cut into (at most the server's cap).
+    max_tiles_per_image: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+
+def unsupported_chat_fields(request: ChatCompletionRequest) -> tuple[str, str] | None:
+    """The first field that would change the answer in a way this server does not implement."""
+    if request.tools:
+        return "tools", "tool calling is not supported"
+    if request.functions:
+        return "functions", "function calling is not supported"
+    if request.function_call not in (None, "none"):
+        return "function_call", "function calling is not supported"
+    if request.tool_choice not in (None, "none", "auto"):
+        return "tool_choice", "tool calling is not supported"
+    if request.response_format is not None and request.response_format.type != "text":
+        return "response_format", f"response_format '{request.response_format.type}' is not supported; only 'text'"
+    if request.audio is not None or (request.modalities and set(request.modalities) != {"text"}):
+        return "modalities", "only text output is supported"
+    if request.prediction is not None:
+        return "prediction", "predicted outputs are not supported"
+    if request.reasoning_effort is not None:
+        return "reasoning_effort", "this model does not reason; remove reasoning_effort"
+    if request.web_search_options is not None:
+        return "web_search_options", "web search is not supported"
+    if request.verbosity is not None:
+        return "verbosity", "verbosity is not supported"
+    for i, message in enumerate(request.messages):
+        problem = _unsupported_in_message(message, f"messages[{i}]")
+        if problem:
+            return problem
+    return None
+
+
+def _unsupported_in_message(message: ChatMessage, where: str) -> tuple[str, str] | None:
+    if message.role in ("tool", "function"):
+        return f"{where}.role", f"role '{message.role}' is not supported (no tool calling)"
+    if message.tool_calls or message.function_call:
+        return f"{where}.tool_calls", "tool calls are not supported"
+    if message.audio is not None:
+        return f"{where}.audio", "audio is not supported"
+    if isinstance(message.content, list):
+        for j, part in enumerate(message.content):
+            if isinstance(part, UnsupportedPart):
+                return f"{where}.content[{j}].type", f"content part type '{part.type}' is not supported"
+            if isinstance(part, ImagePart) and message.role != "user":
+                return f"{where}.content[{j}]", "images are only accepted in user messages"
+    if message.content is None and message.role != "assistant":
+        return f"{where}.content", f"a {message.role} message needs content"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- chat: response
+
+
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(ResponseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0
+    image_tokens: int = 0
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+    service_tier: str | None = None
+
+
+class DeltaMessage(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# ------------------------------------------------------------------------------------------------ completions
+
+
+class CompletionRequest(SamplingExtensions):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = False
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0)
+    max_tokens: int | None = 16
+    n: int | None = 1
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(ResponseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ----------------------------------------------------------------------------------------- models, tokenizer
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ovis2-serve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(RequestModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+    max_tiles_per_image: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    image_tokens: int = 0
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str

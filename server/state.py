@@ -1,0 +1,52 @@
+"""What the routes share: settings, the engine, metrics, the image loader, and the in-flight count."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from .errors import APIError
+from .media import ImageLoader
+from .metrics import ServerMetrics
+from .settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: ServerMetrics
+    images: ImageLoader
+    engine: Any = None  # an AsyncEngine (docs/CONTRACTS.md); set by the lifespan
+    num_in_flight: int = 0
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.model_id
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.engine.tokenizer)
+
+    def check_model(self, model: str | None) -> None:
+        """Clients must name the served model (or leave it out)."""
+        if model is not None and model not in (self.model_id, self.settings.model):
+            raise APIError(f"the model '{model}' does not exist; this server serves '{self.model_id}'", 404,
+                           param="model", code="model_not_found")  # fmt: skip
+
+    def request_started(self) -> None:
+        self.num_in_flight += 1
+
+    def request_finished(self) -> None:
+        self.num_in_flight -= 1
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server

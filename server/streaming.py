@@ -1,0 +1,37 @@
+"""Server-Sent Events: `data: <json>\\n\\n` per chunk, an error event if the engine fails, then `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from .errors import error_body
+
+DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def chunk_payload(chunk: BaseModel, include_usage: bool) -> dict:
+    """A chunk as OpenAI sends it: `usage` only when asked for, deltas without null fields."""
+    payload = chunk.model_dump(mode="json")
+    if not include_usage:
+        payload.pop("usage", None)
+    for choice in payload.get("choices", ()):
+        if isinstance(choice.get("delta"), dict):
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return payload
+
+
+def sse_error(message: str, status: int = 500) -> str:
+    return sse(error_body(message, status))
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

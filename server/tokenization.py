@@ -1,0 +1,39 @@
+"""/tokenize and /detokenize in vLLM's shape; chat messages count their image tokens."""
+
+from __future__ import annotations
+
+from .chat import build_chat_inputs
+from .errors import bad_request
+from .protocol import (
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    unsupported_chat_fields,
+)
+from .sampling import check_token_ids
+from .state import ServerState
+
+
+async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResponse:
+    state.check_model(request.model)
+    tokenizer = state.engine.tokenizer
+    image_tokens = 0
+    if request.prompt is not None:
+        ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+    else:
+        problem = unsupported_chat_fields(ChatCompletionRequest(messages=request.messages))
+        if problem is not None:
+            raise bad_request(problem[1], problem[0])
+        inputs = await build_chat_inputs(state, request.messages, request.max_tiles_per_image)
+        ids, image_tokens = inputs.prompt_token_ids, inputs.num_image_tokens
+    token_strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=token_strs,
+                            image_tokens=image_tokens)  # fmt: skip
+
+
+async def detokenize(state: ServerState, request: DetokenizeRequest) -> DetokenizeResponse:
+    state.check_model(request.model)
+    check_token_ids(request.tokens, state.vocab_size, "tokens")
+    return DetokenizeResponse(prompt=state.engine.tokenizer.decode(request.tokens))
