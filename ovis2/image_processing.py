@@ -213,6 +213,16 @@ def normalization_table(mean, std) -> np.ndarray:
     return ((scaled[None, :] - mean32[:, None]) / std32[:, None]).astype(np.float32)
 
 
+def paste_normalized(square: np.ndarray, table: np.ndarray, pixels: np.ndarray, offset: tuple[int, int]) -> None:
+    """Writes uint8 HWC `pixels`, normalised through `table`, into `square` [3, s, s]; zeros around them."""
+    x, y = offset
+    height, width = pixels.shape[:2]
+    if (height, width) != square.shape[1:]:
+        square.fill(0)
+    for channel in range(3):
+        np.take(table[channel], pixels[..., channel], out=square[channel, y : y + height, x : x + width], mode="clip")
+
+
 # ---------------------------------------------------------------- the processor
 
 
@@ -318,17 +328,11 @@ class Ovis2ImageProcessor:
 
     def _run_plan(self, rgb: Image.Image, plan: CropPlan):
         canvas = rgb.resize(plan.canvas, Image.Resampling.BICUBIC) if plan.canvas else None
-        out = np.zeros((len(plan.crops), 3, self.side, self.side), dtype=np.float32)
+        out = np.empty((len(plan.crops), 3, self.side, self.side), dtype=np.float32)
         for index, crop in enumerate(plan.crops):
             pixels = _resized_region(canvas if crop.on_canvas else rgb, crop)
-            self._paste_normalized(out[index], pixels, crop.offset)
+            paste_normalized(out[index], self._table, pixels, crop.offset)
         return out
-
-    def _paste_normalized(self, square: np.ndarray, pixels: np.ndarray, offset: tuple[int, int]) -> None:
-        x, y = offset
-        height, width = pixels.shape[:2]
-        for channel in range(3):
-            square[channel, y : y + height, x : x + width] = self._table[channel][pixels[..., channel]]
 
     def __call__(self, images, return_tensors: str | None = "pt", max_patches=None, min_patches=None):
         return self.preprocess(images, return_tensors=return_tensors, max_patches=max_patches, min_patches=min_patches)
