@@ -31,6 +31,24 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Timestamps (time.monotonic()) for the server's metrics: queue time, TTFT, end-to-end latency."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -38,6 +56,7 @@ class RequestOutput:
     num_image_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # set when this request failed inside the engine
+    metrics: RequestMetrics | None = None  # timestamps, shared and updated while the request runs
 
     @property
     def finished(self) -> bool:

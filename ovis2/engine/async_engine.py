@@ -1,0 +1,190 @@
+"""The engine for asyncio servers: the step loop runs in its own thread, outputs flow back per request.
+
+`generate()` is an async generator of incremental RequestOutputs; a consumer that stops early (client
+gone, task cancelled) aborts its request in one place, its `finally`. Requests in and aborts go to the
+loop thread through a command queue; outputs come back through `loop.call_soon_threadsafe` into one
+asyncio.Queue per request. An error inside one request fails that request only; an error in the loop
+itself marks the engine dead, fails every open request and makes `check_health()` raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+from ..errors import Ovis2Error
+from .engine_args import EngineArgs
+from .inputs import EngineInputs
+from .llm_engine import EngineStats, LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .sequence import SequenceGroup
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an unexpected error; the server must restart."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting; retry later (the server answers 503/429)."""
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None, processor=None) -> None:
+        self.args = args or (engine.args if engine is not None else EngineArgs())
+        self.engine = engine
+        self._processor = processor
+        self._commands: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._num_pending_adds = 0
+
+    # --- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(LLMEngine, self.args)
+        self._thread = threading.Thread(target=self._run_loop, name="ovis2-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    # --- the public interface
+    @property
+    def processor(self):
+        if self._processor is None:
+            from ..processing import Ovis2Processor
+            from ..weights import resolve_checkpoint
+
+            self._processor = Ovis2Processor.from_pretrained(str(resolve_checkpoint(self.args.model)),
+                                                             compat=self.args.compat)  # fmt: skip
+        return self._processor
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return str(self.args.model)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats
+        stats.num_waiting += self._num_pending_adds
+        return stats
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop died: {self._dead!r}")
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+
+    def set_request_hook(self, hook: Callable[[SequenceGroup], None] | None) -> None:
+        """Fault injection for tests: hook(group) runs when a request is scheduled; raising fails it."""
+        self.engine.request_hook = hook
+
+    async def generate(self, inputs: EngineInputs, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        self.check_health()
+        self.engine.validate(inputs, params)  # user errors raise here, before anything is queued
+        if request_id in self._queues:
+            raise Ovis2Error(f"request id {request_id!r} is already running")
+        if self.engine.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
+            raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._num_pending_adds += 1
+        self._send(("add", request_id, inputs, params))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    # --- the loop thread
+    def _send(self, command: tuple) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests:
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as error:  # noqa: BLE001 - anything here is fatal: report, never hang clients
+            logger.exception("engine loop died")
+            self._dead = error
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine loop died: {error!r}"))
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            command = self._commands.popleft()
+            if command[0] == "add":
+                self._add(*command[1:])
+            else:
+                self._abort(command[1])
+
+    def _add(self, request_id: str, inputs: EngineInputs, params: SamplingParams) -> None:
+        self._num_pending_adds -= 1
+        try:
+            self.engine.add_request(request_id, inputs, params)
+        except Exception as error:  # noqa: BLE001 - a request that cannot start fails alone
+            self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
+
+    def _abort(self, request_id: str) -> None:
+        output = self.engine.abort_request(request_id)
+        if output is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, [output])
+
+    # --- on the event loop
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+
+    def _deliver_error(self, request_id: str, error: Exception) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(error)
+
+    def _fail_all(self, error: Exception) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)

@@ -1,0 +1,227 @@
+"""Runs one scheduled step on the model: flat batch tensors in, logits of the sampled rows out.
+
+Owns the KV pool (one (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] per layer) and the
+visual side: the vision tower runs once per new image, on the crops of every image that arrives in
+the same step together, and an LRU cache keyed by (content hash, compat, grid) keeps the embeddings
+so a later turn resending the same image skips the tower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..layers import PagedAttentionMetadata
+from ..tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
+from .inputs import ImageInput
+from .scheduler import ScheduledSeq
+from .sequence import SequenceGroup
+
+NEVER_GENERATED_IDS = (IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS)  # image placeholders only come from the prompt
+CUDA_ACTIVATION_RESERVE = 2 * 1024**3
+
+
+def kv_bytes_per_block(num_layers: int, block_shape: tuple[int, int, int], dtype: torch.dtype) -> int:
+    """2 (K and V) * layers * block_size * kv_heads * head_dim * dtype size."""
+    return 2 * num_layers * math.prod(block_shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_pool_budget(args, device: torch.device) -> int:
+    """Bytes for the KV pool: the explicit budget, else a fraction of free GPU memory, else the CPU default."""
+    if args.kv_cache_memory is not None:
+        return args.kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0, int(free * args.gpu_memory_utilization) - CUDA_ACTIVATION_RESERVE)
+    return args.cpu_kv_cache_memory
+
+
+class VisualCache:
+    """LRU of visual embeddings: key -> [num_crops * 256, H] on the model's device."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    image_embeds: torch.Tensor | None  # [atoms in this batch, H]
+    meta: PagedAttentionMetadata
+    sample_index: torch.Tensor  # [S]: flat index of each sampled row's last token
+
+
+class ModelRunner:
+    def __init__(self, model, args) -> None:
+        self.model = model
+        self.compat = getattr(model, "compat", args.compat)
+        self.device = model.device
+        self.block_size = args.block_size
+        self.max_crops_per_call = 64 if self.device.type == "cuda" else 16
+        self.visual_cache = VisualCache(args.visual_cache_size)
+        self.num_encoded_images = 0  # images that went through the vision tower (tests read it)
+        self.num_vision_calls = 0
+        block_shape = model.kv_cache_block_shape(self.block_size)
+        self.bytes_per_block = kv_bytes_per_block(model.num_kv_layers, block_shape, model.dtype)
+        self.num_blocks = kv_pool_budget(args, self.device) // self.bytes_per_block
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.vocab_size = model.config.vocab_size
+        self.banned_ids = torch.tensor([t for t in NEVER_GENERATED_IDS if t < self.vocab_size], device=self.device)
+
+    def allocate_kv_cache(self) -> None:
+        shape = (self.num_blocks, *self.model.kv_cache_block_shape(self.block_size))
+        dtype = self.model.dtype
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(self.model.num_kv_layers)
+        ]
+
+    # --- images
+    def visual_key(self, image: ImageInput) -> tuple:
+        return (image.content_hash, self.compat, tuple(image.grid))
+
+    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, 448, 448] -> [N, 256, H]: the vision tower, in chunks that fit in memory."""
+        self.num_vision_calls += 1
+        chunks = pixel_values.split(self.max_crops_per_call)
+        return torch.cat([self.model.get_image_embeddings(c.to(self.device)) for c in chunks])
+
+    @torch.inference_mode()
+    def prepare_images(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
+        """Make sure each group that prefills image atoms holds its image embeddings.
+
+        Crops of all uncached images are encoded in one batch; if that fails, each group is retried
+        alone so one bad request fails by itself. Returns {request_id: exception} for the failures.
+        """
+        todo = [g for g in groups if g.image_embeds is None and g.needs_image_embeds]
+        if not todo:
+            return {}
+        missing = self._missing_images(todo)
+        try:
+            self._encode_images(list(missing.values()))
+        except Exception:  # noqa: BLE001 - isolate the failing request below
+            return self._prepare_one_by_one(todo)
+        for group in todo:
+            group.image_embeds = self._assemble(group)
+        return {}
+
+    def _prepare_one_by_one(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
+        failures: dict[str, Exception] = {}
+        for group in groups:
+            try:
+                self._encode_images(list(self._missing_images([group]).values()))
+                group.image_embeds = self._assemble(group)
+            except Exception as error:  # noqa: BLE001
+                failures[group.request_id] = error
+        return failures
+
+    def _missing_images(self, groups: list[SequenceGroup]) -> dict[tuple, ImageInput]:
+        missing: dict[tuple, ImageInput] = {}
+        for group in groups:
+            for image in group.inputs.images:
+                key = self.visual_key(image)
+                if key not in missing and self.visual_cache.get(key) is None:
+                    missing[key] = image
+        return missing
+
+    def _encode_images(self, images: list[ImageInput]) -> None:
+        if not images:
+            return
+        pixels = torch.cat([image.pixel_values for image in images])  # [all crops, 3, 448, 448]
+        embeds = self.encode_crops(pixels)  # [all crops, 256, H]
+        self.num_encoded_images += len(images)
+        for image, part in zip(images, embeds.split([i.num_crops for i in images]), strict=True):
+            self.visual_cache.put(self.visual_key(image), part.flatten(0, 1))
+
+    def _assemble(self, group: SequenceGroup) -> torch.Tensor:
+        parts = []
+        for image in group.inputs.images:
+            part = self.visual_cache.get(self.visual_key(image))
+            if part is None:  # evicted by a bigger batch: encode again, alone
+                self._encode_images([image])
+                part = self.visual_cache.get(self.visual_key(image))
+            parts.append(part)
+        return torch.cat(parts)  # [num_atoms, H]
+
+    # --- the forward pass
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Runs the scheduled tokens; returns [S, V] fp32 logits for the items that sample, in order."""
+        inputs = self.build_inputs(scheduled)
+        embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds)  # [T, H]
+        hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]
+        if inputs.sample_index.numel() == 0:
+            return None
+        logits = self.model.compute_logits(hidden[inputs.sample_index])  # [S, V]
+        if self.banned_ids.numel():
+            logits.index_fill_(1, self.banned_ids, float("-inf"))
+        return logits
+
+    def build_inputs(self, scheduled: list[ScheduledSeq]) -> ModelInputs:
+        bs = self.block_size
+        input_ids, positions, slots, image_parts = [], [], [], []
+        query_start, seq_lens, sample_index = [0], [], []
+        for item in scheduled:
+            seq, start, end = item.seq, item.start, item.end
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + item.num_tokens)
+            seq_lens.append(end)
+            if item.samples:
+                sample_index.append(query_start[-1] - 1)
+            part = _image_slice(seq.group, start, end)
+            if part is not None:
+                image_parts.append(part)
+        max_blocks = max(len(item.seq.block_table) for item in scheduled)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in scheduled]
+        meta = PagedAttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            query_start_loc=self._tensor(query_start),
+            seq_lens=self._tensor(seq_lens),
+            block_tables=self._tensor(tables),
+            max_query_len=max(item.num_tokens for item in scheduled),
+            max_seq_len=max(seq_lens),
+            kv_caches=self.kv_caches,
+        )
+        return ModelInputs(
+            input_ids=self._tensor(input_ids),
+            positions=self._tensor(positions),
+            image_embeds=torch.cat(image_parts) if image_parts else None,
+            meta=meta,
+            sample_index=self._tensor(sample_index),
+        )
+
+    def _tensor(self, values) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+
+def _image_slice(group: SequenceGroup, start: int, end: int) -> torch.Tensor | None:
+    """The image embeddings of the atoms at positions [start, end) of the group's prompt."""
+    first, last = group.atoms_before(start), group.atoms_before(end)
+    if first == last:
+        return None
+    return group.image_embeds[first:last]

@@ -1,0 +1,168 @@
+"""Choosing the next token of every sampled row: small pure functions over [B, V] fp32 logits.
+
+Order: logit bias -> min_tokens (stop ids masked) -> repetition/presence/frequency penalties -> greedy
+argmax, or temperature -> top_k -> top_p -> min_p -> one draw from the row's own torch.Generator (so a
+seeded request gives the same tokens whatever else is in the batch). Logprobs are the model's raw
+distribution (log_softmax of the unprocessed logits), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs about one row: its parameters, its history and its generator."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # per row: (chosen logprob, top k)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    """logits: [B, V] fp32, one row per entry of rows."""
+    raw = logits
+    logits = apply_logit_bias(logits, rows)
+    logits = apply_min_tokens(logits, rows)
+    logits = apply_penalties(logits, rows)
+    token_ids = choose_tokens(logits, rows)  # [B]
+    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=gather_logprobs(raw, token_ids, rows))
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if not biased:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, bias in biased:
+        ids = torch.tensor([t for t in bias if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+        values = torch.tensor([bias[t] for t in bias if 0 <= t < vocab], dtype=logits.dtype, device=logits.device)
+        logits[i, ids] += values
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Until min_tokens are out, the stop token ids cannot be chosen."""
+    masked = [(i, r.params.eos_token_ids) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens]
+    if not masked:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, stop_ids in masked:
+        logits[i, [t for t in stop_ids if 0 <= t < vocab]] = float("-inf")
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    penalized = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    if not penalized:
+        return logits
+    logits = logits.clone()
+    for i in penalized:
+        logits[i] = penalize_row(logits[i], rows[i])
+    return logits
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def penalize_row(row: torch.Tensor, info: SamplingRow) -> torch.Tensor:
+    """row: [V]. Repetition (HF: over prompt + output), presence and frequency (OpenAI: over output)."""
+    p, vocab = info.params, row.shape[0]
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in info.prompt_ids + info.output_ids if t < vocab}), dtype=torch.long)
+        seen = seen.to(row.device)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if info.output_ids and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(info.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        counts = counts.to(row.device, row.dtype)  # [V]
+        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
+
+
+def choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[B, V] -> [B]: greedy rows take the argmax, the others one draw each."""
+    token_ids = logits.argmax(dim=-1)  # [B]
+    random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if not random_rows:
+        return token_ids
+    index = torch.tensor(random_rows, device=logits.device)
+    probs = sampling_probs(logits[index], [rows[i].params for i in random_rows])  # [R, V]
+    for k, i in enumerate(random_rows):
+        token_ids[i] = torch.multinomial(probs[k], 1, generator=rows[i].generator)[0]
+    return token_ids
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[R, V] logits -> [R, V] probabilities after temperature, top_k, top_p and min_p."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temperature[:, None]
+    if any(p.top_k > 0 for p in params):
+        logits = apply_top_k(logits, [p.top_k for p in params])
+    if any(p.top_p < 1.0 for p in params):
+        logits = apply_top_p(logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device))
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
+        probs = apply_min_p(probs, min_p)
+    return probs
+
+
+def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Keep each row's k largest logits (k = 0: all)."""
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    kth = logits.topk(max(ks), dim=-1).values  # [R, max_k]
+    index = torch.tensor([k - 1 for k in ks], device=logits.device)
+    threshold = kth.gather(1, index[:, None])  # [R, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (the top token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+    drop = before >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one."""
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def gather_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]):
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    result: list = [None] * len(rows)
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, device=raw.device)
+    logprobs = raw[index].log_softmax(dim=-1)  # [W, V]
+    chosen = logprobs.gather(1, token_ids[index][:, None])[:, 0].tolist()
+    max_k = max(rows[i].params.logprobs for i in wanted)
+    top_values, top_ids = logprobs.topk(max(max_k, 1), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for w, i in enumerate(wanted):
+        k = rows[i].params.logprobs
+        result[i] = (chosen[w], list(zip(top_ids[w][:k], top_values[w][:k], strict=True)))
+    return result

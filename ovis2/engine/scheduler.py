@@ -1,0 +1,177 @@
+"""Decides, each step, how many tokens each sequence runs. Plain Python.
+
+One rule instead of prefill/decode modes: a running sequence gets the tokens it still lacks (1 when
+decoding, a chunk of its prompt while prefilling), within `max_num_batched_tokens` for the whole step
+and `max_num_seqs` sequences. Running sequences go first (FCFS), so long prompts are prefilled in
+chunks while others keep decoding; waiting sequences join the batch with the budget left over. When
+the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it is
+recomputed later (its cached prefix blocks usually survive).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """seq runs its tokens [start, start + num_tokens) this step (fixed when scheduled)."""
+
+    seq: Sequence
+    num_tokens: int
+    start: int = -1
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.seq.num_computed_tokens
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the sequence's last token, so its logits give the next token."""
+        return self.end >= self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # --- derived state
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- requests in and out
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.extend(group.seqs)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished (or aborted) sequence and return its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    # --- the step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, num_tokens, out):
+                break  # seq itself was preempted: it was the newest, nothing after it remains
+            self.block_manager.append_slots(seq, num_tokens)
+            out.scheduled.append(ScheduledSeq(seq, num_tokens))
+            budget -= num_tokens
+            index += 1
+        return budget
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the newest running sequences until seq's new tokens fit; False if seq was preempted."""
+        while not self.block_manager.can_append(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            parent = self._fork_parent(seq)
+            if parent is not None and parent.is_prefilling:
+                skipped.append(self.waiting.popleft())  # waits for its first choice's prompt, then shares it
+                continue
+            if not self._admit(seq, parent, budget, out):
+                break
+            budget -= out.scheduled[-1].num_tokens
+        self.waiting.extendleft(reversed(skipped))
+
+    def _admit(self, seq: Sequence, parent: Sequence | None, budget: int, out: SchedulerOutput) -> bool:
+        bm = self.block_manager
+        if parent is not None and parent.status is SequenceStatus.RUNNING:
+            shared = min((seq.num_tokens - 1) // bm.block_size, parent.num_computed_tokens // bm.block_size)
+            num_tokens = min(seq.num_tokens - shared * bm.block_size, budget)
+            if not bm.can_allocate(seq, parent.block_table[:shared], num_tokens):
+                return False
+            bm.fork(parent, seq)
+        else:
+            cached = bm.find_cached_blocks(seq)
+            num_tokens = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            if not bm.can_allocate(seq, cached, num_tokens):
+                return False
+            bm.allocate(seq, cached)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        bm.append_slots(seq, num_tokens)
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        out.scheduled.append(ScheduledSeq(seq, num_tokens))
+        return True
+
+    @staticmethod
+    def _fork_parent(seq: Sequence) -> Sequence | None:
+        """The first unfinished choice of the request, when seq is a later choice (n > 1)."""
+        if seq.index == 0:
+            return None
+        first = seq.group.seqs[0]
+        if first.is_finished or first.status is SequenceStatus.WAITING:
+            return None
+        return first
+
+    # --- after the model ran
+    def update_computed(self, out: SchedulerOutput) -> None:
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+            self.block_manager.commit_computed(item.seq)

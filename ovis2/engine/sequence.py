@@ -1,0 +1,174 @@
+"""A request (SequenceGroup) and its choices (Sequence): the state the scheduler and runner share.
+
+Plain Python: no torch here, so the scheduler and block manager stay unit-testable in microseconds.
+Image embeddings and per-choice random generators are attached by the runner as opaque objects.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..tokenizer import IMAGE_ATOM_ID
+from .inputs import TOKENS_PER_CROP, EngineInputs, crop_count
+from .outputs import RequestMetrics
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    """One choice of a request: prompt + generated tokens, its block table and its progress."""
+
+    def __init__(self, group: SequenceGroup, index: int) -> None:
+        self.seq_id = next(_seq_counter)
+        self.group = group
+        self.index = index
+        self.token_ids: list[int] = list(group.prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first admission)
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash of each full, computed block, in order
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.logprobs: list | None = [] if group.params.logprobs is not None else None
+        self.generator: Any = None  # torch.Generator, created by the runner
+        self.detok: Any = None  # per-choice incremental detokenizer state
+        self.num_preemptions = 0
+        self.num_reported_tokens = 0  # output tokens already handed out in a RequestOutput
+
+    # --- derived state
+    @property
+    def params(self) -> SamplingParams:
+        return self.group.params
+
+    @property
+    def prompt_len(self) -> int:
+        return self.group.prompt_len
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until the KV of every prompt (and, after a preemption, every earlier output) token exists."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: every block is gone; recompute prompt + outputs when scheduled again."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.block_hashes = []
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.group.request_id}#{self.index}, {self.num_computed_tokens}/{self.num_tokens})"
+
+
+@dataclass
+class ImageSpan:
+    """Where one image's atoms sit in the prompt: atom indices [atom_start, atom_end)."""
+
+    content_hash: str
+    atom_start: int
+    atom_end: int
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: its inputs, its sampling parameters and its n choices."""
+
+    request_id: str
+    inputs: EngineInputs
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    image_embeds: Any = None  # [num_atoms, H] tensor while some choice still prefills; else None
+    error: str | None = None
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        self.atom_positions = [i for i, t in enumerate(self.prompt_token_ids) if t == IMAGE_ATOM_ID]
+        self.image_spans = _image_spans(self.inputs)
+        self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.inputs.prompt_token_ids
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.inputs.prompt_token_ids)
+
+    @property
+    def num_atoms(self) -> int:
+        return len(self.atom_positions)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    @property
+    def needs_image_embeds(self) -> bool:
+        """Some unfinished choice still has image atoms left to prefill."""
+        if not self.atom_positions:
+            return False
+        last_atom = self.atom_positions[-1]
+        return any(not s.is_finished and s.num_computed_tokens <= last_atom for s in self.seqs)
+
+    def atoms_before(self, position: int) -> int:
+        """How many image atoms sit at prompt positions < position."""
+        return bisect.bisect_left(self.atom_positions, position)
+
+    def image_hashes_in(self, start: int, end: int) -> tuple[str, ...]:
+        """Content hashes of the images owning the atoms at positions [start, end), in order."""
+        first, last = self.atoms_before(start), self.atoms_before(end)
+        if first == last:
+            return ()
+        return tuple(s.content_hash for s in self.image_spans if s.atom_start < last and s.atom_end > first)
+
+
+def _image_spans(inputs: EngineInputs) -> list[ImageSpan]:
+    spans, start = [], 0
+    for image in inputs.images:
+        end = start + crop_count(image.grid) * TOKENS_PER_CROP
+        spans.append(ImageSpan(image.content_hash, start, end))
+        start = end
+    return spans

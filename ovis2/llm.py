@@ -1,0 +1,94 @@
+"""Offline batch inference: LLM(model=...).chat(conversations) / .generate(prompts), one result per input."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from .engine.engine_args import EngineArgs
+from .engine.inputs import EngineInputs
+from .engine.llm_engine import LLMEngine
+from .engine.outputs import RequestOutput
+from .engine.sampling_params import SamplingParams
+from .errors import Ovis2Error
+
+
+class LLM:
+    """Continuous batching without a server: every prompt is added, then the engine steps until all finish."""
+
+    def __init__(self, model: str = "demo", compat: str = "ovis", dtype: str = "auto", device: str = "auto",
+                 processor=None, **engine_args) -> None:  # fmt: skip
+        self.args = EngineArgs(model=model, compat=compat, dtype=dtype, device=device, **engine_args)
+        self.engine = LLMEngine(self.args)
+        self._processor = processor
+        self._ids = itertools.count()
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from .processing import Ovis2Processor
+            from .weights import resolve_checkpoint
+
+            path = str(resolve_checkpoint(self.args.model))
+            self._processor = Ovis2Processor.from_pretrained(path, compat=self.args.compat)
+        return self._processor
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def chat(self, conversations, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             max_patches: int | None = None) -> list[RequestOutput]:  # fmt: skip
+        """conversations: one list of messages or a list of them; image parts carry PIL images."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        inputs = [self.processor.prepare_chat(messages, max_patches=max_patches) for messages in conversations]
+        return self.generate(inputs, sampling_params)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:  # fmt: skip
+        """prompts: EngineInputs, token id lists or plain strings (tokenized without a chat template)."""
+        prompts = self._as_inputs(prompts)
+        params = _per_prompt(sampling_params, len(prompts))
+        request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for request_id, inputs, p in zip(request_ids, prompts, params, strict=True):
+            self.engine.validate(inputs, p)  # fail before anything runs
+        try:
+            for request_id, inputs, p in zip(request_ids, prompts, params, strict=True):
+                self.engine.add_request(request_id, inputs, p)
+            return self._run(request_ids)
+        finally:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(request_ids):
+            for output in self.engine.step():
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[request_id] for request_id in request_ids]
+
+    def _as_inputs(self, prompts) -> list[EngineInputs]:
+        if isinstance(prompts, (str, EngineInputs)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return [self._one_input(p) for p in prompts]
+
+    def _one_input(self, prompt) -> EngineInputs:
+        if isinstance(prompt, EngineInputs):
+            return prompt
+        if isinstance(prompt, str):
+            return EngineInputs(self.tokenizer.encode(prompt, add_special_tokens=False))
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return EngineInputs(list(prompt))
+        raise Ovis2Error("a prompt must be EngineInputs, a list of token ids or a string")
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise Ovis2Error(f"{len(params)} sampling params for {count} prompts")
+    return list(params)
