@@ -39,6 +39,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         if state.engine is None:
             state.engine = await asyncio.to_thread(build_engine, settings.engine_args_kwargs())
         await state.engine.start()
+        await asyncio.to_thread(lambda: (state.engine.processor, state.engine.tokenizer))  # load them off the loop
         logger.info("serving %s (max_model_len %s)", state.model_id, state.engine.max_model_len)
         try:
             yield

@@ -10,9 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ovis2.errors import Ovis2Error
-
-from .engine_api import EngineDeadError, EngineOverloadedError
+from .engine_api import EngineDeadError, EngineOverloadedError, Ovis2Error
 
 logger = logging.getLogger("ovis2.server")
 

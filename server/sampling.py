@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ovis2.tokenizer import DEFAULT_EOS_IDS
-
-from .engine_api import Ovis2Error, SamplingParams
+from .engine_api import DEFAULT_EOS_IDS, Ovis2Error, SamplingParams
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
 

@@ -1,0 +1,183 @@
+"""A fake AsyncEngine (docs/CONTRACTS.md interface) for fast protocol tests: no model, scripted outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ovis2 import EngineDeadError, EngineInputs, EngineOverloadedError, ImageInput, Ovis2Error
+from ovis2.engine.inputs import TOKENS_PER_CROP
+from ovis2.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from ovis2.tokenizer import IM_END_ID, IM_START_ID, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
+
+WORDS = ["Hello", " there", ",", " I", " see", " a", " cat", " on", " the", " mat", "."]
+
+
+@dataclass
+class FakeStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+
+
+class FakeProcessor:
+    """Renders messages like the real template; each image costs one crop (259 tokens)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[tuple[list[dict], int | None]] = []
+
+    def _text(self, text: str) -> list[int]:  # literal control tokens stay text
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def prepare_chat(self, messages: list[dict], max_patches: int | None = None) -> EngineInputs:
+        self.calls.append((messages, max_patches))
+        ids, images = [], []
+        for message in messages:
+            ids += [IM_START_ID, *self._text(message["role"] + "\n")]
+            parts = message["content"] if isinstance(message["content"], list) else [
+                {"type": "text", "text": message["content"]}]  # fmt: skip
+            for part in parts:
+                if part["type"] == "image":
+                    ids += [VISUAL_INDICATOR_IDS[0], *[IMAGE_ATOM_ID] * TOKENS_PER_CROP, *VISUAL_INDICATOR_IDS[1:3]]
+                    images.append(ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}"))
+                else:
+                    ids += self._text(part["text"])
+            ids += [IM_END_ID, *self._text("\n")]
+        ids += [IM_START_ID, *self._text("assistant\n")]
+        return EngineInputs(prompt_token_ids=ids, images=images)
+
+    def image_token_count(self, width: int, height: int, max_patches: int | None = None) -> int:
+        return TOKENS_PER_CROP + 3
+
+
+@dataclass
+class FakeEngine:
+    tokenizer: object
+    max_model_len: int = 4096
+    model_name: str = "fake-model"
+    words: list[str] = field(default_factory=lambda: list(WORDS))  # the answer, one token each; then EOS
+    step_delay: float = 0.0
+    overloaded: bool = False
+    dead: bool = False
+    fail_with: str | None = None  # an engine-side error for every request
+    crash_with: Exception | None = None  # an exception raised from generate()
+    num_total_blocks: int = 64
+    started: bool = False
+    stopped: bool = False
+    requests: dict = field(default_factory=dict)  # request_id -> (inputs, params)
+    running: set = field(default_factory=set)
+    aborted: list = field(default_factory=list)
+    finished: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.processor = FakeProcessor(self.tokenizer)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.stopped = True
+
+    def check_health(self) -> None:
+        if self.dead:
+            raise EngineDeadError("the fake loop died")
+
+    @property
+    def stats(self) -> FakeStats:
+        used = 4 * len(self.running)
+        return FakeStats(len(self.running), 0, self.num_total_blocks - used, self.num_total_blocks,
+                         used / self.num_total_blocks)  # fmt: skip
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.aborted.append(request_id)
+            self.running.discard(request_id)
+
+    def _choice_words(self, params, index: int) -> list[str]:
+        if params.seed is None and params.temperature == 0.0:
+            return self.words
+        rng = random.Random(params.seed if params.seed is not None else random.random())
+        rng = random.Random(rng.random() + index)
+        return [rng.choice(WORDS) for _ in self.words]
+
+    async def generate(self, inputs: EngineInputs, params, request_id: str):
+        self.check_health()
+        if self.overloaded:
+            raise EngineOverloadedError("full")
+        if len(inputs.prompt_token_ids) >= self.max_model_len:
+            raise Ovis2Error("the prompt is too long")
+        if self.crash_with is not None:
+            raise self.crash_with
+        self.requests[request_id] = (inputs, params)
+        self.running.add(request_id)
+        choices = [_Choice(i, self._choice_words(params, i)) for i in range(params.n)]
+        try:
+            while True:
+                await asyncio.sleep(self.step_delay)
+                if request_id not in self.running:
+                    return
+                outputs = [c.step(self.tokenizer, params) for c in choices]
+                output = RequestOutput(request_id, list(inputs.prompt_token_ids), outputs,
+                                       num_image_tokens=inputs.num_image_tokens)  # fmt: skip
+                if self.fail_with is not None:
+                    output.error = self.fail_with
+                    for o in outputs:
+                        o.finish_reason = "error"
+                yield output
+                if output.finished:
+                    self.finished.append(request_id)
+                    return
+        finally:
+            if request_id in self.running:
+                self.running.discard(request_id)
+                if request_id not in self.finished:
+                    self.aborted.append(request_id)
+
+
+@dataclass
+class _Choice:
+    index: int
+    words: list[str]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def step(self, tokenizer, params) -> CompletionOutput:
+        if self.finish_reason is not None:
+            return self._output("", [], [])
+        position = len(self.token_ids)
+        if position >= len(self.words) and not params.ignore_eos:
+            self.finish_reason = "stop"
+            return self._output("", [], [])
+        word = self.words[position % len(self.words)]
+        token_id = tokenizer.encode(word, add_special_tokens=False)[0]
+        self.token_ids.append(token_id)
+        delta = word
+        for stop in params.stop:
+            if stop in self.text + word:
+                cut = (self.text + word).index(stop)
+                delta = (self.text + word)[len(self.text) : cut]
+                self.finish_reason = "stop"
+        self.text += delta
+        lps = []
+        if params.logprobs is not None:
+            top = [(token_id, word, -0.25)] + [(i, f"t{i}", -2.0 - i) for i in range(params.logprobs)]
+            lps = [TokenLogprob(token_id, word, -0.25, top[: params.logprobs])]
+            self.logprobs += lps
+        if self.finish_reason is None and len(self.token_ids) >= params.max_tokens:
+            self.finish_reason = "length"
+        return self._output(delta, [token_id], lps)
+
+    def _output(self, delta: str, delta_ids: list[int], delta_logprobs: list) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index, text=self.text, token_ids=list(self.token_ids), delta_text=delta,
+            delta_token_ids=delta_ids, logprobs=list(self.logprobs), delta_logprobs=delta_logprobs,
+            finish_reason=self.finish_reason, stop_reason=None,
+        )  # fmt: skip
