@@ -86,7 +86,10 @@ def best_covering_grid(
     width: int, height: int, max_patches: int, min_patches: int = 1, side: int = CROP_SIDE
 ) -> tuple[int, int]:
     """The fewest tiles covering > 90% of the image (tie: more covering), else the best covering."""
-    scored = [(grid, covering_ratio(width, height, grid, side)) for grid in candidate_grids(max_patches, min_patches)]
+    scored = [
+        (grid, covering_ratio(width, height, grid, side))
+        for grid in candidate_grids(max_patches, min_patches)
+    ]
     good = [item for item in scored if item[1] > COVERING_THRESHOLD]
     if good:
         return min(good, key=lambda item: (item[0][0] * item[0][1], -item[1]))[0]
@@ -146,7 +149,9 @@ def transformers_crop_plan(width: int, height: int, max_patches: int, side: int)
     if rows * cols == 1:
         return CropPlan((1, 1), (whole,))
     tiles = [
-        Crop((col * side, row * side, (col + 1) * side, (row + 1) * side), (side, side), (0, 0), on_canvas=True)
+        Crop(
+            (col * side, row * side, (col + 1) * side, (row + 1) * side), (side, side), (0, 0), on_canvas=True
+        )
         for row in range(rows)
         for col in range(cols)
     ]
@@ -166,7 +171,9 @@ def to_pil_image(image) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise Ovis2Error(f"an image array must be HW, HWC or CHW with 1, 3 or 4 channels, got shape {array.shape}")
+        raise Ovis2Error(
+            f"an image array must be HW, HWC or CHW with 1, 3 or 4 channels, got shape {array.shape}"
+        )
     return Image.fromarray(_to_uint8(array))
 
 
@@ -175,7 +182,9 @@ def _to_numpy(image) -> np.ndarray:
         return image
     if type(image).__module__.startswith("torch"):
         return image.detach().cpu().numpy()
-    raise Ovis2Error(f"an image must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+    raise Ovis2Error(
+        f"an image must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}"
+    )
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -213,14 +222,21 @@ def normalization_table(mean, std) -> np.ndarray:
     return ((scaled[None, :] - mean32[:, None]) / std32[:, None]).astype(np.float32)
 
 
-def paste_normalized(square: np.ndarray, table: np.ndarray, pixels: np.ndarray, offset: tuple[int, int]) -> None:
+def paste_normalized(
+    square: np.ndarray, table: np.ndarray, pixels: np.ndarray, offset: tuple[int, int]
+) -> None:
     """Writes uint8 HWC `pixels`, normalised through `table`, into `square` [3, s, s]; zeros around them."""
     x, y = offset
     height, width = pixels.shape[:2]
     if (height, width) != square.shape[1:]:
         square.fill(0)
     for channel in range(3):
-        np.take(table[channel], pixels[..., channel], out=square[channel, y : y + height, x : x + width], mode="clip")
+        np.take(
+            table[channel],
+            pixels[..., channel],
+            out=square[channel, y : y + height, x : x + width],
+            mode="clip",
+        )
 
 
 # ---------------------------------------------------------------- the processor
@@ -290,7 +306,9 @@ class Ovis2ImageProcessor:
 
     # -- grid and plan (no pixels)
 
-    def resolve_patches(self, max_patches: int | None = None, min_patches: int | None = None) -> tuple[int, int]:
+    def resolve_patches(
+        self, max_patches: int | None = None, min_patches: int | None = None
+    ) -> tuple[int, int]:
         """The effective (max_patches, min_patches) of a call: call > constructor > compat default."""
         max_patches = max_patches if max_patches is not None else self.max_patches
         if max_patches is None:
@@ -302,7 +320,9 @@ class Ovis2ImageProcessor:
         _check_patches(max_patches, min_patches)
         return int(max_patches), min(int(min_patches), int(max_patches))
 
-    def crop_plan(self, width: int, height: int, max_patches: int | None = None, min_patches: int | None = None):
+    def crop_plan(
+        self, width: int, height: int, max_patches: int | None = None, min_patches: int | None = None
+    ):
         max_patches, min_patches = self.resolve_patches(max_patches, min_patches)
         if width < 1 or height < 1:
             raise Ovis2Error(f"an image must have at least one pixel, got {width}x{height}")
@@ -335,7 +355,9 @@ class Ovis2ImageProcessor:
         return out
 
     def __call__(self, images, return_tensors: str | None = "pt", max_patches=None, min_patches=None):
-        return self.preprocess(images, return_tensors=return_tensors, max_patches=max_patches, min_patches=min_patches)
+        return self.preprocess(
+            images, return_tensors=return_tensors, max_patches=max_patches, min_patches=min_patches
+        )
 
     def preprocess(self, images, return_tensors: str | None = "pt", max_patches=None, min_patches=None):
         results = [self.preprocess_image(image, max_patches, min_patches) for image in flatten_images(images)]
@@ -376,13 +398,17 @@ def make_batch_feature(results, return_tensors: str | None):
     arrays = [pixels for pixels, _ in results]
     grids = [list(grid) for _, grid in results]
     if return_tensors == "pt":
-        pixel_values = torch.cat([torch.as_tensor(a) for a in arrays]) if len(arrays) > 1 else torch.as_tensor(arrays[0])
+        pixel_values = (
+            torch.cat([torch.as_tensor(a) for a in arrays]) if len(arrays) > 1 else torch.as_tensor(arrays[0])
+        )
         return BatchFeature({"pixel_values": pixel_values, "grids": torch.tensor(grids, dtype=torch.long)})
     if return_tensors == "np":
         pixel_values = np.concatenate([np.asarray(a) for a in arrays])
         return BatchFeature({"pixel_values": pixel_values, "grids": np.asarray(grids, dtype=np.int64)})
     if return_tensors is None:
-        return BatchFeature({"pixel_values": [crop for a in arrays for crop in np.asarray(a)], "grids": grids})
+        return BatchFeature(
+            {"pixel_values": [crop for a in arrays for crop in np.asarray(a)], "grids": grids}
+        )
     raise Ovis2Error(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
 
 
@@ -400,7 +426,9 @@ def resolve_pretrained_dir(path_or_hub_id) -> Path:
         patterns = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
     except Exception as error:  # network, auth or an unknown repo: all mean "cannot use this name"
-        raise Ovis2Error(f"{path_or_hub_id!r} is not a local directory and could not be fetched: {error}") from error
+        raise Ovis2Error(
+            f"{path_or_hub_id!r} is not a local directory and could not be fetched: {error}"
+        ) from error
 
 
 def read_json(path: Path) -> dict:

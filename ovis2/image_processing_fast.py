@@ -44,7 +44,10 @@ class Ovis2ImageProcessorFast(Ovis2ImageProcessor):
 
     def _run_plan(self, pixels: torch.Tensor, plan: CropPlan) -> torch.Tensor:
         canvas = resize_uint8(pixels, plan.canvas) if plan.canvas else None
-        resized = [resize_uint8(_region(canvas if crop.on_canvas else pixels, crop.box), crop.size)[0] for crop in plan.crops]
+        resized = [
+            resize_uint8(_region(canvas if crop.on_canvas else pixels, crop.box), crop.size)[0]
+            for crop in plan.crops
+        ]
         if self.device.type == "cpu":
             return torch.from_numpy(self._normalize_on_cpu(resized, plan))
         return self._normalize_on_device(resized, plan)
@@ -85,5 +88,7 @@ def resize_uint8(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return pixels
     if pixels.device.type == "cpu":
         return F.interpolate(_channels_last(pixels), size=(height, width), mode="bicubic", antialias=True)
-    resized = F.interpolate(pixels.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    resized = F.interpolate(
+        pixels.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+    )
     return resized.round_().clamp_(0, 255).to(torch.uint8)

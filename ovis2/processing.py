@@ -1,0 +1,409 @@
+"""Ovis2Processor: chat messages and images -> the token ids and pixels Ovis2 expects.
+
+Two paths build token ids:
+
+- `__call__(images=..., text=...)` follows transformers: the prompt text is trusted (special tokens in it
+  are control tokens) and each `<image>` in it becomes the image's placeholder ids.
+- the message path (`apply_chat_template(tokenize=True)`, `prepare_chat`) never parses user text for
+  control tokens: the template is rendered with markers in place of user text, the control tokens the
+  template writes become ids, user text is tokenized as plain text, and image parts get placeholder ids
+  directly. For ordinary text both paths give the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from .engine.inputs import TOKENS_PER_CROP, EngineInputs, ImageInput, image_token_count
+from .errors import Ovis2Error
+from .image_processing import (
+    Ovis2ImageProcessor,
+    flatten_images,
+    is_original_checkpoint,
+    read_json,
+    resolve_pretrained_dir,
+    to_pil_image,
+)
+from .image_processing_fast import Ovis2ImageProcessorFast
+from .tokenizer import CHAT_TEMPLATE, IMAGE_ATOM_ID, IMAGE_TOKENS, VISUAL_INDICATOR_IDS
+
+IMAGE_TOKEN = "<image>"
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+PROCESSOR_CONFIG = "processor_config.json"
+# The original AIDC formatter adds the default system turn only when the conversation has none.
+ORIGINAL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}" + CHAT_TEMPLATE.split("<|im_end|>\n", 1)[1]
+)
+_MARKER_CHARS = [chr(code) for code in range(0xE000, 0xE040)]  # private-use characters
+
+
+class Ovis2Processor:
+    """Wraps an Ovis2 image processor, a tokenizer and a chat template."""
+
+    def __init__(
+        self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=TOKENS_PER_CROP
+    ):
+        if tokenizer is None:
+            from .tokenizer import build_tokenizer
+
+            tokenizer = build_tokenizer()
+        if image_seq_length != TOKENS_PER_CROP:
+            raise Ovis2Error(
+                f"Ovis2 uses {TOKENS_PER_CROP} tokens per crop, got image_seq_length={image_seq_length}"
+            )
+        self.image_processor = image_processor if image_processor is not None else Ovis2ImageProcessor()
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        self.image_token = IMAGE_TOKEN
+        self.image_seq_length = image_seq_length
+        self.atom_id, self.indicator_ids = ensure_image_tokens(tokenizer)
+        self._text_encoder = _backend_copy(tokenizer, split_special=False)
+        self._plain_encoder = _backend_copy(tokenizer, split_special=True)
+        self._control_pattern = _control_token_pattern(tokenizer)
+
+    @property
+    def compat(self) -> str:
+        return self.image_processor.compat
+
+    # ------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, compat: str = "ovis", use_fast: bool = False, **image_kwargs):
+        """A -hf checkpoint (tokenizer, preprocessor/processor configs, chat template) or an original one."""
+        folder = resolve_pretrained_dir(path_or_hub_id)
+        image_class = Ovis2ImageProcessorFast if use_fast else Ovis2ImageProcessor
+        image_processor = image_class.from_pretrained(folder, compat=compat, **image_kwargs)
+        tokenizer = load_tokenizer(folder)
+        config = read_json(folder / PROCESSOR_CONFIG)
+        template = (
+            ORIGINAL_CHAT_TEMPLATE
+            if is_original_checkpoint(folder)
+            else read_chat_template(folder, tokenizer)
+        )
+        return cls(image_processor, tokenizer, template, config.get("image_seq_length", TOKENS_PER_CROP))
+
+    def save_pretrained(self, folder) -> Path:
+        """Writes the -hf files: tokenizer, preprocessor_config.json, processor_config.json, chat_template.jinja."""
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        config = {"image_seq_length": self.image_seq_length, "processor_class": "Ovis2Processor"}
+        (path / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (path / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
+        return path
+
+    # ------------------------------------------------------------ placeholders
+
+    def image_placeholder_ids(self, grid) -> list[int]:
+        """START, the thumbnail's atoms, GRID, [tiles row by row with COL/ROW between], END."""
+        start, grid_id, col_id, row_id, end = self.indicator_ids
+        rows, cols = (int(n) for n in grid)
+        atoms = [self.atom_id] * self.image_seq_length
+        ids = [start, *atoms, grid_id]
+        if rows * cols > 1:
+            for row in range(rows):
+                for col in range(cols):
+                    ids += atoms if col == cols - 1 else [*atoms, col_id]
+                if row < rows - 1:
+                    ids.append(row_id)
+        ids.append(end)
+        return ids
+
+    def image_token_count(self, width: int, height: int, max_patches: int | None = None) -> int:
+        """Prompt tokens an image of this size costs, from its size alone (no decoding)."""
+        return image_token_count(self.image_processor.grid_for_size(width, height, max_patches))
+
+    # ------------------------------------------------------------ the text path (as transformers)
+
+    def __call__(
+        self, images=None, text=None, return_tensors: str | None = "pt", max_patches=None, min_patches=None
+    ):
+        """Expands each `<image>` of `text` into its placeholder ids; batches are left-padded."""
+        if text is None:
+            return self.image_processor(images, return_tensors=return_tensors, max_patches=max_patches)
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(item, str) for item in texts):
+            raise Ovis2Error("text must be a string or a list of strings")
+        images = flatten_images(images)
+        _check_image_count(sum(item.count(IMAGE_TOKEN) for item in texts), len(images))
+        pixels = self.image_processor(images, return_tensors=return_tensors, max_patches=max_patches,
+                                      min_patches=min_patches) if images else None  # fmt: skip
+        grids = iter([list(map(int, grid)) for grid in pixels["grids"]] if pixels else [])
+        sequences = [self._encode_prompt(item, grids) for item in texts]
+        return self._batch(sequences, pixels, return_tensors)
+
+    def _encode_prompt(self, text: str, grids) -> list[int]:
+        pieces = text.split(IMAGE_TOKEN)
+        ids = self._encode(pieces[0])
+        for piece in pieces[1:]:
+            ids += self.image_placeholder_ids(next(grids)) + self._encode(piece)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return self._text_encoder.encode(text, add_special_tokens=False).ids if text else []
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._plain_encoder.encode(text, add_special_tokens=False).ids if text else []
+
+    def _batch(self, sequences: list[list[int]], pixels, return_tensors):
+        from transformers import BatchFeature
+
+        input_ids, attention_mask = left_pad(sequences, self.pad_token_id)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if pixels is not None:
+            data.update(pixel_values=pixels["pixel_values"], grids=pixels["grids"])
+        if return_tensors == "pt":
+            import torch
+
+            data["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
+            data["attention_mask"] = torch.tensor(attention_mask, dtype=torch.long)
+        return BatchFeature(data)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    # ------------------------------------------------------------ the message path
+
+    def apply_chat_template(self, conversation, tokenize: bool = False, add_generation_prompt: bool = True,
+                            return_dict: bool = False, return_tensors: str | None = "pt",
+                            max_patches: int | None = None, **template_kwargs):  # fmt: skip
+        """Renders OpenAI-style messages (or a batch of conversations); with `tokenize`, token ids."""
+        is_batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if is_batch else [conversation]
+        if not tokenize:
+            texts = [self._render(c, add_generation_prompt, **template_kwargs) for c in conversations]
+            return texts if is_batch else texts[0]
+        encoded = [self._encode_conversation(c, add_generation_prompt, max_patches) for c in conversations]
+        sequences = [ids for ids, _ in encoded]
+        if not return_dict:
+            return sequences if is_batch else sequences[0]
+        results = [result for _, image_results in encoded for result in image_results]
+        pixels = None
+        if results:
+            from .image_processing import make_batch_feature
+
+            pixels = make_batch_feature(results, return_tensors)
+        return self._batch(sequences, pixels, return_tensors)
+
+    def prepare_chat(self, messages, max_patches: int | None = None) -> EngineInputs:
+        """Messages whose image parts carry images -> prompt ids (generation prompt added) and images."""
+        import torch
+
+        ids, results = self._encode_conversation(messages, True, max_patches, require_images=True)
+        max_used, min_used = self.image_processor.resolve_patches(max_patches)
+        images = [
+            ImageInput(
+                pixel_values=torch.as_tensor(pixels, dtype=torch.float32),
+                grid=tuple(int(n) for n in grid),
+                content_hash=self.content_hash(image, max_used, min_used),
+            )
+            for image, (pixels, grid) in zip(_message_images(messages), results, strict=True)
+        ]
+        return EngineInputs(prompt_token_ids=ids, images=images)
+
+    def content_hash(self, image, max_patches: int, min_patches: int) -> str:
+        """sha256 over the pixels, mode, size and palette, plus everything that shapes the crops."""
+        pil = to_pil_image(image)
+        digest = hashlib.sha256()
+        setting = (pil.mode, pil.size, self.compat, self.image_processor.backend, max_patches, min_patches)
+        digest.update(repr(setting).encode())
+        digest.update(repr(pil.info.get("transparency")).encode())
+        if pil.palette is not None:
+            digest.update(bytes(pil.getpalette() or []))
+        digest.update(pil.tobytes())
+        return digest.hexdigest()
+
+    def _render(self, messages, add_generation_prompt: bool, **template_kwargs) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=add_generation_prompt, **template_kwargs,
+        )  # fmt: skip
+
+    def _encode_conversation(self, messages, add_generation_prompt, max_patches, require_images=False):
+        """-> (prompt ids, [(pixel_values, grid)] per image part)."""
+        texts = _message_texts(messages)
+        images = _message_images(messages)
+        has_pixels = [image is not None for image in images]
+        if any(has_pixels) and not all(has_pixels) or (require_images and not all(has_pixels)):
+            raise Ovis2Error('every image part needs its image: {"type": "image", "image": <PIL image>}')
+        marker = _pick_marker(texts)
+        rendered = self._render(_with_markers(messages, marker), add_generation_prompt)
+        results = [
+            self.image_processor.preprocess_image(image, max_patches) for image in images if image is not None
+        ]
+        return self._encode_rendered(rendered, marker, texts, results, len(images)), results
+
+    def _encode_rendered(self, rendered: str, marker: str, texts, results, num_images: int) -> list[int]:
+        split = re.split(f"({re.escape(marker)}\\d+{re.escape(marker)}|{re.escape(IMAGE_TOKEN)})", rendered)
+        _check_image_count(split[1::2].count(IMAGE_TOKEN), num_images)
+        ids, pending, image_index = [], [], 0
+        for index, piece in enumerate(split):
+            if index % 2 == 1 and piece == IMAGE_TOKEN and results:
+                ids += self._encode_plain("".join(pending)) + self.image_placeholder_ids(
+                    results[image_index][1]
+                )
+                pending, image_index = [], image_index + 1
+            elif index % 2 == 1 and piece != IMAGE_TOKEN:
+                pending.append(texts[int(piece.strip(marker))])
+            else:
+                ids, pending = self._add_template_text(piece, ids, pending)
+        return ids + self._encode_plain("".join(pending))
+
+    def _add_template_text(self, text: str, ids: list[int], pending: list[str]):
+        """Template text: its control tokens become ids, the rest joins the pending plain text."""
+        for index, piece in enumerate(self._control_pattern.split(text)):
+            if index % 2 == 0:
+                pending.append(piece)
+            else:
+                ids = (
+                    ids + self._encode_plain("".join(pending)) + [self.tokenizer.convert_tokens_to_ids(piece)]
+                )
+                pending = []
+        return ids, pending
+
+    # ------------------------------------------------------------ decoding
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise Ovis2Error("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise Ovis2Error(f"each message needs a role among {ROLES}, got {message!r:.80}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list, tuple)):
+            raise Ovis2Error("message content must be a string or a list of parts")
+        for part in content if isinstance(content, (list, tuple)) else []:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                raise Ovis2Error(f"content parts must be of type 'text' or 'image', got {part!r:.80}")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise Ovis2Error("a text part needs a string 'text'")
+
+
+def _parts(message) -> list[dict]:
+    content = message.get("content")
+    if content is None:
+        return []
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _message_texts(messages) -> list[str]:
+    _check_messages(messages)
+    return [part["text"] for message in messages for part in _parts(message) if part["type"] == "text"]
+
+
+def _message_images(messages) -> list:
+    return [part.get("image") for message in messages for part in _parts(message) if part["type"] == "image"]
+
+
+def _pick_marker(texts: list[str]) -> str:
+    for char in _MARKER_CHARS:
+        if not any(char in text for text in texts):
+            return char
+    raise Ovis2Error("message text uses every private-use marker character U+E000..U+E03F")
+
+
+def _with_markers(messages, marker: str) -> list[dict]:
+    """The messages with each text replaced by `marker<n>marker` and images reduced to `{"type": "image"}`."""
+    counter = iter(range(1 << 30))
+    converted = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = f"{marker}{next(counter)}{marker}"
+        elif content is not None:
+            content = [
+                {"type": "text", "text": f"{marker}{next(counter)}{marker}"}
+                if part["type"] == "text"
+                else {"type": "image"}
+                for part in content
+            ]
+        converted.append({"role": message["role"], "content": content if content is not None else ""})
+    return converted
+
+
+def _check_image_count(num_markers: int, num_images: int) -> None:
+    if num_markers != num_images:
+        raise Ovis2Error(
+            f"the prompt has {num_markers} {IMAGE_TOKEN} marker(s) but {num_images} image(s) were given; "
+            "pass exactly one image per marker"
+        )
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    width = max((len(ids) for ids in sequences), default=0)
+    input_ids = [[pad_id] * (width - len(ids)) + list(ids) for ids in sequences]
+    attention_mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences]
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------- tokenizer helpers
+
+
+def ensure_image_tokens(tokenizer) -> tuple[int, tuple[int, ...]]:
+    """The -hf image token ids; added (as 151665..151670) to a tokenizer that lacks them, as the original does."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS], special_tokens=True
+        )
+        ids = [tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS]
+    if ids != [IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS]:
+        raise Ovis2Error(f"the tokenizer maps the image tokens to {ids}, expected 151665..151670")
+    return ids[0], tuple(ids[1:])
+
+
+def _backend_copy(tokenizer, split_special: bool):
+    """A private copy of the Rust tokenizer (transformers toggles `encode_special_tokens` on the shared one)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise Ovis2Error("Ovis2Processor needs a fast (tokenizers-backed) tokenizer")
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.encode_special_tokens = split_special
+    return copy
+
+
+def _control_token_pattern(tokenizer) -> re.Pattern:
+    tokens = sorted(
+        {token.content for token in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True
+    )
+    return re.compile("(" + "|".join(re.escape(token) for token in tokens) + ")")
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        raise Ovis2Error(f"no usable tokenizer files in {folder}: {error}") from error
+
+
+def read_chat_template(folder: Path, tokenizer) -> str:
+    """chat_template.jinja, else chat_template.json, else the tokenizer's, else the -hf default."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    from_json = read_json(folder / "chat_template.json").get("chat_template")
+    return from_json or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
