@@ -56,6 +56,12 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="image_url.detail, the OpenAI knob servers map to tiles per image",
     )
+    group.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        help="tiles per image, sent as max_tiles_per_image (this server's extension)",
+    )
     group.add_argument("--seed", type=int, default=0)
 
 
@@ -100,6 +106,8 @@ def discover_model(base_url: str, api_key: str | None) -> str:
 def make_endpoint(args: argparse.Namespace) -> Endpoint:
     model = args.model or discover_model(args.base_url, args.api_key)
     extra = dict(args.extra_body) | ({"ignore_eos": True} if args.ignore_eos else {})
+    if args.max_tiles is not None:
+        extra["max_tiles_per_image"] = args.max_tiles
     url = args.base_url.rstrip("/") + args.endpoint
     return Endpoint(url=url, model=model, api_key=args.api_key, stream=not args.no_stream, extra_body=extra)
 

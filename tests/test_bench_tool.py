@@ -219,7 +219,7 @@ def test_cli_sweep_writes_json_and_chart(fake_server, tmp_path, capsys):
     argv = [
         "--base-url", base_url, "--api-key", API_KEY, "--num-requests", "4", "--output-tokens", "3",
         "--image-size", "64x48", "--images-per-request", "1", "--sweep-concurrency", "1,2",
-        "--goodput", "ttft:5000", "--ignore-eos", "--no-progress",
+        "--goodput", "ttft:5000", "--ignore-eos", "--max-tiles", "4", "--no-progress",
         "--output-json", str(out_json), "--chart", str(chart), "--label", "fake",
     ]  # fmt: skip
     assert ovis2_bench.main(argv) == 0
@@ -229,7 +229,8 @@ def test_cli_sweep_writes_json_and_chart(fake_server, tmp_path, capsys):
     assert all(run["completed"] == 4 and run["total_output_tokens"] == 12 for run in document["runs"])
     assert all(run["goodput"] > 0 and run["total_prompt_tokens"] == 4 * 269 for run in document["runs"])
     assert chart.read_bytes().startswith(b"\x89PNG")
-    assert state["bodies"][-1]["ignore_eos"] is True and state["bodies"][-1]["stream_options"]
+    last_body = state["bodies"][-1]
+    assert last_body["ignore_eos"] is True and last_body["max_tiles_per_image"] == 4 and last_body["stream_options"]
     assert "Output token throughput" in capsys.readouterr().out
 
 
