@@ -110,10 +110,12 @@ def address_problem(ip: IPAddress, policy: MediaPolicy) -> str | None:
         return address_problem(embedded, policy)
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
-    if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-        return "a multicast, unspecified or reserved address"
-    if ip.is_loopback or ip.is_link_local or ip.is_private or not ip.is_global:
+    if ip.is_multicast or ip.is_unspecified:
+        return "a multicast or unspecified address"
+    if ip.is_loopback or ip.is_link_local or ip.is_private:
         return None if policy.allow_private else "a private, loopback or link-local address"
+    if ip.is_reserved or not ip.is_global:
+        return "a reserved or non-global address"
     return None
 
 

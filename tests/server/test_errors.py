@@ -1,0 +1,199 @@
+"""Every bad input gets its status and the OpenAI error envelope, and the server keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.server.conftest import data_url, image_bytes, image_message
+
+TEXT = [{"role": "user", "content": "hi"}]
+
+
+def assert_error(response, status: int, param: str | None = "__any__", words: str = "") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param != "__any__":
+        assert error["param"] == param, error
+    assert words.lower() in error["message"].lower(), error
+    return error
+
+
+BAD_CHAT_FIELDS = [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"n": 17}, "n"),
+    ({"n": 0}, "n"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 2}, "min_p"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, None),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": ["s"] * 17}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": 100000}, "max_completion_tokens"),
+    ({"max_tokens": 100000}, "max_tokens"),
+    ({"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
+    ({"modalities": ["audio"]}, "modalities"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"not_a_field": 1}, "not_a_field"),
+    ({"stream_options": {"bogus": True}}, "stream_options.bogus"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, None),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages[0].content[0]"),
+    ({"max_tiles_per_image": 0}, "max_tiles_per_image"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD_CHAT_FIELDS, ids=[str(i) for i in range(len(BAD_CHAT_FIELDS))])
+def test_bad_chat_fields_are_400_naming_the_field(client, fields, param):
+    body = {"model": "fake-model", "messages": TEXT, **fields}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "__any__")
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param or param in error["message"], error
+    assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+
+
+BAD_IMAGES = [
+    ("ftp://example.com/a.png", "http(s)"),
+    ("file:///etc/passwd", "file://"),
+    ("data:text/plain;base64,aGk=", "type"),
+    ("data:image/png,notbase64", "data URL"),
+    ("data:image/png;base64,@@@@", "base64"),
+    (data_url(b"not an image at all"), "not a png"),
+    (data_url(image_bytes()[:60]), "corrupt"),
+    (data_url(image_bytes("TIFF"), "image/png"), "not a png"),
+    ("http://127.0.0.1:9/x.png", "private"),
+    ("http://169.254.169.254/latest/meta-data", "metadata"),
+    ("http://[::1]/x.png", "private"),
+    ("http://[::ffff:10.0.0.1]/x.png", "private"),
+    ("http://10.1.2.3/x.png", "private"),
+    ("http://0.0.0.0/x.png", "unspecified"),
+    ("http://user:pw@example.com/x.png", "credentials"),
+]
+
+
+@pytest.mark.parametrize(("url", "words"), BAD_IMAGES, ids=[str(i) for i in range(len(BAD_IMAGES))])
+def test_bad_images_are_400_naming_the_part(client, url, words):
+    body = {"messages": [image_message(url)], "max_tokens": 1}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "messages[0].content[1].image_url",
+                         words)  # fmt: skip
+    assert error["code"] == "invalid_image"
+    assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+
+
+def test_too_many_images(make_client):
+    client = make_client(max_images_per_request=2)
+    url = data_url(image_bytes())
+    messages = [image_message(url), image_message(url), image_message(url)]
+    assert_error(client.post("/v1/chat/completions", json={"messages": messages}), 400, "messages", "at most 2")
+
+
+def test_tiles_above_the_server_cap(make_client):
+    client = make_client(max_tiles_per_image=4)
+    body = {"messages": [image_message(data_url(image_bytes()))], "max_tiles_per_image": 5}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, "max_tiles_per_image", "at most 4")
+
+
+def test_too_many_pixels(make_client):
+    client = make_client(max_image_pixels=100)
+    body = {"messages": [image_message(data_url(image_bytes(size=(11, 10))))]}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, words="pixels")
+
+
+def test_base64_longer_than_the_cap(make_client):
+    client = make_client(max_image_bytes=1000)
+    body = {"messages": [image_message(data_url(b"\0" * 3000))]}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, words="base64")
+
+
+def test_prompt_longer_than_the_context(client, fake_engine):
+    fake_engine.max_model_len = 270
+    body = {"messages": [image_message(data_url(image_bytes()))]}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, "messages", "259 of them for images")
+
+
+def test_invalid_json_is_400(client):
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(response, 400, None, "JSON")
+    assert_error(client.post("/v1/chat/completions"), 400)
+
+
+def test_unknown_model_is_404(client):
+    response = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": TEXT})
+    error = assert_error(response, 404, "model", "gpt-4o")
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_route_is_404_envelope(client):
+    assert_error(client.get("/v1/nothing"), 404)
+    assert_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_body_too_large_is_413(make_client):
+    client = make_client(max_request_body_bytes=2048)
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_error(client.post("/v1/chat/completions", json=big), 413, None, "larger than 2048")
+
+    def chunks():  # no Content-Length: the streamed body is counted
+        for _ in range(10):
+            yield b"x" * 1000
+
+    assert_error(client.post("/v1/chat/completions", content=chunks()), 413)
+    assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+
+
+def test_overloaded_is_503(client, fake_engine):
+    fake_engine.overloaded = True
+    assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 503, None, "overloaded")
+    stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True})
+    assert_error(stream, 503)
+    fake_engine.overloaded = False
+    assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+
+
+def test_bug_is_500_without_internals(client, fake_engine):
+    fake_engine.crash_with = RuntimeError("secret /internal/path token=abc")
+    response = client.post("/v1/chat/completions", json={"messages": TEXT})
+    error = assert_error(response, 500, None)
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert error["message"] == "internal server error"
+    fake_engine.crash_with = None
+    assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+
+
+def test_engine_side_failure(client, fake_engine):
+    fake_engine.fail_with = "CUDA error: secret detail"
+    response = client.post("/v1/chat/completions", json={"messages": TEXT})
+    assert_error(response, 500)
+    assert "secret" not in response.text
+    stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True})
+    assert stream.status_code == 200
+    assert '"error"' in stream.text and "secret" not in stream.text and stream.text.endswith("data: [DONE]\n\n")
+
+
+def test_dead_engine(client, fake_engine):
+    fake_engine.dead = True
+    assert_error(client.get("/health"), 503)
+    assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 503)
