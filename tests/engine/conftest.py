@@ -1,0 +1,60 @@
+"""Engine fixtures: one tiny fp32 checkpoint and model per session; cheap engines over it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovis2.demo import tiny_config, write_checkpoint
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.llm_engine import LLMEngine
+from ovis2.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def engine_checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("engine") / "tiny", tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine_model(engine_checkpoint):
+    from ovis2.modeling import Ovis2ForConditionalGeneration
+
+    return Ovis2ForConditionalGeneration.from_pretrained(str(engine_checkpoint), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def make_engine(engine_checkpoint, engine_model, tokenizer):
+    """make_engine(**engine_args) -> LLMEngine on the shared model (each engine has its own KV pool)."""
+
+    def make(**overrides) -> LLMEngine:
+        values = dict(model=str(engine_checkpoint), dtype="float32", device="cpu", kv_cache_memory=4 * 1024 * 1024)
+        values.update(overrides)
+        return LLMEngine(EngineArgs(**values), model=engine_model, tokenizer=tokenizer)
+
+    return make
+
+
+def run_to_completion(engine: LLMEngine, requests: dict) -> dict:
+    """requests: id -> (inputs, params). Adds them all, steps until done; id -> final RequestOutput."""
+    for request_id, (inputs, params) in requests.items():
+        engine.add_request(request_id, inputs, params)
+    final = {}
+    while engine.has_unfinished_requests:
+        for output in engine.step():
+            if output.finished:
+                final[output.request_id] = output
+    return final
+
+
+def reference_tokens(model, inputs, max_new_tokens: int) -> list[int]:
+    """generate() one request at a time: the new token ids (eos included when it stops there)."""
+    pixels = torch.cat([image.pixel_values for image in inputs.images]) if inputs.images else None
+    ids = torch.tensor([inputs.prompt_token_ids])
+    out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()

@@ -1,0 +1,88 @@
+from ovis2.engine.block_manager import BlockManager
+from ovis2.engine.inputs import EngineInputs, ImageInput
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.engine.sequence import SequenceGroup
+from ovis2.tokenizer import IMAGE_ATOM_ID
+
+
+def make_seq(ids, images=(), n=1):
+    return SequenceGroup("r", EngineInputs(list(ids), list(images)), SamplingParams(n=n)).seqs[0]
+
+
+def admit(bm: BlockManager, seq):
+    cached = bm.find_cached_blocks(seq)
+    new = seq.num_tokens - len(cached) * bm.block_size
+    assert bm.can_allocate(seq, cached, new)
+    bm.allocate(seq, cached)
+    bm.append_slots(seq, new)
+    seq.num_computed_tokens += new
+    bm.commit_computed(seq)
+    return cached
+
+
+def test_allocate_and_free_return_every_block():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    seq = make_seq(range(10))
+    admit(bm, seq)
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 7
+    bm.free(seq)
+    assert bm.num_free_blocks == 10 and seq.block_table == []
+
+
+def test_prefix_hit_shares_full_blocks_but_never_the_last_token():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    first = make_seq(range(12))
+    admit(bm, first)
+    second = make_seq(range(12))
+    hits = admit(bm, second)
+    assert hits == first.block_table[:2]  # the block holding token 11 is recomputed
+    assert second.num_cached_tokens == 0 and bm.ref_counts[hits[0]] == 2
+    bm.free(first)
+    bm.free(second)
+    assert bm.num_free_blocks == 10
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    first = make_seq(range(9))
+    admit(bm, first)
+    bm.free(first)
+    again = make_seq(range(9))
+    assert len(bm.find_cached_blocks(again)) == 2
+    other = make_seq(range(100, 116))  # takes every block: the cache entries are evicted
+    admit(bm, other)
+    bm.free(other)
+    assert bm.find_cached_blocks(make_seq(range(9))) == []
+
+
+def test_image_content_hash_separates_identical_token_ids():
+    bm = BlockManager(num_blocks=64, block_size=16)
+    ids = [1, 2] + [IMAGE_ATOM_ID] * 256 + [3, 4]
+
+    def image(tag):
+        return ImageInput(pixel_values=None, grid=(1, 1), content_hash=tag)
+
+    admit(bm, make_seq(ids, [image("cat")]))
+    assert len(bm.find_cached_blocks(make_seq(ids, [image("cat")]))) == 16
+    assert bm.find_cached_blocks(make_seq(ids, [image("dog")])) == []
+
+
+def test_fork_shares_prompt_blocks_and_counts_references():
+    bm = BlockManager(num_blocks=20, block_size=4, enable_prefix_caching=False)
+    group = SequenceGroup("r", EngineInputs(list(range(10))), SamplingParams(n=2))
+    parent, child = group.seqs
+    admit(bm, parent)
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table[:2] and child.num_computed_tokens == 8
+    assert bm.ref_counts[parent.block_table[0]] == 2
+    bm.append_slots(child, 2)
+    assert child.block_table[2] != parent.block_table[2]
+    bm.free(parent)
+    bm.free(child)
+    assert bm.num_free_blocks == 20
+
+
+def test_no_prefix_caching_means_no_hits():
+    bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
+    admit(bm, make_seq(range(12)))
+    assert bm.find_cached_blocks(make_seq(range(12))) == []

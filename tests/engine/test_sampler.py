@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from ovis2.engine.sampler import SamplingRow, apply_min_p, apply_top_k, apply_top_p, sample
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.errors import Ovis2Error
+
+
+def row(generator_seed=None, prompt=(), output=(), **params):
+    generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
+    return SamplingRow(SamplingParams(**params), list(prompt), list(output), generator)
+
+
+def test_greedy_is_the_argmax_of_the_fp32_logits():
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    out = sample(logits, [row(temperature=0)] * 5)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(1))
+
+    def draw(indices):
+        return [sample(logits[indices], [row(7 + i, temperature=1.0) for i in indices]).token_ids for _ in range(1)][0]
+
+    alone = [draw([i])[0] for i in range(4)]
+    together = draw([0, 1, 2, 3])
+    assert alone == together
+
+
+def test_top_k_top_p_min_p_filter_as_specified():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(apply_top_k(logits, [2])).tolist() == [[False, False, True, True]]
+    assert torch.isinf(apply_top_p(logits, torch.tensor([0.8]))).tolist() == [[False, False, True, True]]
+    probs = apply_min_p(logits.softmax(-1), torch.tensor([0.5]))
+    assert (probs > 0).tolist() == [[True, True, False, False]]
+
+
+def test_top_k_1_sampling_is_greedy():
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(2))
+    out = sample(logits, [row(i, temperature=2.0, top_k=1) for i in range(3)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_penalties_and_logit_bias():
+    logits = torch.full((1, 10), -1.0)
+    logits[0, 3] = 2.0
+    assert sample(logits, [row(temperature=0, logit_bias={5: 5.0})]).token_ids == [5]
+    assert sample(logits, [row(temperature=0, output=[3, 3], frequency_penalty=1.5)]).token_ids != [3]
+    assert sample(logits, [row(temperature=0, prompt=[3], repetition_penalty=100.0)]).token_ids != [3]
+    assert sample(logits, [row(temperature=0, output=[3], presence_penalty=2.0)]).token_ids == [3]
+
+
+def test_min_tokens_masks_the_stop_ids():
+    logits = torch.zeros(1, 151700)
+    logits[0, 151645] = 10.0
+    assert sample(logits, [row(temperature=0, min_tokens=2, output=[1])]).token_ids != [151645]
+    assert sample(logits, [row(temperature=0, min_tokens=2, output=[1, 2])]).token_ids == [151645]
+
+
+def test_logprobs_are_the_raw_distribution_with_top_k():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    out = sample(logits, [row(temperature=0, logprobs=2)])
+    chosen, top = out.logprobs[0]
+    assert math.isclose(chosen, math.log(0.6), rel_tol=1e-5)
+    assert [t for t, _ in top] == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(n=0), dict(n=100),
+                                 dict(logprobs=50), dict(max_tokens=0)])  # fmt: skip
+def test_invalid_values_raise_a_clear_error(bad):
+    with pytest.raises(Ovis2Error):
+        SamplingParams(**bad)

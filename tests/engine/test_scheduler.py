@@ -1,0 +1,94 @@
+from ovis2.engine.block_manager import BlockManager
+from ovis2.engine.inputs import EngineInputs
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.engine.scheduler import Scheduler
+from ovis2.engine.sequence import SequenceGroup
+
+
+def group(request_id, length, n=1):
+    first = 1000 * (sum(map(ord, request_id)) % 50)  # distinct prompts: no accidental prefix hits
+    return SequenceGroup(request_id, EngineInputs(list(range(first + 1, first + length + 1))), SamplingParams(n=n))
+
+
+def fake_step(scheduler: Scheduler):
+    """Schedule, mark the tokens computed, append a token to every sequence that sampled."""
+    out = scheduler.schedule()
+    out.summary = [(i.seq.group.request_id, i.num_tokens, i.samples) for i in out.scheduled]
+    scheduler.update_computed(out)
+    for item in out.scheduled:
+        if item.samples:
+            item.seq.append_token(7)
+    return out
+
+
+def test_running_decode_first_then_new_requests_fill_the_budget():
+    sched = Scheduler(BlockManager(100, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    sched.add(group("a", 6))
+    out = fake_step(sched)
+    assert [(i.seq.group.request_id, i.num_tokens) for i in out.scheduled] == [("a", 6)]
+    sched.add(group("b", 20))
+    out = fake_step(sched)
+    assert [(i.seq.group.request_id, i.num_tokens) for i in out.scheduled] == [("a", 1), ("b", 9)]
+    out = fake_step(sched)  # b keeps prefilling in chunks while a decodes
+    assert out.summary == [("a", 1, True), ("b", 9, False)]
+    out = fake_step(sched)
+    assert out.summary == [("a", 1, True), ("b", 2, True)]
+
+
+def test_max_num_seqs_limits_the_batch():
+    sched = Scheduler(BlockManager(100, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    for name in "abc":
+        sched.add(group(name, 3))
+    out = fake_step(sched)
+    assert len(out.scheduled) == 2 and sched.num_waiting == 1
+
+
+def test_out_of_blocks_preempts_the_newest_and_resumes_it_later():
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    sched.add(group("old", 7))
+    sched.add(group("new", 8))
+    fake_step(sched)  # old: 2 blocks, new: 2 blocks; pool full
+    out = fake_step(sched)  # old needs a 3rd block for token 8
+    assert [s.group.request_id for s in out.preempted] == ["new"]
+    assert [i.seq.group.request_id for i in out.scheduled] == ["old"]
+    assert sched.waiting[0].group.request_id == "new" and sched.waiting[0].num_computed_tokens == 0
+    old = sched.running[0]
+    sched.finish(old)
+    out = fake_step(sched)
+    # its 8 prompt tokens + 1 output: the two full blocks are still cached, the last token is recomputed
+    assert [(i.seq.group.request_id, i.num_tokens) for i in out.scheduled] == [("new", 1)]
+
+
+def test_preempted_without_prefix_cache_recomputes_prompt_and_outputs():
+    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), max_num_seqs=8, max_num_batched_tokens=100)
+    sched.add(group("old", 7))
+    sched.add(group("new", 8))
+    fake_step(sched)
+    fake_step(sched)
+    sched.finish(sched.running[0])
+    out = fake_step(sched)
+    assert [(i.seq.group.request_id, i.num_tokens) for i in out.scheduled] == [("new", 9)]
+
+
+def test_fcfs_a_big_request_is_not_overtaken():
+    sched = Scheduler(BlockManager(6, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    sched.add(group("a", 16))
+    sched.add(group("big", 20))
+    sched.add(group("small", 2))
+    out = fake_step(sched)
+    assert [i.seq.group.request_id for i in out.scheduled] == ["a"]
+
+
+def test_later_choices_wait_for_the_first_then_share_its_prompt():
+    bm = BlockManager(50, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    g = group("n3", 10, n=3)
+    sched.add(g)
+    out = fake_step(sched)
+    assert [i.seq.index for i in out.scheduled] == [0]
+    out = fake_step(sched)
+    assert [(i.seq.index, i.num_tokens) for i in out.scheduled] == [(0, 1), (1, 2), (2, 2)]
+    assert g.seqs[1].block_table[:2] == g.seqs[0].block_table[:2]
+    for seq in list(sched.running):
+        sched.finish(seq)
+    assert bm.num_free_blocks == 50
