@@ -45,12 +45,13 @@ def test_top_k_1_sampling_is_greedy():
 
 
 def test_penalties_and_logit_bias():
-    logits = torch.full((1, 10), -1.0)
+    logits = torch.full((1, 10), 0.5)
     logits[0, 3] = 2.0
     assert sample(logits, [row(temperature=0, logit_bias={5: 5.0})]).token_ids == [5]
     assert sample(logits, [row(temperature=0, output=[3, 3], frequency_penalty=1.5)]).token_ids != [3]
     assert sample(logits, [row(temperature=0, prompt=[3], repetition_penalty=100.0)]).token_ids != [3]
-    assert sample(logits, [row(temperature=0, output=[3], presence_penalty=2.0)]).token_ids == [3]
+    assert sample(logits, [row(temperature=0, output=[3], presence_penalty=2.0)]).token_ids != [3]
+    assert sample(logits, [row(temperature=0, output=[3], presence_penalty=1.0)]).token_ids == [3]
 
 
 def test_min_tokens_masks_the_stop_ids():
