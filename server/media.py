@@ -261,7 +261,7 @@ def decode_data_url(url: str, max_base64_chars: int) -> bytes:
     if mime not in DATA_URL_TYPES:
         raise MediaError(f"data URL type '{mime or 'none'}' is not supported; use png, jpeg, webp, gif or bmp")
     payload = url[match.end() :]
-    if len(payload) > max_base64_chars + 1024:
+    if len(payload) > max_base64_chars:
         raise MediaError(f"the base64 image is longer than {max_base64_chars} characters")
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)

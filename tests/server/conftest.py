@@ -61,3 +61,96 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_message(url: str, text: str = "What is in this image?", **image_url) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": text},
                                         {"type": "image_url", "image_url": {"url": url, **image_url}}]}  # fmt: skip
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries one tiny compressed row: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+class ImageServer:
+    """A local HTTP server for image URLs: /img.png, /redirect?to=URL, /loop, /big, /slow?s=SECONDS, /status/N."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+        self.requests: list[tuple[str, dict]] = []
+        self.png = image_bytes(size=(40, 30), color=(10, 200, 10))
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                from urllib.parse import parse_qs, urlsplit
+
+                parts = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                server.requests.append((self.path, dict(self.headers)))
+                route = parts.path
+                try:
+                    if route == "/img.png":
+                        self._send(200, server.png, "image/png")
+                    elif route == "/redirect":
+                        self._redirect(query["to"])
+                    elif route == "/loop":
+                        self._redirect("/loop")
+                    elif route == "/big":  # no Content-Length: only the streamed byte count can stop it
+                        self.send_response(200)
+                        self.send_header("Content-Type", "image/png")
+                        self.end_headers()
+                        for _ in range(64):
+                            self.wfile.write(b"\0" * 65536)
+                    elif route == "/slow":
+                        import time
+
+                        time.sleep(float(query.get("s", "3")))
+                        self._send(200, server.png, "image/png")
+                    elif route.startswith("/status/"):
+                        self._send(int(route.rsplit("/", 1)[1]), b"nope", "text/plain")
+                    else:
+                        self._send(404, b"not found", "text/plain")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _redirect(self, location: str) -> None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.close()

@@ -1,0 +1,179 @@
+"""server/media.py: fetching and decoding images safely."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from server.media import ImageLoader, MediaError, MediaPolicy, address_problem, decode_image, host_allowed
+from tests.server.conftest import data_url, image_bytes, png_header_only
+
+LOCAL = (ipaddress.ip_network("127.0.0.1/32"),)
+
+
+def load(url: str, **policy) -> Image.Image:
+    return asyncio.run(ImageLoader(MediaPolicy(**policy)).load(url, "p"))
+
+
+def refused(url: str, words: str, **policy) -> MediaError:
+    with pytest.raises(MediaError) as info:
+        load(url, **policy)
+    assert words.lower() in info.value.message.lower(), info.value.message
+    assert info.value.status == 400 and info.value.param == "p"
+    return info.value
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_decodes_common_formats(fmt):
+    image = decode_image(image_bytes(fmt, size=(7, 5)), 10_000)
+    assert image.size == (7, 5) and image.mode == "RGB"
+
+
+def test_one_pixel_image():
+    assert load(data_url(image_bytes(size=(1, 1)))).size == (1, 1)
+
+
+def test_first_frame_of_an_animation():
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    image = decode_image(buffer.getvalue(), 10_000)
+    assert image.getpixel((0, 0))[0] > 200
+
+
+def test_refuses_other_formats_bombs_and_corrupt_files():
+    with pytest.raises(MediaError, match="not a png"):
+        decode_image(image_bytes("TIFF"), 10_000)
+    with pytest.raises(MediaError, match="pixels"):
+        decode_image(png_header_only(100_000, 100_000), 40_000_000)
+    with pytest.raises(MediaError, match="pixels"):
+        decode_image(png_header_only(30_000, 30_000), 40_000_000)
+    with pytest.raises(MediaError, match="corrupt"):
+        decode_image(image_bytes(size=(64, 64))[:100], 10_000)
+    with pytest.raises(MediaError, match="corrupt"):
+        decode_image(image_bytes("JPEG", size=(64, 64))[:300], 10_000)
+    with pytest.raises(MediaError, match="empty"):
+        decode_image(b"", 10)
+
+
+def test_data_url_rules():
+    assert load("data:image/jpeg;base64," + data_url(image_bytes("JPEG"))[len("data:image/png;base64,"):]).size
+    refused("data:image/svg+xml;base64,PHN2Zz4=", "svg")
+    refused("data:image/png;base64," + "A" * 2000, "longer than", max_image_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"), ("::ffff:169.254.169.254", "metadata"),
+     ("127.0.0.1", "private"), ("::1", "private"), ("10.0.0.1", "private"), ("192.168.1.1", "private"),
+     ("172.16.0.1", "private"), ("169.254.1.1", "private"), ("fe80::1", "private"), ("fc00::1", "private"),
+     ("100.64.0.1", "non-global"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
+     ("2002:a00:1::", "private"), ("240.0.0.1", "address"), ("8.8.8.8", None), ("2606:4700::1111", None)],
+)  # fmt: skip
+def test_address_rules(address, problem):
+    found = address_problem(ipaddress.ip_address(address), MediaPolicy())
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_operator_can_loosen_address_rules():
+    private = MediaPolicy(allow_private=True)
+    assert address_problem(ipaddress.ip_address("10.0.0.1"), private) is None
+    assert "metadata" in address_problem(ipaddress.ip_address("169.254.169.254"), private)
+    assert address_problem(ipaddress.ip_address("127.0.0.1"), MediaPolicy(allowed_networks=LOCAL)) is None
+    assert address_problem(ipaddress.ip_address("127.0.0.2"), MediaPolicy(allowed_networks=LOCAL)) is not None
+
+
+def test_domain_allow_list():
+    policy = MediaPolicy(allowed_domains=("images.example.com", "*.cdn.example.org"))
+    assert host_allowed("images.example.com", policy) and host_allowed("IMAGES.example.com.", policy)
+    assert host_allowed("a.b.cdn.example.org", policy)
+    assert not host_allowed("cdn.example.org", policy) and not host_allowed("evil.com", policy)
+    assert not host_allowed("images.example.com.evil.com", policy)
+    assert host_allowed("anything", MediaPolicy())
+
+
+def test_fetches_from_an_explicitly_allowed_local_server(image_server):
+    assert load(image_server.url("/img.png"), allowed_networks=LOCAL).size == (40, 30)
+    refused(image_server.url("/img.png"), "private")
+
+
+def test_localhost_name_is_pinned_to_the_checked_address(image_server):
+    url = f"http://localhost:{image_server.port}/img.png?pinned"
+    assert load(url, allowed_networks=LOCAL).size == (40, 30)
+    path, headers = image_server.requests[-1]
+    assert path == "/img.png?pinned" and headers["Host"] == f"localhost:{image_server.port}"
+
+
+def test_redirects_are_rechecked(image_server):
+    target = image_server.url("/img.png")
+    assert load(image_server.url(f"/redirect?to={target}"), allowed_networks=LOCAL).size == (40, 30)
+    assert load(image_server.url("/redirect?to=/img.png"), allowed_networks=LOCAL).size == (40, 30)
+    refused(image_server.url("/redirect?to=http://169.254.169.254/latest"), "metadata", allow_private=True)
+    refused(image_server.url("/redirect?to=http://10.0.0.1/x.png"), "private", allowed_networks=LOCAL)
+    refused(image_server.url("/redirect?to=file:///etc/passwd"), "http(s)", allowed_networks=LOCAL)
+    refused(image_server.url("/loop"), "redirected more than 3", allowed_networks=LOCAL)
+    two_hops = image_server.url("/redirect?to=" + image_server.url(f"/redirect?to={target}"))
+    refused(two_hops, "more than 1", allowed_networks=LOCAL, max_redirects=1)
+
+
+def test_byte_cap_while_streaming(image_server):
+    refused(image_server.url("/big"), "larger than", allowed_networks=LOCAL, max_image_bytes=200_000)
+    refused(image_server.url("/img.png"), "larger than", allowed_networks=LOCAL, max_image_bytes=10)
+
+
+def test_total_timeout(image_server):
+    start = time.monotonic()
+    refused(image_server.url("/slow?s=3"), "longer than", allowed_networks=LOCAL, fetch_timeout=0.5)
+    assert time.monotonic() - start < 2
+
+
+def test_http_errors(image_server):
+    refused(image_server.url("/status/404"), "HTTP 404", allowed_networks=LOCAL)
+    refused(f"http://127.0.0.1:{_free_port()}/x.png", "could not fetch", allowed_networks=LOCAL)
+
+
+def test_fetches_run_concurrently(image_server):
+    loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL))
+    urls = [(image_server.url(f"/slow?s=0.6&i={i}"), f"p{i}") for i in range(4)]
+    start = time.monotonic()
+    images = asyncio.run(loader.load_all(urls))
+    assert len(images) == 4 and time.monotonic() - start < 2.0
+
+
+def test_https_connects_to_the_checked_ip_with_sni():
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.update(url=str(request.url), host=request.headers["host"], sni=request.extensions.get("sni_hostname"))
+        return httpx.Response(200, content=image_bytes())
+
+    loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL), transport=httpx.MockTransport(handler))
+    asyncio.run(loader.load("https://localhost:8443/a.png?x=1"))
+    assert seen == {"url": "https://127.0.0.1:8443/a.png?x=1", "host": "localhost:8443", "sni": "localhost"}
+
+
+def test_file_urls_only_inside_the_allowed_directory(tmp_path: Path):
+    inside = tmp_path / "media"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(image_bytes())
+    (tmp_path / "secret.png").write_bytes(image_bytes())
+    (inside / "link.png").symlink_to(tmp_path / "secret.png")
+    refused((inside / "a.png").as_uri(), "disabled")
+    assert load((inside / "a.png").as_uri(), local_dir=inside).size == (32, 24)
+    refused(f"file://{inside}/../secret.png", "inside the allowed", local_dir=inside)
+    refused((inside / "link.png").as_uri(), "inside the allowed", local_dir=inside)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
