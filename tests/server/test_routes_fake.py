@@ -1,0 +1,158 @@
+"""Auth, CORS, models, health, metrics, tokenize/detokenize and /v1/completions against the fake engine."""
+
+from __future__ import annotations
+
+import json
+
+from tests.server.conftest import data_url, image_bytes, image_message
+
+TEXT = [{"role": "user", "content": "hi"}]
+
+
+def test_api_key_guards_inference_routes(make_client):
+    client = make_client(api_key="s3cret")
+    body = {"messages": TEXT, "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        response = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models").status_code == 401
+    assert client.post("/tokenize", json={"prompt": "x"}).status_code == 401
+    assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 401
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.post("/v1/chat/completions", json=body, headers=good).status_code == 200
+    assert client.get("/v1/models", headers=good).status_code == 200
+    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_auth_is_checked_before_the_body(make_client):
+    client = make_client(api_key="k")
+    assert client.post("/v1/chat/completions", content=b"{bad json").status_code == 401
+
+
+def test_cors(make_client):
+    client = make_client(cors_origins=["https://app.example.com"])
+    preflight = client.options("/v1/chat/completions", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+    other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_no_cors_by_default(client):
+    response = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_models(client, fake_engine):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert body["data"][0]["id"] == "fake-model" and body["data"][0]["object"] == "model"
+    assert body["data"][0]["max_model_len"] == fake_engine.max_model_len
+    assert client.get("/v1/models/fake-model").json()["id"] == "fake-model"
+    assert client.get("/v1/models/other").status_code == 404
+
+
+def test_health(client, fake_engine):
+    assert client.get("/health").status_code == 200
+    fake_engine.dead = True
+    assert client.get("/health").status_code == 503
+
+
+def test_lifespan_starts_and_stops_the_engine(make_client, fake_engine):
+    client = make_client()
+    assert fake_engine.started and not fake_engine.stopped
+    client.__exit__(None, None, None)
+    assert fake_engine.stopped
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            head = line.split(" ")[0]
+            if head == name or head.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in metrics")
+
+
+def test_metrics(client):
+    url = data_url(image_bytes())
+    client.post("/v1/chat/completions", json={"messages": [image_message(url)], "max_tokens": 3})
+    client.post("/v1/chat/completions", json={"messages": TEXT, "temperature": 0})
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric(text, "ovis2_requests_total", finished_reason="length") == 1
+    assert metric(text, "ovis2_requests_total", finished_reason="stop") == 1
+    assert metric(text, "ovis2_generation_tokens_total") == 3 + 11
+    assert metric(text, "ovis2_image_tokens_total") == 259
+    assert metric(text, "ovis2_images_total") == 1
+    assert metric(text, "ovis2_prompt_tokens_total") > 259
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_preprocess_seconds"):
+        assert metric(text, f"ovis2_{histogram}_count") == 2
+    assert metric(text, "ovis2_inter_token_latency_seconds_count") == 2 + 10
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio", "kv_cache_free_blocks"):
+        metric(text, f"ovis2_{gauge}")
+    assert "ovis2_request_queue_time_seconds" in text
+
+
+def test_tokenize_text_and_detokenize(client, tokenizer):
+    body = client.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert body["tokens"] == tokenizer.encode("Hello world") and body["count"] == len(body["tokens"])
+    assert body["token_strs"] == ["Hello", "Ġworld"] and body["max_model_len"] == 4096
+    assert client.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": "Hello world"}
+    assert client.post("/detokenize", json={"tokens": [-5]}).status_code == 400
+
+
+def test_tokenize_messages_counts_image_tokens(client, fake_engine):
+    messages = [image_message(data_url(image_bytes()))]
+    body = client.post("/tokenize", json={"messages": messages}).json()
+    assert body["image_tokens"] == 259 and body["count"] > 259
+    assert client.post("/tokenize", json={"messages": messages, "prompt": "x"}).status_code == 400
+
+
+def test_completions(client, fake_engine):
+    body = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Once", "temperature": 0,
+                                                "max_tokens": 3, "logprobs": 1}).json()  # fmt: skip
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    assert choice["text"] == "Hello there," and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["tokens"] == ["Hello", " there", ","]
+    assert choice["logprobs"]["text_offset"] == [0, 5, 11]
+    assert choice["logprobs"]["top_logprobs"][0] == {"Hello": -0.25}
+    assert body["usage"]["completion_tokens"] == 3
+    inputs, params = next(iter(fake_engine.requests.values()))
+    assert inputs.images == [] and params.max_tokens == 3 and params.logprobs == 1
+
+
+def test_completions_defaults_to_16_tokens_and_echo(client, fake_engine):
+    fake_engine.words = ["a"] * 40
+    body = client.post("/v1/completions", json={"prompt": "Say", "echo": True, "temperature": 0}).json()
+    assert body["choices"][0]["text"] == "Say" + "a" * 16
+
+
+def test_completions_stream(client):
+    response = client.post("/v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 2, "temperature": 0,
+                                                    "stream_options": {"include_usage": True}})  # fmt: skip
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello there"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_completions_token_ids_and_bad_prompts(client):
+    assert client.post("/v1/completions", json={"prompt": [9707, 1879], "max_tokens": 1}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": [[9707]], "max_tokens": 1}).status_code == 200
+    for prompt, words in [("a <IMG_ATOM> b", "image tokens"), ([151665], "image tokens"), (["a", "b"], "one prompt"),
+                          ([10**9], "outside"), ("", "empty")]:  # fmt: skip
+        response = client.post("/v1/completions", json={"prompt": prompt})
+        assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+        assert response.json()["error"]["param"] == "prompt"
+    for fields, param in [({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
+                          ({"echo": True, "logprobs": 1}, "echo"), ({"max_tokens": 5000}, "max_tokens")]:  # fmt: skip
+        response = client.post("/v1/completions", json={"prompt": "x", **fields})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param

@@ -1,0 +1,120 @@
+"""Serving logic without HTTP: aborts on early exit and disconnect, draining on shutdown, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from contextlib import aclosing
+
+import pytest
+
+from ovis2 import EngineInputs, SamplingParams
+from server.__main__ import build_parser, load_settings
+from server.app import _drain, create_app
+from server.generation import ClientDisconnected, collect_final, generate, unless_disconnected
+from server.settings import ServerSettings
+
+
+def state_for(engine):
+    return create_app(ServerSettings(_env_file=None), engine).state.server
+
+
+def test_closing_the_stream_early_aborts_the_request(fake_engine):
+    state = state_for(fake_engine)
+    fake_engine.step_delay = 0.01
+
+    async def run():
+        outputs = generate(state, EngineInputs([1, 2, 3]), SamplingParams(max_tokens=50), "r1", 0.0)
+        async with aclosing(outputs):
+            async for _ in outputs:
+                break
+        return state.num_in_flight
+
+    assert asyncio.run(run()) == 0
+    assert fake_engine.aborted == ["r1"] and not fake_engine.running
+
+
+def test_a_disconnected_client_aborts_a_non_streaming_request(fake_engine):
+    state = state_for(fake_engine)
+    fake_engine.step_delay = 0.05
+
+    class GoneRequest:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def run():
+        outputs = generate(state, EngineInputs([1, 2, 3]), SamplingParams(max_tokens=500), "r2", 0.0)
+        with pytest.raises(ClientDisconnected):
+            await unless_disconnected(collect_final(outputs), GoneRequest())
+
+    asyncio.run(run())
+    assert fake_engine.aborted == ["r2"] and state.num_in_flight == 0
+
+
+def test_finished_requests_are_not_aborted(fake_engine):
+    state = state_for(fake_engine)
+
+    async def run():
+        return await collect_final(generate(state, EngineInputs([1]), SamplingParams(max_tokens=2), "r3", 0.0))
+
+    assert asyncio.run(run()).finished
+    assert fake_engine.aborted == [] and fake_engine.finished == ["r3"]
+
+
+def test_drain_waits_for_in_flight_requests_up_to_the_grace_period(fake_engine):
+    state = state_for(fake_engine)
+
+    async def run():
+        state.request_started()
+        asyncio.get_running_loop().call_later(0.2, state.request_finished)
+        start = asyncio.get_running_loop().time()
+        await _drain(state, 5.0)
+        waited = asyncio.get_running_loop().time() - start
+        state.request_started()
+        start = asyncio.get_running_loop().time()
+        await _drain(state, 0.2)
+        return waited, asyncio.get_running_loop().time() - start
+
+    finished_after, gave_up_after = asyncio.run(run())
+    assert 0.15 < finished_after < 1.0 and 0.15 < gave_up_after < 1.0
+
+
+def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
+    help_text = build_parser().format_help()
+    for name in ServerSettings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"OVIS2_{name.upper()}" in help_text
+    monkeypatch.setenv("OVIS2_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("OVIS2_ALLOWED_MEDIA_NETWORKS", "127.0.0.1,10.0.0.0/8")
+    settings = load_settings(["--port", "9001", "--api-key", "sekrit-key", "--no-enable-prefix-caching",
+                              "--cors-origins", "https://a.example,https://b.example"])  # fmt: skip
+    assert settings.max_num_seqs == 7 and settings.port == 9001 and settings.api_key.get_secret_value() == "sekrit-key"
+    assert settings.allowed_media_networks == ["127.0.0.1", "10.0.0.0/8"]
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert not settings.enable_prefix_caching
+    assert load_settings(["--max-num-seqs", "3"]).max_num_seqs == 3  # the flag wins over the environment
+    assert "sekrit-key" not in repr(settings)
+
+
+def test_bad_flags_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--port", "http"])
+    assert info.value.code == 2 and "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings(["--compat", "nope"])
+
+
+def test_engine_args_from_settings():
+    from ovis2 import EngineArgs
+
+    settings = ServerSettings(_env_file=None, max_num_seqs=3, compat="transformers", max_tiles_per_image=4)
+    args = EngineArgs(**settings.engine_args_kwargs())
+    assert (args.max_num_seqs, args.compat, args.max_tiles_per_image) == (3, "transformers", 4)
+
+
+def test_cli_help_runs():
+    result = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # fmt: skip
+    assert result.returncode == 0 and "--max-images-per-request" in result.stdout
