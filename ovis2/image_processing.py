@@ -208,8 +208,8 @@ def to_rgb(image: Image.Image, compat: str) -> Image.Image:
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     try:
         return image.convert("RGB")
-    except (ValueError, OSError):  # modes PIL cannot take straight to RGB (e.g. "La")
-        return image.convert("RGBA").convert("RGB")
+    except (ValueError, OSError):  # modes PIL cannot convert (e.g. "La"): keep the first band as grey
+        return image.getchannel(0).convert("L").convert("RGB")
 
 
 # ---------------------------------------------------------------- normalisation
