@@ -51,7 +51,7 @@ class LLM:
         prompts = self._as_inputs(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for request_id, inputs, p in zip(request_ids, prompts, params, strict=True):
+        for inputs, p in zip(prompts, params, strict=True):
             self.engine.validate(inputs, p)  # fail before anything runs
         try:
             for request_id, inputs, p in zip(request_ids, prompts, params, strict=True):

@@ -117,19 +117,19 @@ class ModelRunner:
             return {}
         missing = self._missing_images(todo)
         try:
-            self._encode_images(list(missing.values()))
+            fresh = self._encode_images(list(missing.values()))
         except Exception:  # noqa: BLE001 - isolate the failing request below
             return self._prepare_one_by_one(todo)
         for group in todo:
-            group.image_embeds = self._assemble(group)
+            group.image_embeds = self._assemble(group, fresh)
         return {}
 
     def _prepare_one_by_one(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
         failures: dict[str, Exception] = {}
         for group in groups:
             try:
-                self._encode_images(list(self._missing_images([group]).values()))
-                group.image_embeds = self._assemble(group)
+                fresh = self._encode_images(list(self._missing_images([group]).values()))
+                group.image_embeds = self._assemble(group, fresh)
             except Exception as error:  # noqa: BLE001
                 failures[group.request_id] = error
         return failures
@@ -143,22 +143,28 @@ class ModelRunner:
                     missing[key] = image
         return missing
 
-    def _encode_images(self, images: list[ImageInput]) -> None:
+    def _encode_images(self, images: list[ImageInput]) -> dict[tuple, torch.Tensor]:
+        """Runs the tower on every crop of these images at once; key -> [num_crops * 256, H]."""
         if not images:
-            return
+            return {}
         pixels = torch.cat([image.pixel_values for image in images])  # [all crops, 3, 448, 448]
         embeds = self.encode_crops(pixels)  # [all crops, 256, H]
         self.num_encoded_images += len(images)
+        fresh = {}
         for image, part in zip(images, embeds.split([i.num_crops for i in images]), strict=True):
-            self.visual_cache.put(self.visual_key(image), part.flatten(0, 1))
+            fresh[self.visual_key(image)] = part.flatten(0, 1)
+            self.visual_cache.put(self.visual_key(image), fresh[self.visual_key(image)])
+        return fresh
 
-    def _assemble(self, group: SequenceGroup) -> torch.Tensor:
+    def _assemble(self, group: SequenceGroup, fresh: dict[tuple, torch.Tensor]) -> torch.Tensor:
         parts = []
         for image in group.inputs.images:
-            part = self.visual_cache.get(self.visual_key(image))
+            key = self.visual_key(image)
+            part = fresh.get(key)
+            if part is None:
+                part = self.visual_cache.get(key)
             if part is None:  # evicted by a bigger batch: encode again, alone
-                self._encode_images([image])
-                part = self.visual_cache.get(self.visual_key(image))
+                part = self._encode_images([image])[key]
             parts.append(part)
         return torch.cat(parts)  # [num_atoms, H]
 

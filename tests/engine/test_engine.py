@@ -1,0 +1,183 @@
+"""LLMEngine end to end on a tiny fp32 checkpoint: parity with generate(), preemption, caches, block accounting."""
+
+import pytest
+
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.errors import Ovis2Error
+from tests.engine.conftest import reference_tokens, run_to_completion
+from tests.engine.prompts import chat_prompt, random_image, text_ids
+
+GREEDY = dict(temperature=0.0)
+
+
+def mixed_requests():
+    """16 requests: text-only, one image, two images; different prompt and output lengths."""
+    images = [random_image(seed, grid) for seed, grid in enumerate([(1, 1), (1, 2), (1, 1), (2, 1)])]
+    requests = {}
+    for i in range(16):
+        kind = i % 4
+        pictures = [] if kind == 0 else [images[i % 4]] if kind in (1, 2) else [images[0], images[(i // 4) % 4]]
+        prompt = chat_prompt(text_ids(i, 3 + 7 * i), pictures)
+        requests[f"r{i}"] = (prompt, SamplingParams(max_tokens=4 + i % 9, **GREEDY))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def reference(engine_model):
+    return {rid: reference_tokens(engine_model, inputs, p.max_tokens) for rid, (inputs, p) in mixed_requests().items()}
+
+
+def assert_matches_reference(final, reference):
+    for rid, expected in reference.items():
+        completion = final[rid].outputs[0]
+        assert completion.token_ids == expected, rid
+        assert completion.finish_reason == ("stop" if expected[-1] in (151645, 151643) else "length")
+
+
+def test_concurrent_mixed_requests_match_generate_one_at_a_time(make_engine, reference):
+    engine = make_engine()
+    final = run_to_completion(engine, mixed_requests())
+    assert_matches_reference(final, reference)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+
+
+def test_tiny_pool_preempts_and_resumes_with_the_same_tokens(make_engine, reference):
+    engine = make_engine(kv_cache_memory=80 * 8192, enable_prefix_caching=False)
+    assert engine.block_manager.num_total_blocks == 80
+    final = run_to_completion(engine, mixed_requests())
+    assert engine.stats.num_preemptions > 0
+    assert_matches_reference(final, reference)
+    assert engine.block_manager.num_free_blocks == 80
+
+
+def test_chunked_prefill_matches_unchunked(make_engine, reference):
+    engine = make_engine(max_num_batched_tokens=48)
+    final = run_to_completion(engine, mixed_requests())
+    assert_matches_reference(final, reference)
+
+
+def test_second_turn_with_the_same_image_skips_the_vision_tower(make_engine, engine_model):
+    image = random_image(42, (1, 2))
+    first = chat_prompt(text_ids(1, 20), [image])
+    engine = make_engine()
+    turn1 = run_to_completion(engine, {"t1": (first, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))})
+    encoded = engine.runner.num_encoded_images
+    history = first.prompt_token_ids + turn1["t1"].outputs[0].token_ids + [151645, 198, 151644, 872, 198]
+    second = type(first)(history + text_ids(2, 9) + [151645, 198, 151644, 77091, 198], [image])
+    params = SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY)
+    turn2 = run_to_completion(engine, {"t2": (second, params)})["t2"]
+    assert engine.runner.num_encoded_images == encoded  # zero vision tower runs for the second turn
+    assert turn2.num_cached_tokens >= len(first.prompt_token_ids) - 16
+    uncached = make_engine(enable_prefix_caching=False, visual_cache_size=0)
+    fresh = run_to_completion(uncached, {"t2": (second, params)})["t2"]
+    assert turn2.outputs[0].token_ids == fresh.outputs[0].token_ids
+    assert fresh.num_cached_tokens == 0 and uncached.runner.num_encoded_images == 1
+
+
+def test_500_mixed_requests_with_aborts_return_every_block(make_engine):
+    engine = make_engine(kv_cache_memory=200 * 8192, max_num_seqs=32)
+    images = [random_image(100 + k) for k in range(3)]
+    for i in range(500):
+        pictures = [images[i % 3]] if i % 10 == 0 else []
+        params = SamplingParams(max_tokens=1 + i % 4, n=1 + (i % 7 == 0), temperature=0.0 if i % 2 else 0.8, seed=i)
+        engine.add_request(f"m{i}", chat_prompt(text_ids(i, 2 + i % 11), pictures), params)
+        if i % 25 == 0:
+            engine.step()
+        if i % 9 == 0:
+            engine.abort_request(f"m{i - 3}")
+    while engine.has_unfinished_requests:
+        engine.step()
+        if engine.scheduler.running and engine.stats.num_generated_tokens % 13 == 0:
+            engine.abort_request(engine.scheduler.running[-1].group.request_id)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks and all(c == 0 for c in bm.ref_counts)
+    assert not engine.groups and not engine.scheduler.waiting
+
+
+def test_abort_mid_generation_frees_blocks_and_reports_abort(make_engine):
+    engine = make_engine()
+    engine.add_request("a", chat_prompt(text_ids(3, 40)), SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    output = engine.abort_request("a")
+    assert output.outputs[0].finish_reason == "abort" and len(output.outputs[0].token_ids) == 3
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_batches(make_engine):
+    target = chat_prompt(text_ids(5, 12), [random_image(5)])
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, n=2, ignore_eos=True)
+    alone = run_to_completion(make_engine(), {"x": (target, params)})["x"]
+    crowd = {f"o{i}": (chat_prompt(text_ids(50 + i, 5 + 9 * i)), SamplingParams(max_tokens=5 + i, seed=i))
+             for i in range(6)}  # fmt: skip
+    crowd["x"] = (target, params)
+    batched = run_to_completion(make_engine(max_num_batched_tokens=64), crowd)["x"]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in batched.outputs]
+    assert alone.outputs[0].token_ids != alone.outputs[1].token_ids  # seed + index per choice
+
+
+def test_n_choices_share_the_prompt_and_greedy_choices_agree(make_engine):
+    engine = make_engine(enable_prefix_caching=False)
+    prompt = chat_prompt(text_ids(9, 60), [random_image(9)])
+    final = run_to_completion(engine, {"n": (prompt, SamplingParams(n=3, max_tokens=5, ignore_eos=True, **GREEDY))})
+    tokens = [o.token_ids for o in final["n"].outputs]
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 5
+    assert engine.stats.num_prompt_tokens < 2 * len(prompt.prompt_token_ids)  # choices 2 and 3 shared it
+
+
+def test_logprobs_stop_strings_and_min_tokens(make_engine, tokenizer):
+    engine = make_engine()
+    prompt = chat_prompt(text_ids(11, 10))
+    probe = run_to_completion(engine, {"p": (prompt, SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))})
+    text = probe["p"].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    params = SamplingParams(max_tokens=8, ignore_eos=True, stop=[stop], logprobs=3, **GREEDY)
+    out = run_to_completion(engine, {"s": (prompt, params)})["s"].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and out.text == text[: text.index(stop)]
+    assert len(out.logprobs) == len(out.token_ids) and len(out.logprobs[0].top) == 3
+    assert out.logprobs[0].top[0][0] == out.token_ids[0]
+
+
+def test_bad_requests_raise_clear_errors(make_engine):
+    engine = make_engine(max_model_len=600, max_images_per_request=1)
+    with pytest.raises(Ovis2Error, match="max_model_len"):
+        engine.add_request("long", chat_prompt(text_ids(0, 700)), SamplingParams())
+    with pytest.raises(Ovis2Error, match="images"):
+        engine.add_request("many", chat_prompt([1], [random_image(0), random_image(1)]), SamplingParams())
+    broken = chat_prompt([1], [random_image(0)])
+    broken.prompt_token_ids.pop(20)  # one image atom fewer than the image gives
+    with pytest.raises(Ovis2Error, match="image tokens"):
+        engine.add_request("broken", broken, SamplingParams())
+    assert not engine.has_unfinished_requests
+
+
+def test_a_failing_request_fails_alone(make_engine):
+    engine = make_engine()
+
+    def hook(group):
+        if group.request_id == "bad":
+            raise RuntimeError("injected")
+
+    engine.request_hook = hook
+    requests = {rid: (chat_prompt(text_ids(i, 8), [random_image(i)]), SamplingParams(max_tokens=3, **GREEDY))
+                for i, rid in enumerate(["ok1", "bad", "ok2"])}  # fmt: skip
+    final = run_to_completion(engine, requests)
+    assert final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
+    assert final["ok1"].error is None and len(final["ok1"].outputs[0].token_ids) >= 1
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+
+
+def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
+    engine = make_engine()
+    original = engine.runner.encode_crops
+
+    def flaky(pixels):
+        if pixels.shape[0] >= 3:  # batches holding the (1, 2) image: thumbnail + 2 tiles
+            raise RuntimeError("vision failed")
+        return original(pixels)
+
+    monkeypatch.setattr(engine.runner, "encode_crops", flaky)
+    requests = {"good": (chat_prompt([5], [random_image(1)]), SamplingParams(max_tokens=2, **GREEDY)),
+                "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY))}  # fmt: skip
+    final = run_to_completion(engine, requests)
+    assert "vision failed" in final["bad"].error and final["good"].error is None
