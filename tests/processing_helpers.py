@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -12,7 +12,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 SIDE = 448
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str) -> Image.Image:
     """A real photograph from scikit-image's bundled data (offline)."""
     from skimage import data
