@@ -1,0 +1,111 @@
+"""AsyncEngine: streaming, cancellation, failure isolation, overload and health."""
+
+import asyncio
+
+import pytest
+
+from ovis2.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.errors import Ovis2Error
+from tests.engine.prompts import chat_prompt, random_image, text_ids
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=120))
+
+
+async def collect(engine, request_id, inputs, params):
+    return [output async for output in engine.generate(inputs, params, request_id)]
+
+
+def test_streams_deltas_that_add_up(make_engine):
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+        engine.check_health()
+        params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0)
+        runs = await asyncio.gather(*[collect(engine, f"s{i}", chat_prompt(text_ids(i, 10)), params) for i in range(4)])
+        await engine.shutdown()
+        return runs
+
+    for outputs in run(main()):
+        final = outputs[-1].outputs[0]
+        assert final.finish_reason == "length" and len(final.token_ids) == 6
+        assert sum((o.outputs[0].delta_token_ids for o in outputs), []) == final.token_ids
+        assert "".join(o.outputs[0].delta_text for o in outputs) == final.text
+        assert outputs[-1].metrics.first_token_time >= outputs[-1].metrics.arrival_time
+
+
+def test_cancelled_consumer_aborts_and_frees_blocks(make_engine):
+    async def main():
+        llm = make_engine()
+        engine = AsyncEngine(engine=llm)
+        await engine.start()
+        params = SamplingParams(max_tokens=10_000, ignore_eos=True)
+
+        async def consume():
+            async for _ in engine.generate(chat_prompt(text_ids(1, 30), [random_image(1)]), params, "long"):
+                pass
+
+        task = asyncio.create_task(consume())
+        while llm.stats.num_generated_tokens < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if not llm.has_unfinished_requests:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats
+        await engine.shutdown()
+        return stats
+
+    stats = run(main())
+    assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_one_failing_request_does_not_stop_the_others(make_engine):
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+
+        def hook(group):
+            if group.request_id == "bad":
+                raise RuntimeError("injected fault")
+
+        engine.set_request_hook(hook)
+        params = SamplingParams(max_tokens=3, temperature=0.0)
+        runs = await asyncio.gather(*[collect(engine, rid, chat_prompt(text_ids(i, 5)), params)
+                                      for i, rid in enumerate(["a", "bad", "b"])])  # fmt: skip
+        engine.check_health()
+        await engine.shutdown()
+        return runs
+
+    good_a, bad, good_b = run(main())
+    assert "injected fault" in bad[-1].error and bad[-1].outputs[0].finish_reason == "error"
+    assert good_a[-1].error is None and good_b[-1].outputs[0].finish_reason in ("stop", "length")
+
+
+def test_user_errors_overload_and_dead_loop(make_engine):
+    async def main():
+        engine = AsyncEngine(engine=make_engine(max_model_len=100, max_waiting_requests=1))
+        await engine.start()
+        with pytest.raises(Ovis2Error):
+            await collect(engine, "long", chat_prompt(text_ids(0, 200)), SamplingParams())
+        engine._num_pending_adds = 5  # as if five requests were still queued
+        with pytest.raises(EngineOverloadedError):
+            await collect(engine, "x", chat_prompt([1]), SamplingParams())
+        engine._num_pending_adds = 0
+
+        def explode():
+            raise SystemError("loop bug")
+
+        engine.engine.step = explode
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "y", chat_prompt([1]), SamplingParams(max_tokens=2))
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+        await engine.shutdown()
+
+    run(main())
