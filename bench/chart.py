@@ -19,11 +19,12 @@ def plot_sweep(runs: list[dict], path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")  # no display on servers
     from matplotlib import pyplot as plt
 
-    xs = [run["max_concurrency"] for run in runs]
+    positions = range(len(runs))  # evenly spaced, labelled with the concurrency ("all": unbounded)
+    labels = [str(run["max_concurrency"] or "all") for run in runs]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.5))
     for axis, (key, label) in zip(axes, PANELS, strict=True):
-        axis.plot(xs, [run[key] for run in runs], marker="o")
-        axis.set_xscale("log", base=2)
+        axis.plot(positions, [run[key] for run in runs], marker="o")
+        axis.set_xticks(positions, labels)
         axis.set_xlabel("concurrency")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
