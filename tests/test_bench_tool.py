@@ -230,7 +230,11 @@ def test_cli_sweep_writes_json_and_chart(fake_server, tmp_path, capsys):
     assert all(run["goodput"] > 0 and run["total_prompt_tokens"] == 4 * 269 for run in document["runs"])
     assert chart.read_bytes().startswith(b"\x89PNG")
     last_body = state["bodies"][-1]
-    assert last_body["ignore_eos"] is True and last_body["max_tiles_per_image"] == 4 and last_body["stream_options"]
+    assert (
+        last_body["ignore_eos"] is True
+        and last_body["max_tiles_per_image"] == 4
+        and last_body["stream_options"]
+    )
     assert "Output token throughput" in capsys.readouterr().out
 
 
@@ -241,3 +245,38 @@ def test_cli_non_streaming(fake_server, tmp_path):
     assert ovis2_bench.main(argv) == 0
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     assert run["total_output_tokens"] == 10 and run["p50_ttft_ms"] == pytest.approx(run["p50_e2el_ms"])
+
+
+# ---- side by side: the comparison logic (the servers themselves run in bench/RESULTS.md) ----
+
+
+def test_side_by_side_ratios_and_goal():
+    from bench.side_by_side import fixed_length_body, format_comparison, ratios
+
+    ours = {
+        "output_throughput": 60.0,
+        "p99_ttft_ms": 100.0,
+        "p50_tpot_ms": 50.0,
+        "p99_e2el_ms": 900.0,
+        "failed": 0,
+    }
+    theirs = {
+        "output_throughput": 10.0,
+        "p99_ttft_ms": 900.0,
+        "p50_tpot_ms": 30.0,
+        "p99_e2el_ms": 9000.0,
+        "failed": 0,
+    }
+    ratio = ratios(ours, theirs)
+    assert ratio["output_throughput_ratio"] == pytest.approx(6.0) and ratio[
+        "p99_ttft_ratio"
+    ] == pytest.approx(9.0)
+    assert (
+        ratio["meets_output_goal"]
+        and ratio["lower_p99_ttft"]
+        and "MET" in format_comparison("image", ours, theirs, ratio)
+    )
+    slow = ratios(ours | {"output_throughput": 40.0}, theirs)
+    assert not slow["meets_output_goal"] and "NOT MET" in format_comparison("image", ours, theirs, slow)
+    assert fixed_length_body("ours", 32)["ignore_eos"] is True
+    assert json.loads(fixed_length_body("transformers", 32)["generation_config"])["min_new_tokens"] == 32
