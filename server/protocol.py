@@ -134,7 +134,7 @@ class ChatCompletionRequest(SamplingExtensions):
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        return self
+        return _check_stream_options(self)
 
 
 def unsupported_chat_fields(request: ChatCompletionRequest) -> tuple[str, str] | None:
@@ -287,6 +287,12 @@ class CompletionRequest(SamplingExtensions):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
+
+
+def _check_stream_options(request):
+    if request.stream_options is not None and not request.stream:
+        raise ValueError("stream_options is only allowed with stream set to true")
+    return request
 
 
 class CompletionLogprobs(ResponseModel):

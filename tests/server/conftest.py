@@ -157,7 +157,7 @@ def image_server() -> Iterator[ImageServer]:
 
 
 class LiveServer:
-    """`python -m server` in a subprocess on the tiny demo checkpoint (compat transformers), on a free port."""
+    """`python -m server --model demo` in a subprocess (the tiny demo checkpoint, compat transformers), free port."""
 
     def __init__(self, checkpoint: str, extra_args: list[str]) -> None:
         import os
@@ -170,10 +170,10 @@ class LiveServer:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.checkpoint = checkpoint
-        self.model = "ovis2-demo"
+        self.model = "demo"
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        args = [sys.executable, "-m", "server", "--model", checkpoint, "--served-model-name", self.model,
+        args = [sys.executable, "-m", "server", "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(self.port), "--compat", "transformers", "--max-model-len", "4096",
                 "--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20", "--log-level", "warning",
                 *extra_args]  # fmt: skip
