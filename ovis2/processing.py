@@ -63,8 +63,7 @@ class Ovis2Processor:
         self.image_token = IMAGE_TOKEN
         self.image_seq_length = image_seq_length
         self.atom_id, self.indicator_ids = ensure_image_tokens(tokenizer)
-        self._text_encoder = _backend_copy(tokenizer, split_special=False)
-        self._plain_encoder = _backend_copy(tokenizer, split_special=True)
+        self._plain_encoder = _plain_text_encoder(tokenizer)
         self._control_pattern = _control_token_pattern(tokenizer)
 
     @property
@@ -147,7 +146,9 @@ class Ovis2Processor:
         return ids
 
     def _encode(self, text: str) -> list[int]:
-        return self._text_encoder.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
     def _encode_plain(self, text: str) -> list[int]:
         return self._plain_encoder.encode(text, add_special_tokens=False).ids if text else []
@@ -373,15 +374,16 @@ def ensure_image_tokens(tokenizer) -> tuple[int, tuple[int, ...]]:
     return ids[0], tuple(ids[1:])
 
 
-def _backend_copy(tokenizer, split_special: bool):
-    """A private copy of the Rust tokenizer (transformers toggles `encode_special_tokens` on the shared one)."""
+def _plain_text_encoder(tokenizer):
+    """A private copy of the Rust tokenizer that never matches special tokens (transformers would toggle
+    `encode_special_tokens` on the shared one for each call, which is not safe across threads)."""
     from tokenizers import Tokenizer
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise Ovis2Error("Ovis2Processor needs a fast (tokenizers-backed) tokenizer")
     copy = Tokenizer.from_str(backend.to_str())
-    copy.encode_special_tokens = split_special
+    copy.encode_special_tokens = True
     return copy
 
 

@@ -22,13 +22,18 @@ CONTROL_IDS = set(range(151643, 151671))
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return Ovis2Processor(Ovis2ImageProcessor(compat="transformers"), build_tokenizer(), CHAT_TEMPLATE)
+def tokenizer():
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def ovis_processor():
-    return Ovis2Processor(Ovis2ImageProcessor(), build_tokenizer(), CHAT_TEMPLATE)
+def processor(tokenizer):
+    return Ovis2Processor(Ovis2ImageProcessor(compat="transformers"), tokenizer, CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def ovis_processor(tokenizer):
+    return Ovis2Processor(Ovis2ImageProcessor(), tokenizer, CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +262,8 @@ def test_save_and_load_round_trip(tmp_path, processor):
     assert loaded.prepare_chat(messages).prompt_token_ids == processor.prepare_chat(messages).prompt_token_ids
 
 
-def test_original_checkpoint_gets_image_tokens_and_its_template(tmp_path):
-    build_tokenizer().save_pretrained(tmp_path)
+def test_original_checkpoint_gets_image_tokens_and_its_template(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
     _remove_image_tokens(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "ovis"}))
     loaded = Ovis2Processor.from_pretrained(tmp_path)
