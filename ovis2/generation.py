@@ -57,7 +57,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     step_ids, sequences = input_ids, input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=model.device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, pixel_values=pixel_values, position_ids=positions, cache=cache).logits[:, -1]
+        logits = model(step_ids, pixel_values=pixel_values, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
         cache.length += step_ids.shape[1]
         pixel_values = None
         next_ids = pick_next_tokens(logits.float(), do_sample, temperature, top_p, top_k, generator)

@@ -296,7 +296,8 @@ class Ovis2ForConditionalGeneration(nn.Module):
 
     # --- the transformers-like interface
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, grids=None,
-                cache=None, **unused) -> Ovis2Output:  # fmt: skip
+                cache=None, logits_to_keep: int | torch.Tensor = 0, **unused) -> Ovis2Output:  # fmt: skip
+        """logits_to_keep: 0 for every position, n for the last n, or a tensor of positions."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -308,6 +309,10 @@ class Ovis2ForConditionalGeneration(nn.Module):
         key_mask = attention_mask.bool() if cache is None else cache.key_mask[:, : cache.length + input_ids.shape[1]]
         meta = PaddedAttentionMetadata(key_mask=key_mask, cache=cache)
         hidden = self.model.language_model(embeds, position_ids, meta)
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         return Ovis2Output(logits=self.lm_head(hidden))
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> torch.Tensor:
