@@ -100,6 +100,25 @@ def test_sync_streaming_and_async_non_streaming_agree(client, live_server, image
     assert asyncio.run(run()) == streamed
 
 
+def test_a_slow_image_server_does_not_stall_other_requests(client, live_server, image_server):
+    slow = {}
+
+    def slow_request():
+        start = time.monotonic()
+        client.chat.completions.create(model=live_server.model, max_tokens=2,
+                                       messages=chat_messages(image_server.url("/slow?s=3&stall")))  # fmt: skip
+        slow["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    client.chat.completions.create(model=live_server.model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    fast_seconds = time.monotonic() - start
+    thread.join(30)
+    assert fast_seconds < 1.5 and slow["seconds"] >= 3
+
+
 def test_raw_sse_ends_with_done(live_server):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
     with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
