@@ -1,6 +1,6 @@
 """Engine throughput vs `generate()` one request at a time, side by side in one run (CPU, tiny checkpoint).
 
-    .venv/bin/python -m bench.bench_engine [--requests 32] [--concurrency 16] [--output-tokens 32]
+    .venv/bin/python -m bench.bench_engine [--requests 32] [--concurrency 16] [--output-tokens 32] [--threads N]
 
 Both paths get the same prepared requests (the processor runs before timing), the same checkpoint and
 fixed output lengths (eos ignored). Reports output tokens/s of each and their ratio, for requests with
@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--text-only", action="store_true", help="skip the image workload")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from ovis2.processing import Ovis2Processor
     from ovis2.weights import resolve_checkpoint

@@ -1,0 +1,111 @@
+"""GPU throughput of the engine vs `generate()` one request at a time, on random weights of real Ovis2 shapes.
+
+    python -m bench.gpu_bench                      # CUDA, Ovis2-2B shapes, bf16, concurrency 1/16/64
+    python -m bench.gpu_bench --tiny --device cpu  # the same code path at tiny size (CI smoke test)
+
+No network and no weights on a lent GPU: the checkpoint is built in memory with random weights (speed
+does not depend on weight values); prompts are random token ids of --prompt-tokens, outputs are fixed at
+--output-tokens (eos ignored). The baseline runs the same number of requests one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.inputs import EngineInputs
+from ovis2.engine.llm_engine import LLMEngine
+from ovis2.engine.sampling_params import SamplingParams
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    from ovis2.configuration import config_for_size
+    from ovis2.demo import random_init_, tiny_config
+    from ovis2.modeling import Ovis2ForConditionalGeneration
+
+    config = tiny_config() if tiny else config_for_size("2B")
+    with torch.device("meta"):
+        model = Ovis2ForConditionalGeneration(config)
+    model = model.to_empty(device=device)
+    random_init_(model, seed=0)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def prompts(count: int, length: int, seed: int = 0) -> list[EngineInputs]:
+    generator = torch.Generator().manual_seed(seed)
+    return [EngineInputs(torch.randint(100, 150000, (length,), generator=generator).tolist()) for _ in range(count)]
+
+
+def engine_tok_s(engine: LLMEngine, requests, output_tokens: int) -> float:
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+    _sync()
+    start = time.perf_counter()
+    for index, inputs in enumerate(requests):
+        engine.add_request(f"gpu-{time.monotonic_ns()}-{index}", inputs, params)
+    while engine.has_unfinished_requests:
+        engine.step()
+    _sync()
+    return len(requests) * output_tokens / (time.perf_counter() - start)
+
+
+def sequential_tok_s(model, requests, output_tokens: int) -> float:
+    _sync()
+    start = time.perf_counter()
+    for inputs in requests:
+        ids = torch.tensor([inputs.prompt_token_ids], device=model.device)
+        model.generate(input_ids=ids, max_new_tokens=output_tokens, do_sample=False, eos_token_id=[-1])
+    _sync()
+    return len(requests) * output_tokens / (time.perf_counter() - start)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (for a CPU smoke test)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--output-tokens", type=int, default=256)
+    parser.add_argument("--sequential-requests", type=int, default=4, help="baseline requests (one at a time)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None)
+    args = parser.parse_args(argv)
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = build_model(args.tiny, args.device, dtype)
+    kv_bytes = int(args.kv_cache_gib * 1024**3) if args.kv_cache_gib else None
+    if kv_bytes is None and not args.device.startswith("cuda"):
+        kv_bytes = 256 * 1024 * 1024
+    engine_args = EngineArgs(model="unused", dtype=str(dtype).split(".")[-1], device=args.device,
+                             max_num_seqs=max(args.concurrency), kv_cache_memory=kv_bytes,
+                             max_num_batched_tokens=max(4096, args.prompt_tokens))  # fmt: skip
+    from ovis2.tokenizer import build_tokenizer
+
+    engine = LLMEngine(engine_args, model=model, tokenizer=build_tokenizer())
+    engine_tok_s(engine, prompts(1, 16, seed=99), 4)  # warm-up
+    baseline = sequential_tok_s(model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens)
+    results = []
+    for concurrency in args.concurrency:
+        engine.scheduler.max_num_seqs = concurrency
+        engine.block_manager.reset_prefix_cache()
+        requests = prompts(2 * concurrency, args.prompt_tokens, seed=concurrency)
+        tok_s = engine_tok_s(engine, requests, args.output_tokens)
+        results.append({"concurrency": concurrency, "engine_tok_s": round(tok_s, 1),
+                        "ratio_vs_sequential": round(tok_s / baseline, 2)})  # fmt: skip
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(json.dumps({"device": device, "tiny": args.tiny, "prompt_tokens": args.prompt_tokens,
+                      "output_tokens": args.output_tokens, "sequential_tok_s": round(baseline, 1),
+                      "results": results}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
