@@ -56,8 +56,10 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     if request.stream:
         try:  # the first output before the headers, so a full queue is still a 503
             first = await unless_disconnected(anext(outputs), raw)
-        except (ClientDisconnected, StopAsyncIteration):
+        except ClientDisconnected:
             return Response(status_code=499)
+        except StopAsyncIteration:
+            raise APIError(ENGINE_FAILED, 500) from None
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return sse_response(stream_chat(outputs, first, request_id, state.model_id, params, include_usage))
     try:

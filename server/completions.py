@@ -10,7 +10,7 @@ from fastapi import Request, Response
 
 from .chat import ENGINE_FAILED, check_engine_error, failed, logger, prepend, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .generation import ClientDisconnected, collect_final, generate, unless_disconnected
 from .protocol import (
     CompletionChoice,
@@ -41,8 +41,10 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     if request.stream:
         try:
             first = await unless_disconnected(anext(outputs), raw)
-        except (ClientDisconnected, StopAsyncIteration):
+        except ClientDisconnected:
             return Response(status_code=499)
+        except StopAsyncIteration:
+            raise APIError(ENGINE_FAILED, 500) from None
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs)
         return sse_response(stream_completion(outputs, first, builder, include_usage))
