@@ -22,6 +22,7 @@ _EXPORTS = {
     "write_checkpoint": "demo",
     "tiny_config": "demo",
     "resolve_checkpoint": "weights",
+    "infer_device": "weights",
     "LLM": "llm",
     "SamplingParams": "engine.sampling_params",
     "EngineArgs": "engine.engine_args",

@@ -251,10 +251,14 @@ class Ovis2ForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, dtype=None, device=None, compat: str = "ovis", **kwargs):
+    def from_pretrained(cls, path_or_id: str, dtype=None, device=None, compat: str = "ovis", torch_dtype=None,
+                        device_map=None, **unused):  # fmt: skip
+        """A local directory, "demo", or a hub id; `torch_dtype`/`device_map` are accepted as transformers spells them."""
         from .weights import load_model
 
-        return load_model(cls, path_or_id, dtype=dtype, device=device, compat=compat, **kwargs)
+        dtype = dtype if dtype is not None else torch_dtype
+        device = device if device is not None else (device_map if isinstance(device_map, str) else None)
+        return load_model(cls, path_or_id, dtype=dtype, device=device, compat=compat)
 
     def save_pretrained(self, directory) -> None:
         from .weights import save_model

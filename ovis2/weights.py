@@ -33,6 +33,11 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def infer_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu" (as transformers' helper of that name answers)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
