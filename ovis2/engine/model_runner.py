@@ -171,16 +171,32 @@ class ModelRunner:
     # --- the forward pass
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
-        """Runs the scheduled tokens; returns [S, V] fp32 logits for the items that sample, in order."""
-        inputs = self.build_inputs(scheduled)
-        embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds)  # [T, H]
-        hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]
-        if inputs.sample_index.numel() == 0:
+        """Runs the scheduled tokens; returns [S, V] fp32 logits for the items that sample, in order.
+
+        Decodes run together; each prefill chunk runs as its own forward, so one long chunk does not pad
+        every decode row of the batch up to its length in attention.
+        """
+        parts = split_by_query_len(scheduled)
+        hidden = [h for h in (self._forward(part) for part in parts) if h is not None]
+        if not hidden:
             return None
-        logits = self.model.compute_logits(hidden[inputs.sample_index])  # [S, V]
+        hidden = torch.cat(hidden)  # [S, H] in part order
+        part_order = [id(item) for part in parts for item in part if item.samples]
+        wanted = [id(item) for item in scheduled if item.samples]
+        if part_order != wanted:
+            position = {key: index for index, key in enumerate(part_order)}
+            hidden = hidden[torch.tensor([position[key] for key in wanted], device=hidden.device)]
+        logits = self.model.compute_logits(hidden)  # [S, V] in scheduled order
         if self.banned_ids.numel():
             logits.index_fill_(1, self.banned_ids, float("-inf"))
         return logits
+
+    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Hidden states [S_part, H] of this part's sampled rows."""
+        inputs = self.build_inputs(scheduled)
+        embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds)  # [T, H]
+        hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]
+        return hidden[inputs.sample_index] if inputs.sample_index.numel() else None
 
     def build_inputs(self, scheduled: list[ScheduledSeq]) -> ModelInputs:
         bs = self.block_size
@@ -223,6 +239,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+
+def split_by_query_len(scheduled: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+    """One part with every single-token item, then one part per longer chunk; sampled rows keep their order."""
+    singles = [item for item in scheduled if item.num_tokens == 1]
+    chunks = [[item] for item in scheduled if item.num_tokens > 1]
+    return ([singles] if singles else []) + chunks
 
 
 def _image_slice(group: SequenceGroup, start: int, end: int) -> torch.Tensor | None:
