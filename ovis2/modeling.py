@@ -252,13 +252,15 @@ class Ovis2ForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype=None, device=None, compat: str = "ovis", torch_dtype=None,
-                        device_map=None, **unused):  # fmt: skip
-        """A local directory, "demo", or a hub id; `torch_dtype`/`device_map` are accepted as transformers spells them."""
+                        device_map=None, memory_fraction: float = 1.0, **unused):  # fmt: skip
+        """A local directory, "demo", or a hub id; `torch_dtype`/`device_map` are accepted as transformers spells them.
+
+        On CUDA, refuses with a clear error when the weights exceed `memory_fraction` of the card."""
         from .weights import load_model
 
         dtype = dtype if dtype is not None else torch_dtype
         device = device if device is not None else (device_map if isinstance(device_map, str) else None)
-        return load_model(cls, path_or_id, dtype=dtype, device=device, compat=compat)
+        return load_model(cls, path_or_id, dtype=dtype, device=device, compat=compat, memory_fraction=memory_fraction)
 
     def save_pretrained(self, directory) -> None:
         from .weights import save_model

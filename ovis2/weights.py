@@ -41,7 +41,34 @@ def infer_device() -> str:
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise Ovis2Error(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise Ovis2Error("device 'cuda' was requested but no GPU is visible (in Docker: run with --gpus all)")
+    return resolved
+
+
+WEIGHTS_HEADROOM_BYTES = 1 << 30
+
+
+def check_weights_fit(model, dtype: torch.dtype, device: torch.device, memory_fraction: float) -> None:
+    """Refuse at start, with the sizes, when the weights cannot fit the allowed share of the GPU."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    unique = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() for p in unique) * torch.empty((), dtype=dtype).element_size()
+    allowed = min(free, int(total * memory_fraction))
+    if weights + WEIGHTS_HEADROOM_BYTES > allowed:
+        gib = 1 << 30
+        raise Ovis2Error(
+            f"the weights need {weights / gib:.1f} GiB in {str(dtype).removeprefix('torch.')} plus "
+            f"{WEIGHTS_HEADROOM_BYTES / gib:.0f} GiB headroom, but only {allowed / gib:.1f} GiB of this GPU "
+            f"({total / gib:.1f} GiB, {free / gib:.1f} GiB free) may be used: raise --gpu-memory-utilization, "
+            "use --dtype bfloat16, or use a larger GPU"
+        )
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
@@ -67,7 +94,7 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        raise Ovis2Error(f"could not fetch {repo_id!r} from the hub (HF_HUB_OFFLINE set or no network?): {error}")
+        raise Ovis2Error(f"could not fetch {repo_id!r} from the hub (HF_HUB_OFFLINE set or no network?): {error}") from error
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -143,17 +170,18 @@ def original_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
         return [(key, tensor.squeeze(0))]  # [1, 1024, D] -> [1024, D]
     if ".attn.qkv." in key:
         q, k, v = tensor.chunk(3, dim=0)
-        return [(key.replace(".attn.qkv.", f".attention.{name}_proj."), t) for name, t in zip("qkv", (q, k, v))]
+        return [(key.replace(".attn.qkv.", f".attention.{name}_proj."), t) for name, t in zip("qkv", (q, k, v), strict=True)]
     return [(key, tensor)]
 
 
-def load_model(cls, path_or_id, dtype=None, device=None, compat: str = "ovis", **unused):
-    directory = resolve_checkpoint(path_or_id)
-    config = Ovis2Config.from_pretrained(directory)
+def load_model(cls, path_or_id, dtype=None, device=None, compat: str = "ovis", memory_fraction: float = 1.0):
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    directory = resolve_checkpoint(path_or_id)
+    config = Ovis2Config.from_pretrained(directory)
     with torch.device("meta"):
         model = cls(config, compat=compat)
+    check_weights_fit(model, dtype, device, memory_fraction)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     loaded = _read_state_dict(directory, config, expected, dtype, device)
     has_head = "lm_head.weight" in loaded

@@ -22,6 +22,11 @@ from .settings import ServerSettings
 from .state import ServerState
 
 logger = logging.getLogger("ovis2.server")
+DEMO_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!! serving the built-in DEMO model: tiny RANDOM weights, its answers are meaningless.\n"
+    "!! For real answers: ovis2-serve --model thisisiron/Ovis2-2B-hf (or make serve MODEL=...)\n" + "!" * 78
+)
 
 
 def create_app(settings: ServerSettings | None = None, engine: Any = None) -> FastAPI:
@@ -41,6 +46,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         await state.engine.start()
         await asyncio.to_thread(lambda: (state.engine.processor, state.engine.tokenizer))  # load them off the loop
         logger.info("serving %s (max_model_len %s)", state.model_id, state.engine.max_model_len)
+        if settings.model == "demo":
+            logger.warning(DEMO_BANNER)
         try:
             yield
         finally:

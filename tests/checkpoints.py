@@ -47,7 +47,7 @@ def image_placeholder(grid: tuple[int, int], tokens_per_crop: int) -> list[int]:
 def prompt_ids(text_chunks: list[list[int]], grids: list[tuple[int, int]], tokens_per_crop: int) -> list[int]:
     """text_chunks[0] + image 0 + text_chunks[1] + image 1 + ... (one more chunk than images)."""
     ids = list(text_chunks[0])
-    for grid, chunk in zip(grids, text_chunks[1:]):
+    for grid, chunk in zip(grids, text_chunks[1:], strict=True):
         ids += image_placeholder(grid, tokens_per_crop) + list(chunk)
     return ids
 

@@ -45,7 +45,8 @@ def load_model(args: EngineArgs):
 
     path = resolve_checkpoint(args.model)
     return Ovis2ForConditionalGeneration.from_pretrained(str(path), dtype=args.dtype, device=args.device,
-                                                         compat=args.compat)  # fmt: skip
+                                                         compat=args.compat,
+                                                         memory_fraction=args.gpu_memory_utilization)  # fmt: skip
 
 
 def load_tokenizer(args: EngineArgs):
