@@ -241,11 +241,19 @@ class ModelRunner:
         return tensor
 
 
-def split_by_query_len(scheduled: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
-    """One part with every single-token item, then one part per longer chunk; sampled rows keep their order."""
+def split_by_query_len(scheduled: list[ScheduledSeq], max_waste: float = 1.25) -> list[list[ScheduledSeq]]:
+    """Forward passes for one step: every single-token item together, then prefill chunks grouped by length
+    so that padding each group to its longest chunk costs at most `max_waste` times its real tokens."""
     singles = [item for item in scheduled if item.num_tokens == 1]
-    chunks = [[item] for item in scheduled if item.num_tokens > 1]
-    return ([singles] if singles else []) + chunks
+    parts = [singles] if singles else []
+    group: list[ScheduledSeq] = []
+    for item in sorted((i for i in scheduled if i.num_tokens > 1), key=lambda i: i.num_tokens):
+        total = sum(i.num_tokens for i in group) + item.num_tokens
+        if group and (len(group) + 1) * item.num_tokens > max_waste * total:
+            parts.append(group)
+            group = []
+        group.append(item)
+    return parts + ([group] if group else [])
 
 
 def _image_slice(group: SequenceGroup, start: int, end: int) -> torch.Tensor | None:
