@@ -1,0 +1,279 @@
+"""Fixtures for the reliability tests (issue 7): real server subprocesses on the tiny demo checkpoint, configured
+for load, faults and hostile input, and local HTTP servers that play image hosts. Loopback only.
+
+- `reliability_server` (session): `tests.reliability.fault_server` (the real CLI plus a test-only fault hook),
+  short media timeouts, at most 2 images per request, a 2 MiB body cap, a 4 Mpixel cap, and only 127.0.0.2
+  allowed as a private media address, so 127.0.0.1 and every other private address stay refused.
+- `media_host` (session): an image server on 127.0.0.2 (allowed); `loopback_host`: one on 127.0.0.1 (refused),
+  which records every request it gets, so a test can show the server never connected to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from tests.server.conftest import data_url, image_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDIA_HOST = "127.0.0.2"
+BODY_LIMIT = 2 * 1024 * 1024
+MAX_IMAGES = 2
+MAX_PIXELS = 4_000_000
+FETCH_TIMEOUT = 1.5
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on a free loopback port; `module` is `server` or `tests.reliability.fault_server`."""
+
+    def __init__(self, extra_args: list[str], module: str = "server") -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.chat_url = self.base_url + "/v1/chat/completions"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        args = [sys.executable, "-m", module, "--model", "demo", "--host", "127.0.0.1", "--port", str(self.port),
+                "--compat", "transformers", "--max-model-len", "4096", "--log-level", "warning", *extra_args]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 180.0) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server did not become healthy in {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-6000:]
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {name{labels except model_name}: value}."""
+        values = {}
+        for line in httpx.get(self.base_url + "/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                base, _, labels = name.partition("{")
+                kept = [lb for lb in labels.rstrip("}").split(",") if lb and not lb.startswith("model_name=")]
+                values[base + ("{" + ",".join(kept) + "}" if kept else "")] = float(value)
+        return values
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        """Metrics once nothing runs or waits and every KV block is free (or the last ones seen at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = m["ovis2_num_requests_running"] == 0 and m["ovis2_num_requests_waiting"] == 0
+            if idle and m["ovis2_kv_cache_free_blocks"] == m["ovis2_kv_cache_total_blocks"]:
+                return m
+            if time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def assert_all_free(m: dict[str, float]) -> None:
+    assert m["ovis2_num_requests_running"] == 0 and m["ovis2_num_requests_waiting"] == 0, m
+    assert m["ovis2_kv_cache_free_blocks"] == m["ovis2_kv_cache_total_blocks"] > 0, m
+    assert m["ovis2_kv_cache_usage_ratio"] == 0, m
+
+
+@pytest.fixture(scope="session")
+def reliability_server() -> Iterator[Server]:
+    server = Server([
+        "--allowed-media-networks", MEDIA_HOST, "--media-connect-timeout", "1", "--media-fetch-timeout",
+        str(FETCH_TIMEOUT), "--max-images-per-request", str(MAX_IMAGES), "--max-request-body-bytes", str(BODY_LIMIT),
+        "--max-image-pixels", str(MAX_PIXELS), "--shutdown-grace-seconds", "5",
+    ], module="tests.reliability.fault_server")  # fmt: skip
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------------- image hosts
+
+
+@dataclass
+class ImageHost:
+    """A local HTTP image server on `host`: /img.png, /redirect?to=URL, /slow?s=SECONDS. Records request paths."""
+
+    host: str
+    requests: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        host = self
+        png = image_bytes(size=(40, 30), color=(10, 200, 10))
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                parts = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                host.requests.append(self.path)
+                try:
+                    if parts.path == "/img.png":
+                        self._send(200, png)
+                    elif parts.path == "/redirect":
+                        self.send_response(302)
+                        self.send_header("Location", query["to"])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    elif parts.path == "/slow":
+                        time.sleep(float(query.get("s", "3")))
+                        self._send(200, png)
+                    else:
+                        self.send_error(404)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer((self.host, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def media_host() -> Iterator[ImageHost]:
+    host = ImageHost(MEDIA_HOST)
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="session")
+def loopback_host() -> Iterator[ImageHost]:
+    host = ImageHost("127.0.0.1")
+    yield host
+    host.close()
+
+
+# ------------------------------------------------------------------------------------------------ the clients
+
+
+def text_messages(text: str = "hi") -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def image_messages(url: str, text: str = "What is this?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def small_image_url(i: int) -> str:
+    """One of 8 small distinct PNGs (one tile each)."""
+    return data_url(image_bytes(size=(24 + i % 8, 20), color=((37 * i) % 256, 90, 200)))
+
+
+@dataclass
+class StreamResult:
+    status: int
+    events: list = field(default_factory=list)  # parsed JSON payloads
+    done: bool = False
+    body: bytes = b""
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [c["finish_reason"] for e in self.events for c in e.get("choices", ()) if c.get("finish_reason")]
+
+    @property
+    def errors(self) -> list[dict]:
+        return [e["error"] for e in self.events if "error" in e]
+
+    @property
+    def text(self) -> str:
+        return "".join(c["delta"].get("content") or "" for e in self.events for c in e.get("choices", ()))
+
+    def assert_ok(self) -> None:
+        assert self.status == 200, (self.status, self.body[:500])
+        assert not self.errors, self.errors
+        assert self.done and len(self.finish_reasons) == 1 and self.finish_reasons[0] in ("stop", "length"), self.events
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> StreamResult:
+    """One streamed chat completion, read to the end."""
+    async with client.stream("POST", url, json={**body, "stream": True}) as response:
+        result = StreamResult(response.status_code)
+        if response.status_code != 200:
+            result.body = await response.aread()
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                result.done = True
+            else:
+                result.events.append(json.loads(line[len("data: ") :]))
+    return result
+
+
+def async_client(keepalive: bool = True) -> httpx.AsyncClient:
+    """Room for every concurrent request; without keep-alive each request has its own connection."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000 if keepalive else 0)
+    return httpx.AsyncClient(timeout=120, limits=limits)
+
+
+def run(coro):
+    return asyncio.run(coro)
