@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -51,8 +52,14 @@ def error_response(message: str, status: int, param: str | None = None, code: st
     return JSONResponse(error_body(message, status, param, code), status_code=status)
 
 
+# The labels pydantic puts in an error's location for the branch of a union that failed ('str', 'list[str]',
+# 'tagged-union[...]'): not request fields, so left out of `param` (`stop: 5` is param 'stop', not 'stop.str').
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|bytes|none|[\w-]+\[.*\])$")
+
+
 def _location(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if not _UNION_BRANCH.match(p)]
     text = ""
     for part in parts:
         text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
