@@ -30,7 +30,9 @@ class LLM:
             from .weights import resolve_checkpoint
 
             path = str(resolve_checkpoint(self.args.model))
-            self._processor = Ovis2Processor.from_pretrained(path, compat=self.args.compat)
+            self._processor = Ovis2Processor.from_pretrained(
+                path, compat=self.args.compat, use_fast=self.args.image_processor == "fast"
+            )
         return self._processor
 
     @property

@@ -32,7 +32,8 @@ class ServerSettings(BaseSettings):
     max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue length past which requests get 503 at once.")
     visual_cache_size: int = Field(64, ge=0, description="Images whose visual embeddings stay cached.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
-    enable_cuda_graphs: bool = Field(True, description="Capture CUDA graphs for decode steps.")
+    image_processor: Literal["pil", "fast"] = Field(
+        "pil", description="Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' (torch, about 3x faster, mean pixel difference under 0.01).")
     seed: int = Field(0, description="Engine seed for requests that give none.")
 
     # HTTP.
@@ -76,6 +77,6 @@ class ServerSettings(BaseSettings):
             "model", "compat", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
             "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_images_per_request",
             "max_tiles_per_image", "max_waiting_requests", "visual_cache_size", "enable_prefix_caching",
-            "enable_cuda_graphs", "seed",
+            "image_processor", "seed",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names}

@@ -70,8 +70,10 @@ class AsyncEngine:
             from ..processing import Ovis2Processor
             from ..weights import resolve_checkpoint
 
-            self._processor = Ovis2Processor.from_pretrained(str(resolve_checkpoint(self.args.model)),
-                                                             compat=self.args.compat)  # fmt: skip
+            self._processor = Ovis2Processor.from_pretrained(
+                str(resolve_checkpoint(self.args.model)), compat=self.args.compat,
+                use_fast=self.args.image_processor == "fast",
+            )
         return self._processor
 
     @property

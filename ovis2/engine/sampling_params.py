@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import Ovis2Error
@@ -64,7 +65,10 @@ class SamplingParams:
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in a signed 64-bit integer"),
         ]  # fmt: skip
+        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        checks += [(math.isfinite(getattr(self, name)), name, "must be a finite number") for name in numbers]
         for ok, name, rule in checks:
             if not ok:
                 raise Ovis2Error(f"invalid sampling parameter '{name}': {rule}")
