@@ -161,7 +161,11 @@ class LLMEngine:
             logger.exception("model step failed")
             return outputs + self._fail_groups({item.seq.group for item in sched.scheduled}, error)
         self.scheduler.update_computed(sched)
-        return outputs + self._postprocess(sched, logits)
+        try:
+            return outputs + self._postprocess(sched, logits)
+        except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
+            logger.exception("sampling step failed")
+            return outputs + self._fail_groups({item.seq.group for item in sched.scheduled}, error)
 
     def _fail_broken_requests(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """Per-request preparation (fault hook, image embeddings); a failure fails that request only."""

@@ -87,12 +87,23 @@ def penalize_row(row: torch.Tensor, info: SamplingRow) -> torch.Tensor:
         seen = torch.tensor(sorted({t for t in info.prompt_ids + info.output_ids if t < vocab}), dtype=torch.long)
         seen = seen.to(row.device)
         values = row[seen]
-        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        penalty = _safe(p.repetition_penalty)
+        row[seen] = torch.where(values > 0, values / penalty, values * penalty)
     if info.output_ids and (p.presence_penalty or p.frequency_penalty):
         counts = torch.bincount(torch.tensor(info.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
         counts = counts.to(row.device, row.dtype)  # [V]
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
     return row
+
+
+# Temperatures and repetition penalties are clamped into this range before they touch fp32 logits: far outside
+# it the division over- or underflows (1e308 is inf in fp32, and -inf / inf is nan), which made torch.multinomial
+# raise and took the whole engine loop down; at its ends the distribution is already one-hot or flat.
+SAFE_DIVISOR_RANGE = (1e-4, 1e4)
+
+
+def _safe(divisor: float) -> float:
+    return min(max(divisor, SAFE_DIVISOR_RANGE[0]), SAFE_DIVISOR_RANGE[1])
 
 
 def choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -111,7 +122,7 @@ def choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """[R, V] logits -> [R, V] probabilities after temperature, top_k, top_p and min_p."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    temperature = torch.tensor([_safe(p.temperature) for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
     if any(p.top_k > 0 for p in params):
         logits = apply_top_k(logits, [p.top_k for p in params])
