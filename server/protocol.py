@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -24,6 +24,24 @@ def now() -> int:
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        """JSON may carry lone surrogates ("\\ud800"); the tokenizer cannot take them (it raised: a 500)."""
+        _check_unicode(value)
+        return value
+
+
+def _check_unicode(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode; it holds a lone surrogate code point") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
 
 
 class ResponseModel(BaseModel):
