@@ -13,7 +13,7 @@ from PIL import Image
 
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, bad_request
-from .generation import ClientDisconnected, collect_final, generate, unless_disconnected
+from .generation import ENGINE_FAILED, generate, respond
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -36,10 +36,9 @@ from .protocol import (
 )
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
-from .streaming import DONE, chunk_payload, sse, sse_error, sse_response
+from .streaming import DONE, chunk_payload, sse, sse_error
 
 logger = logging.getLogger("ovis2.server")
-ENGINE_FAILED = "the engine failed while generating this answer"
 
 
 async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw: Request) -> Response:
@@ -53,20 +52,12 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     params = chat_sampling_params(state, request, inputs)
     request_id = random_id("chatcmpl")
     outputs = generate(state, inputs, params, request_id, arrival)
-    if request.stream:
-        try:  # the first output before the headers, so a full queue is still a 503
-            first = await unless_disconnected(anext(outputs), raw)
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except StopAsyncIteration:
-            raise APIError(ENGINE_FAILED, 500) from None
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return sse_response(stream_chat(outputs, first, request_id, state.model_id, params, include_usage))
-    try:
-        final = await unless_disconnected(collect_final(outputs), raw)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return chat_response(final, request_id, state.model_id, want_logprobs=bool(request.logprobs))
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return await respond(
+        outputs, raw, bool(request.stream),
+        stream_body=lambda first: stream_chat(outputs, first, request_id, state.model_id, params, include_usage),
+        whole=lambda final: chat_response(final, request_id, state.model_id, want_logprobs=bool(request.logprobs)),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- the prompt

@@ -10,8 +10,8 @@ from fastapi import Request, Response
 
 from .chat import ENGINE_FAILED, check_engine_error, failed, logger, prepend, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
-from .errors import APIError, bad_request
-from .generation import ClientDisconnected, collect_final, generate, unless_disconnected
+from .errors import bad_request
+from .generation import generate, respond
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -23,7 +23,7 @@ from .protocol import (
 )
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
-from .streaming import DONE, chunk_payload, sse, sse_error, sse_response
+from .streaming import DONE, chunk_payload, sse, sse_error
 
 
 async def create_completion(state: ServerState, request: CompletionRequest, raw: Request) -> Response:
@@ -37,25 +37,18 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
                                    vocab_size=state.vocab_size)  # fmt: skip
     request_id = random_id("cmpl")
     outputs = generate(state, EngineInputs(prompt_token_ids=prompt_ids), params, request_id, arrival)
-    want_logprobs = request.logprobs is not None
-    if request.stream:
-        try:
-            first = await unless_disconnected(anext(outputs), raw)
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except StopAsyncIteration:
-            raise APIError(ENGINE_FAILED, 500) from None
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs)
-        return sse_response(stream_completion(outputs, first, builder, include_usage))
-    try:
-        final = await unless_disconnected(collect_final(outputs), raw)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    final = check_engine_error(final, request_id)
-    builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs)
+    builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs=request.logprobs is not None)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return await respond(
+        outputs, raw, bool(request.stream),
+        stream_body=lambda first: stream_completion(outputs, first, builder, include_usage),
+        whole=lambda final: completion_response(check_engine_error(final, request_id), builder, state.model_id),
+    )  # fmt: skip
+
+
+def completion_response(final: RequestOutput, builder: CompletionBuilder, model_id: str) -> CompletionResponse:
     choices = [builder.full(o) for o in sorted(final.outputs, key=lambda o: o.index)]
-    return CompletionResponse(id=request_id, created=builder.created, model=state.model_id, choices=choices,
+    return CompletionResponse(id=builder.request_id, created=builder.created, model=model_id, choices=choices,
                               usage=usage_of(final))  # fmt: skip
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
-from fastapi import Request
+from fastapi import Request, Response
 
 from .engine_api import EngineInputs, RequestOutput, SamplingParams
+from .errors import APIError
 from .state import ServerState
+from .streaming import sse_response
 
 T = TypeVar("T")
 DISCONNECT_POLL_SECONDS = 0.5
+ENGINE_FAILED = "the engine failed while generating this answer"
 
 
 class ClientDisconnected(Exception):
@@ -81,6 +84,27 @@ async def collect_final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput 
         async for output in outputs:
             final = output
     return final
+
+
+async def respond(outputs: AsyncIterator[RequestOutput], raw: Request, stream: bool,
+                  stream_body: Callable[[RequestOutput], AsyncIterator[str]],
+                  whole: Callable[[RequestOutput | None], Any]) -> Any:  # fmt: skip
+    """Stream SSE built from the first output on, or answer once with the final output; 499 if the client left.
+
+    The first output is awaited before the headers go out, so a full queue is still a 503 when streaming."""
+    if not stream:
+        try:
+            final = await unless_disconnected(collect_final(outputs), raw)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        return whole(final)
+    try:
+        first = await unless_disconnected(anext(outputs), raw)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except StopAsyncIteration:
+        raise APIError(ENGINE_FAILED, 500) from None
+    return sse_response(stream_body(first))
 
 
 async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
