@@ -11,8 +11,8 @@ from ovis2 import (
     Ovis2Error,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
 )
-from ovis2.engine.outputs import TokenLogprob
 from ovis2.tokenizer import DEFAULT_EOS_IDS, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
 
 IMAGE_TOKEN_IDS = frozenset((IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS))
