@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,32 @@ class PagedAttentionMetadata:
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
 
+    @cached_property
+    def layout(self) -> PagedLayout:
+        """Index and mask tensors every layer shares, built once per forward."""
+        return PagedLayout.build(self)
+
+
+@dataclass
+class PagedLayout:
+    token_index: torch.Tensor  # [B, max_q]: flat index of each padded query slot (clamped)
+    query_valid: torch.Tensor  # [B, max_q] bool: which slots hold a real new token
+    mask: torch.Tensor  # [B, 1, max_q, S] bool: causal within each sequence's context
+
+    @classmethod
+    def build(cls, meta: PagedAttentionMetadata) -> PagedLayout:
+        device = meta.seq_lens.device
+        query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
+        slot = torch.arange(meta.max_query_len, device=device)
+        token_index = meta.query_start_loc[:-1, None] + slot[None, :]  # [B, max_q]
+        query_valid = slot[None, :] < query_lens[:, None]
+        num_tokens = int(meta.slot_mapping.shape[0])
+        query_pos = (meta.seq_lens - query_lens)[:, None] + slot[None, :]  # [B, max_q]
+        key_pos = torch.arange(meta.max_seq_len, device=device)
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, max_q, S]; query_pos < seq_len when valid
+        mask[..., 0] |= ~query_valid  # padded query rows attend to something (then are dropped)
+        return cls(token_index.clamp(max=num_tokens - 1), query_valid, mask[:, None])
+
 
 def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k, v: [batch, heads, tokens, head_dim] -> same shape."""
@@ -133,33 +160,19 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
     k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
 
-    num_seqs, max_q, max_s = meta.num_seqs, meta.max_query_len, meta.max_seq_len
+    num_seqs, max_s, layout = meta.num_seqs, meta.max_seq_len, meta.layout
     max_blocks = (max_s + block_size - 1) // block_size
     tables = meta.block_tables[:, :max_blocks]
     keys = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]  # [B, S, kvh, d]
     values = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+    padded_q = q[layout.token_index]  # [B, max_q, h, d]
 
-    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
-    slot = torch.arange(max_q, device=q.device)
-    token_index = meta.query_start_loc[:-1, None] + slot[None, :]  # [B, max_q]
-    query_valid = slot[None, :] < query_lens[:, None]
-    padded_q = q[token_index.clamp(max=q.shape[0] - 1)]  # [B, max_q, h, d]
-
-    query_pos = (meta.seq_lens - query_lens)[:, None] + slot[None, :]  # [B, max_q]
-    key_pos = torch.arange(max_s, device=q.device)
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, max_q, S]
-    mask = mask & (key_pos[None, None, :] < meta.seq_lens[:, None, None])
-    mask[..., 0] |= ~query_valid  # padded query rows attend to something (then are dropped)
-
-    out = _sdpa_gqa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask[:, None])
+    out = _sdpa_gqa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), layout.mask)
     out = out.transpose(1, 2)  # [B, max_q, h, d]
-    return out[query_valid]  # [T, h, d] in flat order
+    return out[layout.query_valid]  # [T, h, d] in flat order
 
 
 def _sdpa_gqa(q, k, v, mask):
     """q: [B, h, T, d]; k, v: [B, kvh, S, d]; mask bool broadcastable to [B, h, T, S]."""
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    grouped = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=grouped)
