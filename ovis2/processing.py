@@ -196,19 +196,20 @@ class Ovis2Processor:
         return self._batch(sequences, pixels, return_tensors)
 
     def prepare_chat(self, messages, max_patches: int | None = None) -> EngineInputs:
-        """Messages whose image parts carry images -> prompt ids (generation prompt added) and images."""
+        """Messages whose image parts carry images -> prompt ids (generation prompt added) and images.
+
+        An image part may carry its own `"max_patches"`, which wins over the call's for that image."""
         import torch
 
         ids, results = self._encode_conversation(messages, True, max_patches, require_images=True)
-        max_used, min_used = self.image_processor.resolve_patches(max_patches)
-        images = [
-            ImageInput(
+        images = []
+        for part, (pixels, grid) in zip(_message_image_parts(messages), results, strict=True):
+            max_used, min_used = self.image_processor.resolve_patches(_part_patches(part, max_patches))
+            images.append(ImageInput(
                 pixel_values=torch.as_tensor(pixels, dtype=torch.float32),
                 grid=tuple(int(n) for n in grid),
-                content_hash=self.content_hash(image, max_used, min_used),
-            )
-            for image, (pixels, grid) in zip(_message_images(messages), results, strict=True)
-        ]
+                content_hash=self.content_hash(part["image"], max_used, min_used),
+            ))  # fmt: skip
         return EngineInputs(prompt_token_ids=ids, images=images)
 
     def content_hash(self, image, max_patches: int, min_patches: int) -> str:
@@ -239,7 +240,9 @@ class Ovis2Processor:
         marker = _pick_marker(texts)
         rendered = self._render(_with_markers(messages, marker), add_generation_prompt)
         results = [
-            self.image_processor.preprocess_image(image, max_patches) for image in images if image is not None
+            self.image_processor.preprocess_image(part["image"], _part_patches(part, max_patches))
+            for part in _message_image_parts(messages)
+            if part.get("image") is not None
         ]
         return self._encode_rendered(rendered, marker, texts, results, len(images)), results
 
@@ -311,8 +314,17 @@ def _message_texts(messages) -> list[str]:
     return [part["text"] for message in messages for part in _parts(message) if part["type"] == "text"]
 
 
+def _message_image_parts(messages) -> list[dict]:
+    return [part for message in messages for part in _parts(message) if part["type"] == "image"]
+
+
 def _message_images(messages) -> list:
-    return [part.get("image") for message in messages for part in _parts(message) if part["type"] == "image"]
+    return [part.get("image") for part in _message_image_parts(messages)]
+
+
+def _part_patches(part: dict, default: int | None) -> int | None:
+    """An image part's own tile cap, else the call's."""
+    return part.get("max_patches", default)
 
 
 def _pick_marker(texts: list[str]) -> str:

@@ -73,14 +73,12 @@ def image_parts(messages: list[ChatMessage]) -> list[tuple[ImagePart, str]]:
     return found
 
 
-def max_tiles(state: ServerState, requested: int | None, parts: list[ImagePart]) -> int | None:
-    """The tile cap for this request's images: the request's, within the server's; 1 if every image is low detail."""
+def max_tiles(state: ServerState, requested: int | None) -> int | None:
+    """The tile cap for this request's images: the request's, within the server's (low-detail images get 1)."""
     server_cap = state.settings.max_tiles_per_image
     if requested is not None and server_cap is not None and requested > server_cap:
         raise bad_request(f"max_tiles_per_image is {requested}; this server allows at most {server_cap}",
                           "max_tiles_per_image")  # fmt: skip
-    if parts and all(part.image_url.detail == "low" for part in parts):
-        return 1
     return requested if requested is not None else server_cap
 
 
@@ -98,7 +96,8 @@ def processor_messages(messages: list[ChatMessage], images: list[Image.Image]) -
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
             elif isinstance(part, ImagePart):
-                parts.append({"type": "image", "image": next(pending)})
+                low = part.image_url.detail == "low"  # one crop: the thumbnail, 259 tokens
+                parts.append({"type": "image", "image": next(pending), **({"max_patches": 1} if low else {})})
         result.append({"role": role, "content": parts})
     return result
 
@@ -111,7 +110,7 @@ async def build_chat_inputs(
     limit = state.settings.max_images_per_request
     if len(found) > limit:
         raise bad_request(f"the request has {len(found)} images; at most {limit} are allowed", "messages")
-    tiles = max_tiles(state, requested_tiles, [part for part, _ in found])
+    tiles = max_tiles(state, requested_tiles)
     images = await state.images.load_all([(part.image_url.url, param) for part, param in found])
     return await asyncio.to_thread(state.engine.processor.prepare_chat, processor_messages(messages, images), tiles)
 

@@ -223,6 +223,16 @@ def test_prepare_chat_max_patches(ovis_processor):
     assert inputs.prompt_token_ids.count(IMAGE_ATOM_ID) == 2 * 256 and inputs.num_image_tokens == 2 * 259
 
 
+def test_an_image_part_may_cap_its_own_tiles(ovis_processor):
+    wide = photo("astronaut").resize((1344, 448))
+    own_cap = {"type": "image", "image": wide, "max_patches": 1}
+    inputs = ovis_processor.prepare_chat([{"role": "user", "content": [own_cap, {"type": "image", "image": wide}]}])
+    assert inputs.images[0].grid == (1, 1)
+    assert inputs.images[1].grid == (1, 3)
+    assert inputs.images[0].content_hash != inputs.images[1].content_hash
+    assert inputs.num_image_tokens == 259 + image_token_count((1, 3))
+
+
 @pytest.mark.parametrize(
     "call",
     [

@@ -145,9 +145,13 @@ def test_images_reach_the_processor_in_order_across_turns(client, fake_engine):
     assert processed[1] == {"role": "assistant", "content": "a red box"}
 
 
-def test_low_detail_means_one_tile(client, fake_engine):
-    chat(client, messages=[image_message(data_url(image_bytes()), detail="low")], max_tokens=1)
-    assert fake_engine.processor.calls[-1][1] == 1
+def test_low_detail_means_one_tile_for_that_image_only(client, fake_engine):
+    low = image_message(data_url(image_bytes()), detail="low")
+    high = image_message(data_url(image_bytes()), detail="high")
+    chat(client, messages=[low, high], max_tokens=1)
+    processed = fake_engine.processor.calls[-1][0]
+    image_parts = [p for m in processed for p in m["content"] if p["type"] == "image"]
+    assert [p.get("max_patches") for p in image_parts] == [1, None]
 
 
 def test_developer_role_is_a_system_message(client, fake_engine):
