@@ -10,6 +10,7 @@ from .errors import error_response
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # past this much of an oversized body, the connection is just closed
 
 
 class APIKeyMiddleware:
@@ -50,6 +51,11 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            # Read and drop what the client is still sending (up to a bound) before answering: closing a socket
+            # with unread data makes the kernel reset the connection, and the client then often never sees the
+            # 413. A client that waits for "100 Continue" has sent nothing yet and gets the 413 straight away.
+            if b"100-continue" not in dict(scope["headers"]).get(b"expect", b"").lower():
+                await _discard_body(receive, DRAIN_LIMIT_BYTES)
             await self._too_large(scope, receive, send)
             return
         body = await self._read_body(receive)
@@ -67,6 +73,8 @@ class BodySizeLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _discard_body(receive, DRAIN_LIMIT_BYTES)  # as above
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -77,6 +85,15 @@ class BodySizeLimitMiddleware:
                                   code="request_too_large")  # fmt: skip
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+async def _discard_body(receive: Receive, limit: int) -> None:
+    size = 0
+    while size <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        size += len(message.get("body", b""))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
