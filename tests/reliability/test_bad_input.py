@@ -124,6 +124,17 @@ def build_cases(media_host, loopback_host) -> list[Case]:
         Case("max_completion_tokens = 0", 400, chat(max_completion_tokens=0), param="max_completion_tokens"),
         Case("top_logprobs = 21", 400, chat(logprobs=True, top_logprobs=21), param="top_logprobs"),
         Case("top_logprobs = -1", 400, chat(logprobs=True, top_logprobs=-1), param="top_logprobs"),
+        # Found by this battery: the first took the engine loop down for everyone, the others were 500s.
+        Case("temperature = 1e308", 200, chat(temperature=1e308)),
+        Case("temperature = 1e-308", 200, chat(temperature=1e-308)),
+        Case("repetition_penalty = 1e-308", 200, chat(repetition_penalty=1e-308, temperature=1.0)),
+        Case("repetition_penalty = 1e308", 200, chat(repetition_penalty=1e308, temperature=1.0)),
+        Case("temperature = Infinity", 400, content=b'{"messages": [{"role": "user", "content": "hi"}], '
+             b'"temperature": Infinity}', param="temperature"),
+        Case("seed past 64 bits", 400, chat(seed=2**64, temperature=1.0), param="seed"),
+        Case("n = 2 with the largest seed", 200, chat(seed=2**63 - 1, n=2, temperature=1.0)),
+        Case("a lone surrogate in text", 400, content=b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}',
+             param="messages[0].content"),
     ]  # fmt: skip
 
 
@@ -191,7 +202,10 @@ def test_bad_input_battery_while_good_requests_run(reliability_server, media_hos
             await asyncio.sleep(0.3)
             answers = []
             for case in cases:
-                answers.append(await send(bad_client, server.chat_url, case))
+                try:
+                    answers.append(await send(bad_client, server.chat_url, case))
+                except httpx.HTTPError as exc:
+                    raise AssertionError(f"{case.name}: {exc!r}\n{server.logs()}") from exc
             stop.set()
             await asyncio.gather(*workers)
         return answers, good_results
