@@ -42,16 +42,38 @@ def prompts(count: int, length: int, seed: int = 0) -> list[EngineInputs]:
     return [EngineInputs(torch.randint(100, 150000, (length,), generator=generator).tolist()) for _ in range(count)]
 
 
-def engine_tok_s(engine: LLMEngine, requests, output_tokens: int) -> float:
+def engine_tok_s(engine: LLMEngine, requests, output_tokens: int) -> tuple[float, float | None]:
+    """(output tokens/s over the whole run, mean decode step ms once every request has its first token)."""
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
     _sync()
     start = time.perf_counter()
     for index, inputs in enumerate(requests):
         engine.add_request(f"gpu-{time.monotonic_ns()}-{index}", inputs, params)
+    started: set[str] = set()
+    decode_start, decode_steps = None, 0
     while engine.has_unfinished_requests:
-        engine.step()
+        outputs = engine.step()
+        if decode_start is not None:
+            decode_steps += 1
+        started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
+        if decode_start is None and len(started) == len(requests):
+            _sync()
+            decode_start = time.perf_counter()
     _sync()
-    return len(requests) * output_tokens / (time.perf_counter() - start)
+    end = time.perf_counter()
+    decode_ms = (end - decode_start) / decode_steps * 1000 if decode_steps else None
+    return len(requests) * output_tokens / (end - start), decode_ms
+
+
+def bandwidth_floor_ms(model, batch: int, context: int, bandwidth_tbs: float) -> float:
+    """The fastest possible decode step: read every LLM weight once plus every sequence's KV (performance.md)."""
+    text = model.config.text_config
+    size = torch.empty((), dtype=model.dtype).element_size()
+    llm = model.model.language_model
+    weights = sum(p.numel() for p in {id(p): p for p in llm.parameters()}.values())
+    weights += model.lm_head.weight.numel() if not model.config.tie_word_embeddings else 0
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * size
+    return (weights * size + batch * context * kv_per_token) / (bandwidth_tbs * 1e12) * 1000
 
 
 def sequential_tok_s(model, requests, output_tokens: int) -> float:
@@ -78,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--sequential-requests", type=int, default=4, help="baseline requests (one at a time)")
     parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument("--bandwidth-tbs", type=float, default=3.0,
+                        help="memory bandwidth for the floor, TB/s (measured: H100 ~3.0, H200 ~4.3)")  # fmt: skip
     args = parser.parse_args(argv)
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -93,14 +117,21 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(engine_args, model=model, tokenizer=build_tokenizer())
     engine_tok_s(engine, prompts(1, 16, seed=99), 4)  # warm-up
     baseline = sequential_tok_s(model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens)
+    context = args.prompt_tokens + args.output_tokens // 2
     results = []
     for concurrency in args.concurrency:
         engine.scheduler.max_num_seqs = concurrency
         engine.block_manager.reset_prefix_cache()
-        requests = prompts(2 * concurrency, args.prompt_tokens, seed=concurrency)
-        tok_s = engine_tok_s(engine, requests, args.output_tokens)
-        results.append({"concurrency": concurrency, "engine_tok_s": round(tok_s, 1),
-                        "ratio_vs_sequential": round(tok_s / baseline, 2)})  # fmt: skip
+        requests = prompts(concurrency, args.prompt_tokens, seed=concurrency)
+        tok_s, step_ms = engine_tok_s(engine, requests, args.output_tokens)
+        floor_ms = bandwidth_floor_ms(model, concurrency, context, args.bandwidth_tbs)
+        results.append({
+            "concurrency": concurrency, "engine_tok_s": round(tok_s, 1),
+            "ratio_vs_sequential": round(tok_s / baseline, 2),
+            "decode_step_ms": None if step_ms is None else round(step_ms, 3),
+            "bandwidth_floor_step_ms": round(floor_ms, 3),
+            "step_over_floor": None if step_ms is None else round(step_ms / floor_ms, 2),
+        })  # fmt: skip
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(json.dumps({"device": device, "tiny": args.tiny, "prompt_tokens": args.prompt_tokens,
                       "output_tokens": args.output_tokens, "sequential_tok_s": round(baseline, 1),

@@ -10,3 +10,5 @@ def test_gpu_bench_tiny_on_cpu(capsys):
                     "--output-tokens", "3", "--sequential-requests", "1"])  # fmt: skip
     report = json.loads(capsys.readouterr().out)
     assert [r["concurrency"] for r in report["results"]] == [1, 2] and report["sequential_tok_s"] > 0
+    for row in report["results"]:
+        assert row["decode_step_ms"] > 0 and row["step_over_floor"] > 1  # nothing beats the bandwidth floor
