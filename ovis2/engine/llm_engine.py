@@ -155,17 +155,43 @@ class LLMEngine:
         outputs = self._fail_broken_requests(sched)
         if sched.is_empty:
             return outputs
-        try:
-            logits = self.runner.execute(sched.scheduled)
-        except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, not the engine
-            logger.exception("model step failed")
-            return outputs + self._fail_groups({item.seq.group for item in sched.scheduled}, error)
+        logits, failed = self._execute_isolating_failures(sched)
+        outputs += failed
+        if sched.is_empty:
+            return outputs
         self.scheduler.update_computed(sched)
         try:
             return outputs + self._postprocess(sched, logits)
         except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
             logger.exception("sampling step failed")
             return outputs + self._fail_groups({item.seq.group for item in sched.scheduled}, error)
+
+    def _execute_isolating_failures(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestOutput]]:
+        """Runs the batch; if it fails, runs each request alone so only the ones that fail by themselves fail.
+
+        Rerunning is safe: a request's KV writes go to its own slots, and rewriting them gives the same values."""
+        try:
+            return self.runner.execute(sched.scheduled), []
+        except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, not the engine
+            groups = list({id(i.seq.group): i.seq.group for i in sched.scheduled}.values())
+            logger.exception("model step failed for a batch of %d requests", len(groups))
+            if len(groups) == 1:
+                sched.scheduled = []
+                return None, self._fail_groups(groups, error)
+        rows: dict[int, torch.Tensor] = {}
+        failed = []
+        for group in groups:
+            items = [item for item in sched.scheduled if item.seq.group is group]
+            try:
+                logits = self.runner.execute(items)
+            except Exception as error:  # noqa: BLE001
+                failed.append(self._fail_group(group, error))
+                continue
+            sampled = [item for item in items if item.samples]
+            rows.update({id(item): logits[index] for index, item in enumerate(sampled)})
+        sched.scheduled = [item for item in sched.scheduled if item.seq.group.request_id in self.groups]
+        sampled = [rows[id(item)] for item in sched.scheduled if item.samples]
+        return (torch.stack(sampled) if sampled else None), failed
 
     def _fail_broken_requests(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """Per-request preparation (fault hook, image embeddings); a failure fails that request only."""

@@ -181,3 +181,24 @@ def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
                 "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY))}  # fmt: skip
     final = run_to_completion(engine, requests)
     assert "vision failed" in final["bad"].error and final["good"].error is None
+
+
+def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monkeypatch):
+    engine = make_engine()
+    original = engine.runner._forward
+    poison = 4242
+
+    def forward(scheduled):
+        if any(poison in item.seq.token_ids for item in scheduled):
+            raise RuntimeError("forward failed")
+        return original(scheduled)
+
+    monkeypatch.setattr(engine.runner, "_forward", forward)
+    requests = {rid: (chat_prompt(text_ids(i, 6) + ([poison] if rid == "bad" else []), []),
+                      SamplingParams(max_tokens=4, **GREEDY)) for i, rid in enumerate(["ok1", "bad", "ok2"])}  # fmt: skip
+    final = run_to_completion(engine, requests)
+    assert "forward failed" in final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
+    for rid in ("ok1", "ok2"):
+        assert final[rid].error is None and len(final[rid].outputs[0].token_ids) == 4
+        assert final[rid].outputs[0].token_ids == reference_tokens(engine.model, requests[rid][0], 4)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
