@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.reliability.conftest import Server, async_client, run, stream_chat, text_messages
+from tests.live_server import LiveServer
+from tests.reliability.conftest import async_client, run, stream_chat, text_messages
 
 MAX_RUNNING = 2
 MAX_WAITING = 4
@@ -21,7 +22,7 @@ SIGTERM_TOKENS = 160  # ~1.5 s a batch on 2 CPU cores: the whole queue is in fli
 
 @pytest.fixture(scope="module")
 def small_queue_server():
-    server = Server(["--max-num-seqs", str(MAX_RUNNING), "--max-waiting-requests", str(MAX_WAITING),
+    server = LiveServer(["--max-num-seqs", str(MAX_RUNNING), "--max-waiting-requests", str(MAX_WAITING),
                      "--shutdown-grace-seconds", str(GRACE_SECONDS)])  # fmt: skip
     try:
         yield server.wait_ready()

@@ -13,6 +13,7 @@ from PIL import Image
 from ovis2.tokenizer import build_tokenizer
 from server.app import create_app
 from server.settings import ServerSettings
+from tests.live_server import LiveServer
 from tests.server.fake_engine import FakeEngine
 
 
@@ -156,73 +157,11 @@ def image_server() -> Iterator[ImageServer]:
     server.close()
 
 
-class LiveServer:
-    """`python -m server --model demo` in a subprocess (the tiny demo checkpoint, compat transformers), free port."""
-
-    def __init__(self, checkpoint: str, extra_args: list[str]) -> None:
-        import os
-        import socket
-        import subprocess
-        import sys
-        import tempfile
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.checkpoint = checkpoint
-        self.model = "demo"
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        args = [sys.executable, "-m", "server", "--model", self.model,
-                "--host", "127.0.0.1", "--port", str(self.port), "--compat", "transformers", "--max-model-len", "4096",
-                "--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20", "--log-level", "warning",
-                *extra_args]  # fmt: skip
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-        self.process = subprocess.Popen(args, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the server did not become healthy in {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        self.log.flush()
-        with open(self.log.name) as f:
-            return f.read()[-5000:]
-
-    def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except Exception:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture(scope="session")
 def live_server(image_server) -> Iterator[LiveServer]:
     """The one shared real server for every end-to-end test."""
-    from ovis2.demo import demo_checkpoint_dir
-
-    server = LiveServer(str(demo_checkpoint_dir()), [])
+    server = LiveServer(["--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20"])
     try:
-        server.wait_ready()
-        yield server
+        yield server.wait_ready()
     finally:
         server.stop()

@@ -40,15 +40,7 @@ def chat_messages(url: str) -> list[dict]:
 
 
 def metrics(live_server) -> dict[str, float]:
-    text = httpx.get(live_server.base_url + "/metrics").text
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            base, _, labels = name.partition("{")
-            kept = [label for label in labels.rstrip("}").split(",") if label and not label.startswith("model_name=")]
-            values[base + ("{" + ",".join(kept) + "}" if kept else "")] = float(value)
-    return values
+    return live_server.metrics()
 
 
 def test_sync_client_with_a_data_url_image(client, live_server, image_url):
