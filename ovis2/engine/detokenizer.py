@@ -24,23 +24,25 @@ class IncrementalDetokenizer:
         self.stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
         self.stops = list(params.stop)
         self.include_stop = params.include_stop_str_in_output
-        self.max_stop_len = max((len(s) for s in self.stops), default=0)
         self.text = ""
         self.num_emitted_chars = 0
 
-    def add_token(self, token_id: int) -> str | None:
-        """Decode one more token; returns the stop string it completed, if any (the text is cut there)."""
+    def add_token(self, token_id: int, check_stops: bool = True) -> str | None:
+        """Decode one more token; returns the stop string it completed, if any (the text is cut there).
+
+        check_stops=False (min_tokens not out yet): a stop string this token completes is ignored, as in vLLM."""
         chunk = self.stream.step(self.tokenizer, token_id)
         if not chunk:
             return None
-        search_from = max(0, len(self.text) - self.max_stop_len + 1)
+        old_len = len(self.text)
         self.text += chunk
-        return self._check_stops(search_from) if self.stops else None
+        return self._check_stops(old_len) if self.stops and check_stops else None
 
-    def _check_stops(self, search_from: int) -> str | None:
+    def _check_stops(self, old_len: int) -> str | None:
+        """The earliest stop string that ends in the new text (past old_len)."""
         best: tuple[int, str] | None = None
         for stop in self.stops:
-            index = self.text.find(stop, search_from)
+            index = self.text.find(stop, max(0, old_len - len(stop) + 1))
             if index >= 0 and (best is None or index < best[0]):
                 best = (index, stop)
         if best is None:

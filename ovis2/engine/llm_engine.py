@@ -259,8 +259,8 @@ class LLMEngine:
         if token_id in params.eos_token_ids and not params.ignore_eos and seq.num_output_tokens > params.min_tokens:
             seq.stop_reason = token_id
             return "stop"
-        stop = seq.detok.add_token(token_id)
-        if stop is not None and seq.num_output_tokens >= params.min_tokens:
+        stop = seq.detok.add_token(token_id, check_stops=seq.num_output_tokens >= params.min_tokens)
+        if stop is not None:
             seq.stop_reason = stop
             return "stop"
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:

@@ -49,3 +49,19 @@ def test_special_tokens_skipped_or_kept(tokenizer):
         kept.add_token(token_id)
         skipped.add_token(token_id)
     assert kept.text == "hi<|im_end|>" and skipped.text == "hi"
+
+
+def test_stop_strings_are_only_searched_when_asked(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["two"]))
+    ids = tokenizer.encode("one two three", add_special_tokens=False)
+    assert [detok.add_token(t, check_stops=False) for t in ids] == [None] * len(ids)
+    assert detok.text == "one two three"
+
+
+def test_a_short_stop_completed_earlier_is_not_found_again_later(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["ab", "xyzxyz"]))
+    ids = tokenizer.encode("ab", add_special_tokens=False)
+    for token_id in ids:
+        detok.add_token(token_id, check_stops=False)  # min_tokens not out yet
+    assert detok.add_token(tokenizer.encode(" c", add_special_tokens=False)[0]) is None
+    assert detok.text == "ab c"

@@ -202,3 +202,16 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
         assert final[rid].error is None and len(final[rid].outputs[0].token_ids) == 4
         assert final[rid].outputs[0].token_ids == reference_tokens(engine.model, requests[rid][0], 4)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+
+
+def test_a_stop_string_before_min_tokens_neither_stops_nor_cuts_the_text(make_engine, tokenizer):
+    engine = make_engine()
+    prompt = chat_prompt(text_ids(0, 10))
+    probe = run_to_completion(engine, {"p": (prompt, SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))})
+    tokens = probe["p"].outputs[0].token_ids
+    stop = tokenizer.decode(tokens[2:3])  # completed by the third token, before min_tokens are out
+    assert stop and stop not in tokenizer.decode(tokens[3:])
+    params = SamplingParams(max_tokens=8, min_tokens=6, ignore_eos=True, stop=[stop], **GREEDY)
+    out = run_to_completion(engine, {"s": (prompt, params)})["s"].outputs[0]
+    assert out.token_ids == tokens and out.finish_reason == "length"
+    assert out.text == probe["p"].outputs[0].text == tokenizer.decode(tokens)
