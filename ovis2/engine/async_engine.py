@@ -3,8 +3,9 @@
 `generate()` is an async generator of incremental RequestOutputs; a consumer that stops early (client
 gone, task cancelled) aborts its request in one place, its `finally`. Requests in and aborts go to the
 loop thread through a command queue; outputs come back through `loop.call_soon_threadsafe` into one
-asyncio.Queue per request. An error inside one request fails that request only; an error in the loop
-itself marks the engine dead, fails every open request and makes `check_health()` raise.
+output stream per request, where outputs a slow consumer has not read yet merge into one. An error
+inside one request fails that request only; an error in the loop itself marks the engine dead, fails
+every open request and makes `check_health()` raise.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class AsyncEngine:
         self._processor = processor
         self._commands: deque[tuple] = deque()
         self._wake = threading.Event()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, OutputStream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
@@ -112,7 +113,7 @@ class AsyncEngine:
             raise Ovis2Error(f"request id {request_id!r} is already running")
         if self.engine.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
             raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = OutputStream()
         self._queues[request_id] = queue
         self._num_pending_adds += 1
         self._send(("add", request_id, inputs, params))
@@ -190,3 +191,34 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for queue in self._queues.values():
             queue.put_nowait(error)
+
+
+class OutputStream:
+    """One request's outputs on their way to its consumer. Outputs are cumulative except for their deltas, so
+    those a slow consumer has not read yet merge into the newest: it holds one pending output, not one per step."""
+
+    def __init__(self) -> None:
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if self._items and isinstance(item, RequestOutput) and isinstance(self._items[-1], RequestOutput):
+            item = _merge(self._items.pop(), item)
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """newer, with older's deltas in front of its own."""
+    for before, after in zip(older.outputs, newer.outputs, strict=True):
+        after.delta_text = before.delta_text + after.delta_text
+        after.delta_token_ids = before.delta_token_ids + after.delta_token_ids
+        if after.delta_logprobs is not None:
+            after.delta_logprobs = before.delta_logprobs + after.delta_logprobs
+    return newer

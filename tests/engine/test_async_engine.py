@@ -109,3 +109,27 @@ def test_user_errors_overload_and_dead_loop(make_engine):
         await engine.shutdown()
 
     run(main())
+
+
+def test_a_slow_consumer_gets_one_merged_output_not_one_per_step(make_engine):
+    async def main():
+        llm = make_engine()
+        engine = AsyncEngine(engine=llm)
+        await engine.start()
+        params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0, logprobs=1)
+        stream = engine.generate(chat_prompt(text_ids(3, 10)), params, "slow")
+        outputs = [await anext(stream)]
+        while llm.has_unfinished_requests:  # the consumer stalls while the engine finishes the request
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        outputs += [output async for output in stream]
+        await engine.shutdown()
+        return outputs
+
+    outputs = run(main())
+    final = outputs[-1].outputs[0]
+    assert len(outputs) <= 3  # queued outputs were merged (each holds everything so far: one per step grows O(n^2))
+    assert final.finish_reason == "length" and len(final.token_ids) == 40
+    assert sum((o.outputs[0].delta_token_ids for o in outputs), []) == final.token_ids
+    assert "".join(o.outputs[0].delta_text for o in outputs) == final.text
+    assert sum((o.outputs[0].delta_logprobs for o in outputs), []) == final.logprobs
