@@ -5,7 +5,7 @@ gone, task cancelled) aborts its request in one place, its `finally`. Requests i
 loop thread through a command queue; outputs come back through `loop.call_soon_threadsafe` into one
 output stream per request, where outputs a slow consumer has not read yet merge into one. An error
 inside one request fails that request only; an error in the loop itself marks the engine dead, fails
-every open request and makes `check_health()` raise.
+every open request and makes `check_health()` raise; `shutdown()` fails the requests still open.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
+        self._fail_all(EngineDeadError("the engine is shut down"))
 
     # --- the public interface
     @property

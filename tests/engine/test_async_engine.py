@@ -111,6 +111,24 @@ def test_user_errors_overload_and_dead_loop(make_engine):
     run(main())
 
 
+def test_shutdown_ends_the_streams_still_open(make_engine):
+    async def main():
+        llm = make_engine()
+        engine = AsyncEngine(engine=llm)
+        await engine.start()
+        task = asyncio.create_task(collect(engine, "long", chat_prompt(text_ids(2, 10)),
+                                           SamplingParams(max_tokens=10_000, ignore_eos=True)))  # fmt: skip
+        while llm.stats.num_generated_tokens < 2:
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(task, timeout=10)  # hung forever before
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", chat_prompt([1]), SamplingParams(max_tokens=2))
+
+    run(main())
+
+
 def test_a_slow_consumer_gets_one_merged_output_not_one_per_step(make_engine):
     async def main():
         llm = make_engine()
