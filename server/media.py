@@ -5,7 +5,8 @@
   is rewritten to the IP, with the Host header and TLS SNI set to the name, so no second DNS lookup can
   swap in another address); private, loopback, link-local, multicast, reserved and cloud metadata addresses
   are refused unless the operator allows them; every redirect is checked again (at most a few); connect and
-  total timeouts; the byte cap is enforced while streaming; an optional host allow-list.
+  total timeouts; the byte cap is enforced while streaming, on bytes that are never inflated (compressed
+  responses are refused); an optional host allow-list.
 - `file://` only inside a directory the operator names.
 - Decoding runs in a thread: only common formats, the pixel count is checked from the header before the
   pixels are decoded, the first frame of animations, truncated or corrupt files are a 400.
@@ -222,7 +223,8 @@ class ImageLoader:
         port = target.port or (443 if target.scheme == "https" else 80)
         ip = await resolve_checked(target.host, port, self.policy)
         pinned = target.copy_with(host=str(ip))
-        headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*", "User-Agent": "ovis2-serve"}
+        headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*", "Accept-Encoding": "identity",
+                   "User-Agent": "ovis2-serve"}  # fmt: skip
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         timeout = httpx.Timeout(self.policy.fetch_timeout, connect=self.policy.connect_timeout)
         async with httpx.AsyncClient(
@@ -241,6 +243,10 @@ class ImageLoader:
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         cap = self.policy.max_image_bytes
+        # httpx would inflate gzip, deflate (or nested "gzip, gzip") whole chunks before the cap below saw them: a
+        # 1 KB body can inflate to gigabytes. Identity was asked for; anything else is refused and never decoded.
+        if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            raise MediaError("the image server sent a compressed (Content-Encoding) response; refused")
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise MediaError(f"the image is larger than {cap} bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import ipaddress
 import time
@@ -157,6 +158,28 @@ def test_https_connects_to_the_checked_ip_with_sni():
     loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL), transport=httpx.MockTransport(handler))
     asyncio.run(loader.load("https://localhost:8443/a.png?x=1"))
     assert seen == {"url": "https://127.0.0.1:8443/a.png?x=1", "host": "localhost:8443", "sni": "localhost"}
+
+
+def test_compressed_responses_are_refused_not_inflated():
+    """httpx would inflate Content-Encoding (nested: gzip, gzip) before the byte cap saw it: 1 KB became 800 MB."""
+    seen = {}
+    bomb = gzip.compress(gzip.compress(b"\0" * 5_000_000))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["accept-encoding"] = request.headers.get("accept-encoding")
+        return httpx.Response(200, stream=httpx.ByteStream(bomb), headers={"Content-Encoding": "gzip, gzip"})
+
+    loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL, max_image_bytes=1000),
+                         transport=httpx.MockTransport(handler))  # fmt: skip
+    with pytest.raises(MediaError, match="Content-Encoding"):
+        asyncio.run(loader.load("http://127.0.0.1/a.png"))
+    assert seen["accept-encoding"] == "identity"
+
+    def plain(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=image_bytes(), headers={"Content-Encoding": "identity"})
+
+    assert asyncio.run(ImageLoader(MediaPolicy(allowed_networks=LOCAL), transport=httpx.MockTransport(plain))
+                       .load("http://127.0.0.1/a.png")).size == (32, 24)  # fmt: skip
 
 
 def test_file_urls_only_inside_the_allowed_directory(tmp_path: Path):
