@@ -77,10 +77,16 @@ class BlockManager:
             seq.block_hashes.append(self.block_hash_of[block_id])
         seq.num_computed_tokens = len(cached) * self.block_size
 
+    def num_shared_blocks(self, parent: Sequence, child: Sequence) -> int:
+        """Blocks child can take from parent: computed, holding only prompt tokens (a resumed child's own outputs
+        differ from its parent's) and not the one holding child's last token (it must be computed)."""
+        bs = self.block_size
+        return min((child.num_tokens - 1) // bs, child.prompt_len // bs, parent.num_computed_tokens // bs)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child shares parent's computed full blocks, except the one holding the prompt's last token."""
+        """child shares parent's computed full prompt blocks, except the one holding child's last token."""
         assert not child.block_table
-        num_shared = min((child.num_tokens - 1) // self.block_size, parent.num_computed_tokens // self.block_size)
+        num_shared = self.num_shared_blocks(parent, child)
         for block_id in parent.block_table[:num_shared]:
             self._take(block_id)
             child.block_table.append(block_id)

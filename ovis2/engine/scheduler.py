@@ -140,7 +140,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, parent: Sequence | None, budget: int, out: SchedulerOutput) -> bool:
         bm = self.block_manager
         if parent is not None and parent.status is SequenceStatus.RUNNING:
-            shared = min((seq.num_tokens - 1) // bm.block_size, parent.num_computed_tokens // bm.block_size)
+            shared = bm.num_shared_blocks(parent, seq)
             num_tokens = min(seq.num_tokens - shared * bm.block_size, budget)
             if not bm.can_allocate(seq, parent.block_table[:shared], num_tokens):
                 return False

@@ -215,3 +215,13 @@ def test_a_stop_string_before_min_tokens_neither_stops_nor_cuts_the_text(make_en
     out = run_to_completion(engine, {"s": (prompt, params)})["s"].outputs[0]
     assert out.token_ids == tokens and out.finish_reason == "length"
     assert out.text == probe["p"].outputs[0].text == tokenizer.decode(tokens)
+
+
+def test_sampled_choices_preempted_in_a_tiny_pool_match_a_roomy_pool(make_engine):
+    prompt = chat_prompt(text_ids(5, 6))
+    params = SamplingParams(n=3, max_tokens=40, ignore_eos=True, temperature=1.0, seed=3)
+    roomy = run_to_completion(make_engine(), {"r": (prompt, params)})["r"]
+    engine = make_engine(kv_cache_memory=24 * 4 * 512, enable_prefix_caching=False, block_size=4)
+    tiny = run_to_completion(engine, {"r": (prompt, params)})["r"]
+    assert engine.stats.num_preemptions > 0
+    assert [o.token_ids for o in tiny.outputs] == [o.token_ids for o in roomy.outputs]

@@ -92,3 +92,27 @@ def test_later_choices_wait_for_the_first_then_share_its_prompt():
     for seq in list(sched.running):
         sched.finish(seq)
     assert bm.num_free_blocks == 50
+
+
+def test_a_preempted_choice_resumes_without_its_siblings_output_blocks():
+    bm = BlockManager(9, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    other = group("b", 8)
+    sched.add(other)
+    g = group("n2", 6, n=2)
+    sched.add(g)
+    parent, child = g.seqs
+    preempted = False
+    for step in range(14):
+        out = sched.schedule()
+        if child in out.preempted:  # the pool ran out; once "b" is done, the child comes back while its parent runs
+            preempted = True
+            sched.finish(other.seqs[0])
+        sched.update_computed(out)
+        for item in out.scheduled:
+            if item.samples:
+                item.seq.append_token(100 * (item.seq.index + 1) + step)  # the two choices write different tokens
+        for index, block in enumerate(child.block_table[: child.num_computed_tokens // 4]):
+            if block in parent.block_table:  # a block both hold must hold the same tokens for both
+                assert child.token_ids[index * 4 : index * 4 + 4] == parent.token_ids[index * 4 : index * 4 + 4]
+    assert preempted and child.num_preemptions == 1 and child.status.value == "running"
