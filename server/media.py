@@ -213,7 +213,7 @@ class ImageLoader:
 
     async def _fetch_once(self, url: str) -> bytes | str:
         """The body, or the next URL when the server redirects."""
-        target = httpx.URL(url)
+        target = parse_url(url)
         if target.scheme not in ("http", "https") or not target.host:
             raise MediaError("image URLs (and their redirects) must be http(s):// URLs with a host")
         if target.userinfo:
@@ -257,6 +257,16 @@ class ImageLoader:
                 raise MediaError(f"the image is larger than {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def parse_url(url: str) -> httpx.URL:
+    """httpx's parse of `url`; a malformed one (bad port or IPv4 literal, bad IDNA, control characters) is a 400."""
+    try:
+        parsed = httpx.URL(url)
+        _ = parsed.host  # decoding a punycode host can fail too
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
+        raise MediaError("the image URL is not a valid URL") from exc
+    return parsed
 
 
 def decode_data_url(url: str, max_base64_chars: int) -> bytes:

@@ -92,6 +92,11 @@ BAD_IMAGES = [
     ("http://10.1.2.3/x.png", "private"),
     ("http://0.0.0.0/x.png", "unspecified"),
     ("http://user:pw@example.com/x.png", "credentials"),
+    ("http://[::1/x.png", "not a valid URL"),
+    ("http://0177.0.0.1/x.png", "not a valid URL"),
+    ("http://\u24dbocal/x.png", "not a valid URL"),
+    ("https://xn--/x.png", "not a valid URL"),
+    ("http://a\x01b/x.png", "not a valid URL"),
 ]
 
 

@@ -119,6 +119,7 @@ def test_redirects_are_rechecked(image_server):
     refused(image_server.url("/redirect?to=http://169.254.169.254/latest"), "metadata", allow_private=True)
     refused(image_server.url("/redirect?to=http://10.0.0.1/x.png"), "private", allowed_networks=LOCAL)
     refused(image_server.url("/redirect?to=file:///etc/passwd"), "http(s)", allowed_networks=LOCAL)
+    refused(image_server.url("/redirect?to=http://[::1/x.png"), "could not fetch", allowed_networks=LOCAL)
     refused(image_server.url("/loop"), "redirected more than 3", allowed_networks=LOCAL)
     two_hops = image_server.url("/redirect?to=" + image_server.url(f"/redirect?to={target}"))
     refused(two_hops, "more than 1", allowed_networks=LOCAL, max_redirects=1)
