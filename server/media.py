@@ -289,15 +289,23 @@ def decode_data_url(url: str, max_base64_chars: int) -> bytes:
 def read_local_file(url: str, policy: MediaPolicy) -> bytes:
     if policy.local_dir is None:
         raise MediaError("file:// image URLs are disabled on this server")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        path = Path(unquote(parts.path)).resolve()
+    except (ValueError, RuntimeError) as exc:  # a malformed netloc, a NUL byte, a symlink loop
+        raise MediaError("the file:// URL is not a valid path") from exc
     if parts.netloc not in ("", "localhost"):
         raise MediaError("file:// URLs must name a local path")
-    path = Path(unquote(parts.path)).resolve()
     if not path.is_relative_to(policy.local_dir) or not path.is_file():
         raise MediaError("file:// image is not a file inside the allowed directory")
-    if path.stat().st_size > policy.max_image_bytes:
+    try:
+        with path.open("rb") as file:
+            data = file.read(policy.max_image_bytes + 1)  # bounded even if the file grows after the check
+    except OSError as exc:
+        raise MediaError("the file:// image cannot be read") from exc
+    if len(data) > policy.max_image_bytes:
         raise MediaError(f"the image is larger than {policy.max_image_bytes} bytes")
-    return path.read_bytes()
+    return data
 
 
 # -------------------------------------------------------------------------------------------------- decoding

@@ -195,6 +195,15 @@ def test_file_urls_only_inside_the_allowed_directory(tmp_path: Path):
     refused((inside / "link.png").as_uri(), "inside the allowed", local_dir=inside)
 
 
+def test_bad_file_urls_are_400(tmp_path: Path):
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    refused(f"file://{tmp_path}/%00a.png", "file://", local_dir=tmp_path)
+    refused(f"file://[x/{tmp_path}/a.png", "file://", local_dir=tmp_path)
+    refused((tmp_path / "loop.png").as_uri(), "file://", local_dir=tmp_path)
+    (tmp_path / "big.png").write_bytes(b"\0" * 2000)
+    refused((tmp_path / "big.png").as_uri(), "larger than", local_dir=tmp_path, max_image_bytes=1000)
+
+
 def _free_port() -> int:
     import socket
 
