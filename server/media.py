@@ -113,7 +113,7 @@ def address_problem(ip: IPAddress, policy: MediaPolicy) -> str | None:
         return "a cloud metadata address"
     if ip.is_multicast or ip.is_unspecified:
         return "a multicast or unspecified address"
-    if ip.is_loopback or ip.is_link_local or ip.is_private:
+    if ip.is_loopback or ip.is_link_local or ip.is_private or getattr(ip, "is_site_local", False):  # fec0::/10
         return None if policy.allow_private else "a private, loopback or link-local address"
     if ip.is_reserved or not ip.is_global:
         return "a reserved or non-global address"

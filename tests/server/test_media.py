@@ -74,7 +74,7 @@ def test_data_url_rules():
     ("address", "problem"),
     [("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"), ("::ffff:169.254.169.254", "metadata"),
      ("127.0.0.1", "private"), ("::1", "private"), ("10.0.0.1", "private"), ("192.168.1.1", "private"),
-     ("172.16.0.1", "private"), ("169.254.1.1", "private"), ("fe80::1", "private"), ("fc00::1", "private"),
+     ("172.16.0.1", "private"), ("169.254.1.1", "private"), ("fe80::1", "private"), ("fc00::1", "private"), ("fec0::1", "private"),
      ("100.64.0.1", "non-global"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
      ("2002:a00:1::", "private"), ("240.0.0.1", "address"), ("8.8.8.8", None), ("2606:4700::1111", None)],
 )  # fmt: skip
