@@ -9,13 +9,23 @@ Free blocks that still hold a cached prefix stay findable until they are handed 
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from .sequence import Sequence
 
+ROOT_MARK = b"\x00" * 17
+
 
 def block_hash(previous: int | None, token_ids: tuple[int, ...], image_hashes: tuple[str, ...]) -> int:
-    return hash((previous, token_ids, image_hashes))
+    """128 bits of sha256 over the chain. Python's hash() of ints is predictable, so a client could craft a
+    colliding prompt and read another's cached KV (vLLM's CVE-2025-25183); sha256 collisions cannot be made."""
+    digest = hashlib.sha256(ROOT_MARK if previous is None else b"\x01" + previous.to_bytes(16, "little"))
+    digest.update(array("q", token_ids).tobytes())
+    for image in image_hashes:
+        digest.update(b"\x02" + image.encode())
+    return int.from_bytes(digest.digest()[:16], "little")
 
 
 class BlockManager:

@@ -86,3 +86,22 @@ def test_no_prefix_caching_means_no_hits():
     bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
     admit(bm, make_seq(range(12)))
     assert bm.find_cached_blocks(make_seq(range(12))) == []
+
+
+def test_block_hash_is_a_cryptographic_digest_stable_across_processes():
+    """Python's hash() varies per process for strings and is predictable for ints; the chain must be neither."""
+    import subprocess
+    import sys
+
+    from ovis2.engine.block_manager import block_hash
+
+    code = "from ovis2.engine.block_manager import block_hash; print(block_hash(7, (1, 2, 3), ('abc',)))"
+    seen = {
+        subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, capture_output=True, text=True,
+                       check=True).stdout.strip()
+        for seed in ("1", "2")
+    }  # fmt: skip
+    assert seen == {str(block_hash(7, (1, 2, 3), ("abc",)))}
+    assert block_hash(None, (1, 2), ()) != block_hash(0, (1, 2), ())
+    assert block_hash(None, (1, 2), ("a",)) != block_hash(None, (1, 2), ()) != block_hash(None, (2, 1), ())
+    assert 2**64 < block_hash(None, (5,), ()) or block_hash(None, (6,), ()) > 2**64  # 128 bits, not a 64-bit hash()
