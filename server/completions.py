@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -30,8 +31,8 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     arrival = time.monotonic()
     state.check_model(request.model)
     check_unsupported(request)
-    prompt_ids = prompt_token_ids(state, request.prompt)
-    prompt_text = state.engine.tokenizer.decode(prompt_ids) if request.echo else ""
+    prompt_ids = await asyncio.to_thread(prompt_token_ids, state, request.prompt)  # long prompts take seconds
+    prompt_text = await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids) if request.echo else ""
     max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len)
     params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs,
                                    vocab_size=state.vocab_size)  # fmt: skip

@@ -1,6 +1,11 @@
-"""/tokenize and /detokenize in vLLM's shape; chat messages count their image tokens."""
+"""/tokenize and /detokenize in vLLM's shape; chat messages count their image tokens.
+
+The tokenizer runs in a thread: a prompt near the body cap takes it many seconds, and on the event loop that
+would stall every other request."""
 
 from __future__ import annotations
+
+import asyncio
 
 from .chat import build_chat_inputs
 from .errors import bad_request
@@ -21,14 +26,14 @@ async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResp
     tokenizer = state.engine.tokenizer
     image_tokens = 0
     if request.prompt is not None:
-        ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        ids = await asyncio.to_thread(tokenizer.encode, request.prompt, add_special_tokens=request.add_special_tokens)
     else:
         problem = unsupported_chat_fields(ChatCompletionRequest(messages=request.messages))
         if problem is not None:
             raise bad_request(problem[1], problem[0])
         inputs = await build_chat_inputs(state, request.messages, request.max_tiles_per_image)
         ids, image_tokens = inputs.prompt_token_ids, inputs.num_image_tokens
-    token_strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    token_strs = await asyncio.to_thread(tokenizer.convert_ids_to_tokens, ids) if request.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=token_strs,
                             image_tokens=image_tokens)  # fmt: skip
 
@@ -36,4 +41,4 @@ async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResp
 async def detokenize(state: ServerState, request: DetokenizeRequest) -> DetokenizeResponse:
     state.check_model(request.model)
     check_token_ids(request.tokens, state.vocab_size, "tokens")
-    return DetokenizeResponse(prompt=state.engine.tokenizer.decode(request.tokens))
+    return DetokenizeResponse(prompt=await asyncio.to_thread(state.engine.tokenizer.decode, request.tokens))

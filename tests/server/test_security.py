@@ -1,0 +1,33 @@
+"""Hostile but well-formed requests: nothing a client sends may stall the event loop that serves everyone."""
+
+from __future__ import annotations
+
+import asyncio
+
+PROMPT = "tokenize me off the event loop"
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_text_is_tokenized_off_the_event_loop(client, tokenizer, monkeypatch):
+    """A 32 MB prompt keeps the tokenizer busy for 20 s or more; on the event loop that stalls every other request."""
+    calls = []
+    for name in ("encode", "decode", "convert_ids_to_tokens"):
+
+        def spy(arg, *args, _original=getattr(tokenizer, name), _name=name, **kwargs):
+            if _name != "encode" or arg == PROMPT:  # the fake engine encodes its own words
+                calls.append((_name, _on_event_loop()))
+            return _original(arg, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer, name, spy)
+    ids = client.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()["tokens"]
+    assert client.post("/detokenize", json={"tokens": ids}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": PROMPT, "echo": True, "max_tokens": 1}).status_code == 200
+    assert sorted(calls) == [("convert_ids_to_tokens", False), ("decode", False), ("decode", False),
+                             ("encode", False), ("encode", False)]  # fmt: skip
