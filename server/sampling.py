@@ -9,6 +9,7 @@ from .errors import bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 _PARAM_NAME = re.compile(r"'(\w+)'")
+MAX_STOP_CHARS = 256  # the engine's per-token scan of a stop string grows with the square of its length
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, num_image_tokens: int, max_model_len: int) -> int:
@@ -60,6 +61,9 @@ def build_sampling_params(
     if request.stop_token_ids:
         stop_token_ids = list(dict.fromkeys([*DEFAULT_EOS_IDS, *request.stop_token_ids]))
     stop = request.stop if request.stop is not None else []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"stop strings may be at most {MAX_STOP_CHARS} characters long", "stop")
     kwargs = dict(
         n=request.n if request.n is not None else 1,
         max_tokens=max_tokens,
@@ -73,7 +77,7 @@ def build_sampling_params(
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=parse_logit_bias(request.logit_bias, vocab_size),
         seed=request.seed,
-        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
