@@ -10,6 +10,7 @@ from .protocol import ChatCompletionRequest, CompletionRequest
 
 _PARAM_NAME = re.compile(r"'(\w+)'")
 MAX_STOP_CHARS = 256  # the engine's per-token scan of a stop string grows with the square of its length
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's cap; the engine applies each entry again on every step
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, num_image_tokens: int, max_model_len: int) -> int:
@@ -35,6 +36,8 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, num_image_
 
 
 def parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    if logit_bias and len(logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise bad_request(f"logit_bias may hold at most {MAX_LOGIT_BIAS_TOKENS} tokens", "logit_bias")
     result = {}
     for key, value in (logit_bias or {}).items():
         try:
