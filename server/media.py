@@ -21,7 +21,9 @@ import io
 import ipaddress
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -40,6 +42,9 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
 )
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+# getaddrinfo blocks a thread until the resolver gives up (tens of seconds for a host whose DNS never answers),
+# long after the fetch timed out: in a pool of its own it cannot hold up image decoding and prompt building.
+_DNS_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ovis2-dns")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 
 
@@ -140,7 +145,7 @@ async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddres
         pass
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await loop.run_in_executor(_DNS_THREADS, partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
     except (socket.gaierror, UnicodeError) as exc:
         raise MediaError(f"cannot resolve image host '{host}'") from exc
     problems = []

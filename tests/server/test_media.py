@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import io
 import ipaddress
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +149,31 @@ def test_fetches_run_concurrently(image_server):
     start = time.monotonic()
     images = asyncio.run(loader.load_all(urls))
     assert len(images) == 4 and time.monotonic() - start < 2.0
+
+
+def test_hanging_dns_does_not_take_the_shared_thread_pool(monkeypatch):
+    """Lookups for hosts whose DNS never answers hold their thread long after the fetch timed out; in asyncio's
+    default pool (6 threads on 2 cores) they queued every image decode and prompt build behind them."""
+    release = threading.Event()
+
+    def hanging_getaddrinfo(*args, **kwargs):
+        release.wait(10)
+        raise socket.gaierror("no answer")
+
+    async def main() -> float:
+        loader = ImageLoader(MediaPolicy(fetch_timeout=0.2))
+        fetches = [loader.load(f"http://h{i}.example/a.png") for i in range(40)]
+        failures = await asyncio.gather(*fetches, return_exceptions=True)
+        assert all(isinstance(f, MediaError) and "longer than" in f.message for f in failures)
+        start = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        return time.monotonic() - start
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_getaddrinfo)
+    try:
+        assert asyncio.run(asyncio.wait_for(main(), 8)) < 1
+    finally:
+        release.set()
 
 
 def test_https_connects_to_the_checked_ip_with_sni():
