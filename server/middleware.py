@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,18 +15,23 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # past this much of an oversized body, the
 
 
 class APIKeyMiddleware:
-    """Inference routes need `Authorization: Bearer <key>`; compared in constant time."""
+    """Inference routes need `Authorization: Bearer <key>` (scheme case-insensitive, RFC 7235); the key's sha256
+    is compared in constant time, so neither its content nor its length leaks through timing."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = hashlib.sha256(api_key.encode()).digest()
+
+    def _is_authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.strip().partition(b" ")
+        digest = hashlib.sha256(token.strip()).digest()
+        return hmac.compare_digest(digest, self.expected) and scheme.lower() == b"bearer"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _protected(scope["path"]):
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        if not self._is_authorized(dict(scope["headers"]).get(b"authorization", b"")):
             response = error_response("missing or incorrect API key; send 'Authorization: Bearer <key>'", 401,
                                       code="invalid_api_key")  # fmt: skip
             response.headers["WWW-Authenticate"] = "Bearer"

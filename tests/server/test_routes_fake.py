@@ -12,7 +12,8 @@ TEXT = [{"role": "user", "content": "hi"}]
 def test_api_key_guards_inference_routes(make_client):
     client = make_client(api_key="s3cret")
     body = {"messages": TEXT, "max_tokens": 1}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"},
+                    {"Authorization": "Bearer s3cret2"}, {"Authorization": "Bearer"}):  # fmt: skip
         response = client.post("/v1/chat/completions", json=body, headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
@@ -22,6 +23,7 @@ def test_api_key_guards_inference_routes(make_client):
     good = {"Authorization": "Bearer s3cret"}
     assert client.post("/v1/chat/completions", json=body, headers=good).status_code == 200
     assert client.get("/v1/models", headers=good).status_code == 200
+    assert client.get("/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
     assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
 
 
