@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .engine_api import DEFAULT_EOS_IDS, Ovis2Error, SamplingParams
+from .engine_api import Ovis2Error, SamplingParams
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
 
@@ -60,9 +60,7 @@ def build_sampling_params(
     request: ChatCompletionRequest | CompletionRequest, *, max_tokens: int, logprobs: int | None, vocab_size: int
 ) -> SamplingParams:
     check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
-    stop_token_ids = None
-    if request.stop_token_ids:
-        stop_token_ids = list(dict.fromkeys([*DEFAULT_EOS_IDS, *request.stop_token_ids]))
+    stop_token_ids = list(dict.fromkeys(request.stop_token_ids)) if request.stop_token_ids else None
     stop = request.stop if request.stop is not None else []
     stop = [stop] if isinstance(stop, str) else list(stop)
     if any(len(s) > MAX_STOP_CHARS for s in stop):

@@ -256,7 +256,7 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
-        if token_id in params.eos_token_ids and not params.ignore_eos and seq.num_output_tokens > params.min_tokens:
+        if token_id in params.stopping_token_ids and seq.num_output_tokens > params.min_tokens:
             seq.stop_reason = token_id
             return "stop"
         stop = seq.detok.add_token(token_id, check_stops=seq.num_output_tokens >= params.min_tokens)

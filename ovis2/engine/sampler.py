@@ -56,7 +56,7 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Until min_tokens are out, the stop token ids cannot be chosen."""
-    masked = [(i, r.params.eos_token_ids) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens]
+    masked = [(i, r.params.stopping_token_ids) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens]
     if not masked:
         return logits
     logits = logits.clone()

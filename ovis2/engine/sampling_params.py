@@ -27,7 +27,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None  # None: the model's eos ids
+    stop_token_ids: list[int] | None = None  # stop on these too, besides the model's eos ids (even with ignore_eos)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     skip_special_tokens: bool = True
@@ -46,7 +46,13 @@ class SamplingParams:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        return tuple(self.stop_token_ids) if self.stop_token_ids is not None else DEFAULT_EOS_IDS
+        return DEFAULT_EOS_IDS
+
+    @property
+    def stopping_token_ids(self) -> frozenset[int]:
+        """Ids that end this request: the caller's stop ids, plus the eos ids unless ignore_eos."""
+        extra = frozenset(self.stop_token_ids or ())
+        return extra if self.ignore_eos else extra | frozenset(DEFAULT_EOS_IDS)
 
     def validate(self) -> None:
         checks = [

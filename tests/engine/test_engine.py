@@ -138,6 +138,21 @@ def test_logprobs_stop_strings_and_min_tokens(make_engine, tokenizer):
     assert out.logprobs[0].top[0][0] == out.token_ids[0]
 
 
+def test_stop_token_ids_add_to_eos_and_survive_ignore_eos(make_engine):
+    engine = make_engine()
+    prompt = chat_prompt(text_ids(12, 9))
+    free = run_to_completion(engine, {"f": (prompt, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))})
+    tokens = free["f"].outputs[0].token_ids
+    third = tokens[2]
+    for ignore_eos in (False, True):
+        params = SamplingParams(max_tokens=6, ignore_eos=ignore_eos, stop_token_ids=[third], **GREEDY)
+        out = run_to_completion(engine, {f"s{ignore_eos}": (prompt, params)})[f"s{ignore_eos}"].outputs[0]
+        assert out.finish_reason == "stop" and out.stop_reason == third
+        assert out.token_ids == tokens[: tokens.index(third) + 1]
+    assert {151645, 151643} <= SamplingParams(stop_token_ids=[third]).stopping_token_ids
+    assert SamplingParams(stop_token_ids=[third], ignore_eos=True).stopping_token_ids == {third}
+
+
 def test_bad_requests_raise_clear_errors(make_engine):
     engine = make_engine(max_model_len=600, max_images_per_request=1)
     with pytest.raises(Ovis2Error, match="max_model_len"):
