@@ -3,7 +3,7 @@
 Names load lazily, so `import ovis2` stays cheap and has no side effects.
 """
 
-from importlib import import_module
+from .lazy import lazy_getattr
 
 _EXPORTS = {
     "Ovis2Error": "errors",
@@ -40,9 +40,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ovis2' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

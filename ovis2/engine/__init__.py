@@ -3,7 +3,7 @@
 Names load lazily, so importing the package has no side effects.
 """
 
-from importlib import import_module
+from ..lazy import lazy_getattr
 
 _EXPORTS = {
     "EngineArgs": "engine_args",
@@ -22,9 +22,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ovis2.engine' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
