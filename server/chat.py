@@ -222,29 +222,44 @@ async def stream_chat(
         return sse(chunk_payload(chunker.chunk(choices, usage), include_usage))
 
     last = first
-    async with aclosing(outputs):
+    async with aclosing(outputs):  # closes (so aborts) the request even if the client leaves during the roles
         for index in range(params.n):
             yield emit([chunker.role(index)])
-        finished: set[int] = set()
-        async for output in prepend(first, outputs):
-            last = output
-            if failed(output):
-                logger.error("request %s failed in the engine: %s", request_id, output.error)
-                yield sse_error(ENGINE_FAILED)
-                yield DONE
-                return
-            for choice in output.outputs:
-                if choice.index in finished:
-                    continue
+        try:
+            async for output, choice in choice_updates(first, outputs, request_id):
+                last = output
                 delta = chunker.delta(choice)
                 if delta is not None:
                     yield emit([delta])
                 if choice.finished:
-                    finished.add(choice.index)
                     yield emit([chunker.finish(choice)])
+        except EngineStreamFailed:
+            yield sse_error(ENGINE_FAILED)
+            yield DONE
+            return
     if include_usage:
         yield emit([], usage_of(last))
     yield DONE
+
+
+class EngineStreamFailed(Exception):
+    """The engine failed this request in the middle of its stream."""
+
+
+async def choice_updates(
+    first: RequestOutput, rest: AsyncIterator[RequestOutput], request_id: str
+) -> AsyncIterator[tuple[RequestOutput, CompletionOutput]]:
+    """(output, choice) for each update of a choice, up to and including the one that finishes it."""
+    finished: set[int] = set()
+    async with aclosing(rest):
+        async for output in prepend(first, rest):
+            if failed(output):
+                logger.error("request %s failed in the engine: %s", request_id, output.error)
+                raise EngineStreamFailed()
+            for choice in output.outputs:
+                if choice.index not in finished:
+                    finished.update([choice.index] if choice.finished else [])
+                    yield output, choice
 
 
 async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

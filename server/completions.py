@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 from fastapi import Request, Response
 
-from .chat import ENGINE_FAILED, check_engine_error, failed, logger, prepend, usage_of
+from .chat import ENGINE_FAILED, EngineStreamFailed, check_engine_error, choice_updates, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
 from .errors import bad_request
 from .generation import generate, respond
@@ -126,24 +125,17 @@ async def stream_completion(
 ) -> AsyncIterator[str]:
     last = first
     started: set[int] = set()
-    finished: set[int] = set()
-    async with aclosing(outputs):
-        async for output in prepend(first, outputs):
+    try:
+        async for output, choice in choice_updates(first, outputs, builder.request_id):
             last = output
-            if failed(output):
-                logger.error("request %s failed in the engine: %s", builder.request_id, output.error)
-                yield sse_error(ENGINE_FAILED)
-                yield DONE
-                return
-            for choice in output.outputs:
-                if choice.index in finished:
-                    continue
-                delta = builder.delta(choice, first=choice.index not in started)
-                if choice.finished:
-                    finished.add(choice.index)
-                if delta is not None:
-                    started.add(choice.index)
-                    yield builder.chunk([delta], None, include_usage)
+            delta = builder.delta(choice, first=choice.index not in started)
+            if delta is not None:
+                started.add(choice.index)
+                yield builder.chunk([delta], None, include_usage)
+    except EngineStreamFailed:
+        yield sse_error(ENGINE_FAILED)
+        yield DONE
+        return
     if include_usage:
         yield builder.chunk([], usage_of(last), include_usage)
     yield DONE
