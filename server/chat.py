@@ -13,7 +13,7 @@ from PIL import Image
 
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, bad_request
-from .generation import ENGINE_FAILED, generate, respond
+from .generation import ENGINE_FAILED, failed, generate, respond
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -153,10 +153,6 @@ def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs:
         for lp in logprobs or ()
     ]  # fmt: skip
     return ChoiceLogprobs(content=content)
-
-
-def failed(output: RequestOutput) -> bool:
-    return output.error is not None or any(o.finish_reason == "error" for o in output.outputs)
 
 
 def check_engine_error(output: RequestOutput | None, request_id: str) -> RequestOutput:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -17,6 +18,7 @@ from .state import ServerState
 from .streaming import sse_response
 
 T = TypeVar("T")
+logger = logging.getLogger("ovis2.server")
 DISCONNECT_POLL_SECONDS = 0.5
 ENGINE_FAILED = "the engine failed while generating this answer"
 
@@ -104,7 +106,15 @@ async def respond(outputs: AsyncIterator[RequestOutput], raw: Request, stream: b
         return Response(status_code=499)
     except StopAsyncIteration:
         raise APIError(ENGINE_FAILED, 500) from None
+    if failed(first):  # nothing sent yet: a plain 500 rather than a 200 stream holding only an error
+        await outputs.aclose()
+        logger.error("request failed in the engine before its first token: %s", first.error)
+        raise APIError(ENGINE_FAILED, 500)
     return sse_response(stream_body(first))
+
+
+def failed(output: RequestOutput) -> bool:
+    return output.error is not None or any(o.finish_reason == "error" for o in output.outputs)
 
 
 async def unless_disconnected(work: Awaitable[T], request: Request) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class FakeEngine:
     overloaded: bool = False
     dead: bool = False
     fail_with: str | None = None  # an engine-side error for every request
+    fail_from_step: int = 0  # ...starting at this output (0: the first)
     crash_with: Exception | None = None  # an exception raised from generate()
     num_total_blocks: int = 64
     started: bool = False
@@ -118,14 +120,14 @@ class FakeEngine:
         self.running.add(request_id)
         choices = [_Choice(i, self._choice_words(params, i)) for i in range(params.n)]
         try:
-            while True:
+            for step in itertools.count():
                 await asyncio.sleep(self.step_delay)
                 if request_id not in self.running:
                     return
                 outputs = [c.step(self.tokenizer, params) for c in choices]
                 output = RequestOutput(request_id, list(inputs.prompt_token_ids), outputs,
                                        num_image_tokens=inputs.num_image_tokens)  # fmt: skip
-                if self.fail_with is not None:
+                if self.fail_with is not None and step >= self.fail_from_step:
                     output.error = self.fail_with
                     for o in outputs:
                         o.finish_reason = "error"

@@ -195,8 +195,16 @@ def test_engine_side_failure(client, fake_engine):
     assert_error(response, 500)
     assert "secret" not in response.text
     stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True})
+    assert_error(stream, 500)  # failed before its first token: nothing was streamed yet
+    assert "secret" not in stream.text
+
+
+def test_engine_failure_mid_stream_is_an_error_event(client, fake_engine):
+    fake_engine.fail_with, fake_engine.fail_from_step = "CUDA error: secret detail", 2
+    stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True, "max_tokens": 8})
     assert stream.status_code == 200
     assert '"error"' in stream.text and "secret" not in stream.text and stream.text.endswith("data: [DONE]\n\n")
+    assert '"finish_reason":"stop"' not in stream.text and '"finish_reason":"length"' not in stream.text
 
 
 def test_dead_engine(client, fake_engine):
