@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
 from tests.live_server import LiveServer
-from tests.server.conftest import data_url, image_bytes
+from tests.server.conftest import ImageServer, data_url, image_bytes
 
 MEDIA_HOST = "127.0.0.2"
 BODY_LIMIT = 2 * 1024 * 1024
@@ -54,71 +50,17 @@ def reliability_server() -> Iterator[LiveServer]:
 # ------------------------------------------------------------------------------------------------- image hosts
 
 
-@dataclass
-class ImageHost:
-    """A local HTTP image server on `host`: /img.png, /redirect?to=URL, /slow?s=SECONDS. Records request paths."""
-
-    host: str
-    requests: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        host = self
-        png = image_bytes(size=(40, 30), color=(10, 200, 10))
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                parts = urlsplit(self.path)
-                query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-                host.requests.append(self.path)
-                try:
-                    if parts.path == "/img.png":
-                        self._send(200, png)
-                    elif parts.path == "/redirect":
-                        self.send_response(302)
-                        self.send_header("Location", query["to"])
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                    elif parts.path == "/slow":
-                        time.sleep(float(query.get("s", "3")))
-                        self._send(200, png)
-                    else:
-                        self.send_error(404)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def _send(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer((self.host, 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="session")
-def media_host() -> Iterator[ImageHost]:
-    host = ImageHost(MEDIA_HOST)
+def media_host() -> Iterator[ImageServer]:
+    host = ImageServer(MEDIA_HOST)
     yield host
     host.close()
 
 
 @pytest.fixture(scope="session")
-def loopback_host() -> Iterator[ImageHost]:
-    host = ImageHost("127.0.0.1")
+def loopback_host() -> Iterator[ImageServer]:
+    """Refused by the reliability server; records every request, so a test can show none arrived."""
+    host = ImageServer("127.0.0.1")
     yield host
     host.close()
 

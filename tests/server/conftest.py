@@ -77,13 +77,15 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 class ImageServer:
-    """A local HTTP server for image URLs: /img.png, /redirect?to=URL, /loop, /big, /slow?s=SECONDS, /status/N."""
+    """A local HTTP server for image URLs on `host`: /img.png, /redirect?to=URL, /loop, /big, /slow?s=SECONDS,
+    /status/N. Records (path, headers) of every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         server = self
+        self.host = host
         self.requests: list[tuple[str, dict]] = []
         self.png = image_bytes(size=(40, 30), color=(10, 200, 10))
 
@@ -136,14 +138,14 @@ class ImageServer:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def close(self) -> None:
         self.httpd.shutdown()
