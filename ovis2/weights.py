@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -86,6 +87,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     return _download(text)
 
 
+@functools.cache  # the model, tokenizer and processor all resolve the same id: ask the hub once per process
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
