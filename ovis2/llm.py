@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from .engine.engine_args import EngineArgs
 from .engine.inputs import EngineInputs
-from .engine.llm_engine import LLMEngine
+from .engine.llm_engine import LLMEngine, load_processor
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
 from .errors import Ovis2Error
@@ -26,13 +26,7 @@ class LLM:
     @property
     def processor(self):
         if self._processor is None:
-            from .processing import Ovis2Processor
-            from .weights import resolve_checkpoint
-
-            path = str(resolve_checkpoint(self.args.model))
-            self._processor = Ovis2Processor.from_pretrained(
-                path, compat=self.args.compat, use_fast=self.args.image_processor == "fast"
-            )
+            self._processor = load_processor(self.args)
         return self._processor
 
     @property

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from ..errors import Ovis2Error
 from .engine_args import EngineArgs
 from .inputs import EngineInputs
-from .llm_engine import EngineStats, LLMEngine
+from .llm_engine import EngineStats, LLMEngine, load_processor
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import SequenceGroup
@@ -69,13 +69,7 @@ class AsyncEngine:
     @property
     def processor(self):
         if self._processor is None:
-            from ..processing import Ovis2Processor
-            from ..weights import resolve_checkpoint
-
-            self._processor = Ovis2Processor.from_pretrained(
-                str(resolve_checkpoint(self.args.model)), compat=self.args.compat,
-                use_fast=self.args.image_processor == "fast",
-            )
+            self._processor = load_processor(self.args)
         return self._processor
 
     @property

@@ -57,6 +57,14 @@ def load_tokenizer(args: EngineArgs):
     return AutoTokenizer.from_pretrained(str(resolve_checkpoint(args.model)))
 
 
+def load_processor(args: EngineArgs):
+    from ..processing import Ovis2Processor
+    from ..weights import resolve_checkpoint
+
+    use_fast = args.image_processor == "fast"
+    return Ovis2Processor.from_pretrained(str(resolve_checkpoint(args.model)), compat=args.compat, use_fast=use_fast)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, model=None, tokenizer=None) -> None:
         self.args = args
