@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ovis2.engine.engine_args import EngineArgs
-from ovis2.engine.llm_engine import LLMEngine
+from ovis2.engine.llm_engine import LLMEngine, load_processor
 from ovis2.engine.sampling_params import SamplingParams
 
 
@@ -89,13 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from ovis2.processing import Ovis2Processor
-    from ovis2.weights import resolve_checkpoint
-
     engine_args = EngineArgs(model=args.model, dtype="float32", device="cpu", max_num_seqs=args.concurrency,
                              kv_cache_memory=64 * 1024 * 1024)  # fmt: skip
     engine = LLMEngine(engine_args)
-    processor = Ovis2Processor.from_pretrained(str(resolve_checkpoint(args.model)), compat=engine_args.compat)
+    processor = load_processor(engine_args)
     workloads = [False] if args.text_only else [True, False]
     results = [compare(engine, processor, with_image, args) for with_image in workloads]
     print(json.dumps({"requests": args.requests, "concurrency": args.concurrency,
