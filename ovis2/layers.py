@@ -98,6 +98,7 @@ class PagedAttentionMetadata:
     max_query_len: int
     max_seq_len: int
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: [blocks, block_size, kv_heads, d]
+    starts_at_zero: bool = False  # every sequence's new tokens begin at position 0: nothing to read from the pool
 
     @property
     def num_seqs(self) -> int:
@@ -113,7 +114,7 @@ class PagedAttentionMetadata:
 class PagedLayout:
     token_index: torch.Tensor  # [B, max_q]: flat index of each padded query slot (clamped)
     query_valid: torch.Tensor  # [B, max_q] bool: which slots hold a real new token
-    mask: torch.Tensor  # [B, 1, max_q, S] bool: causal within each sequence's context
+    mask: torch.Tensor | None  # [B, 1, max_q, S] bool: causal within each sequence's context; None: plain causal
 
     @classmethod
     def build(cls, meta: PagedAttentionMetadata) -> PagedLayout:
@@ -123,11 +124,14 @@ class PagedLayout:
         token_index = meta.query_start_loc[:-1, None] + slot[None, :]  # [B, max_q]
         query_valid = slot[None, :] < query_lens[:, None]
         num_tokens = int(meta.slot_mapping.shape[0])
+        token_index = token_index.clamp(max=num_tokens - 1)
+        if meta.starts_at_zero:
+            return cls(token_index, query_valid, None)
         query_pos = (meta.seq_lens - query_lens)[:, None] + slot[None, :]  # [B, max_q]
         key_pos = torch.arange(meta.max_seq_len, device=device)
         mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, max_q, S]; query_pos < seq_len when valid
         mask[..., 0] |= ~query_valid  # padded query rows attend to something (then are dropped)
-        return cls(token_index.clamp(max=num_tokens - 1), query_valid, mask[:, None])
+        return cls(token_index, query_valid, mask[:, None])
 
 
 def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -156,23 +160,35 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
     """q: [T, h, d]; k, v: [T, kvh, d]. Writes k/v into the pool, attends over each sequence's blocks."""
     assert meta.kv_caches is not None
     k_cache, v_cache = meta.kv_caches[layer]
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, head_dim = k_cache.shape[2:]
     k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
 
-    num_seqs, max_s, layout = meta.num_seqs, meta.max_seq_len, meta.layout
-    max_blocks = (max_s + block_size - 1) // block_size
-    tables = meta.block_tables[:, :max_blocks]
-    keys = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]  # [B, S, kvh, d]
-    values = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+    layout = meta.layout
     padded_q = q[layout.token_index]  # [B, max_q, h, d]
-
+    if layout.mask is None:
+        # Right-padded rows under a causal mask: a real query never sees a padded key, so no mask is needed,
+        # and SDPA's causal kernel skips the upper triangle.
+        keys, values = k[layout.token_index], v[layout.token_index]  # [B, max_q, kvh, d]
+    else:
+        keys, values = _gather_context(k_cache, v_cache, meta)  # [B, S, kvh, d]
     out = _sdpa_gqa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), layout.mask)
     out = out.transpose(1, 2)  # [B, max_q, h, d]
     return out[layout.query_valid]  # [T, h, d] in flat order
 
 
+def _gather_context(k_cache, v_cache, meta: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's keys and values from its blocks, padded to the longest: [B, S, kvh, d] each."""
+    num_seqs, max_s = meta.num_seqs, meta.max_seq_len
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    tables = meta.block_tables[:, : (max_s + block_size - 1) // block_size]
+    keys = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+    values = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+    return keys, values
+
+
 def _sdpa_gqa(q, k, v, mask):
-    """q: [B, h, T, d]; k, v: [B, kvh, S, d]; mask bool broadcastable to [B, h, T, S]."""
+    """q: [B, h, T, d]; k, v: [B, kvh, S, d]; mask bool broadcastable to [B, h, T, S], or None for causal."""
     grouped = k.shape[1] != q.shape[1]
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=grouped)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped)

@@ -225,6 +225,7 @@ class ModelRunner:
             max_query_len=max(item.num_tokens for item in scheduled),
             max_seq_len=max(seq_lens),
             kv_caches=self.kv_caches,
+            starts_at_zero=all(item.start == 0 for item in scheduled),
         )
         return ModelInputs(
             input_ids=self._tensor(input_ids),
