@@ -25,6 +25,7 @@ from .layers import (
     bidirectional_attention,
     padded_attention,
     paged_attention,
+    project_rows,
 )
 
 COMPAT_MODES = ("ovis", "transformers")
@@ -290,7 +291,7 @@ class Ovis2ForConditionalGeneration(nn.Module):
         return self.model.language_model(inputs_embeds, positions, meta)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return project_rows(hidden, self.lm_head.weight).float()
 
     @property
     def num_kv_layers(self) -> int:
