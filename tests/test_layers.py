@@ -1,11 +1,12 @@
-"""The engine's paged attention against plain per-sequence causal attention, on both of its paths."""
+"""Layer helpers against plain references: the engine's paged attention (both paths), the vocabulary projection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ovis2.layers import PagedAttentionMetadata, paged_attention
+from ovis2.layers import PagedAttentionMetadata, paged_attention, project_rows
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
@@ -57,3 +58,15 @@ def test_prefill_of_uneven_sequences_matches_reference(starts_at_zero):
         torch.testing.assert_close(out[part], reference(q[part], k[part], v[part]), atol=1e-5, rtol=1e-5)
         start += n
     assert torch.equal(k_cache.flatten(0, 1)[BLOCK : BLOCK + lengths[0]], k[: lengths[0]])  # written to the pool
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 48, 49])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_project_rows_equals_linear(rows, dtype):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(20000, 64, generator=generator).to(dtype)  # not a multiple of the chunk
+    x = torch.randn(rows, 64, generator=generator).to(dtype)
+    out = project_rows(x, weight, chunk=4096)
+    assert out.shape == (rows, 20000) and out.dtype == dtype and out.is_contiguous()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), F.linear(x, weight).float(), atol=tolerance, rtol=tolerance)
