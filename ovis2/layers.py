@@ -113,25 +113,28 @@ class PagedAttentionMetadata:
 @dataclass
 class PagedLayout:
     token_index: torch.Tensor  # [B, max_q]: flat index of each padded query slot (clamped)
-    query_valid: torch.Tensor  # [B, max_q] bool: which slots hold a real new token
+    padded_index: torch.Tensor  # [T]: each flat token's slot in the padded [B * max_q] layout
     mask: torch.Tensor | None  # [B, 1, max_q, S] bool: causal within each sequence's context; None: plain causal
 
     @classmethod
     def build(cls, meta: PagedAttentionMetadata) -> PagedLayout:
+        """Device tensor ops only: building the layout never waits for the device."""
         device = meta.seq_lens.device
         query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
         slot = torch.arange(meta.max_query_len, device=device)
-        token_index = meta.query_start_loc[:-1, None] + slot[None, :]  # [B, max_q]
-        query_valid = slot[None, :] < query_lens[:, None]
         num_tokens = int(meta.slot_mapping.shape[0])
-        token_index = token_index.clamp(max=num_tokens - 1)
+        token_index = (meta.query_start_loc[:-1, None] + slot[None, :]).clamp(max=num_tokens - 1)  # [B, max_q]
+        flat = torch.arange(num_tokens, device=device)
+        owner = torch.searchsorted(meta.query_start_loc[1:], flat, right=True)  # [T]: sequence of each token
+        padded_index = owner * meta.max_query_len + flat - meta.query_start_loc[owner]
         if meta.starts_at_zero:
-            return cls(token_index, query_valid, None)
+            return cls(token_index, padded_index, None)
+        query_valid = slot[None, :] < query_lens[:, None]
         query_pos = (meta.seq_lens - query_lens)[:, None] + slot[None, :]  # [B, max_q]
         key_pos = torch.arange(meta.max_seq_len, device=device)
         mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, max_q, S]; query_pos < seq_len when valid
         mask[..., 0] |= ~query_valid  # padded query rows attend to something (then are dropped)
-        return cls(token_index, query_valid, mask[:, None])
+        return cls(token_index, padded_index, mask[:, None])
 
 
 def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -173,8 +176,8 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
     else:
         keys, values = _gather_context(k_cache, v_cache, meta)  # [B, S, kvh, d]
     out = _sdpa_gqa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), layout.mask)
-    out = out.transpose(1, 2)  # [B, max_q, h, d]
-    return out[layout.query_valid]  # [T, h, d] in flat order
+    out = out.transpose(1, 2).flatten(0, 1)  # [B * max_q, h, d]
+    return out[layout.padded_index]  # [T, h, d] in flat order
 
 
 def _gather_context(k_cache, v_cache, meta: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

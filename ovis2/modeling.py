@@ -227,19 +227,26 @@ class Ovis2Model(nn.Module):
         count = self.config.vision_config.num_visual_indicator_tokens
         return self.visual_embeddings_table.weight[-count:]  # [5, H]: START, GRID, COL, ROW, END
 
-    def embed_multimodal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Text embeddings with image atoms and indicators filled in; works for [T] or [B, T] ids."""
+    def embed_multimodal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+                         atom_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Text embeddings with image atoms and indicators filled in; works for [T] or [B, T] ids.
+
+        atom_index: the flat positions of the image atoms in [T] ids, when the caller knows them (the engine):
+        then nothing here waits on the device (no count check, no boolean indexing)."""
         embeds = self.language_model.embed_tokens(input_ids)
-        atoms = input_ids == self.config.image_token_id
-        num_atoms = int(atoms.sum())
-        available = 0 if image_embeds is None else image_embeds.shape[0]
-        if num_atoms != available:
-            raise Ovis2Error(f"the prompt has {num_atoms} image tokens but the images give {available} embeddings")
-        if num_atoms:
-            embeds[atoms] = image_embeds.to(embeds.dtype)
+        if atom_index is None:
+            atoms = input_ids == self.config.image_token_id
+            num_atoms = int(atoms.sum())
+            available = 0 if image_embeds is None else image_embeds.shape[0]
+            if num_atoms != available:
+                raise Ovis2Error(f"the prompt has {num_atoms} image tokens but the images give {available} embeddings")
+            if num_atoms:
+                embeds[atoms] = image_embeds.to(embeds.dtype)
+        elif image_embeds is not None:
+            embeds.index_copy_(0, atom_index, image_embeds.to(embeds.dtype))
         indicators = self.indicator_embeddings().to(embeds.dtype)
         for index, token_id in enumerate(self.config.visual_indicator_token_ids):
-            embeds[input_ids == token_id] = indicators[index]
+            embeds = torch.where((input_ids == token_id).unsqueeze(-1), indicators[index], embeds)
         return embeds
 
 
@@ -284,8 +291,9 @@ class Ovis2ForConditionalGeneration(nn.Module):
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_embeddings(pixel_values.to(self.device, self.dtype), self.compat)
 
-    def embed_multimodal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        return self.model.embed_multimodal(input_ids, image_embeds)
+    def embed_multimodal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+                         atom_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return self.model.embed_multimodal(input_ids, image_embeds, atom_index)
 
     def forward_paged(self, inputs_embeds, positions, meta: PagedAttentionMetadata) -> torch.Tensor:
         return self.model.language_model(inputs_embeds, positions, meta)  # [T, H]

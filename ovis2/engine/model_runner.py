@@ -66,6 +66,7 @@ class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     image_embeds: torch.Tensor | None  # [atoms in this batch, H]
+    atom_index: torch.Tensor  # [atoms in this batch]: their flat positions in input_ids
     meta: PagedAttentionMetadata
     sample_index: torch.Tensor  # [S]: flat index of each sampled row's last token
 
@@ -194,13 +195,13 @@ class ModelRunner:
     def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
         """Hidden states [S_part, H] of this part's sampled rows."""
         inputs = self.build_inputs(scheduled)
-        embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds)  # [T, H]
+        embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds, inputs.atom_index)  # [T, H]
         hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]
         return hidden[inputs.sample_index] if inputs.sample_index.numel() else None
 
     def build_inputs(self, scheduled: list[ScheduledSeq]) -> ModelInputs:
         bs = self.block_size
-        input_ids, positions, slots, image_parts = [], [], [], []
+        input_ids, positions, slots, image_parts, atom_index = [], [], [], [], []
         query_start, seq_lens, sample_index = [0], [], []
         for item in scheduled:
             seq, start, end = item.seq, item.start, item.end
@@ -215,6 +216,8 @@ class ModelRunner:
             part = _image_slice(seq.group, start, end)
             if part is not None:
                 image_parts.append(part)
+                offset = query_start[-2] - start
+                atom_index.extend(offset + p for p in _atom_positions(seq.group, start, end))
         max_blocks = max(len(item.seq.block_table) for item in scheduled)
         tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in scheduled]
         meta = PagedAttentionMetadata(
@@ -231,6 +234,7 @@ class ModelRunner:
             input_ids=self._tensor(input_ids),
             positions=self._tensor(positions),
             image_embeds=torch.cat(image_parts) if image_parts else None,
+            atom_index=self._tensor(atom_index),
             meta=meta,
             sample_index=self._tensor(sample_index),
         )
@@ -255,6 +259,11 @@ def split_by_query_len(scheduled: list[ScheduledSeq], max_waste: float = 1.25) -
             group = []
         group.append(item)
     return parts + ([group] if group else [])
+
+
+def _atom_positions(group: SequenceGroup, start: int, end: int) -> list[int]:
+    """Prompt positions of the image atoms in [start, end)."""
+    return group.atom_positions[group.atoms_before(start) : group.atoms_before(end)]
 
 
 def _image_slice(group: SequenceGroup, start: int, end: int) -> torch.Tensor | None:
