@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .layers import PaddedKVCache
+from .logits_processing import apply_top_k, apply_top_p
 from .tokenizer import DEFAULT_EOS_IDS, PAD_TOKEN_ID
 
 
@@ -28,15 +29,11 @@ def pick_next_tokens(logits, do_sample, temperature, top_p, top_k, generator=Non
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
+    rows = logits.shape[0]
     if top_k and top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = apply_top_k(logits, [top_k] * rows)
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits = apply_top_p(logits, torch.full((rows,), top_p, dtype=logits.dtype, device=logits.device))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..logits_processing import apply_min_p, apply_top_k, apply_top_p
 from .sampling_params import SamplingParams
 
 
@@ -133,33 +134,6 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
         probs = apply_min_p(probs, min_p)
     return probs
-
-
-def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Keep each row's k largest logits (k = 0: all)."""
-    vocab = logits.shape[-1]
-    ks = [k if 0 < k < vocab else vocab for k in top_k]
-    kth = logits.topk(max(ks), dim=-1).values  # [R, max_k]
-    index = torch.tensor([k - 1 for k in ks], device=logits.device)
-    threshold = kth.gather(1, index[:, None])  # [R, 1]
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (the top token always stays)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop = before >= top_p[:, None]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-
-
-def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens less likely than min_p times the most likely one."""
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-    return probs.masked_fill(probs < threshold, 0.0)
 
 
 def gather_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]):

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from ovis2.engine.sampler import SamplingRow, apply_min_p, apply_top_k, apply_top_p, sample
+from ovis2.engine.sampler import SamplingRow, sample
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.errors import Ovis2Error
+from ovis2.logits_processing import apply_min_p, apply_top_k, apply_top_p
 
 
 def row(generator_seed=None, prompt=(), output=(), **params):
