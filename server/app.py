@@ -17,6 +17,7 @@ from .errors import install_error_handlers
 from .media import ImageLoader, MediaPolicy
 from .metrics import ServerMetrics
 from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from .pixel_budget import PixelBudget
 from .routes import router
 from .settings import ServerSettings
 from .state import ServerState
@@ -35,7 +36,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
     state = ServerState(
         settings=settings,
         metrics=ServerMetrics(settings.model_id),
-        images=ImageLoader(MediaPolicy.from_settings(settings)),
+        images=ImageLoader(MediaPolicy.from_settings(settings), budget=PixelBudget(settings.max_image_pixels_in_flight)),
         engine=engine,
     )
 

@@ -111,8 +111,9 @@ async def build_chat_inputs(
     if len(found) > limit:
         raise bad_request(f"the request has {len(found)} images; at most {limit} are allowed", "messages")
     tiles = max_tiles(state, requested_tiles)
-    images = await state.images.load_all([(part.image_url.url, param) for part, param in found])
-    return await asyncio.to_thread(state.engine.processor.prepare_chat, processor_messages(messages, images), tiles)
+    async with state.images.decoded([(part.image_url.url, param) for part, param in found]) as images:
+        prompt = processor_messages(messages, images)
+        return await asyncio.to_thread(state.engine.processor.prepare_chat, prompt, tiles)
 
 
 def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inputs: EngineInputs) -> SamplingParams:

@@ -10,6 +10,7 @@
 - `file://` only inside a directory the operator names.
 - Decoding runs in a thread: only common formats, the pixel count is checked from the header before the
   pixels are decoded, the first frame of animations, truncated or corrupt files are a 400.
+- Decoded pixels held at once, across all requests, stay under a budget (server/pixel_budget.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import io
 import ipaddress
 import re
 import socket
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,6 +34,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from .errors import APIError
+from .pixel_budget import PixelBudget
 from .settings import ServerSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,6 +46,7 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
 )
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # about 1.2 GB of decoded RGB
 # getaddrinfo blocks a thread until the resolver gives up (tens of seconds for a host whose DNS never answers),
 # long after the fetch timed out: in a pool of its own it cannot hold up image decoding and prompt building.
 _DNS_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ovis2-dns")
@@ -174,15 +179,45 @@ class ImageLoader:
 
     policy: MediaPolicy = field(default_factory=MediaPolicy)
     transport: httpx.AsyncBaseTransport | None = None  # tests may inject one
+    budget: PixelBudget = field(default_factory=lambda: PixelBudget(DEFAULT_PIXELS_IN_FLIGHT))
 
-    async def load_all(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
-        """Every (url, param) at once; the first failure wins and names its part."""
-        return list(await asyncio.gather(*(self.load(url, param) for url, param in urls)))
+    @asynccontextmanager
+    async def decoded(self, urls: list[tuple[str, str]]) -> AsyncIterator[list[Image.Image]]:
+        """The images of every (url, param), decoded and held (against the pixel budget) until the block ends.
 
-    async def load(self, url: str, param: str | None = None) -> Image.Image:
+        All are fetched and their headers checked at once (the first failure wins and names its part); then
+        the pixels of all of them are taken from the budget in one go, waiting for other requests to give
+        theirs back when the budget is spent, and the images are decoded."""
+        opened = list(await asyncio.gather(*(self.open(url, param) for url, param in urls)))
+        try:
+            pixels = sum(image.size[0] * image.size[1] for image in opened)
+            if pixels > self.budget.total:
+                raise MediaError(f"the images of this request have {pixels} pixels in total, more than the "
+                                 f"server decodes at once ({self.budget.total})", param="messages")  # fmt: skip
+            async with self.budget.hold(pixels):
+                params = [param for _, param in urls]
+                yield list(await asyncio.gather(*(self._decode(image, p) for image, p in zip(opened, params, strict=True))))
+        finally:
+            for image in opened:
+                image.close()
+
+    async def open(self, url: str, param: str | None = None) -> Image.Image:
+        """Fetched and header-checked, not decoded."""
         try:
             data = await self.read_bytes(url)
-            return await asyncio.to_thread(decode_image, data, self.policy.max_image_pixels)
+            return await asyncio.to_thread(open_image, data, self.policy.max_image_pixels)
+        except MediaError as exc:
+            exc.param = exc.param or param
+            raise
+
+    async def load(self, url: str, param: str | None = None) -> Image.Image:
+        """One image, fetched and decoded (outside the pixel budget)."""
+        return await self._decode(await self.open(url, param), param)
+
+    @staticmethod
+    async def _decode(image: Image.Image, param: str | None) -> Image.Image:
+        try:
+            return await asyncio.to_thread(decode_pixels, image)
         except MediaError as exc:
             exc.param = exc.param or param
             raise
@@ -318,6 +353,11 @@ def read_local_file(url: str, policy: MediaPolicy) -> bytes:
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """An RGB image from encoded bytes: allowed formats only, pixel cap checked before decoding."""
+    return decode_pixels(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with its header read and checked (allowed format, 1 to max_pixels pixels); not decoded yet."""
     if not data:
         raise MediaError("the image is empty")
     try:
@@ -333,8 +373,15 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise MediaError("the image has no pixels")
     if width * height > max_pixels:
         raise MediaError(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+    return image
+
+
+def decode_pixels(image: Image.Image) -> Image.Image:
+    """The first frame of an opened image, decoded to RGB; the opened image is closed."""
     try:
         image.seek(0)  # the first frame of an animation
         return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise MediaError("the image file is corrupt or truncated") from exc
+    finally:
+        image.close()

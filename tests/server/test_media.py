@@ -25,6 +25,11 @@ def load(url: str, **policy) -> Image.Image:
     return asyncio.run(ImageLoader(MediaPolicy(**policy)).load(url, "p"))
 
 
+async def _decode_all(loader: ImageLoader, urls: list[tuple[str, str]]) -> list[Image.Image]:
+    async with loader.decoded(urls) as images:
+        return images
+
+
 def refused(url: str, words: str, **policy) -> MediaError:
     with pytest.raises(MediaError) as info:
         load(url, **policy)
@@ -147,7 +152,7 @@ def test_fetches_run_concurrently(image_server):
     loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL))
     urls = [(image_server.url(f"/slow?s=0.6&i={i}"), f"p{i}") for i in range(4)]
     start = time.monotonic()
-    images = asyncio.run(loader.load_all(urls))
+    images = asyncio.run(_decode_all(loader, urls))
     assert len(images) == 4 and time.monotonic() - start < 2.0
 
 

@@ -1,0 +1,127 @@
+"""The process-wide budget on decoded image pixels (server/pixel_budget.py) and the loader that uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from server.media import ImageLoader, MediaError, MediaPolicy
+from server.pixel_budget import PixelBudget, PixelBudgetExceeded
+from tests.server.conftest import data_url, image_bytes, image_message
+
+
+async def _enter(budget: PixelBudget, pixels: int, log: list, name: str, release: asyncio.Event) -> None:
+    async with budget.hold(pixels):
+        log.append(name)
+        await release.wait()
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_requests_beyond_the_budget_wait_their_turn_in_order():
+    async def scenario():
+        budget, log = PixelBudget(100), []
+        releases = {name: asyncio.Event() for name in "abc"}
+        tasks = [asyncio.create_task(_enter(budget, pixels, log, name, releases[name]))
+                 for name, pixels in (("a", 60), ("b", 50), ("c", 10))]  # fmt: skip
+        await _settle()
+        assert log == ["a"] and budget.in_use == 60  # c would fit, but b came first
+        releases["a"].set()
+        await _settle()
+        assert log == ["a", "b", "c"] and budget.in_use == 60
+        releases["b"].set(), releases["c"].set()
+        await asyncio.gather(*tasks)
+        assert budget.in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_gives_up_takes_nothing():
+    async def scenario():
+        budget, log = PixelBudget(100), []
+        hold_a, never = asyncio.Event(), asyncio.Event()
+        a = asyncio.create_task(_enter(budget, 80, log, "a", hold_a))
+        b = asyncio.create_task(_enter(budget, 90, log, "b", never))
+        c = asyncio.create_task(_enter(budget, 20, log, "c", asyncio.Event()))
+        await _settle()
+        b.cancel()  # the client went away while waiting; c, behind it, fits now
+        await _settle()
+        assert log == ["a", "c"] and budget.in_use == 100
+        c.cancel()
+        hold_a.set()
+        await asyncio.gather(a, return_exceptions=True)
+        await asyncio.gather(b, c, return_exceptions=True)
+        assert budget.in_use == 0 and not budget._waiters
+
+    asyncio.run(scenario())
+
+
+def test_one_request_larger_than_the_budget_is_refused():
+    async def scenario():
+        async with PixelBudget(10).hold(11):
+            pass
+
+    with pytest.raises(PixelBudgetExceeded):
+        asyncio.run(scenario())
+
+
+def _palette_png(size: tuple[int, int]) -> bytes:
+    """A few hundred bytes that decode to width * height RGB pixels."""
+    buffer = io.BytesIO()
+    Image.new("P", size, 0).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_loader_holds_decoded_images_within_the_budget():
+    bomb = data_url(_palette_png((1000, 1000)))
+    assert len(bomb) < 2000
+
+    async def scenario():
+        loader = ImageLoader(MediaPolicy(), budget=PixelBudget(1_500_000))
+        log = []
+
+        async def request(name: str, pause: float) -> None:
+            async with loader.decoded([(bomb, "p")]) as images:
+                log.append((name, "in", loader.budget.in_use))
+                assert images[0].size == (1000, 1000) and images[0].mode == "RGB"
+                await asyncio.sleep(pause)
+                log.append((name, "out"))
+
+        await asyncio.gather(request("first", 0.2), request("second", 0.0))
+        return log, loader.budget.in_use
+
+    log, left = asyncio.run(scenario())
+    assert log == [("first", "in", 1_000_000), ("first", "out"), ("second", "in", 1_000_000), ("second", "out")]
+    assert left == 0
+
+
+def test_loader_refuses_a_request_whose_images_exceed_the_budget():
+    loader = ImageLoader(MediaPolicy(), budget=PixelBudget(1_500_000))
+    urls = [(data_url(_palette_png((1000, 1000))), f"messages[0].content[{i}]") for i in range(2)]
+
+    async def scenario():
+        async with loader.decoded(urls):
+            pass
+
+    with pytest.raises(MediaError) as info:
+        asyncio.run(scenario())
+    assert "2000000 pixels in total" in info.value.message and info.value.param == "messages"
+    assert loader.budget.in_use == 0
+
+
+def test_server_answers_400_and_keeps_serving(make_client):
+    client = make_client(max_image_pixels_in_flight=5000)
+    big = data_url(image_bytes(size=(100, 60)))
+    response = client.post("/v1/chat/completions", json={"messages": [image_message(big)], "max_tokens": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image" and "pixels in total" in error["message"]
+    small = data_url(image_bytes(size=(40, 30)))
+    response = client.post("/v1/chat/completions", json={"messages": [image_message(small)], "max_tokens": 2})
+    assert response.status_code == 200, response.text
