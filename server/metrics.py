@@ -36,6 +36,11 @@ class ServerMetrics:
         self.kv_cache_usage = Gauge("ovis2_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", labels, registry=r)
         self.kv_free_blocks = Gauge("ovis2_kv_cache_free_blocks", "Free KV cache blocks.", labels, registry=r)
         self.kv_total_blocks = Gauge("ovis2_kv_cache_total_blocks", "KV cache blocks in all.", labels, registry=r)
+        self.image_pixels_in_flight = Gauge(
+            "ovis2_image_pixels_in_flight", "Decoded image pixels held against --max-image-pixels-in-flight.",
+            labels, registry=r)
+        self.requests_waiting_for_pixels = Gauge(
+            "ovis2_requests_waiting_for_image_pixels", "Requests waiting for the decoded-pixel budget.", labels, registry=r)
         self.prompt_tokens = Counter("ovis2_prompt_tokens", "Prompt tokens processed, image tokens included.", labels, registry=r)
         self.generation_tokens = Counter("ovis2_generation_tokens", "Output tokens generated.", labels, registry=r)
         self.image_tokens = Counter("ovis2_image_tokens", "Prompt tokens that stand for images.", labels, registry=r)
@@ -58,6 +63,10 @@ class ServerMetrics:
         self.kv_cache_usage.labels(**self._labels).set(stats.kv_cache_usage)
         self.kv_free_blocks.labels(**self._labels).set(stats.num_free_blocks)
         self.kv_total_blocks.labels(**self._labels).set(stats.num_total_blocks)
+
+    def update_pixel_budget(self, budget) -> None:
+        self.image_pixels_in_flight.labels(**self._labels).set(budget.in_use)
+        self.requests_waiting_for_pixels.labels(**self._labels).set(budget.num_waiting)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

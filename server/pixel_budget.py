@@ -25,6 +25,10 @@ class PixelBudget:
         self.in_use = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiters)
+
     @asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
         if pixels > self.total:

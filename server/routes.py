@@ -74,4 +74,5 @@ async def health(state: State) -> Response:
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     state.metrics.update_engine_stats(state.engine.stats)
+    state.metrics.update_pixel_budget(state.images.budget)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

@@ -31,7 +31,7 @@ def test_requests_beyond_the_budget_wait_their_turn_in_order():
         tasks = [asyncio.create_task(_enter(budget, pixels, log, name, releases[name]))
                  for name, pixels in (("a", 60), ("b", 50), ("c", 10))]  # fmt: skip
         await _settle()
-        assert log == ["a"] and budget.in_use == 60  # c would fit, but b came first
+        assert log == ["a"] and budget.in_use == 60 and budget.num_waiting == 2  # c would fit, but b came first
         releases["a"].set()
         await _settle()
         assert log == ["a", "b", "c"] and budget.in_use == 60
@@ -125,3 +125,9 @@ def test_server_answers_400_and_keeps_serving(make_client):
     small = data_url(image_bytes(size=(40, 30)))
     response = client.post("/v1/chat/completions", json={"messages": [image_message(small)], "max_tokens": 2})
     assert response.status_code == 200, response.text
+
+
+def test_metrics_show_the_budget(client):
+    text = client.get("/metrics").text
+    assert 'ovis2_image_pixels_in_flight{model_name="fake-model"} 0.0' in text
+    assert 'ovis2_requests_waiting_for_image_pixels{model_name="fake-model"} 0.0' in text
