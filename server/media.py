@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import logging
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -50,6 +51,7 @@ DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # about 1.2 GB of decoded RGB
 # getaddrinfo blocks a thread until the resolver gives up (tens of seconds for a host whose DNS never answers),
 # long after the fetch timed out: in a pool of its own it cannot hold up image decoding and prompt building.
 _DNS_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ovis2-dns")
+logger = logging.getLogger(__name__)
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 
 
@@ -143,7 +145,10 @@ def host_allowed(host: str, policy: MediaPolicy) -> bool:
 
 
 async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddress:
-    """The first address of `host` that the policy allows; the fetch then connects to exactly that one."""
+    """The first address of `host` that the policy allows; the fetch then connects to exactly that one.
+
+    A name that does not resolve and a name that resolves only to refused addresses get the same answer, so
+    clients cannot map which internal names exist; the log says which it was."""
     try:
         return _checked(ipaddress.ip_address(host), policy)
     except ValueError:
@@ -152,7 +157,8 @@ async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddres
     try:
         infos = await loop.run_in_executor(_DNS_THREADS, partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
     except (socket.gaierror, UnicodeError) as exc:
-        raise MediaError(f"cannot resolve image host '{host}'") from exc
+        logger.info("image host %r does not resolve: %s", host, exc)
+        raise _unreachable(host) from exc
     problems = []
     for *_, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
@@ -160,7 +166,12 @@ async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddres
         if problem is None:
             return ip
         problems.append(problem)
-    raise MediaError(f"image host '{host}' resolves to {problems[0] if problems else 'no address'}; refused")
+    logger.info("image host %r resolves to %s; refused", host, problems[0] if problems else "no address")
+    raise _unreachable(host)
+
+
+def _unreachable(host: str) -> MediaError:
+    return MediaError(f"image host '{host}' does not resolve to a public address this server may fetch from")
 
 
 def _checked(ip: IPAddress, policy: MediaPolicy) -> IPAddress:

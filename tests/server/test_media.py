@@ -242,3 +242,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_unresolvable_and_private_names_get_the_same_answer(monkeypatch):
+    """Otherwise a client could map which internal names exist from the error text."""
+
+    def fake_getaddrinfo(host, port, type=0):
+        if host == "nowhere.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    missing = refused("http://nowhere.example/x.png", "public address")
+    private = refused("http://intranet.example/x.png", "public address")
+    assert missing.message.replace("nowhere", "NAME") == private.message.replace("intranet", "NAME")
