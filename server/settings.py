@@ -35,6 +35,7 @@ class ServerSettings(BaseSettings):
     image_processor: Literal["pil", "fast"] = Field(
         "pil", description="Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' (torch, about 3x faster, mean pixel difference under 0.01).")
     seed: int = Field(0, description="Engine seed for requests that give none.")
+    enforce_eager: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs (slower; for debugging).")
 
     # HTTP.
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
@@ -78,6 +79,6 @@ class ServerSettings(BaseSettings):
             "model", "compat", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
             "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_images_per_request",
             "max_tiles_per_image", "max_waiting_requests", "visual_cache_size", "enable_prefix_caching",
-            "image_processor", "seed",
+            "image_processor", "seed", "enforce_eager",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names}

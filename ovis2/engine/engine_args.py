@@ -26,6 +26,7 @@ class EngineArgs:
     visual_cache_size: int = 64  # images whose visual embeddings stay cached (LRU)
     enable_prefix_caching: bool = True
     image_processor: str = "pil"  # "pil" (bit-faithful resizes) | "fast" (torch resizes, ~3x faster)
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -78,6 +78,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.groups: dict[str, SequenceGroup] = {}
         self.max_model_len = self._max_model_len()
+        if self.runner.device.type == "cuda" and not args.enforce_eager:
+            self.runner.enable_decode_graphs(self.max_model_len, capture=True)
         self.request_hook: Callable[[SequenceGroup], None] | None = None  # tests inject per-request faults here
         self.seed_generator = torch.Generator().manual_seed(args.seed)
         self.counters = {"num_prompt_tokens": 0, "num_cached_tokens": 0, "num_generated_tokens": 0,

@@ -16,6 +16,7 @@ import torch
 
 from ..layers import PagedAttentionMetadata
 from ..tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
+from .decode_graphs import DecodeGraphs
 from .inputs import ImageInput
 from .scheduler import ScheduledSeq
 from .sequence import SequenceGroup
@@ -83,18 +84,24 @@ class ModelRunner:
         self.num_vision_calls = 0
         block_shape = model.kv_cache_block_shape(self.block_size)
         self.bytes_per_block = kv_bytes_per_block(model.num_kv_layers, block_shape, model.dtype)
-        self.num_blocks = kv_pool_budget(args, self.device) // self.bytes_per_block
+        self.num_blocks = kv_pool_budget(args, self.device) // self.bytes_per_block  # the block manager's
+        self.scratch_block = self.num_blocks  # one more, owned by no sequence: padded decode rows write here
+        self.decode_graphs: DecodeGraphs | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = model.config.vocab_size
         self.banned_ids = torch.tensor([t for t in NEVER_GENERATED_IDS if t < self.vocab_size], device=self.device)
 
     def allocate_kv_cache(self) -> None:
-        shape = (self.num_blocks, *self.model.kv_cache_block_shape(self.block_size))
+        shape = (self.num_blocks + 1, *self.model.kv_cache_block_shape(self.block_size))
         dtype = self.model.dtype
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(self.model.num_kv_layers)
         ]
+
+    def enable_decode_graphs(self, max_model_len: int, capture: bool) -> None:
+        """Plain decode steps run on fixed shapes (decode_graphs.py), captured as CUDA graphs when `capture`."""
+        self.decode_graphs = DecodeGraphs(self, max_model_len, capture)
 
     # --- images
     def visual_key(self, image: ImageInput) -> tuple:
@@ -194,6 +201,11 @@ class ModelRunner:
 
     def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
         """Hidden states [S_part, H] of this part's sampled rows."""
+        bucket = self.decode_graphs.bucket_for(scheduled) if self.decode_graphs is not None else None
+        if bucket is not None:
+            hidden = self.decode_graphs.run(scheduled, bucket)  # [len(scheduled), H]
+            rows = [i for i, item in enumerate(scheduled) if item.samples]
+            return hidden if len(rows) == len(scheduled) else hidden[self._tensor(rows)]
         inputs = self.build_inputs(scheduled)
         embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds, inputs.atom_index)  # [T, H]
         hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]

@@ -8,7 +8,9 @@ import torch
 from ovis2.demo import tiny_config, write_checkpoint
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.llm_engine import LLMEngine
+from ovis2.engine.sampling_params import SamplingParams
 from ovis2.tokenizer import build_tokenizer
+from tests.engine.prompts import chat_prompt, random_image, text_ids
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +60,30 @@ def reference_tokens(model, inputs, max_new_tokens: int) -> list[int]:
     ids = torch.tensor([inputs.prompt_token_ids])
     out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
+
+
+GREEDY = dict(temperature=0.0)
+
+
+def mixed_requests():
+    """16 requests: text-only, one image, two images; different prompt and output lengths."""
+    images = [random_image(seed, grid) for seed, grid in enumerate([(1, 1), (1, 2), (1, 1), (2, 1)])]
+    requests = {}
+    for i in range(16):
+        kind = i % 4
+        pictures = [] if kind == 0 else [images[i % 4]] if kind in (1, 2) else [images[0], images[(i // 4) % 4]]
+        prompt = chat_prompt(text_ids(i, 3 + 7 * i), pictures)
+        requests[f"r{i}"] = (prompt, SamplingParams(max_tokens=4 + i % 9, **GREEDY))
+    return requests
+
+
+@pytest.fixture(scope="session")
+def reference(engine_model):
+    return {rid: reference_tokens(engine_model, inputs, p.max_tokens) for rid, (inputs, p) in mixed_requests().items()}
+
+
+def assert_matches_reference(final, reference):
+    for rid, expected in reference.items():
+        completion = final[rid].outputs[0]
+        assert completion.token_ids == expected, rid
+        assert completion.finish_reason == ("stop" if expected[-1] in (151645, 151643) else "length")

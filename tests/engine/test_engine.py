@@ -4,34 +4,14 @@ import pytest
 
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.errors import Ovis2Error
-from tests.engine.conftest import reference_tokens, run_to_completion
+from tests.engine.conftest import (
+    GREEDY,
+    assert_matches_reference,
+    mixed_requests,
+    reference_tokens,
+    run_to_completion,
+)
 from tests.engine.prompts import chat_prompt, random_image, text_ids
-
-GREEDY = dict(temperature=0.0)
-
-
-def mixed_requests():
-    """16 requests: text-only, one image, two images; different prompt and output lengths."""
-    images = [random_image(seed, grid) for seed, grid in enumerate([(1, 1), (1, 2), (1, 1), (2, 1)])]
-    requests = {}
-    for i in range(16):
-        kind = i % 4
-        pictures = [] if kind == 0 else [images[i % 4]] if kind in (1, 2) else [images[0], images[(i // 4) % 4]]
-        prompt = chat_prompt(text_ids(i, 3 + 7 * i), pictures)
-        requests[f"r{i}"] = (prompt, SamplingParams(max_tokens=4 + i % 9, **GREEDY))
-    return requests
-
-
-@pytest.fixture(scope="module")
-def reference(engine_model):
-    return {rid: reference_tokens(engine_model, inputs, p.max_tokens) for rid, (inputs, p) in mixed_requests().items()}
-
-
-def assert_matches_reference(final, reference):
-    for rid, expected in reference.items():
-        completion = final[rid].outputs[0]
-        assert completion.token_ids == expected, rid
-        assert completion.finish_reason == ("stop" if expected[-1] in (151645, 151643) else "length")
 
 
 def test_concurrent_mixed_requests_match_generate_one_at_a_time(make_engine, reference):

@@ -7,6 +7,7 @@ there is no device to wait for, so this records the operations that would wait, 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,8 +44,11 @@ def test_recorder_sees_the_waits_it_looks_for():
     assert len(recorder.ops) == 3, recorder.ops
 
 
-def test_engine_steps_run_the_model_without_host_waits(make_engine):
+@pytest.mark.parametrize("fixed_decode", [False, True], ids=["eager", "fixed-shape decode"])
+def test_engine_steps_run_the_model_without_host_waits(make_engine, fixed_decode):
     engine = make_engine(max_num_batched_tokens=300)  # the image prompt prefills in chunks
+    if fixed_decode:  # what CUDA graphs capture: a wait there would fail the capture
+        engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     engine.add_request("image", chat_prompt(text_ids(1, 7), [random_image(1, (1, 2))]), params)
     engine.add_request("text", chat_prompt(text_ids(2, 11)), params)
@@ -55,6 +59,7 @@ def test_engine_steps_run_the_model_without_host_waits(make_engine):
         engine.step()
     assert len(recorded["execute"]) > 4  # chunked prefill with an image, then decodes
     assert engine.runner.num_encoded_images == 1
+    assert bool(engine.runner.decode_graphs and engine.runner.decode_graphs.buckets) == fixed_decode
     assert all(ops == [] for calls in recorded.values() for ops in calls), recorded
 
 
