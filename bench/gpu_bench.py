@@ -86,6 +86,23 @@ def sequential_tok_s(model, requests, output_tokens: int) -> float:
     return len(requests) * output_tokens / (time.perf_counter() - start)
 
 
+def measure(engine: LLMEngine, model, concurrency: int, args, baseline: float) -> dict:
+    engine.scheduler.max_num_seqs = concurrency
+    for length in (args.prompt_tokens, args.prompt_tokens + args.output_tokens):  # capture the buckets first
+        engine.block_manager.reset_prefix_cache()
+        engine_tok_s(engine, prompts(concurrency, length, seed=1000 + length), 3)
+    engine.block_manager.reset_prefix_cache()
+    tok_s, step_ms = engine_tok_s(engine, prompts(concurrency, args.prompt_tokens, seed=concurrency), args.output_tokens)
+    floor_ms = bandwidth_floor_ms(model, concurrency, args.prompt_tokens + args.output_tokens // 2, args.bandwidth_tbs)
+    return {
+        "concurrency": concurrency, "engine_tok_s": round(tok_s, 1),
+        "ratio_vs_sequential": round(tok_s / baseline, 2),
+        "decode_step_ms": None if step_ms is None else round(step_ms, 3),
+        "bandwidth_floor_step_ms": round(floor_ms, 3),
+        "step_over_floor": None if step_ms is None else round(step_ms / floor_ms, 2),
+    }  # fmt: skip
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -100,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--sequential-requests", type=int, default=4, help="baseline requests (one at a time)")
     parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument("--modes", nargs="+", choices=("graphs", "eager"), default=["graphs", "eager"],
+                        help="decode steps replayed as CUDA graphs (fixed shapes, eager on CPU) and/or eager")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.0,
                         help="memory bandwidth for the floor, TB/s (measured: H100 ~3.0, H200 ~4.3)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -117,21 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(engine_args, model=model, tokenizer=build_tokenizer())
     engine_tok_s(engine, prompts(1, 16, seed=99), 4)  # warm-up
     baseline = sequential_tok_s(model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens)
-    context = args.prompt_tokens + args.output_tokens // 2
+    graphs = engine.runner.decode_graphs
+    if graphs is None:  # CPU: the same fixed-shape path, run eagerly
+        engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
+        graphs = engine.runner.decode_graphs
     results = []
-    for concurrency in args.concurrency:
-        engine.scheduler.max_num_seqs = concurrency
-        engine.block_manager.reset_prefix_cache()
-        requests = prompts(concurrency, args.prompt_tokens, seed=concurrency)
-        tok_s, step_ms = engine_tok_s(engine, requests, args.output_tokens)
-        floor_ms = bandwidth_floor_ms(model, concurrency, context, args.bandwidth_tbs)
-        results.append({
-            "concurrency": concurrency, "engine_tok_s": round(tok_s, 1),
-            "ratio_vs_sequential": round(tok_s / baseline, 2),
-            "decode_step_ms": None if step_ms is None else round(step_ms, 3),
-            "bandwidth_floor_step_ms": round(floor_ms, 3),
-            "step_over_floor": None if step_ms is None else round(step_ms / floor_ms, 2),
-        })  # fmt: skip
+    for mode in args.modes:
+        engine.runner.decode_graphs = graphs if mode == "graphs" else None
+        for concurrency in args.concurrency:
+            results.append({"mode": mode, **measure(engine, model, concurrency, args, baseline)})
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(json.dumps({"device": device, "tiny": args.tiny, "prompt_tokens": args.prompt_tokens,
                       "output_tokens": args.output_tokens, "sequential_tok_s": round(baseline, 1),

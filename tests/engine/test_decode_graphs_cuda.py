@@ -1,0 +1,28 @@
+"""On CUDA, decode steps replayed as CUDA graphs give the tokens of eager steps (bench/gpu_session.sh runs this)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.llm_engine import LLMEngine
+from tests.engine.conftest import mixed_requests, run_to_completion
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_graph_replays_match_eager_steps(engine_checkpoint, tokenizer):
+    from ovis2.modeling import Ovis2ForConditionalGeneration
+
+    model = Ovis2ForConditionalGeneration.from_pretrained(str(engine_checkpoint), dtype="float32", device="cuda")
+    finals = {}
+    for eager in (False, True):
+        args = EngineArgs(model=str(engine_checkpoint), dtype="float32", device="cuda", enforce_eager=eager,
+                          kv_cache_memory=64 * 1024 * 1024)  # fmt: skip
+        engine = LLMEngine(args, model=model, tokenizer=tokenizer)
+        assert (engine.runner.decode_graphs is None) == eager
+        finals[eager] = {rid: out.outputs[0].token_ids for rid, out in run_to_completion(engine, mixed_requests()).items()}
+        if not eager:
+            assert any(fixed.graph is not None for fixed in engine.runner.decode_graphs.buckets.values())
+    assert finals[False] == finals[True]
