@@ -314,7 +314,7 @@ def _completion(seq: Sequence) -> CompletionOutput:
     """Everything so far plus what is new since the last output of this sequence."""
     finished = seq.is_finished
     delta_text = seq.detok.take_delta(finished)
-    output_ids = seq.output_token_ids
+    output_ids = list(seq.output_token_ids)
     first_new = seq.num_reported_tokens
     seq.num_reported_tokens = len(output_ids)
     logprobs = None if seq.logprobs is None else list(seq.logprobs)

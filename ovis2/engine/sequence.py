@@ -36,6 +36,7 @@ class Sequence:
         self.group = group
         self.index = index
         self.token_ids: list[int] = list(group.prompt_token_ids)
+        self._output_ids: list[int] = []  # the generated tail of token_ids, kept apart so reading it copies nothing
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first admission)
         self.block_table: list[int] = []
@@ -64,11 +65,12 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
+        """The generated tokens: the sequence's own list, which grows (copy it to keep a snapshot)."""
+        return self._output_ids
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
+        return len(self._output_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -89,6 +91,7 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self._output_ids.append(token_id)
 
     def reset_for_recompute(self) -> None:
         """Preempted: every block is gone; recompute prompt + outputs when scheduled again."""
