@@ -1,0 +1,88 @@
+"""The engine's CPU time per decode step outside the model: scheduling, input building, sampling, outputs.
+
+    .venv/bin/python -m bench.bench_engine_overhead [--sequences 64] [--output-tokens 256]
+
+On a GPU a decode step of a 2B model at batch 64 needs about 1.5 ms of memory traffic (performance.md); the
+Python around it must stay well under that or it becomes the bottleneck. This runs the engine on a model so
+small (1 layer, hidden 32, a 4096-word head in place of the 151936-word one) that its compute is negligible,
+and reports milliseconds per step inside `ModelRunner.execute` (input building + the model) and outside it,
+and the outside part per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ovis2.demo import random_init_, tiny_config
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.inputs import EngineInputs
+from ovis2.engine.llm_engine import LLMEngine
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.modeling import Ovis2ForConditionalGeneration
+from ovis2.tokenizer import build_tokenizer
+
+HEAD_WORDS = 4096
+
+
+def build_engine(sequences: int) -> LLMEngine:
+    text = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+    with torch.device("meta"):
+        model = Ovis2ForConditionalGeneration(tiny_config(text=text))
+    model = model.to_empty(device="cpu")
+    random_init_(model, seed=0)
+    head = torch.randn(HEAD_WORDS, 32, generator=torch.Generator().manual_seed(1))
+    model.compute_logits = lambda hidden: (hidden @ head.t()).float()  # ids < HEAD_WORDS only
+    args = EngineArgs(model="unused", dtype="float32", device="cpu", max_num_seqs=sequences,
+                      kv_cache_memory=512 * 1024 * 1024, max_model_len=4096)  # fmt: skip
+    engine = LLMEngine(args, model=model.eval(), tokenizer=build_tokenizer())
+    engine.runner.banned_ids = torch.zeros(0, dtype=torch.long)  # the special ids lie beyond the small head
+    return engine
+
+
+def run(engine: LLMEngine, sequences: int, output_tokens: int, tag: str) -> int:
+    generator = torch.Generator().manual_seed(len(tag))
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+    for index in range(sequences):
+        prompt = torch.randint(100, HEAD_WORDS, (128,), generator=generator).tolist()
+        engine.add_request(f"{tag}-{index}", EngineInputs(prompt), params)
+    steps = 0
+    while engine.has_unfinished_requests:
+        engine.step()
+        steps += 1
+    return steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    engine = build_engine(args.sequences)
+    run(engine, args.sequences, 4, "warm-up")
+    execute, inside = engine.runner.execute, [0.0]
+
+    def timed_execute(scheduled):
+        start = time.perf_counter()
+        try:
+            return execute(scheduled)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    engine.runner.execute = timed_execute
+    start = time.perf_counter()
+    steps = run(engine, args.sequences, args.output_tokens, "timed")
+    total = time.perf_counter() - start
+    outside = total - inside[0]
+    print(json.dumps({"sequences": args.sequences, "output_tokens": args.output_tokens, "steps": steps,
+                      "step_ms": round(total / steps * 1e3, 3), "execute_ms": round(inside[0] / steps * 1e3, 3),
+                      "outside_execute_ms": round(outside / steps * 1e3, 3),
+                      "outside_us_per_sequence": round(outside / steps / args.sequences * 1e6, 1)}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
