@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..layers import PagedAttentionMetadata
+from .block_tables import padded_block_tables
 from .scheduler import ScheduledSeq
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -87,23 +88,21 @@ class FixedDecode:
 
     def _load(self, scheduled: list[ScheduledSeq]) -> None:
         bs, scratch, padding = self.block_size, self.scratch_block, self.batch - len(scheduled)
-        ids, positions, slots, seq_lens, tables = [], [], [], [], []
+        ids, positions, slots, seq_lens = [], [], [], []
         for item in scheduled:
             seq, position = item.seq, item.start
-            table = seq.block_table
             ids.append(seq.token_ids[position])
             positions.append(position)
-            slots.append(table[position // bs] * bs + position % bs)
+            slots.append(seq.block_table[position // bs] * bs + position % bs)
             seq_lens.append(position + 1)
-            tables.append(table + [scratch] * (self.blocks - len(table)))
         ids += [0] * padding
         positions += [0] * padding
         slots += [scratch * bs] * padding
         seq_lens += [1] * padding
-        tables += [[scratch] * self.blocks] * padding
+        tables = padded_block_tables([item.seq.block_table for item in scheduled], self.batch, self.blocks, scratch)
         for static, values in ((self.input_ids, ids), (self.positions, positions), (self.slot_mapping, slots),
                                (self.seq_lens, seq_lens), (self.block_tables, tables)):  # fmt: skip
-            source = torch.tensor(values, dtype=torch.long)
+            source = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
             if static.device.type == "cuda":
                 source = source.pin_memory()
             static.copy_(source, non_blocking=True)

@@ -16,6 +16,7 @@ import torch
 
 from ..layers import PagedAttentionMetadata
 from ..tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
+from .block_tables import padded_block_tables
 from .decode_graphs import DecodeGraphs
 from .inputs import ImageInput
 from .scheduler import ScheduledSeq
@@ -231,12 +232,12 @@ class ModelRunner:
                 offset = query_start[-2] - start
                 atom_index.extend(offset + p for p in _atom_positions(seq.group, start, end))
         max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in scheduled]
+        tables = padded_block_tables([item.seq.block_table for item in scheduled], len(scheduled), max_blocks, 0)
         meta = PagedAttentionMetadata(
             slot_mapping=self._tensor(slots),
             query_start_loc=self._tensor(query_start),
             seq_lens=self._tensor(seq_lens),
-            block_tables=self._tensor(tables),
+            block_tables=self._to_device(tables),
             max_query_len=max(item.num_tokens for item in scheduled),
             max_seq_len=max(seq_lens),
             kv_caches=self.kv_caches,
@@ -252,7 +253,9 @@ class ModelRunner:
         )
 
     def _tensor(self, values) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=torch.long)
+        return self._to_device(torch.tensor(values, dtype=torch.long))
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
