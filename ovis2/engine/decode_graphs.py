@@ -13,12 +13,15 @@ MAX_TOKEN_SLOTS allows) run on the runner's eager path.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..layers import PagedAttentionMetadata
 from .block_tables import padded_block_tables
 from .scheduler import ScheduledSeq
 
+logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_CONTEXT_BLOCKS = 16
 # batch x context tokens of the largest bucket: bounds the K/V each layer gathers inside a graph
@@ -117,6 +120,7 @@ class DecodeGraphs:
         self.batch_buckets = BATCH_BUCKETS
         self.context_buckets = context_buckets(-(-max_model_len // runner.block_size))
         self.buckets: dict[tuple[int, int], FixedDecode] = {}
+        self.failed: set[tuple[int, int]] = set()  # buckets whose capture failed: those steps run eagerly
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def bucket_for(self, scheduled: list[ScheduledSeq]) -> tuple[int, int] | None:
@@ -128,14 +132,21 @@ class DecodeGraphs:
         blocks = next_bucket(max(len(item.seq.block_table) for item in scheduled), self.context_buckets)
         if batch is None or blocks is None or batch * blocks * self.runner.block_size > MAX_TOKEN_SLOTS:
             return None
-        return batch, blocks
+        return None if (batch, blocks) in self.failed else (batch, blocks)
 
-    def run(self, scheduled: list[ScheduledSeq], bucket: tuple[int, int]) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], bucket: tuple[int, int]) -> torch.Tensor | None:
+        """Hidden states [len(scheduled), H], or None when this bucket's graph cannot be captured (the caller
+        then runs the step eagerly, as it will every later step of this bucket)."""
         fixed = self.buckets.get(bucket)
         if fixed is None:
             runner = self.runner
             fixed = FixedDecode(runner.model, runner.kv_caches, runner.block_size, runner.scratch_block, *bucket)
             if self.capture:
-                fixed.capture(self.pool)
+                try:
+                    fixed.capture(self.pool)
+                except Exception:  # noqa: BLE001 - out of memory, an op capture does not allow: stay eager
+                    logger.exception("capturing the decode graph for (batch, blocks) %s failed; running eagerly", bucket)
+                    self.failed.add(bucket)
+                    return None
             self.buckets[bucket] = fixed
         return fixed.run(scheduled)

@@ -203,8 +203,8 @@ class ModelRunner:
     def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
         """Hidden states [S_part, H] of this part's sampled rows."""
         bucket = self.decode_graphs.bucket_for(scheduled) if self.decode_graphs is not None else None
-        if bucket is not None:
-            hidden = self.decode_graphs.run(scheduled, bucket)  # [len(scheduled), H]
+        hidden = self.decode_graphs.run(scheduled, bucket) if bucket is not None else None  # [len(scheduled), H]
+        if hidden is not None:
             rows = [i for i, item in enumerate(scheduled) if item.samples]
             return hidden if len(rows) == len(scheduled) else hidden[self._tensor(rows)]
         inputs = self.build_inputs(scheduled)

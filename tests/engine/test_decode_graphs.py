@@ -66,3 +66,21 @@ def test_steps_outside_the_buckets_run_eagerly(make_engine, monkeypatch):
     fixed = run_to_completion(engine, requests)
     assert not engine.runner.decode_graphs.buckets
     assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {k: v.outputs[0].token_ids for k, v in eager.items()}
+
+
+def test_a_bucket_whose_capture_fails_runs_eagerly_from_then_on(make_engine, monkeypatch):
+    attempts = []
+
+    def failing_capture(self, pool):
+        attempts.append((self.batch, self.blocks))
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(decode_graphs.FixedDecode, "capture", failing_capture)
+    engine = fixed_decode_engine(make_engine)
+    engine.runner.decode_graphs.capture = True  # what CUDA does; the pool is not needed by the failing capture
+    requests = _requests(3)
+    eager = run_to_completion(make_engine(), requests)
+    fixed = run_to_completion(engine, requests)
+    assert attempts == [(4, 16)] and engine.runner.decode_graphs.failed == {(4, 16)}  # tried once, not per step
+    assert not engine.runner.decode_graphs.buckets
+    assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {k: v.outputs[0].token_ids for k, v in eager.items()}
