@@ -168,6 +168,8 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
 
     layout = meta.layout
+    if meta.max_query_len == 1 and layout.mask is not None:
+        return _decode_attention(q, k_cache, v_cache, meta)
     padded_q = q[layout.token_index]  # [B, max_q, h, d]
     if layout.mask is None:
         # Right-padded rows under a causal mask: a real query never sees a padded key, so no mask is needed,
@@ -178,6 +180,18 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
     out = _sdpa_gqa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), layout.mask)
     out = out.transpose(1, 2).flatten(0, 1)  # [B * max_q, h, d]
     return out[layout.padded_index]  # [T, h, d] in flat order
+
+
+def _decode_attention(q, k_cache, v_cache, meta: PagedAttentionMetadata) -> torch.Tensor:
+    """One new token per sequence (q: [B, h, d]). The query heads sharing a KV head ride in the query-length
+    dimension, [B, kvh, h / kvh, d], so grouped-query attention needs no repeated keys and values."""
+    num_seqs, num_heads, head_dim = q.shape
+    keys, values = _gather_context(k_cache, v_cache, meta)  # [B, S, kvh, d]
+    num_kv_heads = keys.shape[2]
+    grouped_q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)  # [B, kvh, S, d]
+    out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=meta.layout.mask)  # [B, kvh, g, d]
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def _gather_context(k_cache, v_cache, meta: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
