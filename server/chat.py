@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +12,8 @@ from PIL import Image
 
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, bad_request
-from .generation import ENGINE_FAILED, failed, generate, respond
+from .generation import ENGINE_FAILED, ClientDisconnected, failed, generate, respond, unless_disconnected
+from .media import finish_in_thread
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,7 +47,10 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     problem = unsupported_chat_fields(request)
     if problem is not None:
         raise bad_request(problem[1], problem[0])
-    inputs = await build_chat_inputs(state, request.messages, request.max_tiles_per_image)
+    try:  # a client that leaves while its images wait for the pixel budget gives its place back
+        inputs = await unless_disconnected(build_chat_inputs(state, request.messages, request.max_tiles_per_image), raw)
+    except ClientDisconnected:
+        return Response(status_code=499)
     state.metrics.observe(state.metrics.preprocess_time, time.monotonic() - arrival)
     params = chat_sampling_params(state, request, inputs)
     request_id = random_id("chatcmpl")
@@ -113,7 +116,7 @@ async def build_chat_inputs(
     tiles = max_tiles(state, requested_tiles)
     async with state.images.decoded([(part.image_url.url, param) for part, param in found]) as images:
         prompt = processor_messages(messages, images)
-        return await asyncio.to_thread(state.engine.processor.prepare_chat, prompt, tiles)
+        return await finish_in_thread(state.engine.processor.prepare_chat, prompt, tiles)
 
 
 def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inputs: EngineInputs) -> SamplingParams:

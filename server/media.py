@@ -47,7 +47,7 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
 )
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # about 1.2 GB of decoded RGB
+DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # Pillow keeps RGB at 4 bytes a pixel: about 1.6 GB decoded
 # getaddrinfo blocks a thread until the resolver gives up (tens of seconds for a host whose DNS never answers),
 # long after the fetch timed out: in a pool of its own it cannot hold up image decoding and prompt building.
 _DNS_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ovis2-dns")
@@ -196,21 +196,41 @@ class ImageLoader:
     async def decoded(self, urls: list[tuple[str, str]]) -> AsyncIterator[list[Image.Image]]:
         """The images of every (url, param), decoded and held (against the pixel budget) until the block ends.
 
-        All are fetched and their headers checked at once (the first failure wins and names its part); then
-        the pixels of all of them are taken from the budget in one go, waiting for other requests to give
-        theirs back when the budget is spent, and the images are decoded."""
-        opened = list(await asyncio.gather(*(self.open(url, param) for url, param in urls)))
+        All are fetched and their headers checked at once (the first failure in part order wins and names its
+        part; the other fetches are cancelled); then the pixels of all of them are taken from the budget in one
+        go, waiting for other requests to give theirs back when the budget is spent, and the images are decoded.
+        Every image is closed when the block ends, and no decoding thread outlives the hold."""
+        opened = await self._open_all(urls)
+        decoded: list[Image.Image] = []
         try:
             pixels = sum(image.size[0] * image.size[1] for image in opened)
             if pixels > self.budget.total:
                 raise MediaError(f"the images of this request have {pixels} pixels in total, more than the "
                                  f"server decodes at once ({self.budget.total})", param="messages")  # fmt: skip
             async with self.budget.hold(pixels):
-                params = [param for _, param in urls]
-                yield list(await asyncio.gather(*(self._decode(image, p) for image, p in zip(opened, params, strict=True))))
+                decoded = await _decode_all(opened, [param for _, param in urls])
+                yield decoded
         finally:
+            for image in (*opened, *decoded):
+                image.close()
+
+    async def _open_all(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
+        if not urls:
+            return []
+        tasks = [asyncio.ensure_future(self.open(url, param)) for url, param in urls]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()  # the rest, after a failure or when the caller is cancelled
+            await asyncio.wait(tasks)
+        opened = [task.result() for task in tasks if not task.cancelled() and task.exception() is None]
+        errors = [task.exception() for task in tasks if not task.cancelled() and task.exception() is not None]
+        if errors or len(opened) < len(tasks):
             for image in opened:
                 image.close()
+            raise errors[0] if errors else asyncio.CancelledError()
+        return opened
 
     async def open(self, url: str, param: str | None = None) -> Image.Image:
         """Fetched and header-checked, not decoded."""
@@ -223,15 +243,7 @@ class ImageLoader:
 
     async def load(self, url: str, param: str | None = None) -> Image.Image:
         """One image, fetched and decoded (outside the pixel budget)."""
-        return await self._decode(await self.open(url, param), param)
-
-    @staticmethod
-    async def _decode(image: Image.Image, param: str | None) -> Image.Image:
-        try:
-            return await asyncio.to_thread(decode_pixels, image)
-        except MediaError as exc:
-            exc.param = exc.param or param
-            raise
+        return (await _decode_all([await self.open(url, param)], [param]))[0]
 
     async def read_bytes(self, url: str) -> bytes:
         scheme = url[: url.find(":")].lower() if ":" in url[:10] else ""
@@ -308,6 +320,42 @@ class ImageLoader:
                 raise MediaError(f"the image is larger than {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _decode_all(opened: list[Image.Image], params: list[str | None]) -> list[Image.Image]:
+    """Each image decoded in a thread. Every thread is waited for, also when one fails or the caller is cancelled
+    (their pixels are what the budget counts); then the images in order, or the first failure in part order."""
+    tasks = [asyncio.ensure_future(asyncio.to_thread(decode_pixels, image)) for image in opened]
+    if tasks:
+        await wait_even_if_cancelled(tasks)
+    errors = [(task.exception(), param) for task, param in zip(tasks, params, strict=True)]
+    failures = [(error, param) for error, param in errors if error is not None]
+    if not failures:
+        return [task.result() for task in tasks]
+    for task, (error, _) in zip(tasks, errors, strict=True):
+        if error is None:
+            task.result().close()
+    error, param = failures[0]
+    if isinstance(error, MediaError):
+        error.param = error.param or param
+    raise error
+
+
+async def wait_even_if_cancelled(tasks) -> None:
+    """Wait until every task is done; a cancellation of the caller is passed on only after that."""
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        await asyncio.wait(tasks)
+        raise
+
+
+async def finish_in_thread(function, *args):
+    """function(*args) in a thread, which a cancellation of the caller waits for (so that what the thread uses,
+    such as decoded images under the pixel budget, is not released under it)."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    await wait_even_if_cancelled([task])
+    return task.result()
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -388,11 +436,15 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_pixels(image: Image.Image) -> Image.Image:
-    """The first frame of an opened image, decoded to RGB; the opened image is closed."""
+    """The first frame of an opened image, decoded to RGB: the image itself when it is RGB already, else a new
+    image (and the opened one is closed)."""
     try:
         image.seek(0)  # the first frame of an animation
-        return image.convert("RGB")
+        if image.mode == "RGB":
+            image.load()
+            return image
+        rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise MediaError("the image file is corrupt or truncated") from exc
-    finally:
-        image.close()
+    image.close()
+    return rgb

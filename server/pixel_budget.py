@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 
 class PixelBudgetExceeded(ValueError):
@@ -31,6 +31,9 @@ class PixelBudget:
 
     @asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
+        if pixels == 0:  # nothing to hold: never queue behind others
+            yield
+            return
         if pixels > self.total:
             raise PixelBudgetExceeded(f"the images have {pixels} pixels in total, more than the limit of {self.total}")
         await self._acquire(pixels)
@@ -52,7 +55,8 @@ class PixelBudget:
             if turn.done() and not turn.cancelled():
                 self._release(pixels)  # granted just as the caller gave up
             else:
-                self._waiters.remove(entry)
+                with suppress(ValueError):  # _grant may have dropped the cancelled entry already
+                    self._waiters.remove(entry)
                 self._grant()  # the queue head may have changed
             raise
 
@@ -61,7 +65,13 @@ class PixelBudget:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiters and self.in_use + self._waiters[0][0] <= self.total:
-            pixels, turn = self._waiters.popleft()
+        while self._waiters:
+            pixels, turn = self._waiters[0]
+            if turn.done():  # cancelled while queued, its task not run yet
+                self._waiters.popleft()
+                continue
+            if self.in_use + pixels > self.total:
+                return
+            self._waiters.popleft()
             self.in_use += pixels
             turn.set_result(None)

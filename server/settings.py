@@ -51,7 +51,7 @@ class ServerSettings(BaseSettings):
     max_tiles_per_image: int | None = Field(None, ge=1, description="Most tiles per image (default: the compat's, 9 or 12); requests may ask for fewer.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest encoded image, fetched or base64.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height, checked before decoding.")
-    max_image_pixels_in_flight: int = Field(400_000_000, ge=1, description="Most decoded image pixels held at once across all requests (3 bytes each); requests beyond it wait, one needing more alone gets 400.")
+    max_image_pixels_in_flight: int = Field(400_000_000, ge=1, description="Most decoded image pixels held at once across all requests (4 bytes each in Pillow); requests beyond it wait, one needing more alone gets 400.")
 
     # Images: where they may come from.
     media_connect_timeout: float = Field(3.0, gt=0.0, description="Seconds to connect to an image server.")

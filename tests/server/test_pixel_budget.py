@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
+import httpx
 import pytest
 from PIL import Image
 
-from server.media import ImageLoader, MediaError, MediaPolicy
+from server import media
+from server.media import ImageLoader, MediaError, MediaPolicy, finish_in_thread
 from server.pixel_budget import PixelBudget, PixelBudgetExceeded
 from tests.server.conftest import data_url, image_bytes, image_message
 
@@ -131,3 +134,111 @@ def test_metrics_show_the_budget(client):
     text = client.get("/metrics").text
     assert 'ovis2_image_pixels_in_flight{model_name="fake-model"} 0.0' in text
     assert 'ovis2_requests_waiting_for_image_pixels{model_name="fake-model"} 0.0' in text
+
+
+def test_a_waiter_cancelled_just_before_a_release_breaks_nothing():
+    """The release's grant must skip a waiter whose task was cancelled but has not run yet."""
+
+    async def scenario():
+        budget, release = PixelBudget(10), asyncio.Event()
+
+        async def holder():
+            async with budget.hold(10):
+                await release.wait()
+            return "held"
+
+        async def waiter():
+            async with budget.hold(5):
+                return "never"
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(waiter())
+        await asyncio.sleep(0)
+        release.set()
+        second.cancel()  # in the same loop iteration as the release
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        async with asyncio.timeout(1):
+            async with budget.hold(10):
+                pass
+        return results, budget.in_use, budget.num_waiting
+
+    (held, cancelled), in_use, waiting = asyncio.run(scenario())
+    assert held == "held" and isinstance(cancelled, asyncio.CancelledError) and in_use == 0 and waiting == 0
+
+
+def test_no_pixels_never_wait():
+    async def scenario():
+        budget = PixelBudget(10)
+        async with budget.hold(10):
+            blocked = asyncio.create_task(_enter(budget, 5, [], "blocked", asyncio.Event()))
+            await _settle()
+            async with asyncio.timeout(0.5):
+                async with budget.hold(0):
+                    pass
+            blocked.cancel()
+        return budget.in_use
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_failed_decode_waits_for_the_other_decodes(monkeypatch):
+    """Their threads hold pixels the budget counts: the hold must not end (or the images close) under them."""
+    finished = []
+    real_decode = media.decode_pixels
+
+    def decode(image):
+        if image.size == (10, 10):
+            raise MediaError("the image file is corrupt or truncated")
+        time.sleep(0.3)
+        finished.append(loader.budget.in_use)
+        return real_decode(image)
+
+    monkeypatch.setattr(media, "decode_pixels", decode)
+    loader = ImageLoader(MediaPolicy(), budget=PixelBudget(10**6))
+    urls = [(data_url(image_bytes(size=(200, 100))), "good"), (data_url(image_bytes(size=(10, 10))), "bad")]
+
+    async def scenario():
+        async with loader.decoded(urls):
+            pass
+
+    with pytest.raises(MediaError) as info:
+        asyncio.run(scenario())
+    assert info.value.param == "bad" and finished == [200 * 100 + 10 * 10] and loader.budget.in_use == 0
+
+
+def test_a_failed_fetch_cancels_the_other_fetches():
+    answered = []
+
+    async def slow_server(request):
+        await asyncio.sleep(0.5)
+        answered.append(request.url)
+        return httpx.Response(200, content=image_bytes(), headers={"content-type": "image/png"})
+
+    loader = ImageLoader(MediaPolicy(), transport=httpx.MockTransport(slow_server))
+    urls = [("http://93.184.216.34/a.png", "slow"), ("data:image/png;base64,AAAA", "broken")]
+
+    async def scenario():
+        start = time.monotonic()
+        with pytest.raises(MediaError) as info:
+            async with loader.decoded(urls):
+                pass
+        elapsed = time.monotonic() - start
+        await asyncio.sleep(0.7)
+        return info.value, elapsed
+
+    error, elapsed = asyncio.run(scenario())
+    assert error.param == "broken" and elapsed < 0.4 and answered == []
+
+
+def test_finish_in_thread_outlives_a_cancellation():
+    async def scenario():
+        task = asyncio.create_task(finish_in_thread(time.sleep, 0.3))
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - start
+
+    assert asyncio.run(scenario()) >= 0.2
