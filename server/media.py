@@ -9,7 +9,7 @@
   responses are refused); an optional host allow-list.
 - `file://` only inside a directory the operator names.
 - Decoding runs in a thread: only common formats, the pixel count is checked from the header before the
-  pixels are decoded, the first frame of animations, truncated or corrupt files are a 400.
+  pixels are decoded, the first frame of animations, EXIF orientation applied, truncated or corrupt files are a 400.
 - Decoded pixels held at once, across all requests, stay under a budget (server/pixel_budget.py).
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import APIError
 from .pixel_budget import PixelBudget
@@ -436,12 +436,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_pixels(image: Image.Image) -> Image.Image:
-    """The first frame of an opened image, decoded to RGB: the image itself when it is RGB already, else a new
-    image (and the opened one is closed)."""
+    """The first frame of an opened image, decoded, turned upright by its EXIF orientation, in RGB: the image
+    itself when it is RGB already, else a new image (and the opened one is closed)."""
     try:
         image.seek(0)  # the first frame of an animation
+        ImageOps.exif_transpose(image, in_place=True)  # as displayed (and as transformers' load_image does)
         if image.mode == "RGB":
-            image.load()
             return image
         rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:

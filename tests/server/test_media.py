@@ -256,3 +256,17 @@ def test_unresolvable_and_private_names_get_the_same_answer(monkeypatch):
     missing = refused("http://nowhere.example/x.png", "public address")
     private = refused("http://intranet.example/x.png", "public address")
     assert missing.message.replace("nowhere", "NAME") == private.message.replace("intranet", "NAME")
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to display)."""
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture = Image.new("RGB", (300, 100), (200, 30, 30))
+    picture.paste((10, 10, 240), (0, 0, 30, 100))  # a blue band on the left edge
+    picture.save(buffer, format="JPEG", exif=exif.tobytes())
+    image = decode_image(buffer.getvalue(), 10**6)
+    assert image.size == (100, 300) and image.mode == "RGB"
+    red, green, blue = image.getpixel((50, 10))  # the left band is on top once rotated clockwise
+    assert blue > 200 and red < 60
