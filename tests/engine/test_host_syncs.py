@@ -71,3 +71,36 @@ def _recording(method, calls: list[list[str]]):
         return result
 
     return wrapper
+
+
+def test_fixed_decode_forward_builds_no_tensor_from_python_data(make_engine):
+    """Under CUDA graph capture a tensor made from a Python list is a copy from pageable host memory, which
+    capture forbids (and a replay would not repeat): the captured forward must only compute on device tensors."""
+    from ovis2.engine import decode_graphs
+
+    engine = make_engine()
+    engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
+    made: list[str] = []
+    forward = decode_graphs.FixedDecode.forward
+
+    class TensorFromData(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is aten.lift_fresh:
+                made.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def recording_forward(self):
+        with TensorFromData(), HostWaitRecorder() as waits:
+            hidden = forward(self)
+        made.extend(waits.ops)
+        return hidden
+
+    decode_graphs.FixedDecode.forward = recording_forward
+    try:
+        params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+        engine.add_request("text", chat_prompt(text_ids(2, 11)), params)
+        while engine.has_unfinished_requests:
+            engine.step()
+    finally:
+        decode_graphs.FixedDecode.forward = forward
+    assert engine.runner.decode_graphs.buckets and made == []
