@@ -118,3 +118,30 @@ def test_cli_help_runs():
     result = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=60,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # fmt: skip
     assert result.returncode == 0 and "--max-images-per-request" in result.stdout
+
+
+def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_place_back(fake_engine):
+    from server.chat import create_chat_completion
+    from server.protocol import ChatCompletionRequest
+    from tests.server.conftest import data_url, image_bytes, image_message
+
+    state = create_app(ServerSettings(_env_file=None, max_image_pixels_in_flight=10_000), fake_engine).state.server
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [image_message(data_url(image_bytes(size=(100, 60))))], "max_tokens": 2})
+
+    class LeavesSoon:
+        def __init__(self) -> None:
+            self.polls = 0
+
+        async def is_disconnected(self) -> bool:
+            self.polls += 1
+            return self.polls > 1
+
+    async def run():
+        budget = state.images.budget
+        async with budget.hold(budget.total):  # another request holds every pixel
+            response = await asyncio.wait_for(create_chat_completion(state, request, LeavesSoon()), 5)
+            return response.status_code, budget.num_waiting
+
+    status, waiting = asyncio.run(run())
+    assert status == 499 and waiting == 0 and not fake_engine.running
