@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -68,6 +68,13 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _one_image_fits_the_pixel_budget(self) -> ServerSettings:
+        if self.max_image_pixels_in_flight < self.max_image_pixels:
+            raise ValueError(f"max_image_pixels_in_flight ({self.max_image_pixels_in_flight}) is below max_image_pixels "
+                             f"({self.max_image_pixels}): an image of the allowed size could never be decoded")  # fmt: skip
+        return self
 
     @property
     def model_id(self) -> str:

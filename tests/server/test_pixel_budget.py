@@ -119,9 +119,10 @@ def test_loader_refuses_a_request_whose_images_exceed_the_budget():
 
 
 def test_server_answers_400_and_keeps_serving(make_client):
-    client = make_client(max_image_pixels_in_flight=5000)
-    big = data_url(image_bytes(size=(100, 60)))
-    response = client.post("/v1/chat/completions", json={"messages": [image_message(big)], "max_tokens": 2})
+    client = make_client(max_image_pixels=5000, max_image_pixels_in_flight=5000)
+    each = data_url(image_bytes(size=(60, 50)))  # 3000 pixels: each image is allowed, the two together are not
+    two = {"role": "user", "content": [*image_message(each)["content"], image_message(each)["content"][1]]}
+    response = client.post("/v1/chat/completions", json={"messages": [two], "max_tokens": 2})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_image" and "pixels in total" in error["message"]

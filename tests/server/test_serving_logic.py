@@ -104,6 +104,9 @@ def test_bad_flags_exit_with_a_message(capsys):
     assert info.value.code == 2 and "--port" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         load_settings(["--compat", "nope"])
+    with pytest.raises(SystemExit):
+        load_settings(["--max-image-pixels", "1000", "--max-image-pixels-in-flight", "999"])
+    assert "could never be decoded" in capsys.readouterr().err
 
 
 def test_engine_args_from_settings():
@@ -125,7 +128,7 @@ def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_plac
     from server.protocol import ChatCompletionRequest
     from tests.server.conftest import data_url, image_bytes, image_message
 
-    state = create_app(ServerSettings(_env_file=None, max_image_pixels_in_flight=10_000), fake_engine).state.server
+    state = create_app(ServerSettings(_env_file=None, max_image_pixels=10_000, max_image_pixels_in_flight=10_000), fake_engine).state.server
     request = ChatCompletionRequest.model_validate(
         {"messages": [image_message(data_url(image_bytes(size=(100, 60))))], "max_tokens": 2})
 
