@@ -1,6 +1,7 @@
 """Engine throughput vs `generate()` one request at a time, side by side in one run (CPU, tiny checkpoint).
 
     .venv/bin/python -m bench.bench_engine [--requests 32] [--concurrency 16] [--output-tokens 32] [--threads N]
+                                           [--dtype float32|bfloat16]
 
 Both paths get the same prepared requests (the processor runs before timing), the same checkpoint and
 fixed output lengths (eos ignored). Reports output tokens/s of each and their ratio, for requests with
@@ -85,17 +86,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--text-only", action="store_true", help="skip the image workload")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' dtype")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine_args = EngineArgs(model=args.model, dtype="float32", device="cpu", max_num_seqs=args.concurrency,
+    engine_args = EngineArgs(model=args.model, dtype=args.dtype, device="cpu", max_num_seqs=args.concurrency,
                              kv_cache_memory=64 * 1024 * 1024)  # fmt: skip
     engine = LLMEngine(engine_args)
     processor = load_processor(engine_args)
     workloads = [False] if args.text_only else [True, False]
     results = [compare(engine, processor, with_image, args) for with_image in workloads]
-    print(json.dumps({"requests": args.requests, "concurrency": args.concurrency,
+    print(json.dumps({"requests": args.requests, "concurrency": args.concurrency, "dtype": args.dtype,
                       "output_tokens": args.output_tokens, "torch_threads": torch.get_num_threads(),
                       "results": results}, indent=2))  # fmt: skip
 
