@@ -72,14 +72,15 @@ class FixedDecode:
     def capture(self, pool) -> None:
         """Record the forward as a CUDA graph. The static tensors hold padding rows: warm-up and capture write
         K/V only into the scratch block."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.forward()  # first calls initialise kernels and workspaces, which must not happen in capture
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.hidden = self.forward()
+        with torch.cuda.device(self.input_ids.device):  # the engine thread's current device may be another
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.forward()  # first calls initialise kernels and workspaces, which must not happen in capture
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.hidden = self.forward()
 
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """[len(scheduled), H] hidden states of these decodes."""
