@@ -87,7 +87,8 @@ class FixedDecode:
         self._load(scheduled)
         if self.graph is None:
             return self.forward()[: len(scheduled)]
-        self.graph.replay()
+        with torch.cuda.device(self.input_ids.device):
+            self.graph.replay()
         return self.hidden[: len(scheduled)]
 
     def _load(self, scheduled: list[ScheduledSeq]) -> None:
