@@ -84,6 +84,7 @@ def build_sampling_params(
         logprobs=logprobs,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        output_kind="delta",  # streams use the deltas, whole answers the finished output
     )
     try:
         return SamplingParams(**kwargs)

@@ -311,21 +311,23 @@ class LLMEngine:
 
 
 def _completion(seq: Sequence) -> CompletionOutput:
-    """Everything so far plus what is new since the last output of this sequence."""
+    """What is new since the last output of this sequence, and everything so far (when the request asked for
+    cumulative outputs, or once the sequence is finished)."""
     finished = seq.is_finished
+    cumulative = finished or seq.params.output_kind == "cumulative"
     delta_text = seq.detok.take_delta(finished)
-    output_ids = list(seq.output_token_ids)
+    output_ids = seq.output_token_ids
     first_new = seq.num_reported_tokens
     seq.num_reported_tokens = len(output_ids)
-    logprobs = None if seq.logprobs is None else list(seq.logprobs)
+    logprobs = None if seq.logprobs is None else (list(seq.logprobs) if cumulative else [])
     return CompletionOutput(
         index=seq.index,
-        text=seq.detok.text[: seq.detok.num_emitted_chars],
-        token_ids=output_ids,
+        text=seq.detok.text[: seq.detok.num_emitted_chars] if cumulative else "",
+        token_ids=list(output_ids) if cumulative else [],
         delta_text=delta_text,
         delta_token_ids=output_ids[first_new:],
         logprobs=logprobs,
-        delta_logprobs=None if logprobs is None else logprobs[first_new:],
+        delta_logprobs=None if seq.logprobs is None else seq.logprobs[first_new:],
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
     )

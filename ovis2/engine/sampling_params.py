@@ -32,6 +32,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # "cumulative": every output holds all text, ids and logprobs so far, besides the deltas; "delta": outputs
+    # before the last hold only the deltas (no O(length) copies per step), the finished one holds everything
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +75,7 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in a signed 64-bit integer"),
+            (self.output_kind in ("cumulative", "delta"), "output_kind", "must be 'cumulative' or 'delta'"),
         ]  # fmt: skip
         numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         checks += [(math.isfinite(getattr(self, name)), name, "must be a finite number") for name in numbers]

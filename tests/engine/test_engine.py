@@ -220,3 +220,24 @@ def test_sampled_choices_preempted_in_a_tiny_pool_match_a_roomy_pool(make_engine
     tiny = run_to_completion(engine, {"r": (prompt, params)})["r"]
     assert engine.stats.num_preemptions > 0
     assert [o.token_ids for o in tiny.outputs] == [o.token_ids for o in roomy.outputs]
+
+
+@pytest.mark.parametrize("kind", ["cumulative", "delta"])
+def test_output_kinds_carry_the_same_answer(make_engine, kind):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=2, output_kind=kind, **GREEDY)
+    engine.add_request("k", chat_prompt(text_ids(9, 12)), params)
+    outputs = []
+    while engine.has_unfinished_requests:
+        outputs += [o.outputs[0] for o in engine.step()]
+    final = outputs[-1]
+    assert final.finished and len(final.token_ids) == 7 and len(final.logprobs) == 7
+    assert [t for o in outputs for t in o.delta_token_ids] == final.token_ids
+    assert "".join(o.delta_text for o in outputs) == final.text
+    assert [lp for o in outputs for lp in o.delta_logprobs] == final.logprobs
+    running = outputs[:-1]
+    assert running
+    if kind == "delta":  # nothing cumulative before the end: no copies that grow with the output
+        assert all(o.token_ids == [] and o.text == "" and o.logprobs == [] for o in running)
+    else:
+        assert [len(o.token_ids) for o in running] == list(range(1, len(running) + 1))
