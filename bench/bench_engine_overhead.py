@@ -1,6 +1,6 @@
 """The engine's CPU time per decode step outside the model: scheduling, input building, sampling, outputs.
 
-    .venv/bin/python -m bench.bench_engine_overhead [--sequences 64] [--output-tokens 256]
+    .venv/bin/python -m bench.bench_engine_overhead [--sequences 64] [--output-tokens 256] [--output-kind delta]
 
 On a GPU a decode step of a 2B model at batch 64 needs about 1.5 ms of memory traffic (performance.md); the
 Python around it must stay well under that or it becomes the bottleneck. This runs the engine on a model so
@@ -43,9 +43,9 @@ def build_engine(sequences: int) -> LLMEngine:
     return engine
 
 
-def run(engine: LLMEngine, sequences: int, output_tokens: int, tag: str) -> int:
+def run(engine: LLMEngine, sequences: int, output_tokens: int, tag: str, output_kind: str) -> int:
     generator = torch.Generator().manual_seed(len(tag))
-    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0, output_kind=output_kind)
     for index in range(sequences):
         prompt = torch.randint(100, HEAD_WORDS, (128,), generator=generator).tolist()
         engine.add_request(f"{tag}-{index}", EngineInputs(prompt), params)
@@ -60,18 +60,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=256)
+    parser.add_argument("--output-kind", default="cumulative", choices=("cumulative", "delta"),
+                        help="delta: what the server asks for (outputs carry only what is new until the end)")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Python around the model is single-threaded anyway
     try:
-        print(json.dumps(measure(args.sequences, args.output_tokens), indent=2))
+        print(json.dumps(measure(args.sequences, args.output_tokens, args.output_kind), indent=2))
     finally:
         torch.set_num_threads(threads)
 
 
-def measure(sequences: int, output_tokens: int) -> dict:
+def measure(sequences: int, output_tokens: int, output_kind: str = "cumulative") -> dict:
     engine = build_engine(sequences)
-    run(engine, sequences, 4, "warm-up")
+    run(engine, sequences, 4, "warm-up", output_kind)
     execute, inside = engine.runner.execute, [0.0]
 
     def timed_execute(scheduled):
@@ -83,10 +85,10 @@ def measure(sequences: int, output_tokens: int) -> dict:
 
     engine.runner.execute = timed_execute
     start = time.perf_counter()
-    steps = run(engine, sequences, output_tokens, "timed")
+    steps = run(engine, sequences, output_tokens, "timed", output_kind)
     total = time.perf_counter() - start
     outside = total - inside[0]
-    return {"sequences": sequences, "output_tokens": output_tokens, "steps": steps,
+    return {"sequences": sequences, "output_tokens": output_tokens, "output_kind": output_kind, "steps": steps,
             "step_ms": round(total / steps * 1e3, 3), "execute_ms": round(inside[0] / steps * 1e3, 3),
             "outside_execute_ms": round(outside / steps * 1e3, 3),
             "outside_us_per_sequence": round(outside / steps / sequences * 1e6, 1)}  # fmt: skip
