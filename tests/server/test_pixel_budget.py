@@ -243,3 +243,32 @@ def test_finish_in_thread_outlives_a_cancellation():
         return time.monotonic() - start
 
     assert asyncio.run(scenario()) >= 0.2
+
+
+def test_cancelling_a_request_while_it_fetches_cancels_the_fetches():
+    answered = []
+
+    async def slow_server(request):
+        await asyncio.sleep(0.5)
+        answered.append(request.url)
+        return httpx.Response(200, content=image_bytes(), headers={"content-type": "image/png"})
+
+    loader = ImageLoader(MediaPolicy(), transport=httpx.MockTransport(slow_server))
+    urls = [(f"http://93.184.216.{i}/a.png", f"p{i}") for i in (1, 2)]
+
+    async def request():
+        async with loader.decoded(urls):
+            pass
+
+    async def scenario():
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        start = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        elapsed = time.monotonic() - start
+        await asyncio.sleep(0.6)
+        return elapsed
+
+    assert asyncio.run(scenario()) < 0.2 and answered == [] and loader.budget.in_use == 0
