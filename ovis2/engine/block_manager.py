@@ -57,19 +57,25 @@ class BlockManager:
         """Cached blocks covering a prefix of seq; never the block holding its last token (it must be computed)."""
         if not self.enable_prefix_caching:
             return []
-        hits, previous = [], None
+        hits = []
         for index in range((seq.num_tokens - 1) // self.block_size):
-            previous = self._hash_of_block(seq, index, previous)
-            block_id = self.cached_blocks.get(previous)
+            block_id = self.cached_blocks.get(self.chain_hash(seq, index))
             if block_id is None:
                 break
             hits.append(block_id)
         return hits
 
-    def _hash_of_block(self, seq: Sequence, index: int, previous: int | None) -> int:
-        start, end = index * self.block_size, (index + 1) * self.block_size
-        images = seq.group.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
-        return block_hash(previous, tuple(seq.token_ids[start:end]), images)
+    def chain_hash(self, seq: Sequence, index: int) -> int:
+        """The hash of seq's full block `index`, chained over the blocks before it. Computed once per sequence
+        (a full block's tokens never change), so a request waiting at the head of the queue is not re-hashed
+        every step."""
+        chain, bs = seq.hash_chain, self.block_size
+        while len(chain) <= index:
+            start, end = len(chain) * bs, (len(chain) + 1) * bs
+            assert end <= seq.num_tokens, "only full blocks have a hash"
+            images = seq.group.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
+            chain.append(block_hash(chain[-1] if chain else None, tuple(seq.token_ids[start:end]), images))
+        return chain[index]
 
     # --- allocation
     def can_allocate(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> bool:
@@ -122,8 +128,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         while len(seq.block_hashes) < num_full:
             index = len(seq.block_hashes)
-            previous = seq.block_hashes[-1] if seq.block_hashes else None
-            value = self._hash_of_block(seq, index, previous)
+            value = self.chain_hash(seq, index)
             seq.block_hashes.append(value)
             if self.enable_prefix_caching:
                 self._register(seq.block_table[index], value)

@@ -41,6 +41,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first admission)
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash of each full, computed block, in order
+        self.hash_chain: list[int] = []  # prefix-cache hash of each full block by content (tokens only grow)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -116,3 +116,21 @@ def test_a_preempted_choice_resumes_without_its_siblings_output_blocks():
             if block in parent.block_table:  # a block both hold must hold the same tokens for both
                 assert child.token_ids[index * 4 : index * 4 + 4] == parent.token_ids[index * 4 : index * 4 + 4]
     assert preempted and child.num_preemptions == 1 and child.status.value == "running"
+
+
+def test_a_request_waiting_for_blocks_is_hashed_once(monkeypatch):
+    from ovis2.engine import block_manager
+
+    hashed = []  # the first token of every block hashed
+    real_hash = block_manager.block_hash
+    monkeypatch.setattr(block_manager, "block_hash", lambda prev, ids, images: hashed.append(ids[0]) or real_hash(prev, ids, images))  # fmt: skip
+    sched = Scheduler(BlockManager(12, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    sched.add(group("a", 36))  # 9 of the 12 blocks, then a decode block
+    fake_step(sched)
+    b = group("b", 40)  # needs 10 blocks: waits while a runs
+    sched.add(b)
+    for _ in range(5):
+        out = fake_step(sched)
+        assert [i.seq.group.request_id for i in out.scheduled] == ["a"]
+    b_blocks = [first for first in hashed if first in b.prompt_token_ids]
+    assert b_blocks == [b.prompt_token_ids[0]]  # looked up once (a miss), not once per step
