@@ -37,10 +37,12 @@ async def generate(
     metrics = state.metrics
     final: RequestOutput | None = None
     first = last = None
+    num_generated = 0  # from the deltas: with output_kind "delta" an unfinished output holds no token_ids
     state.request_started()
     try:
         async for output in state.engine.generate(inputs, params, request_id):
             now = time.monotonic()
+            num_generated += sum(len(o.delta_token_ids) for o in output.outputs)
             step_tokens = max((len(o.delta_token_ids) for o in output.outputs), default=0)
             if step_tokens:
                 if first is None:
@@ -58,7 +60,7 @@ async def generate(
                 with anyio.CancelScope(shield=True):
                     await state.engine.abort(request_id)
             if final is not None:
-                _record_finished(state, inputs, final, arrival)
+                _record_finished(state, inputs, final, arrival, num_generated)
         finally:
             state.request_finished()
 
@@ -69,13 +71,14 @@ def _observe_queue_time(state: ServerState, output: RequestOutput) -> None:
         state.metrics.observe(state.metrics.queue_time, queue_time)
 
 
-def _record_finished(state: ServerState, inputs: EngineInputs, final: RequestOutput, arrival: float) -> None:
+def _record_finished(state: ServerState, inputs: EngineInputs, final: RequestOutput, arrival: float,
+                     num_generated: int) -> None:  # fmt: skip
     m = state.metrics
     m.observe(m.e2e_latency, time.monotonic() - arrival)
     m.count(m.prompt_tokens, len(final.prompt_token_ids))
     m.count(m.image_tokens, inputs.num_image_tokens)
     m.count(m.images, len(inputs.images))
-    m.count(m.generation_tokens, sum(len(o.token_ids) for o in final.outputs))
+    m.count(m.generation_tokens, num_generated)
     for output in final.outputs:
         m.count(m.requests, 1, finished_reason=output.finish_reason or "abort")
 

@@ -150,8 +150,10 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    output_kind: str = "cumulative"
 
     def step(self, tokenizer, params) -> CompletionOutput:
+        self.output_kind = params.output_kind
         if self.finish_reason is not None:
             return self._output("", [], [])
         position = len(self.token_ids)
@@ -178,8 +180,9 @@ class _Choice:
         return self._output(delta, [token_id], lps)
 
     def _output(self, delta: str, delta_ids: list[int], delta_logprobs: list) -> CompletionOutput:
+        whole = self.finish_reason is not None or self.output_kind == "cumulative"  # the engine's contract
         return CompletionOutput(
-            index=self.index, text=self.text, token_ids=list(self.token_ids), delta_text=delta,
-            delta_token_ids=delta_ids, logprobs=list(self.logprobs), delta_logprobs=delta_logprobs,
-            finish_reason=self.finish_reason, stop_reason=None,
+            index=self.index, text=self.text if whole else "", token_ids=list(self.token_ids) if whole else [],
+            delta_text=delta, delta_token_ids=delta_ids, logprobs=list(self.logprobs) if whole else [],
+            delta_logprobs=delta_logprobs, finish_reason=self.finish_reason, stop_reason=None,
         )  # fmt: skip

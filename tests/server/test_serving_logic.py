@@ -148,3 +148,23 @@ def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_plac
 
     status, waiting = asyncio.run(run())
     assert status == 499 and waiting == 0 and not fake_engine.running
+
+
+def test_an_aborted_request_counts_the_tokens_it_was_given(fake_engine):
+    state = state_for(fake_engine)
+    fake_engine.step_delay = 0.01
+
+    async def run():
+        params = SamplingParams(max_tokens=50, ignore_eos=True, output_kind="delta")  # the server's kind
+        outputs = generate(state, EngineInputs([1, 2, 3]), params, "r9", 0.0)
+        seen = 0
+        async with aclosing(outputs):
+            async for output in outputs:
+                seen += len(output.outputs[0].delta_token_ids)
+                if seen >= 3:
+                    break
+        return seen
+
+    seen = asyncio.run(run())
+    counted = state.metrics.registry.get_sample_value("ovis2_generation_tokens_total", {"model_name": "demo"})
+    assert fake_engine.aborted == ["r9"] and counted == seen == 3
