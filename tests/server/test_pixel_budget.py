@@ -208,15 +208,20 @@ def test_a_failed_decode_waits_for_the_other_decodes(monkeypatch):
     assert info.value.param == "bad" and finished == [200 * 100 + 10 * 10] and loader.budget.in_use == 0
 
 
-def test_a_failed_fetch_cancels_the_other_fetches():
-    answered = []
+def _slow_image_server(answered: list):
+    """An httpx handler that answers an image after 0.5 s and records the URLs it answered."""
 
-    async def slow_server(request):
+    async def handler(request):
         await asyncio.sleep(0.5)
         answered.append(request.url)
         return httpx.Response(200, content=image_bytes(), headers={"content-type": "image/png"})
 
-    loader = ImageLoader(MediaPolicy(), transport=httpx.MockTransport(slow_server))
+    return handler
+
+
+def test_a_failed_fetch_cancels_the_other_fetches():
+    answered: list = []
+    loader = ImageLoader(MediaPolicy(), transport=httpx.MockTransport(_slow_image_server(answered)))
     urls = [("http://93.184.216.34/a.png", "slow"), ("data:image/png;base64,AAAA", "broken")]
 
     async def scenario():
@@ -246,14 +251,8 @@ def test_finish_in_thread_outlives_a_cancellation():
 
 
 def test_cancelling_a_request_while_it_fetches_cancels_the_fetches():
-    answered = []
-
-    async def slow_server(request):
-        await asyncio.sleep(0.5)
-        answered.append(request.url)
-        return httpx.Response(200, content=image_bytes(), headers={"content-type": "image/png"})
-
-    loader = ImageLoader(MediaPolicy(), transport=httpx.MockTransport(slow_server))
+    answered: list = []
+    loader = ImageLoader(MediaPolicy(), transport=httpx.MockTransport(_slow_image_server(answered)))
     urls = [(f"http://93.184.216.{i}/a.png", f"p{i}") for i in (1, 2)]
 
     async def request():
