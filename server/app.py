@@ -21,6 +21,7 @@ from .pixel_budget import PixelBudget
 from .routes import router
 from .settings import ServerSettings
 from .state import ServerState
+from .stats_log import log_stats_forever
 
 logger = logging.getLogger("ovis2.server")
 DEMO_BANNER = (
@@ -49,9 +50,14 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         logger.info("serving %s (max_model_len %s)", state.model_id, state.engine.max_model_len)
         if settings.model == "demo":
             logger.warning(DEMO_BANNER)
+        stats_task = None
+        if settings.stats_log_interval > 0:
+            stats_task = asyncio.create_task(log_stats_forever(state, settings.stats_log_interval))
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             await _drain(state, settings.shutdown_grace_seconds)
             await state.engine.shutdown()
 

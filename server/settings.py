@@ -45,6 +45,7 @@ class ServerSettings(BaseSettings):
     max_request_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body; bigger ones get 413.")
     shutdown_grace_seconds: float = Field(30.0, ge=0.0, description="On SIGTERM, how long in-flight requests may finish.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    stats_log_interval: float = Field(10.0, ge=0.0, description="Seconds between log lines with throughput, queue and KV cache use while busy (0: off).")
 
     # Images: limits.
     max_images_per_request: int = Field(8, ge=1, description="Most images in one request.")

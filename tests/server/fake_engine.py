@@ -24,6 +24,9 @@ class FakeStats:
     num_free_blocks: int
     num_total_blocks: int
     kv_cache_usage: float
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
 
 
 class FakeProcessor:
