@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .layers import PaddedKVCache
-from .logits_processing import apply_top_k, apply_top_p
+from .logits_processing import apply_top_k, apply_top_p, draw
 from .tokenizer import DEFAULT_EOS_IDS, PAD_TOKEN_ID
 
 
@@ -34,7 +34,7 @@ def pick_next_tokens(logits, do_sample, temperature, top_p, top_k, generator=Non
         logits = apply_top_k(logits, [top_k] * rows)
     if top_p < 1.0:
         logits = apply_top_p(logits, torch.full((rows,), top_p, dtype=logits.dtype, device=logits.device))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(-1), [generator] * rows)
 
 
 @torch.inference_mode()

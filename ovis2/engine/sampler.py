@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..logits_processing import apply_min_p, apply_top_k, apply_top_p
+from ..logits_processing import apply_min_p, apply_top_k, apply_top_p, draw
 from .sampling_params import SamplingParams
 
 
@@ -109,14 +109,15 @@ def _safe(divisor: float) -> float:
 
 def choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[B, V] -> [B]: greedy rows take the argmax, the others one draw each."""
-    token_ids = logits.argmax(dim=-1)  # [B]
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if not random_rows:
-        return token_ids
+        return logits.argmax(dim=-1)  # [B]
+    if len(random_rows) == len(rows):
+        return draw(sampling_probs(logits, [r.params for r in rows]), [r.generator for r in rows])
+    token_ids = logits.argmax(dim=-1)
     index = torch.tensor(random_rows, device=logits.device)
     probs = sampling_probs(logits[index], [rows[i].params for i in random_rows])  # [R, V]
-    for k, i in enumerate(random_rows):
-        token_ids[i] = torch.multinomial(probs[k], 1, generator=rows[i].generator)[0]
+    token_ids[index] = draw(probs, [rows[i].generator for i in random_rows])
     return token_ids
 
 

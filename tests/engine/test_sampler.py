@@ -75,3 +75,20 @@ def test_logprobs_are_the_raw_distribution_with_top_k():
 def test_invalid_values_raise_a_clear_error(bad):
     with pytest.raises(Ovis2Error):
         SamplingParams(**bad)
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    from ovis2.logits_processing import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    counts = torch.zeros(2, 5)
+    for _ in range(4000):
+        ids = draw(probs, generators)
+        counts[0, ids[0]] += 1
+        counts[1, ids[1]] += 1
+    assert counts[0, 1] == 0 and counts[0, 4] == 0 and counts[1, 4] == 4000
+    torch.testing.assert_close(counts[0] / 4000, probs[0], atol=0.03, rtol=0)  # ~4 standard deviations
+    again = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    first = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    assert [draw(probs, again).tolist() for _ in range(20)] == [draw(probs, first).tolist() for _ in range(20)]
