@@ -16,15 +16,30 @@ def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+TOP_P_CANDIDATES = 1024
+
+
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (the top token always stays)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop = before >= top_p[:, None]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    """Keep the smallest set of tokens whose probability reaches top_p (the top token always stays, and so do
+    tokens tied with the least likely one kept).
+
+    The set is looked for among each row's TOP_P_CANDIDATES most likely tokens: sorting a whole 151936-word row
+    costs ~6 ms on CPU, its top 1024 ~0.35 ms. Rows whose candidates all fall inside the set sort in full."""
+    probs = logits.softmax(dim=-1)  # [R, V]
+    candidates = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1).values  # [R, k], descending
+    floor, unfinished = _nucleus_floor(candidates, top_p)
+    if bool(unfinished.any()):
+        rows = unfinished.nonzero().flatten()
+        floor[rows] = _nucleus_floor(probs[rows].sort(dim=-1, descending=True).values, top_p[rows])[0]
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+def _nucleus_floor(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, 1] probability of the least likely token in each row's set, and [R] whether the set may go on past
+    the tokens given."""
+    above = sorted_probs.cumsum(dim=-1, dtype=torch.float64) - sorted_probs  # mass strictly above each one
+    inside = above < top_p[:, None]
+    return sorted_probs.gather(1, inside.sum(dim=-1, keepdim=True) - 1), inside[:, -1]
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

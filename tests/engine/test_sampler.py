@@ -92,3 +92,34 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     again = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
     first = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
     assert [draw(probs, again).tolist() for _ in range(20)] == [draw(probs, first).tolist() for _ in range(20)]
+
+
+def _top_p_by_sorting(logits, top_p):
+    """The textbook nucleus over the same probabilities: sort all of them, keep the prefix whose mass before
+    each token (summed in float64) is below top_p."""
+    sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    drop = sorted_probs.cumsum(dim=-1, dtype=torch.float64) - sorted_probs >= top_p[:, None]
+    drop[:, 0] = False
+    return torch.zeros_like(logits).scatter_(-1, order, torch.where(drop, float("-inf"), 0.0))
+
+
+def test_top_p_matches_sorting_for_peaked_and_flat_rows():
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn(3, 151936, generator=generator) * 4  # the set lies within the top 1024
+    flat = torch.randn(2, 151936, generator=generator) * 0.01  # the set spans most of the vocabulary
+    logits = torch.cat([peaked, flat])
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.9, 0.3])
+    ours, reference = ~torch.isinf(apply_top_p(logits, top_p)), ~torch.isinf(_top_p_by_sorting(logits, top_p))
+    assert not (reference & ~ours).any()  # everything the sorted prefix keeps
+    probs = logits.softmax(dim=-1)
+    for row in range(5):  # and beyond it only tokens tied with the least likely one it keeps
+        floor = probs[row][reference[row]].min()
+        assert torch.equal(probs[row][ours[row] & ~reference[row]], torch.full_like(probs[row][ours[row] & ~reference[row]], floor))
+    kept = ours.sum(dim=-1)
+    assert kept[3] > 1024 and kept[0] < 1024  # both paths ran
+
+
+def test_top_p_keeps_ties_with_the_last_token_kept():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, -5.0]])
+    kept = ~torch.isinf(apply_top_p(logits, torch.tensor([0.5])))
+    assert kept.tolist() == [[True, True, True, True, False]]
