@@ -27,6 +27,7 @@ if [ "$DEVICE" = cuda ]; then
     timeout 120 $PY -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs_cuda.py 2>&1 | tail -15 | tee "$OUT/decode_graphs_cuda.txt"
     timeout 400 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
     timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_image_processing_fast.py -k cuda 2>&1 | tail -5 | tee "$OUT/fast_processor_cuda.txt"
+    timeout 30 $PY -m bench.bench_engine_overhead --output-kind delta 2>&1 | tee "$OUT/engine_overhead_cpu.json"
 else
     timeout 300 $PY -m bench.gpu_bench --tiny --device cpu --prompt-tokens 64 --output-tokens 8 \
         --concurrency 1 4 --sequential-requests 2 2>&1 | tee "$OUT/gpu_bench.json"
