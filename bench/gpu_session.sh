@@ -25,7 +25,7 @@ if [ "$DEVICE" = cuda ]; then
     bandwidth=3.0
     grep -q H200 "$OUT/machine.txt" && bandwidth=4.3
     timeout 120 $PY -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs_cuda.py 2>&1 | tail -15 | tee "$OUT/decode_graphs_cuda.txt"
-    timeout 400 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
+    timeout 380 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
     timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_image_processing_fast.py -k cuda 2>&1 | tail -5 | tee "$OUT/fast_processor_cuda.txt"
     timeout 30 $PY -m bench.bench_engine_overhead --output-kind delta 2>&1 | tee "$OUT/engine_overhead_cpu.json"
 else
