@@ -90,7 +90,7 @@ class BlockManager:
         for block_id in cached:
             self._take(block_id)
             seq.block_table.append(block_id)
-            seq.block_hashes.append(self.block_hash_of[block_id])
+        seq.num_hashed_blocks = len(cached)
         seq.num_computed_tokens = len(cached) * self.block_size
 
     def num_shared_blocks(self, parent: Sequence, child: Sequence) -> int:
@@ -106,7 +106,7 @@ class BlockManager:
         for block_id in parent.block_table[:num_shared]:
             self._take(block_id)
             child.block_table.append(block_id)
-        child.block_hashes = list(parent.block_hashes[:num_shared])
+        child.num_hashed_blocks = min(parent.num_hashed_blocks, num_shared)
         child.num_computed_tokens = num_shared * self.block_size
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -125,13 +125,13 @@ class BlockManager:
 
     def commit_computed(self, seq: Sequence) -> None:
         """Hash the blocks that became full and computed, so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
         num_full = seq.num_computed_tokens // self.block_size
-        while len(seq.block_hashes) < num_full:
-            index = len(seq.block_hashes)
-            value = self.chain_hash(seq, index)
-            seq.block_hashes.append(value)
-            if self.enable_prefix_caching:
-                self._register(seq.block_table[index], value)
+        while seq.num_hashed_blocks < num_full:
+            index = seq.num_hashed_blocks
+            self._register(seq.block_table[index], self.chain_hash(seq, index))
+            seq.num_hashed_blocks += 1
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; its last blocks become the first to be reused (they are the least shared)."""
@@ -141,7 +141,7 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_blocks[block_id] = None
         seq.block_table = []
-        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for block_id in range(self.num_total_blocks):

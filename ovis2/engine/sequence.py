@@ -40,7 +40,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first admission)
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # hash of each full, computed block, in order
+        self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.hash_chain: list[int] = []  # prefix-cache hash of each full block by content (tokens only grow)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -98,7 +98,7 @@ class Sequence:
         """Preempted: every block is gone; recompute prompt + outputs when scheduled again."""
         self.num_computed_tokens = 0
         self.block_table = []
-        self.block_hashes = []
+        self.num_hashed_blocks = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
 
