@@ -1,9 +1,14 @@
-"""Block tables of a batch as one padded int64 tensor, built without a nested Python list."""
+"""Block tables: where a token's K/V lives in the paged pool, and a batch's tables as one padded tensor."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    """The flat pool slot of the token at `position` of a sequence with this block table."""
+    return table[position // block_size] * block_size + position % block_size
 
 
 def padded_block_tables(tables: list[list[int]], num_rows: int, width: int, fill: int) -> torch.Tensor:

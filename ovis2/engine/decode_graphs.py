@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..layers import PagedAttentionMetadata
-from .block_tables import padded_block_tables
+from .block_tables import padded_block_tables, slot_of
 from .scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class FixedDecode:
             seq, position = item.seq, item.start
             ids.append(seq.token_ids[position])
             positions.append(position)
-            slots.append(seq.block_table[position // bs] * bs + position % bs)
+            slots.append(slot_of(seq.block_table, position, bs))
             seq_lens.append(position + 1)
         ids += [0] * padding
         positions += [0] * padding

@@ -16,7 +16,7 @@ import torch
 
 from ..layers import PagedAttentionMetadata
 from ..tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
-from .block_tables import padded_block_tables
+from .block_tables import padded_block_tables, slot_of
 from .decode_graphs import DecodeGraphs
 from .inputs import ImageInput
 from .scheduler import ScheduledSeq
@@ -221,16 +221,17 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(slot_of(table, p, bs) for p in range(start, end))
             query_start.append(query_start[-1] + item.num_tokens)
             seq_lens.append(end)
             if item.samples:
                 sample_index.append(query_start[-1] - 1)
-            part = _image_slice(seq.group, start, end)
-            if part is not None:
-                image_parts.append(part)
+            atoms = _atoms_in(seq.group, start, end)
+            if atoms is not None:
+                atom_positions, embeds = atoms
+                image_parts.append(embeds)
                 offset = query_start[-2] - start
-                atom_index.extend(offset + p for p in _atom_positions(seq.group, start, end))
+                atom_index.extend(offset + p for p in atom_positions)
         max_blocks = max(len(item.seq.block_table) for item in scheduled)
         tables = padded_block_tables([item.seq.block_table for item in scheduled], len(scheduled), max_blocks, 0)
         meta = PagedAttentionMetadata(
@@ -276,14 +277,9 @@ def split_by_query_len(scheduled: list[ScheduledSeq], max_waste: float = 1.25) -
     return parts + ([group] if group else [])
 
 
-def _atom_positions(group: SequenceGroup, start: int, end: int) -> list[int]:
-    """Prompt positions of the image atoms in [start, end)."""
-    return group.atom_positions[group.atoms_before(start) : group.atoms_before(end)]
-
-
-def _image_slice(group: SequenceGroup, start: int, end: int) -> torch.Tensor | None:
-    """The image embeddings of the atoms at positions [start, end) of the group's prompt."""
+def _atoms_in(group: SequenceGroup, start: int, end: int) -> tuple[list[int], torch.Tensor] | None:
+    """The prompt positions of the image atoms in [start, end) and their image embeddings, or None if none."""
     first, last = group.atoms_before(start), group.atoms_before(end)
     if first == last:
         return None
-    return group.image_embeds[first:last]
+    return group.atom_positions[first:last], group.image_embeds[first:last]
