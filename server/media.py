@@ -35,7 +35,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import APIError
-from .pixel_budget import PixelBudget
+from .pixel_budget import PixelBudget, PixelBudgetExceeded
 from .settings import ServerSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -204,9 +204,10 @@ class ImageLoader:
         decoded: list[Image.Image] = []
         try:
             pixels = sum(image.size[0] * image.size[1] for image in opened)
-            if pixels > self.budget.total:
-                raise MediaError(f"the images of this request have {pixels} pixels in total, more than the "
-                                 f"server decodes at once ({self.budget.total})", param="messages")  # fmt: skip
+            try:
+                self.budget.check(pixels)
+            except PixelBudgetExceeded as exc:
+                raise MediaError(f"{exc} the server decodes at once", param="messages") from None
             async with self.budget.hold(pixels):
                 decoded = await _decode_all(opened, [param for _, param in urls])
                 yield decoded
@@ -224,13 +225,7 @@ class ImageLoader:
             for task in tasks:
                 task.cancel()  # the rest, after a failure or when the caller is cancelled
             await asyncio.wait(tasks)
-        opened = [task.result() for task in tasks if not task.cancelled() and task.exception() is None]
-        errors = [task.exception() for task in tasks if not task.cancelled() and task.exception() is not None]
-        if errors or len(opened) < len(tasks):
-            for image in opened:
-                image.close()
-            raise errors[0] if errors else asyncio.CancelledError()
-        return opened
+        return _images_or_first_error(tasks)
 
     async def open(self, url: str, param: str | None = None) -> Image.Image:
         """Fetched and header-checked, not decoded."""
@@ -243,7 +238,7 @@ class ImageLoader:
 
     async def load(self, url: str, param: str | None = None) -> Image.Image:
         """One image, fetched and decoded (outside the pixel budget)."""
-        return (await _decode_all([await self.open(url, param)], [param]))[0]
+        return await _decode(await self.open(url, param), param)
 
     async def read_bytes(self, url: str) -> bytes:
         scheme = url[: url.find(":")].lower() if ":" in url[:10] else ""
@@ -325,20 +320,31 @@ class ImageLoader:
 async def _decode_all(opened: list[Image.Image], params: list[str | None]) -> list[Image.Image]:
     """Each image decoded in a thread. Every thread is waited for, also when one fails or the caller is cancelled
     (their pixels are what the budget counts); then the images in order, or the first failure in part order."""
-    tasks = [asyncio.ensure_future(asyncio.to_thread(decode_pixels, image)) for image in opened]
+    tasks = [asyncio.ensure_future(_decode(image, param)) for image, param in zip(opened, params, strict=True)]
     if tasks:
         await wait_even_if_cancelled(tasks)
-    errors = [(task.exception(), param) for task, param in zip(tasks, params, strict=True)]
-    failures = [(error, param) for error, param in errors if error is not None]
-    if not failures:
-        return [task.result() for task in tasks]
-    for task, (error, _) in zip(tasks, errors, strict=True):
-        if error is None:
-            task.result().close()
-    error, param = failures[0]
-    if isinstance(error, MediaError):
-        error.param = error.param or param
-    raise error
+    return _images_or_first_error(tasks)
+
+
+async def _decode(image: Image.Image, param: str | None) -> Image.Image:
+    try:
+        return await asyncio.to_thread(decode_pixels, image)
+    except MediaError as exc:
+        exc.param = exc.param or param
+        raise
+
+
+def _images_or_first_error(tasks: list[asyncio.Task]) -> list[Image.Image]:
+    """The images the (finished) tasks made, in order; if any task failed or was cancelled, the images that were
+    made are closed and the first failure in part order is raised."""
+    ran = [task for task in tasks if not task.cancelled()]
+    images = [task.result() for task in ran if task.exception() is None]
+    errors = [task.exception() for task in ran if task.exception() is not None]
+    if errors or len(images) < len(tasks):
+        for image in images:
+            image.close()
+        raise errors[0] if errors else asyncio.CancelledError()
+    return images
 
 
 async def wait_even_if_cancelled(tasks) -> None:

@@ -29,13 +29,17 @@ class PixelBudget:
     def num_waiting(self) -> int:
         return len(self._waiters)
 
+    def check(self, pixels: int) -> None:
+        """Raise PixelBudgetExceeded when one request of this many pixels could never be held."""
+        if pixels > self.total:
+            raise PixelBudgetExceeded(f"the images have {pixels} pixels in total, more than the limit of {self.total}")
+
     @asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
         if pixels == 0:  # nothing to hold: never queue behind others
             yield
             return
-        if pixels > self.total:
-            raise PixelBudgetExceeded(f"the images have {pixels} pixels in total, more than the limit of {self.total}")
+        self.check(pixels)
         await self._acquire(pixels)
         try:
             yield
