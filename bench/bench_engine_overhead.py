@@ -17,12 +17,11 @@ import time
 
 import torch
 
-from ovis2.demo import random_init_, tiny_config
+from ovis2.demo import random_model, tiny_config
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.inputs import EngineInputs
 from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
-from ovis2.modeling import Ovis2ForConditionalGeneration
 from ovis2.tokenizer import build_tokenizer
 
 HEAD_WORDS = 4096
@@ -30,15 +29,12 @@ HEAD_WORDS = 4096
 
 def build_engine(sequences: int) -> LLMEngine:
     text = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
-    with torch.device("meta"):
-        model = Ovis2ForConditionalGeneration(tiny_config(text=text))
-    model = model.to_empty(device="cpu")
-    random_init_(model, seed=0)
+    model = random_model(tiny_config(text=text))
     head = torch.randn(HEAD_WORDS, 32, generator=torch.Generator().manual_seed(1))
     model.compute_logits = lambda hidden: (hidden @ head.t()).float()  # ids < HEAD_WORDS only
     args = EngineArgs(model="unused", dtype="float32", device="cpu", max_num_seqs=sequences,
                       kv_cache_memory=512 * 1024 * 1024, max_model_len=4096)  # fmt: skip
-    engine = LLMEngine(args, model=model.eval(), tokenizer=build_tokenizer())
+    engine = LLMEngine(args, model=model, tokenizer=build_tokenizer())
     engine.runner.banned_ids = torch.zeros(0, dtype=torch.long)  # the special ids lie beyond the small head
     return engine
 

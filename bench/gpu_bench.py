@@ -24,17 +24,9 @@ from ovis2.engine.sampling_params import SamplingParams
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
     from ovis2.configuration import config_for_size
-    from ovis2.demo import random_init_, tiny_config
-    from ovis2.modeling import Ovis2ForConditionalGeneration
+    from ovis2.demo import random_model, tiny_config
 
-    config = tiny_config() if tiny else config_for_size("2B")
-    with torch.device("meta"):
-        model = Ovis2ForConditionalGeneration(config)
-    model = model.to_empty(device=device)
-    random_init_(model, seed=0)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.to(dtype).eval()
+    return random_model(tiny_config() if tiny else config_for_size("2B"), device=device).to(dtype)
 
 
 def prompts(count: int, length: int, seed: int = 0) -> list[EngineInputs]:

@@ -59,20 +59,29 @@ def _random_like(name: str, param: torch.Tensor, generator: torch.Generator) -> 
     return noise / fan_in**0.5
 
 
-def write_checkpoint(directory: str | Path, config: Ovis2Config | None = None, seed: int = 0,
-                     layer_gain: float | None = None) -> Path:  # fmt: skip
-    """Random weights (-hf layout), config, tokenizer, chat template and preprocessor config."""
+def random_model(config: Ovis2Config, device: str = "cpu", seed: int = 0, layer_gain: float = 1.0):
+    """An Ovis2ForConditionalGeneration with `random_init_` weights, built on the meta device and filled in
+    place on `device` (no default initialisation to throw away: the 2B shapes take seconds otherwise)."""
     from .modeling import Ovis2ForConditionalGeneration
 
-    directory = Path(directory)
-    config = config or tiny_config()
-    model = Ovis2ForConditionalGeneration(config)
-    if layer_gain is None:
-        layer_gain = 3.0 if config.tie_word_embeddings else 1.0
+    with torch.device("meta"):
+        model = Ovis2ForConditionalGeneration(config)
+    model = model.to_empty(device=device)
     random_init_(model, seed, layer_gain)
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.save_pretrained(directory)
+    return model.eval()
+
+
+def write_checkpoint(directory: str | Path, config: Ovis2Config | None = None, seed: int = 0,
+                     layer_gain: float | None = None) -> Path:  # fmt: skip
+    """Random weights (-hf layout), config, tokenizer, chat template and preprocessor config."""
+
+    directory = Path(directory)
+    config = config or tiny_config()
+    if layer_gain is None:
+        layer_gain = 3.0 if config.tie_word_embeddings else 1.0
+    random_model(config, seed=seed, layer_gain=layer_gain).save_pretrained(directory)
     write_processor_files(directory)
     return directory
 
