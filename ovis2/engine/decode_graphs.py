@@ -119,7 +119,6 @@ class DecodeGraphs:
     def __init__(self, runner, max_model_len: int, capture: bool) -> None:
         self.runner = runner
         self.capture = capture
-        self.batch_buckets = BATCH_BUCKETS
         self.context_buckets = context_buckets(-(-max_model_len // runner.block_size))
         self.buckets: dict[tuple[int, int], FixedDecode] = {}
         self.failed: set[tuple[int, int]] = set()  # buckets whose capture failed: those steps run eagerly
@@ -130,7 +129,7 @@ class DecodeGraphs:
         within the buckets."""
         if not all(item.num_tokens == 1 and item.start >= item.seq.prompt_len for item in scheduled):
             return None
-        batch = next_bucket(len(scheduled), self.batch_buckets)
+        batch = next_bucket(len(scheduled), BATCH_BUCKETS)
         blocks = next_bucket(max(len(item.seq.block_table) for item in scheduled), self.context_buckets)
         if batch is None or blocks is None or batch * blocks * self.runner.block_size > MAX_TOKEN_SLOTS:
             return None
