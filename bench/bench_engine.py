@@ -63,11 +63,11 @@ def compare(engine, processor, with_image: bool, args) -> dict:
     requests = [processor.prepare_chat(c) for c in make_conversations(args.requests, with_image)]
     warm = requests[:2]
     run_engine(engine, warm, 2)
-    run_sequential(engine.model, warm[:1], 2)
-    engine.block_manager.reset_prefix_cache()
-    engine.runner.visual_cache.entries.clear()
+    run_sequential(engine.core.model, warm[:1], 2)
+    engine.core.block_manager.reset_prefix_cache()
+    engine.core.runner.visual_cache.entries.clear()
     engine_s = run_engine(engine, requests, args.output_tokens)
-    sequential_s = run_sequential(engine.model, requests, args.output_tokens)
+    sequential_s = run_sequential(engine.core.model, requests, args.output_tokens)
     tokens = args.requests * args.output_tokens
     return {
         "workload": "one 600x900 image" if with_image else "text only",

@@ -17,11 +17,12 @@ import time
 
 import torch
 
-from ovis2.demo import random_model, tiny_config
+from ovis2.demo import tiny_config
 from ovis2.engine.engine_args import EngineArgs
-from ovis2.engine.inputs import EngineInputs
 from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
+from ovis2.inputs import EngineInputs
+from ovis2.random_checkpoint import random_model
 from ovis2.tokenizer import build_tokenizer
 
 HEAD_WORDS = 4096
@@ -35,7 +36,7 @@ def build_engine(sequences: int) -> LLMEngine:
     args = EngineArgs(model="unused", dtype="float32", device="cpu", max_num_seqs=sequences,
                       kv_cache_memory=512 * 1024 * 1024, max_model_len=4096)  # fmt: skip
     engine = LLMEngine(args, model=model, tokenizer=build_tokenizer())
-    engine.runner.banned_ids = torch.zeros(0, dtype=torch.long)  # the special ids lie beyond the small head
+    engine.core.runner.banned_ids = torch.zeros(0, dtype=torch.long)  # the special ids lie beyond the small head
     return engine
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 def measure(sequences: int, output_tokens: int, output_kind: str = "cumulative") -> dict:
     engine = build_engine(sequences)
     run(engine, sequences, 4, "warm-up", output_kind)
-    execute, inside = engine.runner.execute, [0.0]
+    execute, inside = engine.core.runner.execute, [0.0]
 
     def timed_execute(scheduled):
         start = time.perf_counter()
@@ -79,7 +80,7 @@ def measure(sequences: int, output_tokens: int, output_kind: str = "cumulative")
         finally:
             inside[0] += time.perf_counter() - start
 
-    engine.runner.execute = timed_execute
+    engine.core.runner.execute = timed_execute
     start = time.perf_counter()
     steps = run(engine, sequences, output_tokens, "timed", output_kind)
     total = time.perf_counter() - start

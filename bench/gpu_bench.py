@@ -17,14 +17,15 @@ import time
 import torch
 
 from ovis2.engine.engine_args import EngineArgs
-from ovis2.engine.inputs import EngineInputs
 from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
+from ovis2.inputs import EngineInputs
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
     from ovis2.configuration import config_for_size
-    from ovis2.demo import random_model, tiny_config
+    from ovis2.demo import tiny_config
+    from ovis2.random_checkpoint import random_model
 
     return random_model(tiny_config() if tiny else config_for_size("2B"), device=device).to(dtype)
 
@@ -79,11 +80,11 @@ def sequential_tok_s(model, requests, output_tokens: int) -> float:
 
 
 def measure(engine: LLMEngine, model, concurrency: int, args, baseline: float) -> dict:
-    engine.scheduler.max_num_seqs = concurrency
+    engine.core.scheduler.max_num_seqs = concurrency
     for length in (args.prompt_tokens, args.prompt_tokens + args.output_tokens):  # capture the buckets first
-        engine.block_manager.reset_prefix_cache()
+        engine.core.block_manager.reset_prefix_cache()
         engine_tok_s(engine, prompts(concurrency, length, seed=1000 + length), 3)
-    engine.block_manager.reset_prefix_cache()
+    engine.core.block_manager.reset_prefix_cache()
     tok_s, step_ms = engine_tok_s(engine, prompts(concurrency, args.prompt_tokens, seed=concurrency), args.output_tokens)
     floor_ms = bandwidth_floor_ms(model, concurrency, args.prompt_tokens + args.output_tokens // 2, args.bandwidth_tbs)
     return {
@@ -128,13 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(engine_args, model=model, tokenizer=build_tokenizer())
     engine_tok_s(engine, prompts(1, 16, seed=99), 4)  # warm-up
     baseline = sequential_tok_s(model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens)
-    graphs = engine.runner.decode_graphs
+    graphs = engine.core.runner.decode_graphs
     if graphs is None:  # CPU: the same fixed-shape path, run eagerly
-        engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
-        graphs = engine.runner.decode_graphs
+        engine.core.runner.enable_decode_graphs(engine.max_model_len, capture=False)
+        graphs = engine.core.runner.decode_graphs
     results = []
     for mode in args.modes:
-        engine.runner.decode_graphs = graphs if mode == "graphs" else None
+        engine.core.runner.decode_graphs = graphs if mode == "graphs" else None
         for concurrency in args.concurrency:
             results.append({"mode": mode, **measure(engine, model, concurrency, args, baseline)})
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

@@ -178,7 +178,7 @@ def format_comparison(name: str, ours: dict, theirs: dict, ratio: dict) -> str:
 def resolve_model_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
     import torch
 
-    from ovis2.demo import demo_checkpoint_dir
+    from ovis2.random_checkpoint import demo_checkpoint_dir
 
     model = str(demo_checkpoint_dir()) if args.model == "demo" else args.model
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")

@@ -1,4 +1,4 @@
-"""Small random-weight Ovis2 checkpoints: the built-in demo model and the tests' fixtures.
+"""The built-in demo model: a tiny random-weight Ovis2 checkpoint, and the random initialisation it uses.
 
 The architecture is the real one (448px crops, 14px patches, hidden stride 2, Qwen2 with GQA) at tiny widths,
 with the real tokenizer, so every code path runs offline. The weights are random: the text is nonsense.
@@ -59,13 +59,12 @@ def _random_like(name: str, param: torch.Tensor, generator: torch.Generator) -> 
     return noise / fan_in**0.5
 
 
-def random_model(config: Ovis2Config, device: str = "cpu", seed: int = 0, layer_gain: float = 1.0):
-    """An Ovis2ForConditionalGeneration with `random_init_` weights, built on the meta device and filled in
-    place on `device` (no default initialisation to throw away: the 2B shapes take seconds otherwise)."""
-    from .modeling import Ovis2ForConditionalGeneration
-
+def build_random_model(model_class, config: Ovis2Config, device: str = "cpu", seed: int = 0,
+                       layer_gain: float = 1.0):  # fmt: skip
+    """A model_class with `random_init_` weights, built on the meta device and filled in place on `device` (no
+    default initialisation to throw away: the 2B shapes take seconds otherwise)."""
     with torch.device("meta"):
-        model = Ovis2ForConditionalGeneration(config)
+        model = model_class(config)
     model = model.to_empty(device=device)
     random_init_(model, seed, layer_gain)
     if config.tie_word_embeddings:
@@ -73,17 +72,8 @@ def random_model(config: Ovis2Config, device: str = "cpu", seed: int = 0, layer_
     return model.eval()
 
 
-def write_checkpoint(directory: str | Path, config: Ovis2Config | None = None, seed: int = 0,
-                     layer_gain: float | None = None) -> Path:  # fmt: skip
-    """Random weights (-hf layout), config, tokenizer, chat template and preprocessor config."""
-
-    directory = Path(directory)
-    config = config or tiny_config()
-    if layer_gain is None:
-        layer_gain = 3.0 if config.tie_word_embeddings else 1.0
-    random_model(config, seed=seed, layer_gain=layer_gain).save_pretrained(directory)
-    write_processor_files(directory)
-    return directory
+def default_layer_gain(config: Ovis2Config) -> float:
+    return 3.0 if config.tie_word_embeddings else 1.0
 
 
 def write_processor_files(directory: Path) -> None:
@@ -106,18 +96,31 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def demo_checkpoint_dir() -> Path:
-    """The demo checkpoint, written once per format version and reused (no network needed)."""
+def demo_files(model_class: type | None = None) -> Path:
+    """The demo checkpoint's folder, written once per format version and reused (no network needed).
+
+    The processor files are written on first use; the random weights once a model class asks for them (so this
+    module never imports the model, which itself resolves "demo" through ovis2.checkpoint)."""
     config = tiny_config()
     tag = hashlib.sha256(json.dumps([DEMO_FORMAT_VERSION, config.to_dict()]).encode()).hexdigest()[:12]
     target = cache_root() / f"demo-{tag}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="demo-", dir=target.parent))
-    write_checkpoint(staging, config, seed=0)
-    try:
-        staging.rename(target)
-    except OSError:  # another process won the race: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
+    _write_once(target, "processor_config.json", write_processor_files)
+    if model_class is not None:
+        layer_gain = default_layer_gain(config)
+        _write_once(target, "model.safetensors",
+                    lambda d: build_random_model(model_class, config, layer_gain=layer_gain).save_pretrained(d))  # fmt: skip
     return target
+
+
+def _write_once(target: Path, marker: str, write) -> None:
+    """Files that `write(folder)` makes, moved into target with `marker` last; a concurrent writer's copy is the same."""
+    if (target / marker).is_file():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        write(staging)
+        for file in sorted(staging.iterdir(), key=lambda path: path.name == marker):
+            os.replace(file, target / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

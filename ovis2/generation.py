@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import PaddedKVCache
+from .layers import PaddedKVCache, default_position_ids
 from .logits_processing import apply_top_k, apply_top_p, draw
 from .tokenizer import DEFAULT_EOS_IDS, PAD_TOKEN_ID
 
@@ -42,8 +42,6 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_token_id=None, pad_token_id: int = PAD_TOKEN_ID, generator=None, **unused) -> torch.Tensor:  # fmt: skip
     """Returns [B, prompt + new] ids; finished rows are padded with `pad_token_id`, as transformers does."""
-    from .modeling import default_position_ids
-
     input_ids = input_ids.to(model.device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .checkpoint import resolve_checkpoint
+from .compat import check_compat
 from .errors import Ovis2Error
 
-COMPAT_MODES = ("ovis", "transformers")
 CROP_SIDE = 448
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -258,9 +259,7 @@ class Ovis2ImageProcessor:
         image_std=CLIP_STD,
         config_max_patches: int | None = None,
     ):
-        if compat not in COMPAT_MODES:
-            raise Ovis2Error(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-        self.compat = compat
+        self.compat = check_compat(compat)
         self.max_patches = max_patches  # explicit: overrides the compat default
         self.config_max_patches = config_max_patches  # from a -hf config: used by compat="transformers" only
         self.min_patches = min_patches
@@ -275,7 +274,7 @@ class Ovis2ImageProcessor:
     @classmethod
     def from_pretrained(cls, path_or_hub_id, compat: str = "ovis", **overrides):
         """Reads a -hf `preprocessor_config.json`; an original AIDC checkpoint gets the original defaults."""
-        folder = resolve_pretrained_dir(path_or_hub_id)
+        folder = resolve_checkpoint(path_or_hub_id)
         return cls(compat=compat, **{**image_processor_kwargs(folder), **overrides})
 
     def to_dict(self) -> dict:
@@ -413,22 +412,6 @@ def make_batch_feature(results, return_tensors: str | None):
 
 
 # ---------------------------------------------------------------- reading checkpoints
-
-
-def resolve_pretrained_dir(path_or_hub_id) -> Path:
-    """A local checkpoint folder, or the config/tokenizer files of a Hub repo fetched into the cache."""
-    path = Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
-    except Exception as error:  # network, auth or an unknown repo: all mean "cannot use this name"
-        raise Ovis2Error(
-            f"{path_or_hub_id!r} is not a local directory and could not be fetched: {error}"
-        ) from error
 
 
 def read_json(path: Path) -> dict:

@@ -226,3 +226,8 @@ def project_rows(x: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> to
     for start in range(0, weight.shape[0], chunk):
         out[:, start : start + chunk].copy_((weight[start : start + chunk] @ columns).t())
     return out
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: real tokens count from 0; pads get position 0 (they are never attended to)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

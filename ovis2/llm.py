@@ -3,31 +3,27 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 from .engine.engine_args import EngineArgs
-from .engine.inputs import EngineInputs
-from .engine.llm_engine import LLMEngine, load_processor
+from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
 from .errors import Ovis2Error
+from .inputs import EngineInputs
 
 
 class LLM:
     """Continuous batching without a server: every prompt is added, then the engine steps until all finish."""
 
-    def __init__(self, model: str = "demo", compat: str = "ovis", dtype: str = "auto", device: str = "auto",
+    def __init__(self, model: str = "demo", compat: str = "ovis", dtype="auto", device: str = "auto",
                  processor=None, **engine_args) -> None:  # fmt: skip
         self.args = EngineArgs(model=model, compat=compat, dtype=dtype, device=device, **engine_args)
-        self.engine = LLMEngine(self.args)
-        self._processor = processor
+        self.engine = LLMEngine(self.args, processor=processor)
         self._ids = itertools.count()
 
     @property
     def processor(self):
-        if self._processor is None:
-            self._processor = load_processor(self.args)
-        return self._processor
+        return self.engine.processor
 
     @property
     def tokenizer(self):
@@ -38,13 +34,15 @@ class LLM:
         """conversations: one list of messages or a list of them; image parts carry PIL images."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        inputs = [self.processor.prepare_chat(messages, max_patches=max_patches) for messages in conversations]
+        inputs = [self.engine.input_processor.chat_inputs(messages, max_patches) for messages in conversations]
         return self.generate(inputs, sampling_params)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:  # fmt: skip
         """prompts: EngineInputs, token id lists or plain strings (tokenized without a chat template)."""
-        prompts = self._as_inputs(prompts)
+        if isinstance(prompts, (str, EngineInputs)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = [self.engine.input_processor.prompt_inputs(p) for p in prompts]
         params = _per_prompt(sampling_params, len(prompts))
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for inputs, p in zip(prompts, params, strict=True):
@@ -64,20 +62,6 @@ class LLM:
                 if output.finished:
                     final[output.request_id] = output
         return [final[request_id] for request_id in request_ids]
-
-    def _as_inputs(self, prompts) -> list[EngineInputs]:
-        if isinstance(prompts, (str, EngineInputs)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        return [self._one_input(p) for p in prompts]
-
-    def _one_input(self, prompt) -> EngineInputs:
-        if isinstance(prompt, EngineInputs):
-            return prompt
-        if isinstance(prompt, str):
-            return EngineInputs(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return EngineInputs(list(prompt))
-        raise Ovis2Error("a prompt must be EngineInputs, a list of token ids or a string")
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:

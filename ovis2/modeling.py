@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import check_compat
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
 from .errors import Ovis2Error
 from .layers import (
@@ -23,19 +24,13 @@ from .layers import (
     SwiGLU,
     apply_rotary,
     bidirectional_attention,
+    default_position_ids,
     padded_attention,
     paged_attention,
     project_rows,
 )
 
-COMPAT_MODES = ("ovis", "transformers")
 AttentionMetadata = PaddedAttentionMetadata | PagedAttentionMetadata
-
-
-def check_compat(compat: str) -> str:
-    if compat not in COMPAT_MODES:
-        raise Ovis2Error(f"compat must be one of {COMPAT_MODES}, not {compat!r}")
-    return compat
 
 
 # ----------------------------------------------------------------------------------------------- vision
@@ -334,8 +329,3 @@ class Ovis2ForConditionalGeneration(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-
-
-def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left padding: real tokens count from 0; pads get position 0 (they are never attended to)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

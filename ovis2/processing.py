@@ -17,17 +17,19 @@ import json
 import re
 from pathlib import Path
 
-from .engine.inputs import TOKENS_PER_CROP, EngineInputs, ImageInput, image_token_count
+from . import image_layout
+from .checkpoint import resolve_checkpoint
 from .errors import Ovis2Error
+from .image_layout import TOKENS_PER_CROP
 from .image_processing import (
     Ovis2ImageProcessor,
     flatten_images,
     is_original_checkpoint,
     read_json,
-    resolve_pretrained_dir,
     to_pil_image,
 )
 from .image_processing_fast import Ovis2ImageProcessorFast
+from .inputs import EngineInputs, ImageInput
 from .tokenizer import CHAT_TEMPLATE, IMAGE_ATOM_ID, IMAGE_TOKENS, VISUAL_INDICATOR_IDS
 
 IMAGE_TOKEN = "<image>"
@@ -62,7 +64,7 @@ class Ovis2Processor:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
         self.image_token = IMAGE_TOKEN
         self.image_seq_length = image_seq_length
-        self.atom_id, self.indicator_ids = ensure_image_tokens(tokenizer)
+        ensure_image_tokens(tokenizer)
         self._plain_encoder = _plain_text_encoder(tokenizer)
         self._control_pattern = _control_token_pattern(tokenizer)
 
@@ -75,7 +77,7 @@ class Ovis2Processor:
     @classmethod
     def from_pretrained(cls, path_or_hub_id, compat: str = "ovis", use_fast: bool = False, **image_kwargs):
         """A -hf checkpoint (tokenizer, preprocessor/processor configs, chat template) or an original one."""
-        folder = resolve_pretrained_dir(path_or_hub_id)
+        folder = resolve_checkpoint(path_or_hub_id)
         image_class = Ovis2ImageProcessorFast if use_fast else Ovis2ImageProcessor
         image_processor = image_class.from_pretrained(folder, compat=compat, **image_kwargs)
         tokenizer = load_tokenizer(folder)
@@ -102,22 +104,11 @@ class Ovis2Processor:
 
     def image_placeholder_ids(self, grid) -> list[int]:
         """START, the thumbnail's atoms, GRID, [tiles row by row with COL/ROW between], END."""
-        start, grid_id, col_id, row_id, end = self.indicator_ids
-        rows, cols = (int(n) for n in grid)
-        atoms = [self.atom_id] * self.image_seq_length
-        ids = [start, *atoms, grid_id]
-        if rows * cols > 1:
-            for row in range(rows):
-                for col in range(cols):
-                    ids += atoms if col == cols - 1 else [*atoms, col_id]
-                if row < rows - 1:
-                    ids.append(row_id)
-        ids.append(end)
-        return ids
+        return image_layout.placeholder_ids(grid)
 
     def image_token_count(self, width: int, height: int, max_patches: int | None = None) -> int:
         """Prompt tokens an image of this size costs, from its size alone (no decoding)."""
-        return image_token_count(self.image_processor.grid_for_size(width, height, max_patches))
+        return image_layout.token_count(self.image_processor.grid_for_size(width, height, max_patches))
 
     # ------------------------------------------------------------ the text path (as transformers)
 

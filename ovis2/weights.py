@@ -1,37 +1,22 @@
-"""Find a checkpoint, read its safetensors, map the original AIDC layout to -hf, fill the model in place."""
+"""Read a checkpoint's safetensors, map the original AIDC layout to -hf, fill the model in place."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .checkpoint import resolve_checkpoint
 from .configuration import Ovis2Config
+from .dtypes import resolve_dtype
 from .errors import Ovis2Error
 
 logger = logging.getLogger(__name__)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PROGRESS_BAR_BYTES = 1 << 30
-DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}  # fmt: skip
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise Ovis2Error(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
-    return DTYPES[dtype]
 
 
 def infer_device() -> str:
@@ -70,33 +55,6 @@ def check_weights_fit(model, dtype: torch.dtype, device: torch.device, memory_fr
             f"({total / gib:.1f} GiB, {free / gib:.1f} GiB free) may be used: raise --gpu-memory-utilization, "
             "use --dtype bfloat16, or use a larger GPU"
         )
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local directory, "demo" (the built-in random-weight checkpoint), or a hub id (downloaded once)."""
-    text = str(path_or_id)
-    if text == "demo":
-        from .demo import demo_checkpoint_dir
-
-        return demo_checkpoint_dir()
-    local = Path(text).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists() or not HUB_ID.match(text):
-        raise Ovis2Error(f"model {text!r} is neither a checkpoint directory nor a hub id like 'org/name'")
-    return _download(text)
-
-
-@functools.cache  # the model, tokenizer and processor all resolve the same id: ask the hub once per process
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        raise Ovis2Error(f"could not fetch {repo_id!r} from the hub (HF_HUB_OFFLINE set or no network?): {error}") from error
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -179,7 +137,7 @@ def original_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
 def load_model(cls, path_or_id, dtype=None, device=None, compat: str = "ovis", memory_fraction: float = 1.0):
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    directory = resolve_checkpoint(path_or_id)
+    directory = resolve_checkpoint(path_or_id, model_class=cls)
     config = Ovis2Config.from_pretrained(directory)
     with torch.device("meta"):
         model = cls(config, compat=compat)

@@ -144,15 +144,11 @@ def usage_of(output: RequestOutput) -> Usage:
                  prompt_tokens_details=details)  # fmt: skip
 
 
-def token_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
 def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs:
     content = [
         ChatTokenLogprob(
-            token=lp.token, logprob=lp.logprob, bytes=token_bytes(lp.token),
-            top_logprobs=[TopLogprob(token=t, logprob=p, bytes=token_bytes(t)) for _, t, p in lp.top],
+            token=lp.token, logprob=lp.logprob, bytes=lp.bytes,
+            top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in lp.top],
         )
         for lp in logprobs or ()
     ]  # fmt: skip

@@ -95,7 +95,7 @@ class CompletionBuilder:
         for lp in logprobs or ():
             result.tokens.append(lp.token)
             result.token_logprobs.append(lp.logprob)
-            result.top_logprobs.append({text: p for _, text, p in lp.top})
+            result.top_logprobs.append({top.token: top.logprob for top in lp.top})
             result.text_offset.append(offset)
             offset += len(lp.token)
         self.offsets[index] = offset

@@ -10,9 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ovis2.demo import tiny_config
-from ovis2.tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
-
-START, GRID, COL, ROW, END = VISUAL_INDICATOR_IDS
+from ovis2.image_layout import placeholder_ids
 
 # name -> tiny_config arguments; together they cover stride 1 and 2, GQA and MHA, tied and untied, 1-3 layers.
 SHAPES = {
@@ -30,25 +28,11 @@ def shape_config(name: str):
     return tiny_config(**SHAPES[name])
 
 
-def image_placeholder(grid: tuple[int, int], tokens_per_crop: int) -> list[int]:
-    rows, cols = grid
-    ids = [START] + [IMAGE_ATOM_ID] * tokens_per_crop + [GRID]
-    if rows * cols > 1:
-        for row in range(rows):
-            for col in range(cols):
-                ids += [IMAGE_ATOM_ID] * tokens_per_crop
-                if col < cols - 1:
-                    ids.append(COL)
-            if row < rows - 1:
-                ids.append(ROW)
-    return ids + [END]
-
-
 def prompt_ids(text_chunks: list[list[int]], grids: list[tuple[int, int]], tokens_per_crop: int) -> list[int]:
     """text_chunks[0] + image 0 + text_chunks[1] + image 1 + ... (one more chunk than images)."""
     ids = list(text_chunks[0])
     for grid, chunk in zip(grids, text_chunks[1:], strict=True):
-        ids += image_placeholder(grid, tokens_per_crop) + list(chunk)
+        ids += placeholder_ids(grid, tokens_per_crop) + list(chunk)
     return ids
 
 

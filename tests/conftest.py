@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ovis2.demo import write_checkpoint
+from ovis2.random_checkpoint import write_checkpoint
 from tests.checkpoints import SHAPES, shape_config
 
 

@@ -52,7 +52,7 @@ class LiveServer:
     @property
     def checkpoint(self) -> str:
         """The directory `--model demo` serves (the same deterministic checkpoint in this process)."""
-        from ovis2.demo import demo_checkpoint_dir
+        from ovis2.random_checkpoint import demo_checkpoint_dir
 
         return str(demo_checkpoint_dir())
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ovis2.engine.inputs import EngineInputs, image_token_count
 from ovis2.errors import Ovis2Error
+from ovis2.image_layout import token_count as image_token_count
 from ovis2.image_processing import Ovis2ImageProcessor
 from ovis2.image_processing_fast import Ovis2ImageProcessorFast
+from ovis2.inputs import EngineInputs
 from ovis2.processing import ORIGINAL_CHAT_TEMPLATE, Ovis2Processor
 from ovis2.tokenizer import CHAT_TEMPLATE, IMAGE_ATOM_ID, IMAGE_TOKENS, VISUAL_INDICATOR_IDS, build_tokenizer
 from tests.processing_helpers import photo, transformers_image_processor

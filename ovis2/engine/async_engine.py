@@ -17,9 +17,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from ..errors import Ovis2Error
+from ..inputs import EngineInputs
+from .core import EngineStats
 from .engine_args import EngineArgs
-from .inputs import EngineInputs
-from .llm_engine import EngineStats, LLMEngine, load_processor
+from .input_processor import load_processor
+from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import SequenceGroup
@@ -53,7 +55,7 @@ class AsyncEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
-            self.engine = await asyncio.to_thread(LLMEngine, self.args)
+            self.engine = await asyncio.to_thread(LLMEngine, self.args, processor=self._processor)
         self._thread = threading.Thread(target=self._run_loop, name="ovis2-engine", daemon=True)
         self._thread.start()
 
@@ -68,7 +70,9 @@ class AsyncEngine:
     # --- the public interface
     @property
     def processor(self):
-        if self._processor is None:
+        if self.engine is not None:
+            return self.engine.processor
+        if self._processor is None:  # before start(): the one the engine will use
             self._processor = load_processor(self.args)
         return self._processor
 
@@ -98,7 +102,7 @@ class AsyncEngine:
 
     def set_request_hook(self, hook: Callable[[SequenceGroup], None] | None) -> None:
         """Fault injection for tests: hook(group) runs when a request is scheduled; raising fails it."""
-        self.engine.request_hook = hook
+        self.engine.core.request_hook = hook
 
     async def generate(self, inputs: EngineInputs, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:  # fmt: skip
@@ -106,7 +110,7 @@ class AsyncEngine:
         self.engine.validate(inputs, params)  # user errors raise here, before anything is queued
         if request_id in self._queues:
             raise Ovis2Error(f"request id {request_id!r} is already running")
-        if self.engine.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
+        if self.engine.core.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
             raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
         queue = OutputStream()
         self._queues[request_id] = queue

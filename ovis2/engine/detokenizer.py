@@ -68,6 +68,3 @@ class IncrementalDetokenizer:
                     held = size
                     break
         return held
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,44 +1,83 @@
-"""Every knob of the engine in one dataclass, shared by LLM(...) and the server's flags."""
+"""Every knob of the engine in one dataclass: LLM(...)'s keywords and, field for field, the server's flags.
+
+Each field's `help` is the flag's description and `check` its rule; `EngineArgs` and the server's settings both
+validate with `field_problem`, so a rule and a default are written once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
+import torch
+
+from ..compat import COMPAT_MODES, CompatMode
+from ..dtypes import DtypeName, check_dtype
 from ..errors import Ovis2Error
+
+
+def _arg(default, help: str, check=None):
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _at_least(low):
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _one_of(choices):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, not {v!r}"
+
+
+def _dtype_rule(value) -> str | None:
+    try:
+        check_dtype(value)
+    except Ovis2Error:
+        return f"must be auto, bfloat16, float16, float32 (or those torch dtypes), not {value!r}"
+    return None
 
 
 @dataclass
 class EngineArgs:
-    model: str = "demo"  # local dir, hub id, or "demo" for the built-in random-weight checkpoint
-    compat: str = "ovis"  # "ovis" (original preprocessing + no final vision norm) | "transformers"
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"  # auto: cuda if available else cpu
-    max_model_len: int | None = None  # None: the model's max positions
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the KV pool; None: from gpu_memory_utilization / CPU default
-    gpu_memory_utilization: float = 0.85
-    cpu_kv_cache_memory: int = 256 * 1024 * 1024
-    max_images_per_request: int = 8
-    max_tiles_per_image: int | None = None  # None: the compat's default (9 original, 12 transformers)
-    max_waiting_requests: int = 1024
-    visual_cache_size: int = 64  # images whose visual embeddings stay cached (LRU)
-    enable_prefix_caching: bool = True
-    image_processor: str = "pil"  # "pil" (bit-faithful resizes) | "fast" (torch resizes, ~3x faster)
-    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
-    seed: int = 0
+    model: str = _arg("demo", "Checkpoint: a local directory, a hub id, or 'demo' (built-in tiny random model).")
+    compat: CompatMode = _arg("ovis", "Image preprocessing: 'ovis' (original Ovis2) or 'transformers' (matches "
+                              "transformers' Ovis2).", _one_of(COMPAT_MODES))  # fmt: skip
+    dtype: DtypeName | torch.dtype = _arg("auto", "Weights and activations dtype (auto: bfloat16 on CUDA, float32 "
+                                          "on CPU).", _dtype_rule)  # fmt: skip
+    device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.")
+    max_model_len: int | None = _arg(None, "Longest prompt + output in tokens (default: the model's).",
+                                     _optional(_at_least(1)))  # fmt: skip
+    max_num_seqs: int = _arg(64, "Most sequences in one running batch.", _at_least(1))
+    max_num_batched_tokens: int = _arg(4096, "Most tokens the engine runs in one step.", _at_least(1))
+    block_size: int = _arg(16, "Tokens per KV cache block.", _at_least(1))
+    kv_cache_memory: int | None = _arg(None, "Bytes for the KV cache (default: from --gpu-memory-utilization on "
+                                       "GPU, --cpu-kv-cache-memory on CPU).", _optional(_at_least(1)))  # fmt: skip
+    gpu_memory_utilization: float = _arg(0.85, "Fraction of GPU memory the engine may use.",
+                                         lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]")  # fmt: skip
+    cpu_kv_cache_memory: int = _arg(256 * 1024 * 1024, "Bytes for the KV cache on CPU.", _at_least(1))
+    max_images_per_request: int = _arg(8, "Most images in one request.", _at_least(1))
+    max_tiles_per_image: int | None = _arg(None, "Most tiles per image (default: the compat's, 9 for ovis, 12 for "
+                                           "transformers); requests may ask for fewer.", _optional(_at_least(1)))  # fmt: skip
+    max_waiting_requests: int = _arg(1024, "Waiting-queue length past which requests are refused at once (503).",
+                                     _at_least(1))  # fmt: skip
+    visual_cache_size: int = _arg(64, "Images whose visual embeddings stay cached (LRU).", _at_least(0))
+    enable_prefix_caching: bool = _arg(True, "Reuse KV blocks of identical prompt prefixes.")
+    image_processor: str = _arg("pil", "Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' "
+                                "(torch, about 3x faster, mean pixel difference under 0.01).",
+                                _one_of(("pil", "fast")))  # fmt: skip
+    enforce_eager: bool = _arg(False, "CUDA: run decode steps eagerly instead of replaying CUDA graphs (slower; "
+                               "for debugging).")  # fmt: skip
+    seed: int = _arg(0, "Engine seed for requests that give none.")
 
     def __post_init__(self) -> None:
-        if self.compat not in ("ovis", "transformers"):
-            raise Ovis2Error(f"compat must be 'ovis' or 'transformers', not {self.compat!r}")
-        if self.image_processor not in ("pil", "fast"):
-            raise Ovis2Error(f"image_processor must be 'pil' or 'fast', not {self.image_processor!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
-            raise Ovis2Error(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
-        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_images_per_request")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise Ovis2Error(f"{name} must be at least 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise Ovis2Error("gpu_memory_utilization must be in (0, 1]")
+        for item in fields(self):
+            problem = field_problem(item.name, getattr(self, item.name))
+            if problem is not None:
+                raise Ovis2Error(f"{item.name} {problem}")
+
+
+def field_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for the field `name`, or None."""
+    check = EngineArgs.__dataclass_fields__[name].metadata.get("check")
+    return None if check is None else check(value)

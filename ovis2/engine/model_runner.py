@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..image_layout import IMAGE_TOKEN_IDS
+from ..inputs import ImageInput
 from ..layers import PagedAttentionMetadata
-from ..tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
 from .block_tables import padded_block_tables, slot_of
 from .decode_graphs import DecodeGraphs
-from .inputs import ImageInput
 from .scheduler import ScheduledSeq
 from .sequence import SequenceGroup
 
-NEVER_GENERATED_IDS = (IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS)  # image placeholders only come from the prompt
 CUDA_ACTIVATION_RESERVE = 2 * 1024**3
 
 
@@ -82,7 +81,6 @@ class ModelRunner:
         self.max_crops_per_call = 64 if self.device.type == "cuda" else 16
         self.visual_cache = VisualCache(args.visual_cache_size)
         self.num_encoded_images = 0  # images that went through the vision tower (tests read it)
-        self.num_vision_calls = 0
         block_shape = model.kv_cache_block_shape(self.block_size)
         self.bytes_per_block = kv_bytes_per_block(model.num_kv_layers, block_shape, model.dtype)
         self.num_blocks = kv_pool_budget(args, self.device) // self.bytes_per_block  # the block manager's
@@ -90,7 +88,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = model.config.vocab_size
-        self.banned_ids = torch.tensor([t for t in NEVER_GENERATED_IDS if t < self.vocab_size], device=self.device)
+        self.banned_ids = torch.tensor(sorted(t for t in IMAGE_TOKEN_IDS if t < self.vocab_size), device=self.device)
 
     def allocate_kv_cache(self) -> None:
         shape = (self.num_blocks + 1, *self.model.kv_cache_block_shape(self.block_size))
@@ -110,7 +108,6 @@ class ModelRunner:
 
     def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, 448, 448] -> [N, 256, H]: the vision tower, in chunks that fit in memory."""
-        self.num_vision_calls += 1
         chunks = pixel_values.split(self.max_crops_per_call)
         return torch.cat([self.model.get_image_embeddings(c.to(self.device)) for c in chunks])
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 @dataclass
 class TokenLogprob:
     token_id: int
-    token: str
+    token: str  # the token's text (a replacement character where it holds part of a character)
     logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token text, logprob)
+    top: list[TokenLogprob] = field(default_factory=list)  # the most likely tokens at this step (no top of their own)
+    bytes: list[int] | None = None  # the token's own UTF-8 bytes
 
 
 @dataclass

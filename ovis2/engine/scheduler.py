@@ -45,10 +45,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
@@ -69,10 +65,6 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
-
-    @property
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     # --- requests in and out
     def add(self, group: SequenceGroup) -> None:
@@ -171,7 +163,8 @@ class Scheduler:
         return first
 
     # --- after the model ran
-    def update_computed(self, out: SchedulerOutput) -> None:
-        for item in out.scheduled:
+    def update_computed(self, items: list[ScheduledSeq]) -> None:
+        """The KV of these items' tokens is now in the cache (items that failed are left out)."""
+        for item in items:
             item.seq.num_computed_tokens += item.num_tokens
             self.block_manager.commit_computed(item.seq)

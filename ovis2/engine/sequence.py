@@ -1,7 +1,7 @@
 """A request (SequenceGroup) and its choices (Sequence): the state the scheduler and runner share.
 
 Plain Python: no torch here, so the scheduler and block manager stay unit-testable in microseconds.
-Image embeddings and per-choice random generators are attached by the runner as opaque objects.
+Image embeddings and per-choice random generators are attached by the core as opaque objects.
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..tokenizer import IMAGE_ATOM_ID
-from .inputs import TOKENS_PER_CROP, EngineInputs, crop_count
+from ..inputs import EngineInputs
 from .outputs import RequestMetrics
+from .request import EngineRequest
 from .sampling_params import SamplingParams
 
 
@@ -44,12 +42,8 @@ class Sequence:
         self.hash_chain: list[int] = []  # prefix-cache hash of each full block by content (tokens only grow)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
-        self.stop_reason: str | int | None = None
-        self.logprobs: list | None = [] if group.params.logprobs is not None else None
-        self.generator: Any = None  # torch.Generator, created by the runner
-        self.detok: Any = None  # per-choice incremental detokenizer state
+        self.generator: Any = None  # torch.Generator for sampled choices, created by the core
         self.num_preemptions = 0
-        self.num_reported_tokens = 0  # output tokens already handed out in a RequestOutput
 
     # --- derived state
     @property
@@ -86,10 +80,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self._output_ids.append(token_id)
@@ -106,32 +96,30 @@ class Sequence:
         return f"Sequence({self.group.request_id}#{self.index}, {self.num_computed_tokens}/{self.num_tokens})"
 
 
-@dataclass
-class ImageSpan:
-    """Where one image's atoms sit in the prompt: atom indices [atom_start, atom_end)."""
-
-    content_hash: str
-    atom_start: int
-    atom_end: int
-
-
-@dataclass(eq=False)
 class SequenceGroup:
-    """One request: its inputs, its sampling parameters and its n choices."""
+    """One request in the core: its EngineRequest and its n choices."""
 
-    request_id: str
-    inputs: EngineInputs
-    params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
-    image_embeds: Any = None  # [num_atoms, H] tensor while some choice still prefills; else None
-    error: str | None = None
-    aborted: bool = False
+    def __init__(self, request: EngineRequest) -> None:
+        self.request = request
+        self.metrics = RequestMetrics(arrival_time=request.arrival_time)
+        self.image_embeds: Any = None  # [num_atoms, H] tensor while some choice still prefills; else None
+        self.seqs = [Sequence(self, i) for i in range(request.params.n)]
 
-    def __post_init__(self) -> None:
-        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
-        self.atom_positions = [i for i, t in enumerate(self.prompt_token_ids) if t == IMAGE_ATOM_ID]
-        self.image_spans = _image_spans(self.inputs)
-        self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def inputs(self) -> EngineInputs:
+        return self.request.inputs
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def atom_positions(self) -> list[int]:
+        return self.request.atom_positions
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -166,13 +154,8 @@ class SequenceGroup:
         first, last = self.atoms_before(start), self.atoms_before(end)
         if first == last:
             return ()
-        return tuple(s.content_hash for s in self.image_spans if s.atom_start < last and s.atom_end > first)
+        spans = self.request.image_spans
+        return tuple(s.content_hash for s in spans if s.atom_start < last and s.atom_end > first)
 
-
-def _image_spans(inputs: EngineInputs) -> list[ImageSpan]:
-    spans, start = [], 0
-    for image in inputs.images:
-        end = start + crop_count(image.grid) * TOKENS_PER_CROP
-        spans.append(ImageSpan(image.content_hash, start, end))
-        start = end
-    return spans
+    def __repr__(self) -> str:
+        return f"SequenceGroup({self.request_id}, n={len(self.seqs)})"

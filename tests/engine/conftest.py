@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovis2.demo import tiny_config, write_checkpoint
+from ovis2.demo import tiny_config
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
+from ovis2.random_checkpoint import write_checkpoint
 from ovis2.tokenizer import build_tokenizer
 from tests.engine.prompts import chat_prompt, random_image, text_ids
 

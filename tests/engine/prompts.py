@@ -6,25 +6,13 @@ import hashlib
 
 import torch
 
-from ovis2.engine.inputs import EngineInputs, ImageInput, crop_count
-from ovis2.tokenizer import IM_END_ID, IM_START_ID, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
-
-START, GRID, COL, ROW, END = VISUAL_INDICATOR_IDS
-ATOMS = [IMAGE_ATOM_ID] * 256
+from ovis2.image_layout import crop_count, placeholder_ids
+from ovis2.inputs import EngineInputs, ImageInput
+from ovis2.tokenizer import IM_END_ID, IM_START_ID
 
 
 def image_token_ids(grid: tuple[int, int]) -> list[int]:
-    rows, cols = grid
-    ids = [START, *ATOMS, GRID]
-    if rows * cols > 1:
-        for r in range(rows):
-            for c in range(cols):
-                ids += ATOMS
-                if c < cols - 1:
-                    ids.append(COL)
-            if r < rows - 1:
-                ids.append(ROW)
-    return ids + [END]
+    return placeholder_ids(grid)
 
 
 def random_image(seed: int, grid: tuple[int, int] = (1, 1)) -> ImageInput:

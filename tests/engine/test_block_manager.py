@@ -1,12 +1,13 @@
 from ovis2.engine.block_manager import BlockManager
-from ovis2.engine.inputs import EngineInputs, ImageInput
+from ovis2.engine.request import EngineRequest
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.sequence import SequenceGroup
+from ovis2.inputs import EngineInputs, ImageInput
 from ovis2.tokenizer import IMAGE_ATOM_ID
 
 
 def make_seq(ids, images=(), n=1):
-    return SequenceGroup("r", EngineInputs(list(ids), list(images)), SamplingParams(n=n)).seqs[0]
+    return SequenceGroup(EngineRequest.build("r", EngineInputs(list(ids), list(images)), SamplingParams(n=n))).seqs[0]
 
 
 def admit(bm: BlockManager, seq):
@@ -69,7 +70,7 @@ def test_image_content_hash_separates_identical_token_ids():
 
 def test_fork_shares_prompt_blocks_and_counts_references():
     bm = BlockManager(num_blocks=20, block_size=4, enable_prefix_caching=False)
-    group = SequenceGroup("r", EngineInputs(list(range(10))), SamplingParams(n=2))
+    group = SequenceGroup(EngineRequest.build("r", EngineInputs(list(range(10))), SamplingParams(n=2)))
     parent, child = group.seqs
     admit(bm, parent)
     bm.fork(parent, child)

@@ -11,7 +11,7 @@ from tests.engine.prompts import chat_prompt, text_ids
 
 def fixed_decode_engine(make_engine, **args):
     engine = make_engine(**args)
-    engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
+    engine.core.runner.enable_decode_graphs(engine.max_model_len, capture=False)
     return engine
 
 
@@ -25,10 +25,10 @@ def test_mixed_requests_match_generate(make_engine, reference):
     engine = fixed_decode_engine(make_engine)
     final = run_to_completion(engine, mixed_requests())
     assert_matches_reference(final, reference)
-    buckets = set(engine.runner.decode_graphs.buckets)
+    buckets = set(engine.core.runner.decode_graphs.buckets)
     assert {batch for batch, _ in buckets} >= {16, 8, 1}  # the batch shrinks as requests finish
     assert len({blocks for _, blocks in buckets}) >= 2  # contexts of text and image prompts
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
 def test_preempted_requests_resume_with_the_same_tokens(make_engine, reference):
@@ -36,7 +36,7 @@ def test_preempted_requests_resume_with_the_same_tokens(make_engine, reference):
     final = run_to_completion(engine, mixed_requests())
     assert engine.stats.num_preemptions > 0
     assert_matches_reference(final, reference)
-    assert engine.block_manager.num_free_blocks == 80
+    assert engine.core.block_manager.num_free_blocks == 80
 
 
 def _requests(count: int) -> dict:
@@ -44,18 +44,18 @@ def _requests(count: int) -> dict:
 
 
 def _scratch_written(engine) -> bool:
-    return any(bool(k[engine.runner.scratch_block].any()) for k, _ in engine.runner.kv_caches)
+    return any(bool(k[engine.core.runner.scratch_block].any()) for k, _ in engine.core.runner.kv_caches)
 
 
 def test_padding_rows_write_into_the_scratch_block_only(make_engine):
     """Corrupting a real block would change tokens (the parity tests); here: padding goes to the scratch block."""
     unpadded = fixed_decode_engine(make_engine)
     run_to_completion(unpadded, _requests(4))
-    assert set(unpadded.runner.decode_graphs.buckets) == {(4, 16)} and not _scratch_written(unpadded)
+    assert set(unpadded.core.runner.decode_graphs.buckets) == {(4, 16)} and not _scratch_written(unpadded)
     padded = fixed_decode_engine(make_engine)
     run_to_completion(padded, _requests(3))
-    assert set(padded.runner.decode_graphs.buckets) == {(4, 16)} and _scratch_written(padded)
-    assert padded.block_manager.num_free_blocks == padded.block_manager.num_total_blocks
+    assert set(padded.core.runner.decode_graphs.buckets) == {(4, 16)} and _scratch_written(padded)
+    assert padded.core.block_manager.num_free_blocks == padded.core.block_manager.num_total_blocks
 
 
 def test_steps_outside_the_buckets_run_eagerly(make_engine, monkeypatch):
@@ -64,7 +64,7 @@ def test_steps_outside_the_buckets_run_eagerly(make_engine, monkeypatch):
     requests = _requests(3)
     eager = run_to_completion(make_engine(), requests)
     fixed = run_to_completion(engine, requests)
-    assert not engine.runner.decode_graphs.buckets
+    assert not engine.core.runner.decode_graphs.buckets
     assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {k: v.outputs[0].token_ids for k, v in eager.items()}
 
 
@@ -77,10 +77,10 @@ def test_a_bucket_whose_capture_fails_runs_eagerly_from_then_on(make_engine, mon
 
     monkeypatch.setattr(decode_graphs.FixedDecode, "capture", failing_capture)
     engine = fixed_decode_engine(make_engine)
-    engine.runner.decode_graphs.capture = True  # what CUDA does; the pool is not needed by the failing capture
+    engine.core.runner.decode_graphs.capture = True  # what CUDA does; the pool is not needed by the failing capture
     requests = _requests(3)
     eager = run_to_completion(make_engine(), requests)
     fixed = run_to_completion(engine, requests)
-    assert attempts == [(4, 16)] and engine.runner.decode_graphs.failed == {(4, 16)}  # tried once, not per step
-    assert not engine.runner.decode_graphs.buckets
+    assert attempts == [(4, 16)] and engine.core.runner.decode_graphs.failed == {(4, 16)}  # tried once, not per step
+    assert not engine.core.runner.decode_graphs.buckets
     assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {k: v.outputs[0].token_ids for k, v in eager.items()}

@@ -21,8 +21,8 @@ def test_graph_replays_match_eager_steps(engine_checkpoint, tokenizer):
         args = EngineArgs(model=str(engine_checkpoint), dtype="float32", device="cuda", enforce_eager=eager,
                           kv_cache_memory=64 * 1024 * 1024)  # fmt: skip
         engine = LLMEngine(args, model=model, tokenizer=tokenizer)
-        assert (engine.runner.decode_graphs is None) == eager
+        assert (engine.core.runner.decode_graphs is None) == eager
         finals[eager] = {rid: out.outputs[0].token_ids for rid, out in run_to_completion(engine, mixed_requests()).items()}
         if not eager:
-            assert any(fixed.graph is not None for fixed in engine.runner.decode_graphs.buckets.values())
+            assert any(fixed.graph is not None for fixed in engine.core.runner.decode_graphs.buckets.values())
     assert finals[False] == finals[True]

@@ -18,16 +18,16 @@ def test_concurrent_mixed_requests_match_generate_one_at_a_time(make_engine, ref
     engine = make_engine()
     final = run_to_completion(engine, mixed_requests())
     assert_matches_reference(final, reference)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
 def test_tiny_pool_preempts_and_resumes_with_the_same_tokens(make_engine, reference):
     engine = make_engine(kv_cache_memory=80 * 8192, enable_prefix_caching=False)
-    assert engine.block_manager.num_total_blocks == 80
+    assert engine.core.block_manager.num_total_blocks == 80
     final = run_to_completion(engine, mixed_requests())
     assert engine.stats.num_preemptions > 0
     assert_matches_reference(final, reference)
-    assert engine.block_manager.num_free_blocks == 80
+    assert engine.core.block_manager.num_free_blocks == 80
 
 
 def test_chunked_prefill_matches_unchunked(make_engine, reference):
@@ -41,17 +41,17 @@ def test_second_turn_with_the_same_image_skips_the_vision_tower(make_engine, eng
     first = chat_prompt(text_ids(1, 20), [image])
     engine = make_engine()
     turn1 = run_to_completion(engine, {"t1": (first, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))})
-    encoded = engine.runner.num_encoded_images
+    encoded = engine.core.runner.num_encoded_images
     history = first.prompt_token_ids + turn1["t1"].outputs[0].token_ids + [151645, 198, 151644, 872, 198]
     second = type(first)(history + text_ids(2, 9) + [151645, 198, 151644, 77091, 198], [image])
     params = SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY)
     turn2 = run_to_completion(engine, {"t2": (second, params)})["t2"]
-    assert engine.runner.num_encoded_images == encoded  # zero vision tower runs for the second turn
+    assert engine.core.runner.num_encoded_images == encoded  # zero vision tower runs for the second turn
     assert turn2.num_cached_tokens >= len(first.prompt_token_ids) - 16
     uncached = make_engine(enable_prefix_caching=False, visual_cache_size=0)
     fresh = run_to_completion(uncached, {"t2": (second, params)})["t2"]
     assert turn2.outputs[0].token_ids == fresh.outputs[0].token_ids
-    assert fresh.num_cached_tokens == 0 and uncached.runner.num_encoded_images == 1
+    assert fresh.num_cached_tokens == 0 and uncached.core.runner.num_encoded_images == 1
 
 
 def test_500_mixed_requests_with_aborts_return_every_block(make_engine):
@@ -67,11 +67,11 @@ def test_500_mixed_requests_with_aborts_return_every_block(make_engine):
             engine.abort_request(f"m{i - 3}")
     while engine.has_unfinished_requests:
         engine.step()
-        if engine.scheduler.running and engine.stats.num_generated_tokens % 13 == 0:
-            engine.abort_request(engine.scheduler.running[-1].group.request_id)
-    bm = engine.block_manager
+        if engine.core.scheduler.running and engine.stats.num_generated_tokens % 13 == 0:
+            engine.abort_request(engine.core.scheduler.running[-1].group.request_id)
+    bm = engine.core.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks and all(c == 0 for c in bm.ref_counts)
-    assert not engine.groups and not engine.scheduler.waiting
+    assert not engine.core.groups and not engine.core.scheduler.waiting
 
 
 def test_abort_mid_generation_frees_blocks_and_reports_abort(make_engine):
@@ -81,7 +81,7 @@ def test_abort_mid_generation_frees_blocks_and_reports_abort(make_engine):
         engine.step()
     output = engine.abort_request("a")
     assert output.outputs[0].finish_reason == "abort" and len(output.outputs[0].token_ids) == 3
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
 def test_seeded_sampling_is_reproducible_across_runs_and_batches(make_engine):
@@ -115,7 +115,7 @@ def test_logprobs_stop_strings_and_min_tokens(make_engine, tokenizer):
     out = run_to_completion(engine, {"s": (prompt, params)})["s"].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop and out.text == text[: text.index(stop)]
     assert len(out.logprobs) == len(out.token_ids) and len(out.logprobs[0].top) == 3
-    assert out.logprobs[0].top[0][0] == out.token_ids[0]
+    assert out.logprobs[0].top[0].token_id == out.token_ids[0]
 
 
 def test_stop_token_ids_add_to_eos_and_survive_ignore_eos(make_engine):
@@ -153,25 +153,25 @@ def test_a_failing_request_fails_alone(make_engine):
         if group.request_id == "bad":
             raise RuntimeError("injected")
 
-    engine.request_hook = hook
+    engine.core.request_hook = hook
     requests = {rid: (chat_prompt(text_ids(i, 8), [random_image(i)]), SamplingParams(max_tokens=3, **GREEDY))
                 for i, rid in enumerate(["ok1", "bad", "ok2"])}  # fmt: skip
     final = run_to_completion(engine, requests)
     assert final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
     assert final["ok1"].error is None and len(final["ok1"].outputs[0].token_ids) >= 1
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
 def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
     engine = make_engine()
-    original = engine.runner.encode_crops
+    original = engine.core.runner.encode_crops
 
     def flaky(pixels):
         if pixels.shape[0] >= 3:  # batches holding the (1, 2) image: thumbnail + 2 tiles
             raise RuntimeError("vision failed")
         return original(pixels)
 
-    monkeypatch.setattr(engine.runner, "encode_crops", flaky)
+    monkeypatch.setattr(engine.core.runner, "encode_crops", flaky)
     requests = {"good": (chat_prompt([5], [random_image(1)]), SamplingParams(max_tokens=2, **GREEDY)),
                 "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY))}  # fmt: skip
     final = run_to_completion(engine, requests)
@@ -180,7 +180,7 @@ def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
 
 def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monkeypatch):
     engine = make_engine()
-    original = engine.runner._forward
+    original = engine.core.runner._forward
     poison = 4242
 
     def forward(scheduled):
@@ -188,15 +188,15 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
             raise RuntimeError("forward failed")
         return original(scheduled)
 
-    monkeypatch.setattr(engine.runner, "_forward", forward)
+    monkeypatch.setattr(engine.core.runner, "_forward", forward)
     requests = {rid: (chat_prompt(text_ids(i, 6) + ([poison] if rid == "bad" else []), []),
                       SamplingParams(max_tokens=4, **GREEDY)) for i, rid in enumerate(["ok1", "bad", "ok2"])}  # fmt: skip
     final = run_to_completion(engine, requests)
     assert "forward failed" in final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
     for rid in ("ok1", "ok2"):
         assert final[rid].error is None and len(final[rid].outputs[0].token_ids) == 4
-        assert final[rid].outputs[0].token_ids == reference_tokens(engine.model, requests[rid][0], 4)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+        assert final[rid].outputs[0].token_ids == reference_tokens(engine.core.model, requests[rid][0], 4)
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
 def test_a_stop_string_before_min_tokens_neither_stops_nor_cuts_the_text(make_engine, tokenizer):

@@ -48,18 +48,18 @@ def test_recorder_sees_the_waits_it_looks_for():
 def test_engine_steps_run_the_model_without_host_waits(make_engine, fixed_decode):
     engine = make_engine(max_num_batched_tokens=300)  # the image prompt prefills in chunks
     if fixed_decode:  # what CUDA graphs capture: a wait there would fail the capture
-        engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
+        engine.core.runner.enable_decode_graphs(engine.max_model_len, capture=False)
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     engine.add_request("image", chat_prompt(text_ids(1, 7), [random_image(1, (1, 2))]), params)
     engine.add_request("text", chat_prompt(text_ids(2, 11)), params)
     recorded: dict[str, list[list[str]]] = {"execute": [], "prepare_images": []}
     for name, calls in recorded.items():
-        setattr(engine.runner, name, _recording(getattr(engine.runner, name), calls))
+        setattr(engine.core.runner, name, _recording(getattr(engine.core.runner, name), calls))
     while engine.has_unfinished_requests:
         engine.step()
     assert len(recorded["execute"]) > 4  # chunked prefill with an image, then decodes
-    assert engine.runner.num_encoded_images == 1
-    assert bool(engine.runner.decode_graphs and engine.runner.decode_graphs.buckets) == fixed_decode
+    assert engine.core.runner.num_encoded_images == 1
+    assert bool(engine.core.runner.decode_graphs and engine.core.runner.decode_graphs.buckets) == fixed_decode
     assert all(ops == [] for calls in recorded.values() for ops in calls), recorded
 
 
@@ -79,7 +79,7 @@ def test_fixed_decode_forward_builds_no_tensor_from_python_data(make_engine):
     from ovis2.engine import decode_graphs
 
     engine = make_engine()
-    engine.runner.enable_decode_graphs(engine.max_model_len, capture=False)
+    engine.core.runner.enable_decode_graphs(engine.max_model_len, capture=False)
     made: list[str] = []
     forward = decode_graphs.FixedDecode.forward
 
@@ -103,4 +103,4 @@ def test_fixed_decode_forward_builds_no_tensor_from_python_data(make_engine):
             engine.step()
     finally:
         decode_graphs.FixedDecode.forward = forward
-    assert engine.runner.decode_graphs.buckets and made == []
+    assert engine.core.runner.decode_graphs.buckets and made == []

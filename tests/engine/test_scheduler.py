@@ -1,20 +1,21 @@
 from ovis2.engine.block_manager import BlockManager
-from ovis2.engine.inputs import EngineInputs
+from ovis2.engine.request import EngineRequest
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.scheduler import Scheduler
 from ovis2.engine.sequence import SequenceGroup
+from ovis2.inputs import EngineInputs
 
 
 def group(request_id, length, n=1):
     first = 1000 * (sum(map(ord, request_id)) % 50)  # distinct prompts: no accidental prefix hits
-    return SequenceGroup(request_id, EngineInputs(list(range(first + 1, first + length + 1))), SamplingParams(n=n))
+    return SequenceGroup(EngineRequest.build(request_id, EngineInputs(list(range(first + 1, first + length + 1))), SamplingParams(n=n)))
 
 
 def fake_step(scheduler: Scheduler):
     """Schedule, mark the tokens computed, append a token to every sequence that sampled."""
     out = scheduler.schedule()
     out.summary = [(i.seq.group.request_id, i.num_tokens, i.samples) for i in out.scheduled]
-    scheduler.update_computed(out)
+    scheduler.update_computed(out.scheduled)
     for item in out.scheduled:
         if item.samples:
             item.seq.append_token(7)
@@ -108,7 +109,7 @@ def test_a_preempted_choice_resumes_without_its_siblings_output_blocks():
         if child in out.preempted:  # the pool ran out; once "b" is done, the child comes back while its parent runs
             preempted = True
             sched.finish(other.seqs[0])
-        sched.update_computed(out)
+        sched.update_computed(out.scheduled)
         for item in out.scheduled:
             if item.samples:
                 item.seq.append_token(100 * (item.seq.index + 1) + step)  # the two choices write different tokens

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ovis2 import EngineDeadError, EngineInputs, EngineOverloadedError, ImageInput, Ovis2Error
-from ovis2.engine.inputs import TOKENS_PER_CROP
 from ovis2.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from ovis2.tokenizer import IM_END_ID, IM_START_ID, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
+from ovis2.image_layout import placeholder_ids, token_count
+from ovis2.tokenizer import IM_END_ID, IM_START_ID
 
 WORDS = ["Hello", " there", ",", " I", " see", " a", " cat", " on", " the", " mat", "."]
 
@@ -48,7 +48,7 @@ class FakeProcessor:
                 {"type": "text", "text": message["content"]}]  # fmt: skip
             for part in parts:
                 if part["type"] == "image":
-                    ids += [VISUAL_INDICATOR_IDS[0], *[IMAGE_ATOM_ID] * TOKENS_PER_CROP, *VISUAL_INDICATOR_IDS[1:3]]
+                    ids += placeholder_ids((1, 1))
                     images.append(ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}"))
                 else:
                     ids += self._text(part["text"])
@@ -57,7 +57,7 @@ class FakeProcessor:
         return EngineInputs(prompt_token_ids=ids, images=images)
 
     def image_token_count(self, width: int, height: int, max_patches: int | None = None) -> int:
-        return TOKENS_PER_CROP + 3
+        return token_count((1, 1))
 
 
 @dataclass
@@ -176,7 +176,8 @@ class _Choice:
         lps = []
         if params.logprobs is not None:
             top = [(token_id, word, -0.25)] + [(i, f"t{i}", -2.0 - i) for i in range(params.logprobs)]
-            lps = [TokenLogprob(token_id, word, -0.25, top[: params.logprobs])]
+            top = [TokenLogprob(i, text, lp, [], list(text.encode())) for i, text, lp in top[: params.logprobs]]
+            lps = [TokenLogprob(token_id, word, -0.25, top, list(word.encode()))]
             self.logprobs += lps
         if self.finish_reason is None and len(self.token_ids) >= params.max_tokens:
             self.finish_reason = "length"

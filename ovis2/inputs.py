@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from . import image_layout
 
-TOKENS_PER_CROP = 256
-
-
-def image_token_count(grid: tuple[int, int]) -> int:
-    """Prompt tokens one image costs: START + thumbnail atoms + GRID [+ tiles with COL/ROW] + END."""
-    rows, cols = grid
-    if rows * cols == 1:
-        return TOKENS_PER_CROP + 3
-    return (TOKENS_PER_CROP + 1) * rows * cols + TOKENS_PER_CROP + 2
-
-
-def crop_count(grid: tuple[int, int]) -> int:
-    """Crops the vision tower sees: the only crop, or a thumbnail plus rows * cols tiles."""
-    rows, cols = grid
-    return 1 if rows * cols == 1 else rows * cols + 1
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -35,7 +23,11 @@ class ImageInput:
 
     @property
     def num_tokens(self) -> int:
-        return image_token_count(self.grid)
+        return image_layout.token_count(self.grid)
+
+    @property
+    def num_atoms(self) -> int:
+        return image_layout.atom_count(self.grid)
 
 
 @dataclass

@@ -1,0 +1,240 @@
+"""The engine core: token ids in, token ids out. It knows no tokenizer and no text.
+
+`step()` reads schedule -> encode new images -> execute -> update from output. A request that fails (its
+images, its forward pass, a test's fault hook) comes back in `CoreStepOutput.failed` and is finished here; the
+others in the batch go on. The scheduler output is never edited: failed requests are skipped by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import Ovis2Error
+from ..image_layout import check_tokens_per_crop
+from .block_manager import BlockManager
+from .core_outputs import CoreStepOutput, RequestUpdate, TokenUpdate
+from .engine_args import EngineArgs
+from .execution import execute_isolating_failures
+from .model_runner import ModelRunner
+from .request import EngineRequest
+from .sampler import SamplingRow, sample
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import Sequence, SequenceGroup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float  # 0..1, blocks referenced by some sequence
+    num_encoded_images: int = 0
+    num_prompt_tokens: int = 0  # computed (not cached) prompt tokens so far
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache so far
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+
+def load_model(args: EngineArgs):
+    from ..modeling import Ovis2ForConditionalGeneration
+
+    return Ovis2ForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                                         compat=args.compat,
+                                                         memory_fraction=args.gpu_memory_utilization)  # fmt: skip
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs, model=None) -> None:
+        self.args = args
+        self.model = model if model is not None else load_model(args)
+        check_tokens_per_crop(self.model.config.vision_config)
+        self.runner = ModelRunner(self.model, args)
+        if self.runner.num_blocks < 2:
+            raise Ovis2Error(f"the KV cache budget holds {self.runner.num_blocks} blocks; raise kv_cache_memory")
+        self.runner.allocate_kv_cache()
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.groups: dict[str, SequenceGroup] = {}
+        self.max_model_len = self._max_model_len()
+        if self.runner.device.type == "cuda" and not args.enforce_eager:
+            self.runner.enable_decode_graphs(self.max_model_len, capture=True)
+        self.request_hook: Callable[[SequenceGroup], None] | None = None  # tests inject per-request faults here
+        self.seed_generator = torch.Generator().manual_seed(args.seed)
+        self.counters = dict.fromkeys(("num_prompt_tokens", "num_cached_tokens", "num_generated_tokens",
+                                       "num_preemptions"), 0)  # fmt: skip
+
+    def _max_model_len(self) -> int:
+        model_max = self.model.config.text_config.max_position_embeddings
+        pool_max = self.runner.num_blocks * self.args.block_size  # one sequence must always fit alone
+        return min(self.args.max_model_len or model_max, model_max, pool_max)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # --- requests in and out
+    def add_request(self, request: EngineRequest) -> SequenceGroup:
+        group = SequenceGroup(request)
+        for seq in group.seqs:
+            seq.generator = self._generator_for(seq)
+        self.groups[request.request_id] = group
+        self.scheduler.add(group)
+        return group
+
+    def _generator_for(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.is_greedy:
+            return None
+        seed = seq.params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
+        return torch.Generator(device=self.runner.device).manual_seed(seed + seq.index)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is not here (finished already, or unknown)."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        self._finish_all(group, "abort")
+        return True
+
+    def finish_choice(self, request_id: str, index: int, reason: str = "stop") -> None:
+        """Output processing found a stop string: that choice ends here and gives back its blocks."""
+        group = self.groups.get(request_id)
+        if group is None or group.seqs[index].is_finished:
+            return
+        self._finish_seq(group.seqs[index], reason)
+        if group.is_finished:
+            self._retire(group)
+
+    def _finish_seq(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+
+    def _finish_all(self, group: SequenceGroup, reason: str) -> None:
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self._finish_seq(seq, reason)
+        group.image_embeds = None
+        group.metrics.finished_time = time.monotonic()
+
+    def _retire(self, group: SequenceGroup) -> None:
+        self.groups.pop(group.request_id, None)
+        group.image_embeds = None
+        group.metrics.finished_time = time.monotonic()
+        self.counters["num_cached_tokens"] += group.seqs[0].num_cached_tokens
+
+    # --- the step
+    def step(self) -> CoreStepOutput:
+        sched = self.scheduler.schedule()
+        self.counters["num_preemptions"] += len(sched.preempted)
+        if sched.is_empty:
+            return CoreStepOutput()
+        failed = self._prepare_requests(_groups_of(sched.scheduled))
+        items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
+        items, logits = execute_isolating_failures(self.runner, items, failed)
+        self.scheduler.update_computed(items)
+        return self._update_from_output(items, logits, failed)
+
+    def _prepare_requests(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
+        """The fault hook and image embeddings of each request; a failure fails that request only."""
+        failed: dict[str, Exception] = {}
+        now = time.monotonic()
+        for group in groups:
+            group.metrics.first_scheduled_time = group.metrics.first_scheduled_time or now
+            try:
+                if self.request_hook is not None:
+                    self.request_hook(group)
+            except Exception as error:  # noqa: BLE001 - a broken request fails alone
+                failed[group.request_id] = error
+        failed.update(self.runner.prepare_images([g for g in groups if g.request_id not in failed]))
+        return failed
+
+    def _update_from_output(self, items: list[ScheduledSeq], logits, failed: dict[str, Exception]) -> CoreStepOutput:
+        self._count_prompt_tokens(items)
+        updates: dict[str, RequestUpdate] = {}
+        try:
+            self._append_sampled(items, logits, updates)
+        except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
+            logger.exception("sampling step failed")
+            failed.update({group.request_id: error for group in _groups_of(items)})
+        for group in _groups_of(items):
+            if group.image_embeds is not None and not group.needs_image_embeds:
+                group.image_embeds = None  # every choice is past its images: drop them (the LRU keeps a copy)
+        return CoreStepOutput(
+            updates=[update for rid, update in updates.items() if rid not in failed],
+            failed={rid: self._fail(rid, error) for rid, error in failed.items()},
+        )
+
+    def _append_sampled(self, items: list[ScheduledSeq], logits, updates: dict[str, RequestUpdate]) -> None:
+        sampled = [item for item in items if item.samples]
+        if not sampled:
+            return
+        rows = [SamplingRow(i.seq.params, i.seq.group.prompt_token_ids, i.seq.output_token_ids, i.seq.generator)
+                for i in sampled]  # fmt: skip
+        result = sample(logits, rows)
+        now = time.monotonic()
+        for item, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            seq, group = item.seq, item.seq.group
+            group.metrics.first_token_time = group.metrics.first_token_time or now
+            update = updates.get(group.request_id)
+            if update is None:
+                update = updates[group.request_id] = RequestUpdate(group.request_id, [],
+                                                                   group.seqs[0].num_cached_tokens, group.metrics)  # fmt: skip
+            update.tokens.append(self._append_token(seq, token_id, logprob))
+        for update in updates.values():
+            group = self.groups.get(update.request_id)
+            if group is not None and group.is_finished:
+                self._retire(group)
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob) -> TokenUpdate:
+        seq.append_token(token_id)
+        self.counters["num_generated_tokens"] += 1
+        reason = self._stop_reason(seq, token_id)
+        if reason is not None:
+            self._finish_seq(seq, reason)
+        return TokenUpdate(seq.index, token_id, logprob, reason)
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        if token_id in params.stopping_token_ids and seq.num_output_tokens > params.min_tokens:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _count_prompt_tokens(self, items: list[ScheduledSeq]) -> None:
+        for item in items:
+            if item.start < item.seq.prompt_len:
+                self.counters["num_prompt_tokens"] += min(item.end, item.seq.prompt_len) - item.start
+
+    def _fail(self, request_id: str, error: Exception) -> str:
+        logger.warning("request %s failed: %s", request_id, error)
+        group = self.groups.pop(request_id, None)
+        if group is not None:
+            self._finish_all(group, "error")
+        return f"{type(error).__name__}: {error}"
+
+    # --- introspection
+    @property
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_total_blocks,
+                           kv_cache_usage=bm.usage, num_encoded_images=self.runner.num_encoded_images,
+                           **self.counters)  # fmt: skip
+
+
+def _groups_of(items: list[ScheduledSeq]) -> list[SequenceGroup]:
+    return list({id(item.seq.group): item.seq.group for item in items}.values())

@@ -1,0 +1,37 @@
+"""What the engine core hands out each step: token ids and finish reasons per request, failures by request id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .outputs import RequestMetrics
+
+RawLogprob = tuple[float, list[tuple[int, float]]]  # (chosen token's logprob, [(token id, logprob)] most likely first)
+
+
+@dataclass
+class TokenUpdate:
+    """One choice's new token this step, and why the core finished the choice, if it did."""
+
+    index: int
+    token_id: int
+    logprob: RawLogprob | None = None
+    finish_reason: str | None = None  # "stop" (a stop token) | "length"
+
+
+@dataclass
+class RequestUpdate:
+    request_id: str
+    tokens: list[TokenUpdate]
+    num_cached_tokens: int
+    metrics: RequestMetrics
+
+
+@dataclass
+class CoreStepOutput:
+    updates: list[RequestUpdate] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> what went wrong; finished in the core
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.updates and not self.failed

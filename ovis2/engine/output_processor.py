@@ -1,0 +1,156 @@
+"""Output processing: token ids from the core -> text (incremental detokenizer, stop strings), logprobs, and
+the delta or cumulative RequestOutputs the engine hands out. A stop string it finds ends that choice in the core
+(`process` returns the choices to finish)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core_outputs import CoreStepOutput, RawLogprob, RequestUpdate, TokenUpdate
+from .detokenizer import IncrementalDetokenizer, backend_of
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from .sampling_params import SamplingParams
+from .token_bytes import TokenBytes
+
+
+class ChoiceState:
+    """One choice's text, ids and logprobs so far, and what of them has been handed out."""
+
+    def __init__(self, index: int, detok: IncrementalDetokenizer, params: SamplingParams) -> None:
+        self.index = index
+        self.detok = detok
+        self.params = params
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.num_reported_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, update: TokenUpdate, logprob: TokenLogprob | None) -> bool:
+        """Takes one token; True when it completed a stop string the core does not know of yet."""
+        self.token_ids.append(update.token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if update.finish_reason == "stop":  # a stop token: it ends the text, it is not part of it
+            self.finish_reason, self.stop_reason = "stop", update.token_id
+            return False
+        stop = self.detok.add_token(update.token_id, check_stops=len(self.token_ids) >= self.params.min_tokens)
+        if stop is not None:
+            self.finish_reason, self.stop_reason = "stop", stop
+            return update.finish_reason is None
+        self.finish_reason = update.finish_reason
+        return False
+
+    def completion(self) -> CompletionOutput:
+        """What is new since this choice's last output, and everything so far (when the request asked for
+        cumulative outputs, or once the choice is finished)."""
+        finished = self.is_finished
+        cumulative = finished or self.params.output_kind == "cumulative"
+        delta_text = self.detok.take_delta(finished)
+        first_new, self.num_reported_tokens = self.num_reported_tokens, len(self.token_ids)
+        logprobs = self.logprobs
+        return CompletionOutput(
+            index=self.index,
+            text=self.detok.text[: self.detok.num_emitted_chars] if cumulative else "",
+            token_ids=list(self.token_ids) if cumulative else [],
+            delta_text=delta_text,
+            delta_token_ids=self.token_ids[first_new:],
+            logprobs=None if logprobs is None else (list(logprobs) if cumulative else []),
+            delta_logprobs=None if logprobs is None else logprobs[first_new:],
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    num_image_tokens: int
+    choices: list[ChoiceState]
+    metrics: RequestMetrics | None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(choice.is_finished for choice in self.choices)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[choice.completion() for choice in self.choices],
+            num_image_tokens=self.num_image_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            error=self.error,
+            metrics=self.metrics,
+        )
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.backend = backend_of(tokenizer)
+        self.token_bytes = TokenBytes(self.backend)
+        self.requests: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], num_image_tokens: int,
+                    params: SamplingParams, metrics: RequestMetrics | None = None) -> None:  # fmt: skip
+        choices = [ChoiceState(i, IncrementalDetokenizer(self.tokenizer, params), params) for i in range(params.n)]
+        self.requests[request_id] = RequestState(request_id, prompt_token_ids, num_image_tokens, choices, metrics)
+
+    def process(self, step: CoreStepOutput) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        """-> (one output per request that moved, failed or finished; the (request id, choice) stop strings ended)."""
+        outputs, stopped = [], []
+        for update in step.updates:
+            state = self.requests.get(update.request_id)
+            if state is not None:
+                stopped += self._apply(state, update)
+                outputs.append(self._output(state))
+        for request_id, error in step.failed.items():
+            output = self.finish_request(request_id, "error", error)
+            if output is not None:
+                outputs.append(output)
+        return outputs, stopped
+
+    def finish_request(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
+        """The last output of a request the core stopped (abort, error); None if it is not here."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        state.error = error
+        for choice in state.choices:
+            if not choice.is_finished:
+                choice.finish_reason = reason
+        return state.output()
+
+    def _apply(self, state: RequestState, update: RequestUpdate) -> list[tuple[str, int]]:
+        state.num_cached_tokens = update.num_cached_tokens
+        stopped = []
+        for token in update.tokens:
+            choice = state.choices[token.index]
+            logprob = None if token.logprob is None else self._token_logprob(token.token_id, token.logprob)
+            if choice.add(token, logprob):
+                stopped.append((state.request_id, token.index))
+        return stopped
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        if state.is_finished:
+            self.requests.pop(state.request_id, None)
+        return state.output()
+
+    def _token_logprob(self, token_id: int, raw: RawLogprob) -> TokenLogprob:
+        chosen, top = raw
+        return TokenLogprob(token_id, self._text(token_id), chosen, [self._entry(t, lp) for t, lp in top],
+                            self.token_bytes(token_id))  # fmt: skip
+
+    def _entry(self, token_id: int, logprob: float) -> TokenLogprob:
+        return TokenLogprob(token_id, self._text(token_id), logprob, [], self.token_bytes(token_id))
+
+    def _text(self, token_id: int) -> str:
+        return self.backend.decode([token_id], skip_special_tokens=False)
