@@ -203,6 +203,18 @@ class Ovis2Processor:
             ))  # fmt: skip
         return EngineInputs(prompt_token_ids=ids, images=images)
 
+    def chat_token_ids(self, messages, max_patches: int | None = None) -> tuple[list[int], int]:
+        """(prompt ids, image tokens) of messages whose image parts carry an image or an `"image_size"`:
+        (width, height); only sizes are read, no pixels are cropped, normalised or hashed."""
+        texts = _message_texts(messages)
+        parts = _message_image_parts(messages)
+        grids = [self.image_processor.grid_for_size(*_part_size(part), _part_patches(part, max_patches))
+                 for part in parts]  # fmt: skip
+        marker = _pick_marker(texts)
+        rendered = self._render(_with_markers(messages, marker), True)
+        ids = self._encode_rendered(rendered, marker, texts, [(None, grid) for grid in grids], len(parts))
+        return ids, sum(image_layout.token_count(grid) for grid in grids)
+
     def content_hash(self, image, max_patches: int, min_patches: int) -> str:
         """sha256 over the pixels, mode, size and palette, plus everything that shapes the crops."""
         pil = to_pil_image(image)
@@ -316,6 +328,15 @@ def _message_images(messages) -> list:
 def _part_patches(part: dict, default: int | None) -> int | None:
     """An image part's own tile cap, else the call's."""
     return part.get("max_patches", default)
+
+
+def _part_size(part: dict) -> tuple[int, int]:
+    size = part.get("image_size")
+    if size is None:
+        if part.get("image") is None:
+            raise Ovis2Error('an image part needs its image or its "image_size": (width, height)')
+        size = to_pil_image(part["image"]).size
+    return int(size[0]), int(size[1])
 
 
 def _pick_marker(texts: list[str]) -> str:

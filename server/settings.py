@@ -1,41 +1,60 @@
 """Every server flag in one pydantic-settings model: `--flag-name` on the command line, `OVIS2_FLAG_NAME` in
-the environment. Built by the CLI or a test, never at import time."""
+the environment. The engine's flags are EngineArgs' fields (name, type, default, help and rule written there
+once); the HTTP and media flags are the server's own. Built by the CLI or a test, never at import time."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ovis2 import EngineArgs
+from ovis2.engine.engine_args import field_problem
+
 CommaList = Annotated[list[str], NoDecode]
+ENGINE_FIELDS = tuple(item.name for item in dataclasses.fields(EngineArgs))
 
 
-class ServerSettings(BaseSettings):
+class _SettingsBase(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OVIS2_", extra="forbid", validate_default=True)
 
-    # The model and the engine.
-    model: str = Field("demo", description="Checkpoint: a local directory, a hub id, or 'demo' (built-in tiny model).")
+
+def _flag_type(hint):
+    """A flag's type: EngineArgs' own, less the torch.dtype that only Python callers can pass."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kept = [a for a in args if getattr(a, "__module__", "") != "torch"]
+        return kept[0] if len(kept) == 1 else typing.Union[tuple(kept)]  # noqa: UP007
+    return hint
+
+
+def _engine_rule(cls, value, info: ValidationInfo):
+    problem = field_problem(info.field_name, value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _engine_settings() -> type[BaseSettings]:
+    hints = typing.get_type_hints(EngineArgs)
+    flags = {
+        item.name: (_flag_type(hints[item.name]), Field(item.default, description=item.metadata["help"]))
+        for item in dataclasses.fields(EngineArgs)
+    }
+    rules = {"_engine_rules": field_validator(*ENGINE_FIELDS)(_engine_rule)}
+    return create_model("EngineSettings", __base__=_SettingsBase, __validators__=rules, **flags)
+
+
+EngineSettings = _engine_settings()
+
+
+class ServerSettings(EngineSettings):
     served_model_name: str | None = Field(None, description="Model id clients send and /v1/models lists (default: --model).")
-    device: str = Field("auto", description="Device: auto (cuda when available), cuda, cuda:N or cpu.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).")
-    compat: Literal["ovis", "transformers"] = Field(
-        "ovis", description="Image preprocessing: 'ovis' (original Ovis2) or 'transformers' (matches transformers' Ovis2).")
-    max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output in tokens (default: the model's).")
-    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one running batch.")
-    max_num_batched_tokens: int = Field(4096, ge=1, description="Most tokens the engine runs in one step.")
-    block_size: int = Field(16, ge=1, description="Tokens per KV cache block.")
-    kv_cache_memory: int | None = Field(None, ge=1, description="Bytes for the KV cache (default: from --gpu-memory-utilization on GPU, 256 MiB on CPU).")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="Fraction of GPU memory the engine may use.")
-    max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue length past which requests get 503 at once.")
-    visual_cache_size: int = Field(64, ge=0, description="Images whose visual embeddings stay cached.")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
-    image_processor: Literal["pil", "fast"] = Field(
-        "pil", description="Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' (torch, about 3x faster, mean pixel difference under 0.01).")
-    seed: int = Field(0, description="Engine seed for requests that give none.")
-    enforce_eager: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs (slower; for debugging).")
 
     # HTTP.
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
@@ -47,9 +66,7 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     stats_log_interval: float = Field(10.0, ge=0.0, description="Seconds between log lines with throughput, queue and KV cache use while busy (0: off).")
 
-    # Images: limits.
-    max_images_per_request: int = Field(8, ge=1, description="Most images in one request.")
-    max_tiles_per_image: int | None = Field(None, ge=1, description="Most tiles per image (default: the compat's, 9 or 12); requests may ask for fewer.")
+    # Images: limits (with --max-images-per-request and --max-tiles-per-image).
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest encoded image, fetched or base64.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height, checked before decoding.")
     max_image_pixels_in_flight: int = Field(400_000_000, ge=1, description="Most decoded image pixels held at once across all requests (4 bytes each in Pillow); requests beyond it wait, one needing more alone gets 400.")
@@ -82,11 +99,5 @@ class ServerSettings(BaseSettings):
         return self.served_model_name or self.model
 
     def engine_args_kwargs(self) -> dict:
-        """The EngineArgs fields these settings fill in."""
-        names = (
-            "model", "compat", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-            "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_images_per_request",
-            "max_tiles_per_image", "max_waiting_requests", "visual_cache_size", "enable_prefix_caching",
-            "image_processor", "seed", "enforce_eager",
-        )  # fmt: skip
-        return {name: getattr(self, name) for name in names}
+        """The EngineArgs these settings make, as keywords."""
+        return {name: getattr(self, name) for name in ENGINE_FIELDS}
