@@ -1,0 +1,99 @@
+"""The engine's three parts and the settings they share: what a new user hit before they were one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from ovis2 import LLM, Ovis2Processor
+from ovis2.checkpoint import resolve_checkpoint
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.sampling_params import SamplingParams
+from ovis2.engine.token_bytes import TokenBytes
+from ovis2.errors import Ovis2Error
+from ovis2.image_layout import crop_count
+from ovis2.random_checkpoint import demo_checkpoint_dir
+from ovis2.tokenizer import build_tokenizer
+from tests.engine.conftest import run_to_completion
+from tests.engine.prompts import chat_prompt, text_ids
+from tests.test_import_graph import import_graph
+
+KV = 4 * 1024 * 1024
+
+
+def big_image_chat(**part) -> list[dict]:
+    image = Image.new("RGB", (3000, 3000), (90, 160, 30))
+    return [{"role": "user", "content": [{"type": "image", "image": image, **part}, {"type": "text", "text": "?"}]}]
+
+
+def test_llm_applies_max_tiles_per_image(engine_checkpoint):
+    capped = LLM(model=str(engine_checkpoint), device="cpu", kv_cache_memory=KV, max_tiles_per_image=4)
+    inputs = capped.engine.input_processor.chat_inputs(big_image_chat())
+    assert inputs.images[0].num_crops == crop_count(inputs.images[0].grid) and inputs.images[0].num_crops <= 5
+    default = LLM(model=str(engine_checkpoint), device="cpu", kv_cache_memory=KV)
+    assert default.engine.input_processor.chat_inputs(big_image_chat()).images[0].num_crops > 5  # 9 tiles + 1
+    with pytest.raises(Ovis2Error, match="1 to 4 tiles"):
+        capped.engine.input_processor.chat_inputs(big_image_chat(), max_patches=9)
+    with pytest.raises(Ovis2Error, match="1 to 4 tiles"):
+        capped.engine.input_processor.chat_inputs(big_image_chat(max_patches=6))
+
+
+def test_dtype_may_be_a_torch_dtype_or_any_name_from_pretrained_takes(engine_checkpoint):
+    llm = LLM(model=str(engine_checkpoint), dtype=torch.float32, device="cpu", kv_cache_memory=KV)
+    assert llm.engine.core.model.dtype == torch.float32
+    assert EngineArgs(dtype="half").dtype == "half"
+    with pytest.raises(Ovis2Error, match="dtype"):
+        EngineArgs(dtype=torch.int8)
+
+
+def test_demo_resolves_to_one_folder_for_the_model_and_the_processor(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = resolve_checkpoint("demo")
+    assert folder == demo_checkpoint_dir() and (folder / "model.safetensors").is_file()
+    processor = Ovis2Processor.from_pretrained("demo")  # went to the hub before
+    assert processor.tokenizer.convert_tokens_to_ids("<IMG_ATOM>") == 151665
+
+
+def test_the_core_knows_no_tokenizer_and_no_text():
+    graph = import_graph()
+    seen, todo = set(), ["ovis2.engine.core"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph[module]
+    text_side = {"ovis2.engine.detokenizer", "ovis2.engine.output_processor", "ovis2.engine.input_processor",
+                 "ovis2.processing", "ovis2.engine.llm_engine"}  # fmt: skip
+    assert not seen & text_side
+
+
+def test_a_stop_string_ends_the_choice_in_the_core(make_engine):
+    engine = make_engine()
+    free = engine.core.block_manager.num_free_blocks
+    probe = run_to_completion(engine, {"p": (chat_prompt(text_ids(3, 12)), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))})["p"]
+    stop = probe.outputs[0].text[3:6]
+    assert stop, "the probe must generate some text"
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
+    engine.add_request("s", chat_prompt(text_ids(3, 12)), params)
+    finished = None
+    while finished is None:
+        finished = next((o for o in engine.step() if o.finished), None)
+    assert finished.outputs[0].finish_reason == "stop" and finished.outputs[0].stop_reason == stop
+    assert "s" not in engine.core.groups and not engine.core.scheduler.running  # no step more for it
+    assert engine.core.block_manager.num_free_blocks == free
+
+
+def test_token_bytes_are_the_tokens_own_bytes():
+    token_bytes = TokenBytes(build_tokenizer().backend_tokenizer)
+    assert token_bytes(123057) == [0xE4, 0x90]  # the first two bytes of a three-byte character
+    assert bytes(token_bytes(9707)) == b"Hello" and bytes(token_bytes(151645)) == b"<|im_end|>"
+
+
+def test_logprobs_carry_token_bytes(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    out = run_to_completion(engine, {"l": (chat_prompt(text_ids(5, 8)), params)})["l"].outputs[0]
+    token_bytes = TokenBytes(engine.tokenizer.backend_tokenizer)
+    assert [lp.bytes for lp in out.logprobs] == [token_bytes(t) for t in out.token_ids]
+    assert all(top.bytes == token_bytes(top.token_id) for lp in out.logprobs for top in lp.top)
