@@ -137,7 +137,7 @@ class ChatCompletionRequest(SamplingExtensions):
     store: bool | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     top_logprobs: int | None = None
@@ -302,7 +302,7 @@ class CompletionRequest(SamplingExtensions):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float | None = None
     user: str | None = None
 

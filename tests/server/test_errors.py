@@ -211,3 +211,16 @@ def test_dead_engine(client, fake_engine):
     fake_engine.dead = True
     assert_error(client.get("/health"), 503)
     assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 503)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_temperature_follows_openai_range(client, fake_engine, route):
+    """OpenAI's temperature is 0..2: above is a 400 naming it; 2 itself reaches the engine."""
+    body = {"messages": TEXT} if route == "/v1/chat/completions" else {"prompt": "hi"}
+    for value in (2.01, 5):
+        error = assert_error(client.post(route, json={**body, "max_tokens": 1, "temperature": value}), 400,
+                             "temperature", "2")  # fmt: skip
+        assert error["type"] == "invalid_request_error"
+    assert client.post(route, json={**body, "max_tokens": 1, "temperature": 2}).status_code == 200
+    _, params = list(fake_engine.requests.values())[-1]
+    assert params.temperature == 2.0
