@@ -224,3 +224,41 @@ def test_temperature_follows_openai_range(client, fake_engine, route):
     assert client.post(route, json={**body, "max_tokens": 1, "temperature": 2}).status_code == 200
     _, params = list(fake_engine.requests.values())[-1]
     assert params.temperature == 2.0
+
+
+def with_image_processor(fake_engine, **kwargs):
+    """The fake processor with a real image processor, whose default tile count the server reads."""
+    from ovis2 import Ovis2ImageProcessor
+
+    fake_engine.processor.image_processor = Ovis2ImageProcessor(**kwargs)
+    return fake_engine
+
+
+@pytest.mark.parametrize(("compat", "cap"), [("ovis", 9), ("transformers", 12)])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+def test_tiles_above_the_compat_default_when_the_flag_is_unset(make_client, fake_engine, compat, cap, route):
+    """No --max-tiles-per-image: the cap is the compat's default; a request may lower it, never raise it."""
+    client = make_client(with_image_processor(fake_engine, compat=compat))
+    messages = [image_message(data_url(image_bytes(size=(3000, 3000))))]
+    extra = {"max_tokens": 1} if route == "/v1/chat/completions" else {}
+    for tiles in (cap + 1, 16, 64, 100):
+        body = {"messages": messages, "max_tiles_per_image": tiles, **extra}
+        assert_error(client.post(route, json=body), 400, "max_tiles_per_image", f"at most {cap}")
+    assert fake_engine.processor.calls == []  # refused before any image was processed
+    for tiles in (cap, 2):
+        body = {"messages": messages, "max_tiles_per_image": tiles, **extra}
+        assert client.post(route, json=body).status_code == 200, client.post(route, json=body).text
+        assert fake_engine.processor.calls[-1][1] == tiles
+
+
+def test_tile_cap_follows_the_checkpoint_and_the_flag(make_client, fake_engine):
+    from server.chat import max_tiles
+    from server.errors import APIError
+
+    client = make_client(with_image_processor(fake_engine, compat="transformers", config_max_patches=6))
+    state = client.app.state.server
+    assert max_tiles(state, None) == 6 and max_tiles(state, 3) == 3
+    with pytest.raises(APIError, match="at most 6"):
+        max_tiles(state, 7)
+    flagged = make_client(with_image_processor(fake_engine, compat="ovis"), max_tiles_per_image=16).app.state.server
+    assert max_tiles(flagged, None) == 16 and max_tiles(flagged, 16) == 16  # the operator may raise it
