@@ -58,7 +58,7 @@ BAD_CHAT_FIELDS = [
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
-    ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages[0].content[0]"),
@@ -262,3 +262,53 @@ def test_tile_cap_follows_the_checkpoint_and_the_flag(make_client, fake_engine):
         max_tiles(state, 7)
     flagged = make_client(with_image_processor(fake_engine, compat="ovis"), max_tiles_per_image=16).app.state.server
     assert max_tiles(flagged, None) == 16 and max_tiles(flagged, 16) == 16  # the operator may raise it
+
+
+MALFORMED_PARTS = [
+    # (content part, param, words the message must hold)
+    ({"type": "image_url", "image_url": "https://example.com/a.png"}, "messages[0].content[0].image_url",
+     '{"url": '),
+    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "ultra"}},
+     "messages[0].content[0].image_url.detail", "'auto', 'low' or 'high'"),
+    ({"type": "image_url", "image_url": {"detail": "low"}}, "messages[0].content[0].image_url.url", "required"),
+    ({"type": "image", "image": "https://example.com/a.png"}, "messages[0].content[0].type", "'image_url'"),
+    ({"type": "text"}, "messages[0].content[0].text", "required"),
+    ({"type": "text", "text": 5}, "messages[0].content[0].text", "valid string"),
+    ({"type": "image_url", "image_url": 5}, "messages[0].content[0].image_url", "JSON object"),
+    ({"text": "hi"}, "messages[0].content[0].type", "required"),
+    ({"type": ["text"], "text": "hi"}, "messages[0].content[0].type", "valid string"),
+    ("hi", "messages[0].content[0]", "object"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("part", "param", "words"), MALFORMED_PARTS, ids=[str(i) for i in range(len(MALFORMED_PARTS))])
+def test_malformed_content_parts_name_the_part_and_field(client, part, param, words):
+    """The error is the one of the part's own type: not 'content: Input should be a valid string (and 1 more)'."""
+    body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, param, words)
+    assert error["message"].startswith(param + ": "), error
+    assert "more problem" not in error["message"], error
+    assert "ImageURL" not in error["message"] and "Part" not in error["message"], error
+
+
+@pytest.mark.parametrize(("content", "words"), [(5, "string or a list"), ({"type": "text", "text": "hi"}, "list")])
+def test_content_that_is_neither_text_nor_parts(client, content, words):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "messages[0].content", words)
+    assert "more problem" not in error["message"], error
+
+
+def test_plain_string_content_and_parts_still_work(client, fake_engine):
+    url = data_url(image_bytes())
+    for content in ("hi", [{"type": "text", "text": "hi"}], [{"type": "image_url", "image_url": {"url": url}}]):
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(("fields", "param"), [({"stream": True, "stream_options": "yes"}, "stream_options"),
+                                               ({"response_format": "json"}, "response_format"),
+                                               ({"messages": ["hi"]}, "messages[0]")])  # fmt: skip
+def test_a_value_that_should_be_an_object_says_so_without_class_names(client, fields, param):
+    error = assert_error(client.post("/v1/chat/completions", json={"messages": TEXT, **fields}), 400, param,
+                         "should be a JSON object")  # fmt: skip
+    assert "instance of" not in error["message"], error
