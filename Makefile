@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
-MODEL ?= demo
-HOST ?= 0.0.0.0
-PORT ?= 8000
 ARGS ?=
+# `make serve` passes --model/--host/--port only for MODEL/HOST/PORT given on make's command line
+# (`make serve MODEL=x PORT=9000 HOST=0.0.0.0`); otherwise OVIS2_* variables and ovis2-serve's defaults apply
+# (the demo model on 127.0.0.1:8000). Variables from the environment are not used: shells export HOST.
+given = $(if $(and $(filter command line,$(origin $(1))),$($(1))),--$(2) $($(1)))
+SERVE_FLAGS = $(strip $(call given,MODEL,model) $(call given,HOST,host) $(call given,PORT,port))
 
 .PHONY: serve test lint install install-test bench clean
 
@@ -22,7 +24,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(BIN)/ovis2-serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/ovis2-serve $(SERVE_FLAGS) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check ovis2 server bench tests

@@ -96,11 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class BenchError(Exception):
+    """A problem the user fixes (a missing key, no server): one line on stderr, exit status 2."""
+
+
 def discover_model(base_url: str, api_key: str | None) -> str:
+    url = base_url.rstrip("/") + "/v1/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
+    try:
+        response = httpx.get(url, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise BenchError(f"cannot reach {url} ({type(exc).__name__}: {exc}); is a server running at --base-url?") from None
+    answered = f"GET {url} answered {response.status_code} {response.reason_phrase}"
+    if response.status_code in (401, 403):
+        if api_key:
+            raise BenchError(f"{answered}; the --api-key was refused: pass the server's key")
+        raise BenchError(f"{answered}; the server needs a key: pass --api-key KEY (or set OPENAI_API_KEY)")
+    if response.status_code != 200:
+        raise BenchError(f"{answered}; pass --model to skip the model lookup")
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BenchError(f"GET {url} listed no model; pass --model") from None
 
 
 def make_endpoint(args: argparse.Namespace) -> Endpoint:
@@ -144,7 +161,8 @@ def run_one(args: argparse.Namespace, endpoint: Endpoint, concurrency: int | Non
     requests = build_workload(workload_spec(args, args.num_requests))
     results, duration = asyncio.run(run_load(endpoint, requests, load))
     summary = summarize(results, duration, parse_slos(args.goodput))
-    return {"max_concurrency": concurrency, "request_rate": args.request_rate} | summary
+    rate = args.request_rate if math.isfinite(args.request_rate) else None  # None: all at once (JSON has no inf)
+    return {"max_concurrency": concurrency, "request_rate": rate} | summary
 
 
 def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -164,7 +182,11 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    document = run_benchmark(args, argv)
+    try:
+        document = run_benchmark(args, argv)
+    except BenchError as exc:
+        print(f"ovis2-bench: error: {exc}", file=sys.stderr)
+        return 2
     for run in document["runs"]:
         print(format_summary(run))
     if args.output_json:

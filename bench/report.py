@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -48,7 +49,9 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def format_summary(run: dict) -> str:
-    lines = [f"==== concurrency {run['max_concurrency']}, request rate {run['request_rate']} ===="]
+    rate = run["request_rate"]
+    rate = "all at once" if rate is None or not math.isfinite(rate) else rate
+    lines = [f"==== concurrency {run['max_concurrency']}, request rate {rate} ===="]
     for key, label, fmt in ROWS:
         if key in run:
             lines.append(f"{label:<40}{fmt.format(run[key])}")
@@ -60,7 +63,18 @@ def format_summary(run: dict) -> str:
     return "\n".join(lines)
 
 
+def finite(value):
+    """`value` with every NaN or infinite float as None: strict JSON parsers refuse NaN and Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
 def write_json(document: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(finite(document), indent=2, default=str, allow_nan=False) + "\n")
     return path

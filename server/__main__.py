@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import types
@@ -65,9 +66,23 @@ def load_settings(argv: list[str] | None = None) -> ServerSettings:
     try:
         return ServerSettings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        parser.error(problems)
+        parser.error("; ".join(_problem(error) for error in exc.errors()))
         raise  # unreachable: parser.error exits
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _problem(error: dict) -> str:
+    """'--flag: message'; a check across settings has no location, so the settings it names become flags."""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        return f"{_flag('_'.join(str(p) for p in error['loc']))}: {message}"
+    return _SETTING_NAME.sub(lambda match: _flag(match.group(0)), message)
+
+
+_SETTING_NAME = re.compile(r"\b(" + "|".join(sorted(ServerSettings.model_fields, key=len, reverse=True)) + r")\b")
 
 
 def main(argv: list[str] | None = None) -> int:

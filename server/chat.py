@@ -77,8 +77,10 @@ def image_parts(messages: list[ChatMessage]) -> list[tuple[ImagePart, str]]:
 
 
 def max_tiles(state: ServerState, requested: int | None) -> int | None:
-    """The tile cap for this request's images: the request's, within the server's (low-detail images get 1)."""
-    server_cap = state.settings.max_tiles_per_image
+    """The tile cap for this request's images: the request's, within the server's (low-detail images get 1).
+
+    A request may lower the server's cap, never raise it, whether the cap is the flag or the compat's default."""
+    server_cap = state.max_tiles_per_image
     if requested is not None and server_cap is not None and requested > server_cap:
         raise bad_request(f"max_tiles_per_image is {requested}; this server allows at most {server_cap}",
                           "max_tiles_per_image")  # fmt: skip

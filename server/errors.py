@@ -53,8 +53,11 @@ def error_response(message: str, status: int, param: str | None = None, code: st
 
 
 # The labels pydantic puts in an error's location for the branch of a union that failed ('str', 'list[str]',
-# 'tagged-union[...]'): not request fields, so left out of `param` (`stop: 5` is param 'stop', not 'stop.str').
+# 'tagged-union[...]', and protocol.py's tags 'list[parts]', 'part[text]'...): not request fields, so left out of
+# `param` (`stop: 5` is param 'stop', not 'stop.str').
 _UNION_BRANCH = re.compile(r"^(str|int|float|bool|bytes|none|[\w-]+\[.*\])$")
+
+_NOT_AN_OBJECT = ("model_type", "model_attributes_type", "dict_type")
 
 
 def _location(loc: tuple) -> str:
@@ -77,6 +80,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request needs a JSON body", None
     param = _location(tuple(first.get("loc", ()))) or None
     message = first.get("msg", "invalid value")
+    if first.get("type") in _NOT_AN_OBJECT:  # pydantic names the model class: not a name the client knows
+        message = "Input should be a JSON object"
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     text = f"{param}: {message}" if param else message

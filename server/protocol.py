@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -65,20 +65,67 @@ class ImagePart(RequestModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _an_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError('image_url must be an object, {"url": "https://..." or "data:image/...;base64,..."}, '
+                             "not a string")  # fmt: skip
+        return value
+
+
+UNSUPPORTED_PART_TYPES = ("input_audio", "file", "refusal", "video_url", "audio_url")
+
 
 class UnsupportedPart(RequestModel):
-    """input_audio, file, refusal...: parsed so the error can name them."""
+    """Any other type: OpenAI's input_audio, file, refusal... parse, so that `unsupported_chat_fields` names them;
+    a type OpenAI does not have is an error that says which types there are."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["input_audio", "file", "refusal", "video_url", "audio_url"]
+    type: str = Field(json_schema_extra={"enum": list(UNSUPPORTED_PART_TYPES)})
+
+    @field_validator("type")
+    @classmethod
+    def _a_known_type(cls, value: str) -> str:
+        if value not in UNSUPPORTED_PART_TYPES:
+            raise ValueError(f"{value!r} is not a content part type; use 'text' or 'image_url'")
+        return value
 
 
-ContentPart = Annotated[TextPart | ImagePart | UnsupportedPart, Field(discriminator="type")]
+# The two unions below pick their member by the value's shape (a part by its `type`), so a malformed value gets
+# the errors of the member it meant to be, not one per member. The tags look like pydantic's own branch labels
+# ('list[...]'), which errors.py leaves out of `param`.
+def _part_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        value = {"type": getattr(value, "type", None)}
+    if not isinstance(value, dict):
+        return None
+    kind = value.get("type")
+    return f"part[{kind}]" if kind in ("text", "image_url") else "part[other]"
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("part[text]")] | Annotated[ImagePart, Tag("part[image_url]")]
+    | Annotated[UnsupportedPart, Tag("part[other]")],
+    Discriminator(_part_kind, custom_error_type="content_part", custom_error_message=(
+        'a content part must be an object with a type, e.g. {"type": "text", "text": "..."}')),
+]  # fmt: skip
+
+
+def _content_kind(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list[parts]" if isinstance(value, list) else None
+
+
+MessageContent = Annotated[
+    Annotated[str, Tag("str")] | Annotated[list[ContentPart], Tag("list[parts]")],
+    Discriminator(_content_kind, custom_error_type="message_content",
+                  custom_error_message="content must be a string or a list of content parts"),
+]  # fmt: skip
 
 
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: MessageContent | None = None
     name: str | None = None
     refusal: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -137,7 +184,7 @@ class ChatCompletionRequest(SamplingExtensions):
     store: bool | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     top_logprobs: int | None = None
@@ -302,7 +349,7 @@ class CompletionRequest(SamplingExtensions):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float | None = None
     user: str | None = None
 

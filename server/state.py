@@ -32,6 +32,16 @@ class ServerState:
         return int(self.engine.max_model_len)
 
     @property
+    def max_tiles_per_image(self) -> int | None:
+        """The most tiles a request may ask for per image: --max-tiles-per-image, else what the image processor
+        gives by default (the compat's: 9 for ovis, 12 or the checkpoint's for transformers). None when the engine's
+        processor has no `image_processor.resolve_patches()` to ask; the processor alone checks then."""
+        if self.settings.max_tiles_per_image is not None:
+            return self.settings.max_tiles_per_image
+        resolve = getattr(getattr(self.engine.processor, "image_processor", None), "resolve_patches", None)
+        return int(resolve()[0]) if resolve is not None else None
+
+    @property
     def vocab_size(self) -> int:
         return len(self.engine.tokenizer)
 

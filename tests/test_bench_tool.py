@@ -55,7 +55,9 @@ def fake_app(state: dict) -> FastAPI:
     app = FastAPI()
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if request.headers.get("authorization") != f"Bearer {API_KEY}":
+            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
         return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
 
     @app.post("/v1/chat/completions")
@@ -245,6 +247,57 @@ def test_cli_non_streaming(fake_server, tmp_path):
     assert ovis2_bench.main(argv) == 0
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     assert run["total_output_tokens"] == 10 and run["p50_ttft_ms"] == pytest.approx(run["p50_e2el_ms"])
+
+
+
+def strict_json(text: str):
+    """JSON as strict parsers read it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(("rate_args", "stored"), [([], None), (["--request-rate", "50"], 50.0)])
+def test_output_json_is_strict_json(fake_server, tmp_path, capsys, rate_args, stored):
+    """A fixed-concurrency run sends all at once: request_rate is null, not Infinity."""
+    base_url, _ = fake_server
+    out = tmp_path / "r.json"
+    argv = ["--base-url", base_url, "--api-key", API_KEY, "--num-requests", "2", "--output-tokens", "2",
+            "--concurrency", "2", "--no-progress", "--output-json", str(out), *rate_args]  # fmt: skip
+    assert ovis2_bench.main(argv) == 0
+    run = strict_json(out.read_text())["runs"][0]
+    assert run["request_rate"] == stored and run["max_concurrency"] == 2 and run["completed"] == 2
+    printed = capsys.readouterr().out
+    assert ("request rate all at once" if stored is None else "request rate 50.0") in printed, printed
+
+
+def test_write_json_never_writes_non_finite_numbers(tmp_path):
+    from bench.report import write_json
+
+    path = write_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": -float("inf")}}, tmp_path / "x.json")
+    assert strict_json(path.read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+def test_keyed_server_without_a_key_is_a_one_line_error(fake_server, monkeypatch, capsys):
+    base_url, _ = fake_server
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    for extra in ([], ["--api-key", "wrong"]):
+        code = ovis2_bench.main(["--base-url", base_url, "--num-requests", "1", "--no-progress", *extra])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith("ovis2-bench: error: ") and "401" in lines[0] and "--api-key" in lines[0], err
+        assert "Traceback" not in err
+
+
+def test_unreachable_server_is_a_one_line_error(capsys):
+    from tests.live_server import free_port
+
+    code = ovis2_bench.main(["--base-url", f"http://127.0.0.1:{free_port()}", "--num-requests", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot reach" in err, err
 
 
 # ---- side by side: the comparison logic (the servers themselves run in bench/RESULTS.md) ----

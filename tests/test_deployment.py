@@ -398,3 +398,42 @@ def test_container_start_command_serves_health(runtime, tmp_path):
             process.kill()
         output = process.communicate(timeout=30)[0]
         print(output[-4000:])
+
+
+# ---- make serve: passes only what the user gave it ----
+
+
+def make_serve_argv(*variables: str, env: dict[str, str] | None = None) -> list[str]:
+    """The ovis2-serve command line `make -n serve VARIABLES...` would run, in a clean environment."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MODEL", "HOST", "PORT", "ARGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # fmt: skip
+    result = subprocess.run(["make", "-n", "-C", str(ROOT), "--no-print-directory", "serve", *variables],
+                            env=base | (env or {}), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "ovis2-serve" in line]
+    assert len(lines) == 1, result.stdout
+    argv = lines[0].split()
+    assert argv[0].endswith("/ovis2-serve"), argv
+    return argv[1:]
+
+
+def test_make_serve_passes_no_flags_unless_given():
+    """Unset, ovis2-serve's own defaults and OVIS2_* apply: 127.0.0.1, not every interface."""
+    assert make_serve_argv() == []
+    assert make_serve_argv(env={"OVIS2_MODEL": "x", "OVIS2_PORT": "9001", "OVIS2_HOST": "::1"}) == []
+    assert ServerSettings.model_fields["host"].default == "127.0.0.1"
+
+
+def test_make_serve_passes_the_variables_given_on_its_command_line():
+    argv = make_serve_argv("MODEL=/models/x", "PORT=9000", "HOST=0.0.0.0", "ARGS=--max-num-seqs 4")
+    pairs = dict(zip(argv[:-2:2], argv[1:-2:2], strict=True))
+    assert pairs == {"--model": "/models/x", "--host": "0.0.0.0", "--port": "9000"}
+    assert argv[-2:] == ["--max-num-seqs", "4"]
+    assert make_serve_argv("PORT=9000") == ["--port", "9000"]
+
+
+def test_make_serve_ignores_unrelated_environment_variables():
+    """Shells such as tcsh export HOST (the machine's name): it must not become the listen address."""
+    assert make_serve_argv(env={"HOST": "myhost", "PORT": "1", "MODEL": "m"}) == []

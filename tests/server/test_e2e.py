@@ -264,6 +264,21 @@ def test_every_bad_input_gets_its_status_and_the_server_keeps_serving(live_serve
     assert httpx.post(url, json={"messages": text, "max_tokens": 2}, timeout=30).status_code == 200
 
 
+
+def test_requests_may_lower_the_default_tile_cap_never_raise_it(live_server):
+    """No --max-tiles-per-image: the compat's default (12 for transformers) caps every request, /tokenize too."""
+    messages = [image_message(data_url(image_bytes(size=(3000, 3000))))]
+    for route in ("/v1/chat/completions", "/tokenize"):
+        for tiles in (13, 16, 64, 100):
+            body = {"messages": messages, "max_tiles_per_image": tiles}
+            response = httpx.post(live_server.base_url + route, json=body, timeout=60)
+            assert response.status_code == 400, (route, tiles, response.text)
+            error = response.json()["error"]
+            assert error["param"] == "max_tiles_per_image" and "at most 12" in error["message"], error
+    counts = [httpx.post(live_server.base_url + "/tokenize", json={"messages": messages, "max_tiles_per_image": tiles},
+                         timeout=60).json()["image_tokens"] for tiles in (None, 12, 4, 1)]  # fmt: skip
+    assert counts[0] == counts[1] > counts[2] > counts[3] == 259
+
 def readme_curl_example() -> str | None:
     readme = ROOT / "README.md"
     if not readme.exists():

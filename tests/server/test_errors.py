@@ -58,7 +58,7 @@ BAD_CHAT_FIELDS = [
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
-    ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages[0].content[0]"),
@@ -211,3 +211,104 @@ def test_dead_engine(client, fake_engine):
     fake_engine.dead = True
     assert_error(client.get("/health"), 503)
     assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 503)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_temperature_follows_openai_range(client, fake_engine, route):
+    """OpenAI's temperature is 0..2: above is a 400 naming it; 2 itself reaches the engine."""
+    body = {"messages": TEXT} if route == "/v1/chat/completions" else {"prompt": "hi"}
+    for value in (2.01, 5):
+        error = assert_error(client.post(route, json={**body, "max_tokens": 1, "temperature": value}), 400,
+                             "temperature", "2")  # fmt: skip
+        assert error["type"] == "invalid_request_error"
+    assert client.post(route, json={**body, "max_tokens": 1, "temperature": 2}).status_code == 200
+    _, params = list(fake_engine.requests.values())[-1]
+    assert params.temperature == 2.0
+
+
+def with_image_processor(fake_engine, **kwargs):
+    """The fake processor with a real image processor, whose default tile count the server reads."""
+    from ovis2 import Ovis2ImageProcessor
+
+    fake_engine.processor.image_processor = Ovis2ImageProcessor(**kwargs)
+    return fake_engine
+
+
+@pytest.mark.parametrize(("compat", "cap"), [("ovis", 9), ("transformers", 12)])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+def test_tiles_above_the_compat_default_when_the_flag_is_unset(make_client, fake_engine, compat, cap, route):
+    """No --max-tiles-per-image: the cap is the compat's default; a request may lower it, never raise it."""
+    client = make_client(with_image_processor(fake_engine, compat=compat))
+    messages = [image_message(data_url(image_bytes(size=(3000, 3000))))]
+    extra = {"max_tokens": 1} if route == "/v1/chat/completions" else {}
+    for tiles in (cap + 1, 16, 64, 100):
+        body = {"messages": messages, "max_tiles_per_image": tiles, **extra}
+        assert_error(client.post(route, json=body), 400, "max_tiles_per_image", f"at most {cap}")
+    assert fake_engine.processor.calls == []  # refused before any image was processed
+    for tiles in (cap, 2):
+        body = {"messages": messages, "max_tiles_per_image": tiles, **extra}
+        assert client.post(route, json=body).status_code == 200, client.post(route, json=body).text
+        assert fake_engine.processor.calls[-1][1] == tiles
+
+
+def test_tile_cap_follows_the_checkpoint_and_the_flag(make_client, fake_engine):
+    from server.chat import max_tiles
+    from server.errors import APIError
+
+    client = make_client(with_image_processor(fake_engine, compat="transformers", config_max_patches=6))
+    state = client.app.state.server
+    assert max_tiles(state, None) == 6 and max_tiles(state, 3) == 3
+    with pytest.raises(APIError, match="at most 6"):
+        max_tiles(state, 7)
+    flagged = make_client(with_image_processor(fake_engine, compat="ovis"), max_tiles_per_image=16).app.state.server
+    assert max_tiles(flagged, None) == 16 and max_tiles(flagged, 16) == 16  # the operator may raise it
+
+
+MALFORMED_PARTS = [
+    # (content part, param, words the message must hold)
+    ({"type": "image_url", "image_url": "https://example.com/a.png"}, "messages[0].content[0].image_url",
+     '{"url": '),
+    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "ultra"}},
+     "messages[0].content[0].image_url.detail", "'auto', 'low' or 'high'"),
+    ({"type": "image_url", "image_url": {"detail": "low"}}, "messages[0].content[0].image_url.url", "required"),
+    ({"type": "image", "image": "https://example.com/a.png"}, "messages[0].content[0].type", "'image_url'"),
+    ({"type": "text"}, "messages[0].content[0].text", "required"),
+    ({"type": "text", "text": 5}, "messages[0].content[0].text", "valid string"),
+    ({"type": "image_url", "image_url": 5}, "messages[0].content[0].image_url", "JSON object"),
+    ({"text": "hi"}, "messages[0].content[0].type", "required"),
+    ({"type": ["text"], "text": "hi"}, "messages[0].content[0].type", "valid string"),
+    ("hi", "messages[0].content[0]", "object"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("part", "param", "words"), MALFORMED_PARTS, ids=[str(i) for i in range(len(MALFORMED_PARTS))])
+def test_malformed_content_parts_name_the_part_and_field(client, part, param, words):
+    """The error is the one of the part's own type: not 'content: Input should be a valid string (and 1 more)'."""
+    body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, param, words)
+    assert error["message"].startswith(param + ": "), error
+    assert "more problem" not in error["message"], error
+    assert "ImageURL" not in error["message"] and "Part" not in error["message"], error
+
+
+@pytest.mark.parametrize(("content", "words"), [(5, "string or a list"), ({"type": "text", "text": "hi"}, "list")])
+def test_content_that_is_neither_text_nor_parts(client, content, words):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "messages[0].content", words)
+    assert "more problem" not in error["message"], error
+
+
+def test_plain_string_content_and_parts_still_work(client, fake_engine):
+    url = data_url(image_bytes())
+    for content in ("hi", [{"type": "text", "text": "hi"}], [{"type": "image_url", "image_url": {"url": url}}]):
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(("fields", "param"), [({"stream": True, "stream_options": "yes"}, "stream_options"),
+                                               ({"response_format": "json"}, "response_format"),
+                                               ({"messages": ["hi"]}, "messages[0]")])  # fmt: skip
+def test_a_value_that_should_be_an_object_says_so_without_class_names(client, fields, param):
+    error = assert_error(client.post("/v1/chat/completions", json={"messages": TEXT, **fields}), 400, param,
+                         "should be a JSON object")  # fmt: skip
+    assert "instance of" not in error["message"], error

@@ -168,3 +168,16 @@ def test_an_aborted_request_counts_the_tokens_it_was_given(fake_engine):
     seen = asyncio.run(run())
     counted = state.metrics.registry.get_sample_value("ovis2_generation_tokens_total", {"model_name": "demo"})
     assert fake_engine.aborted == ["r9"] and counted == seen == 3
+
+
+def test_a_check_across_settings_names_its_flags(capsys):
+    """A model-level check has no field location: the message names the flags, not '--:'."""
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--max-image-pixels", "1000", "--max-image-pixels-in-flight", "999"])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert info.value.code == 2 and line.startswith("ovis2-serve: error: "), err
+    message = line[len("ovis2-serve: error: "):]
+    assert "--:" not in message and "Value error" not in message, message
+    assert "--max-image-pixels-in-flight (999)" in message and "--max-image-pixels (1000)" in message, message
+    assert "max_image_pixels" not in message, message
