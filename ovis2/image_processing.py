@@ -25,13 +25,13 @@ from PIL import Image
 from .checkpoint import resolve_checkpoint
 from .compat import check_compat
 from .errors import Ovis2Error
+from .image_layout import MAX_TILES_PER_IMAGE as MAX_ALLOWED_PATCHES
 
 CROP_SIDE = 448
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ORIGINAL_MAX_PATCHES = 9  # the original `max_partition`
 HF_MAX_PATCHES = 12  # transformers' class default, kept by the -hf preprocessor configs
-MAX_ALLOWED_PATCHES = 64  # refuse requests whose grid search or token cost would be absurd
 COVERING_THRESHOLD = 0.9
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 

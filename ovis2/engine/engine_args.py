@@ -12,6 +12,7 @@ import torch
 from ..compat import COMPAT_MODES, CompatMode
 from ..dtypes import DtypeName, check_dtype
 from ..errors import Ovis2Error
+from ..image_layout import MAX_TILES_PER_IMAGE
 
 
 def _arg(default, help: str, check=None):
@@ -20,6 +21,10 @@ def _arg(default, help: str, check=None):
 
 def _at_least(low):
     return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def _between(low, high):
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
 
 def _optional(check):
@@ -58,7 +63,7 @@ class EngineArgs:
     cpu_kv_cache_memory: int = _arg(256 * 1024 * 1024, "Bytes for the KV cache on CPU.", _at_least(1))
     max_images_per_request: int = _arg(8, "Most images in one request.", _at_least(1))
     max_tiles_per_image: int | None = _arg(None, "Most tiles per image (default: the compat's, 9 for ovis, 12 for "
-                                           "transformers); requests may ask for fewer.", _optional(_at_least(1)))  # fmt: skip
+                                           "transformers); requests may ask for fewer.", _optional(_between(1, MAX_TILES_PER_IMAGE)))  # fmt: skip
     max_waiting_requests: int = _arg(1024, "Waiting-queue length past which requests are refused at once (503).",
                                      _at_least(1))  # fmt: skip
     visual_cache_size: int = _arg(64, "Images whose visual embeddings stay cached (LRU).", _at_least(0))

@@ -41,7 +41,17 @@ class FakeProcessor:
 
     def prepare_chat(self, messages: list[dict], max_patches: int | None = None) -> EngineInputs:
         self.calls.append((messages, max_patches))
-        ids, images = [], []
+        ids, parts = self._render(messages)
+        images = [ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}") for part in parts]
+        return EngineInputs(prompt_token_ids=ids, images=images)
+
+    def chat_token_ids(self, messages: list[dict], max_patches: int | None = None) -> tuple[list[int], int]:
+        self.calls.append((messages, max_patches))
+        ids, parts = self._render(messages)
+        return ids, len(parts) * token_count((1, 1))
+
+    def _render(self, messages: list[dict]) -> tuple[list[int], list[dict]]:
+        ids, image_parts = [], []
         for message in messages:
             ids += [IM_START_ID, *self._text(message["role"] + "\n")]
             parts = message["content"] if isinstance(message["content"], list) else [
@@ -49,12 +59,12 @@ class FakeProcessor:
             for part in parts:
                 if part["type"] == "image":
                     ids += placeholder_ids((1, 1))
-                    images.append(ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}"))
+                    image_parts.append(part)
                 else:
                     ids += self._text(part["text"])
             ids += [IM_END_ID, *self._text("\n")]
         ids += [IM_START_ID, *self._text("assistant\n")]
-        return EngineInputs(prompt_token_ids=ids, images=images)
+        return ids, image_parts
 
     def image_token_count(self, width: int, height: int, max_patches: int | None = None) -> int:
         return token_count((1, 1))

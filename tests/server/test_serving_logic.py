@@ -181,3 +181,17 @@ def test_a_check_across_settings_names_its_flags(capsys):
     assert "--:" not in message and "Value error" not in message, message
     assert "--max-image-pixels-in-flight (999)" in message and "--max-image-pixels (1000)" in message, message
     assert "max_image_pixels" not in message, message
+
+
+def test_the_engine_flags_are_engine_args_fields_with_their_defaults_and_rules():
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from ovis2 import EngineArgs
+    from server.settings import ServerSettings
+
+    assert ServerSettings().engine_args_kwargs() == dataclasses.asdict(EngineArgs())
+    with pytest.raises(ValidationError, match="max_tiles_per_image"):
+        ServerSettings(max_tiles_per_image=65)  # the image processor refuses more than 64 per image
+    assert ServerSettings(dtype="half").engine_args_kwargs()["dtype"] == "half"
