@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from ovis2.engine.engine_args import EngineArgs
-from ovis2.engine.llm_engine import LLMEngine, load_processor
+from ovis2.engine.input_processor import load_processor
+from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
 
 

@@ -85,8 +85,20 @@ def _problem(error: dict) -> str:
 _SETTING_NAME = re.compile(r"\b(" + "|".join(sorted(ServerSettings.model_fields, key=len, reverse=True)) + r")\b")
 
 
+def find_checkpoint(settings: ServerSettings) -> None:
+    """Resolve (and download) the checkpoint before the server starts, so a name that cannot be used is one line."""
+    from ovis2 import Ovis2Error, Ovis2ForConditionalGeneration, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(settings.model, model_class=Ovis2ForConditionalGeneration)
+    except Ovis2Error as error:
+        print(f"ovis2-serve: error: --model: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
+    find_checkpoint(settings)
     import uvicorn
 
     from .app import create_app

@@ -48,10 +48,6 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return DEFAULT_EOS_IDS
-
-    @property
     def stopping_token_ids(self) -> frozenset[int]:
         """Ids that end this request: the caller's stop ids, plus the eos ids unless ignore_eos."""
         extra = frozenset(self.stop_token_ids or ())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import itertools
 from typing import Any
 
 from ..inputs import EngineInputs
@@ -23,14 +22,10 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-_seq_counter = itertools.count()
-
-
 class Sequence:
     """One choice of a request: prompt + generated tokens, its block table and its progress."""
 
     def __init__(self, group: SequenceGroup, index: int) -> None:
-        self.seq_id = next(_seq_counter)
         self.group = group
         self.index = index
         self.token_ids: list[int] = list(group.prompt_token_ids)

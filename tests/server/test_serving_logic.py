@@ -195,3 +195,12 @@ def test_the_engine_flags_are_engine_args_fields_with_their_defaults_and_rules()
     with pytest.raises(ValidationError, match="max_tiles_per_image"):
         ServerSettings(max_tiles_per_image=65)  # the image processor refuses more than 64 per image
     assert ServerSettings(dtype="half").engine_args_kwargs()["dtype"] == "half"
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_and_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "server", "--model", "no-such-org/no-such-model", "--port", "0"],
+                            capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
+    assert "could not fetch 'no-such-org/no-such-model'" in lines[0] and lines[0].startswith("ovis2-serve: error:")
