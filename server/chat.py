@@ -10,10 +10,10 @@ from contextlib import aclosing
 from fastapi import Request, Response
 from PIL import Image
 
+from .aio import finish_in_thread
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, bad_request
 from .generation import ENGINE_FAILED, ClientDisconnected, failed, generate, respond, unless_disconnected
-from .media import finish_in_thread
 from .protocol import (
     AssistantMessage,
     ChatChoice,

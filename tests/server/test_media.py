@@ -1,4 +1,4 @@
-"""server/media.py: fetching and decoding images safely."""
+"""server/media/: fetching and decoding images safely."""
 
 from __future__ import annotations
 
