@@ -16,7 +16,7 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """An RGB image from encoded bytes: allowed formats only, pixel cap checked before decoding."""
+    """The decoded image from encoded bytes: allowed formats only, pixel cap checked before decoding."""
     return decode_pixels(open_image(data, max_pixels))
 
 
@@ -41,15 +41,15 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_pixels(image: Image.Image) -> Image.Image:
-    """The first frame of an opened image, decoded, turned upright by its EXIF orientation, in RGB: the image
-    itself when it is RGB already, else a new image (and the opened one is closed)."""
+    """The opened image with its first frame decoded and turned upright by its EXIF orientation.
+
+    Its mode stays as decoded (palette, L, LA, RGBA, CMYK...): the processor converts it to RGB the way its
+    compat says (transformers composites transparency on white, the original Ovis2 drops it), exactly as it does
+    for an image handed to `LLM.chat`; a conversion here would decide that for it."""
     try:
         image.seek(0)  # the first frame of an animation
         ImageOps.exif_transpose(image, in_place=True)  # as displayed (and as transformers' load_image does)
-        if image.mode == "RGB":
-            return image
-        rgb = image.convert("RGB")
+        image.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise MediaError("the image file is corrupt or truncated") from exc
-    image.close()
-    return rgb
+    return image

@@ -18,7 +18,7 @@ from .fetch import MediaFetcher
 from .image import decode_pixels, open_image
 from .policy import MediaPolicy
 
-DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # Pillow keeps RGB at 4 bytes a pixel: about 1.6 GB decoded
+DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # Pillow keeps RGB(A) at 4 bytes a pixel: about 1.6 GB decoded
 
 
 @dataclass
