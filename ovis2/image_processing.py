@@ -199,7 +199,15 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(image: Image.Image, compat: str) -> Image.Image:
-    """The chosen behaviour's RGB conversion: `convert('RGB')` (ovis) or composite on white (transformers)."""
+    """The one RGB conversion an image gets (callers, the server included, hand images over in their own mode).
+
+    - ovis: `image.convert("RGB")` when the mode is not RGB, as the original does (AIDC-AI/Ovis,
+      ovis/model/visual_tokenizer/base_visual_tokenizer.py, `preprocess_image(..., convert_to_rgb=True)`, before
+      the grid is chosen): alpha and palette transparency are dropped, the colour under them stays.
+    - transformers: as `transformers.image_transforms.convert_to_rgb`, which its Ovis2 image processors apply to
+      PIL images: an image with an alpha band or a `transparency` entry is composited on white, any other is
+      converted with `convert("RGB")`.
+    """
     if image.width < 1 or image.height < 1:
         raise Ovis2Error(f"an image must have at least one pixel, got {image.width}x{image.height}")
     if image.mode == "RGB":

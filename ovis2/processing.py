@@ -30,6 +30,7 @@ from .image_processing import (
 )
 from .image_processing_fast import Ovis2ImageProcessorFast
 from .inputs import EngineInputs, ImageInput
+from .padding import PADDING_ARGUMENTS, BatchLayout
 from .tokenizer import CHAT_TEMPLATE, IMAGE_ATOM_ID, IMAGE_TOKENS, VISUAL_INDICATOR_IDS
 
 IMAGE_TOKEN = "<image>"
@@ -112,10 +113,12 @@ class Ovis2Processor:
 
     # ------------------------------------------------------------ the text path (as transformers)
 
-    def __call__(
-        self, images=None, text=None, return_tensors: str | None = "pt", max_patches=None, min_patches=None
-    ):
-        """Expands each `<image>` of `text` into its placeholder ids; batches are left-padded."""
+    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", max_patches=None, min_patches=None,
+                 **kwargs):  # fmt: skip
+        """Expands each `<image>` of `text` into its placeholder ids. The tokenizer's padding and truncation
+        arguments (`PADDING_ARGUMENTS`) keep their meaning (ovis2/padding.py); without `padding`, batches are
+        padded to their longest prompt on the left."""
+        layout = self._batch_layout(kwargs)
         if text is None:
             return self.image_processor(images, return_tensors=return_tensors, max_patches=max_patches)
         texts = [text] if isinstance(text, str) else list(text)
@@ -126,15 +129,28 @@ class Ovis2Processor:
         pixels = self.image_processor(images, return_tensors=return_tensors, max_patches=max_patches,
                                       min_patches=min_patches) if images else None  # fmt: skip
         grids = iter([list(map(int, grid)) for grid in pixels["grids"]] if pixels else [])
-        sequences = [self._encode_prompt(item, grids) for item in texts]
-        return self._batch(sequences, pixels, return_tensors)
+        encoded = [self._encode_prompt(item, grids) for item in texts]
+        sequences = [layout.truncated(ids, spans, row) for row, (ids, spans) in enumerate(encoded)]
+        return self._batch(sequences, pixels, return_tensors, layout)
 
-    def _encode_prompt(self, text: str, grids) -> list[int]:
+    def _batch_layout(self, kwargs: dict) -> BatchLayout:
+        unknown = sorted(set(kwargs) - set(PADDING_ARGUMENTS))
+        if unknown:
+            raise Ovis2Error(
+                f"Ovis2Processor got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; it takes "
+                f"images, text, return_tensors, max_patches, min_patches and {', '.join(PADDING_ARGUMENTS)}"
+            )
+        return BatchLayout.resolve(self.tokenizer, **kwargs)
+
+    def _encode_prompt(self, text: str, grids) -> tuple[list[int], list[tuple[int, int]]]:
+        """The prompt's ids and each image's placeholder span [start, end) in them."""
         pieces = text.split(IMAGE_TOKEN)
-        ids = self._encode(pieces[0])
+        ids, spans = self._encode(pieces[0]), []
         for piece in pieces[1:]:
-            ids += self.image_placeholder_ids(next(grids)) + self._encode(piece)
-        return ids
+            placeholder = self.image_placeholder_ids(next(grids))
+            spans.append((len(ids), len(ids) + len(placeholder)))
+            ids += placeholder + self._encode(piece)
+        return ids, spans
 
     def _encode(self, text: str) -> list[int]:
         if not text:
@@ -144,18 +160,18 @@ class Ovis2Processor:
     def _encode_plain(self, text: str) -> list[int]:
         return self._plain_encoder.encode(text, add_special_tokens=False).ids if text else []
 
-    def _batch(self, sequences: list[list[int]], pixels, return_tensors):
+    def _batch(self, sequences: list[list[int]], pixels, return_tensors, layout: BatchLayout | None = None):
         from transformers import BatchFeature
 
-        input_ids, attention_mask = left_pad(sequences, self.pad_token_id)
+        layout = layout or BatchLayout()
+        input_ids, attention_mask = layout.padded(sequences, self.pad_token_id)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if pixels is not None:
             data.update(pixel_values=pixels["pixel_values"], grids=pixels["grids"])
         if return_tensors == "pt":
-            import torch
-
-            data["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
-            data["attention_mask"] = torch.tensor(attention_mask, dtype=torch.long)
+            data["input_ids"], data["attention_mask"] = _long_tensor(input_ids), _long_tensor(attention_mask)
+        if not layout.return_attention_mask:
+            del data["attention_mask"]
         return BatchFeature(data)
 
     @property
@@ -373,11 +389,15 @@ def _check_image_count(num_markers: int, num_images: int) -> None:
         )
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    width = max((len(ids) for ids in sequences), default=0)
-    input_ids = [[pad_id] * (width - len(ids)) + list(ids) for ids in sequences]
-    attention_mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences]
-    return input_ids, attention_mask
+def _long_tensor(rows: list[list[int]]):
+    import torch
+
+    if len({len(row) for row in rows}) > 1:
+        raise Ovis2Error(
+            "the prompts have different lengths, so they cannot make one tensor; pass padding=True (or "
+            "'longest' / 'max_length'), or return_tensors=None"
+        )
+    return torch.tensor(rows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- tokenizer helpers

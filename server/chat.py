@@ -10,10 +10,9 @@ from contextlib import aclosing
 from fastapi import Request, Response
 from PIL import Image
 
+from .aio import finish_in_thread
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, bad_request
-from .generation import ENGINE_FAILED, ClientDisconnected, failed, generate, respond, unless_disconnected
-from .media import finish_in_thread
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,6 +33,7 @@ from .protocol import (
     random_id,
     unsupported_chat_fields,
 )
+from .request_flow import ENGINE_FAILED, ClientDisconnected, failed, generate, respond, unless_disconnected
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_error

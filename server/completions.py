@@ -11,7 +11,6 @@ from fastapi import Request, Response
 from .chat import ENGINE_FAILED, EngineStreamFailed, check_engine_error, choice_updates, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
 from .errors import bad_request
-from .generation import generate, respond
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -21,6 +20,7 @@ from .protocol import (
     now,
     random_id,
 )
+from .request_flow import generate, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_error

@@ -88,3 +88,9 @@ def assert_matches_reference(final, reference):
         completion = final[rid].outputs[0]
         assert completion.token_ids == expected, rid
         assert completion.finish_reason == ("stop" if expected[-1] in (151645, 151643) else "length")
+
+
+def kv_block_bytes(model, block_size: int = EngineArgs.block_size) -> int:
+    """Bytes of one KV block, from the model's shapes and dtype: K and V of every layer for block_size tokens."""
+    text = model.config.text_config
+    return 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * model.dtype.itemsize

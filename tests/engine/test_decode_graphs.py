@@ -5,7 +5,13 @@ from __future__ import annotations
 from ovis2.engine import decode_graphs
 from ovis2.engine.decode_graphs import context_buckets, next_bucket
 from ovis2.engine.sampling_params import SamplingParams
-from tests.engine.conftest import GREEDY, assert_matches_reference, mixed_requests, run_to_completion
+from tests.engine.conftest import (
+    GREEDY,
+    assert_matches_reference,
+    kv_block_bytes,
+    mixed_requests,
+    run_to_completion,
+)
 from tests.engine.prompts import chat_prompt, text_ids
 
 
@@ -31,8 +37,9 @@ def test_mixed_requests_match_generate(make_engine, reference):
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
-def test_preempted_requests_resume_with_the_same_tokens(make_engine, reference):
-    engine = fixed_decode_engine(make_engine, kv_cache_memory=80 * 8192, enable_prefix_caching=False)
+def test_preempted_requests_resume_with_the_same_tokens(make_engine, reference, engine_model):
+    memory = 80 * kv_block_bytes(engine_model)
+    engine = fixed_decode_engine(make_engine, kv_cache_memory=memory, enable_prefix_caching=False)
     final = run_to_completion(engine, mixed_requests())
     assert engine.stats.num_preemptions > 0
     assert_matches_reference(final, reference)

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from server import media
-from server.media import ImageLoader, MediaError, MediaPolicy, finish_in_thread
+from server.aio import finish_in_thread
+from server.media import ImageLoader, MediaError, MediaPolicy
+from server.media import loader as media_loader
 from server.pixel_budget import PixelBudget, PixelBudgetExceeded
 from tests.server.conftest import data_url, image_bytes, image_message
 
@@ -75,7 +76,7 @@ def test_one_request_larger_than_the_budget_is_refused():
 
 
 def _palette_png(size: tuple[int, int]) -> bytes:
-    """A few hundred bytes that decode to width * height RGB pixels."""
+    """A few hundred bytes that decode to width * height pixels."""
     buffer = io.BytesIO()
     Image.new("P", size, 0).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
@@ -92,7 +93,7 @@ def test_loader_holds_decoded_images_within_the_budget():
         async def request(name: str, pause: float) -> None:
             async with loader.decoded([(bomb, "p")]) as images:
                 log.append((name, "in", loader.budget.in_use))
-                assert images[0].size == (1000, 1000) and images[0].mode == "RGB"
+                assert images[0].size == (1000, 1000) and images[0].mode == "P"  # as decoded
                 await asyncio.sleep(pause)
                 log.append((name, "out"))
 
@@ -186,7 +187,7 @@ def test_no_pixels_never_wait():
 def test_a_failed_decode_waits_for_the_other_decodes(monkeypatch):
     """Their threads hold pixels the budget counts: the hold must not end (or the images close) under them."""
     finished = []
-    real_decode = media.decode_pixels
+    real_decode = media_loader.decode_pixels
 
     def decode(image):
         if image.size == (10, 10):
@@ -195,7 +196,7 @@ def test_a_failed_decode_waits_for_the_other_decodes(monkeypatch):
         finished.append(loader.budget.in_use)
         return real_decode(image)
 
-    monkeypatch.setattr(media, "decode_pixels", decode)
+    monkeypatch.setattr(media_loader, "decode_pixels", decode)
     loader = ImageLoader(MediaPolicy(), budget=PixelBudget(10**6))
     urls = [(data_url(image_bytes(size=(200, 100))), "good"), (data_url(image_bytes(size=(10, 10))), "bad")]
 

@@ -13,7 +13,7 @@ import pytest
 from ovis2 import EngineInputs, SamplingParams
 from server.__main__ import build_parser, load_settings
 from server.app import _drain, create_app
-from server.generation import ClientDisconnected, collect_final, generate, unless_disconnected
+from server.request_flow import ClientDisconnected, collect_final, generate, unless_disconnected
 from server.settings import ServerSettings
 
 
@@ -34,6 +34,44 @@ def test_closing_the_stream_early_aborts_the_request(fake_engine):
 
     assert asyncio.run(run()) == 0
     assert fake_engine.aborted == ["r1"] and not fake_engine.running
+
+
+def test_the_engine_iterator_is_the_one_owner_of_aborts(fake_engine):
+    """Closing the server's stream closes the engine's iterator at once (its `finally` aborts the request);
+    the server never calls `engine.abort` itself, which would be a second owner."""
+    state = state_for(fake_engine)
+    fake_engine.step_delay = 0.01
+    explicit_aborts = []
+
+    async def spy_abort(request_id):
+        explicit_aborts.append(request_id)
+
+    fake_engine.abort = spy_abort
+
+    async def run():
+        outputs = generate(state, EngineInputs([1, 2, 3]), SamplingParams(max_tokens=50), "r1", 0.0)
+        async with aclosing(outputs):
+            await anext(outputs)
+        return list(fake_engine.aborted), set(fake_engine.running)  # before the loop could run a finalizer
+
+    aborted, running = asyncio.run(run())
+    assert aborted == ["r1"] and running == set() and explicit_aborts == []
+
+
+def test_a_cancelled_consumer_aborts_at_once(fake_engine):
+    state = state_for(fake_engine)
+    fake_engine.step_delay = 0.05
+
+    async def run():
+        outputs = generate(state, EngineInputs([1, 2, 3]), SamplingParams(max_tokens=500), "r4", 0.0)
+        task = asyncio.ensure_future(collect_final(outputs))
+        await asyncio.sleep(0.12)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(fake_engine.aborted), state.num_in_flight
+
+    assert asyncio.run(run()) == (["r4"], 0)
 
 
 def test_a_disconnected_client_aborts_a_non_streaming_request(fake_engine):

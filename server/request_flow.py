@@ -1,4 +1,8 @@
-"""One request's run through the engine: records its metrics and aborts it when the consumer goes away."""
+"""One request's flow through the engine: its outputs with metrics recorded, a wait that gives up when the client
+disconnects, and the response (whole or streamed) built from the outputs.
+
+Aborts have one owner, `engine.generate()`: closing or cancelling its iterator aborts the request. `generate` here
+closes the engine's iterator as soon as it is closed itself, so a consumer that stops early aborts at once."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -30,39 +35,50 @@ class ClientDisconnected(Exception):
 async def generate(
     state: ServerState, inputs: EngineInputs, params: SamplingParams, request_id: str, arrival: float
 ) -> AsyncIterator[RequestOutput]:
-    """`engine.generate` with metrics; leaving early (close, cancel, error) aborts the request in the engine.
+    """`engine.generate` with metrics; leaving early (close, cancel, error) closes the engine's iterator, which
+    aborts the request.
 
     Consume it inside `contextlib.aclosing` so the abort happens at once, not when it is garbage-collected.
     """
-    metrics = state.metrics
+    timing = TokenTiming(arrival)
     final: RequestOutput | None = None
-    first = last = None
-    num_generated = 0  # from the deltas: with output_kind "delta" an unfinished output holds no token_ids
     state.request_started()
     try:
-        async for output in state.engine.generate(inputs, params, request_id):
-            now = time.monotonic()
-            num_generated += sum(len(o.delta_token_ids) for o in output.outputs)
-            step_tokens = max((len(o.delta_token_ids) for o in output.outputs), default=0)
-            if step_tokens:
-                if first is None:
-                    first = now
-                    metrics.observe(metrics.time_to_first_token, now - arrival)
-                    _observe_queue_time(state, output)
-                else:
-                    metrics.observe(metrics.inter_token_latency, (now - last) / step_tokens)
-                last = now
-            final = output
-            yield output
+        async with aclosing(state.engine.generate(inputs, params, request_id)) as outputs:
+            async for output in outputs:
+                timing.observe(state, output)
+                final = output
+                yield output
     finally:
         try:
-            if final is not None and not final.finished:
-                with anyio.CancelScope(shield=True):
-                    await state.engine.abort(request_id)
             if final is not None:
-                _record_finished(state, inputs, final, arrival, num_generated)
+                _record_finished(state, inputs, final, arrival, timing.num_generated)
         finally:
             state.request_finished()
+
+
+@dataclass
+class TokenTiming:
+    """Time to first token and inter-token latency of one request, observed as its outputs arrive."""
+
+    arrival: float
+    first: float | None = None
+    last: float | None = None
+    num_generated: int = 0  # from the deltas: with output_kind "delta" an unfinished output holds no token_ids
+
+    def observe(self, state: ServerState, output: RequestOutput) -> None:
+        now, metrics = time.monotonic(), state.metrics
+        self.num_generated += sum(len(o.delta_token_ids) for o in output.outputs)
+        step_tokens = max((len(o.delta_token_ids) for o in output.outputs), default=0)
+        if not step_tokens:
+            return
+        if self.first is None:
+            self.first = now
+            metrics.observe(metrics.time_to_first_token, now - self.arrival)
+            _observe_queue_time(state, output)
+        else:
+            metrics.observe(metrics.inter_token_latency, (now - self.last) / step_tokens)
+        self.last = now
 
 
 def _observe_queue_time(state: ServerState, output: RequestOutput) -> None:
