@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request, Response
-from PIL import Image
 
 from .aio import finish_in_thread
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
@@ -87,9 +86,10 @@ def max_tiles(state: ServerState, requested: int | None) -> int | None:
     return requested if requested is not None else server_cap
 
 
-def processor_messages(messages: list[ChatMessage], images: list[Image.Image]) -> list[dict]:
-    """OpenAI messages in the processor's form: image parts carry the decoded PIL images, in order."""
-    pending = iter(images)
+def processor_messages(messages: list[ChatMessage], image_fields: list[dict]) -> list[dict]:
+    """OpenAI messages in the processor's form: image parts carry, in order, `image_fields` (the decoded image,
+    `{"image": img}`, or only its size, `{"image_size": (w, h)}`)."""
+    pending = iter(image_fields)
     result = []
     for message in messages:
         role = "system" if message.role == "developer" else message.role
@@ -102,23 +102,38 @@ def processor_messages(messages: list[ChatMessage], images: list[Image.Image]) -
                 parts.append({"type": "text", "text": part.text})
             elif isinstance(part, ImagePart):
                 low = part.image_url.detail == "low"  # one crop: the thumbnail, 259 tokens
-                parts.append({"type": "image", "image": next(pending), **({"max_patches": 1} if low else {})})
+                parts.append({"type": "image", **next(pending), **({"max_patches": 1} if low else {})})
         result.append({"role": role, "content": parts})
     return result
+
+
+def checked_images(state: ServerState, messages: list[ChatMessage], requested_tiles: int | None):
+    """(the image URLs with their params, the tile cap): the request's images within the server's limits."""
+    found = image_parts(messages)
+    limit = state.settings.max_images_per_request
+    if len(found) > limit:
+        raise bad_request(f"the request has {len(found)} images; at most {limit} are allowed", "messages")
+    return [(part.image_url.url, param) for part, param in found], max_tiles(state, requested_tiles)
 
 
 async def build_chat_inputs(
     state: ServerState, messages: list[ChatMessage], requested_tiles: int | None
 ) -> EngineInputs:
     """Fetch and decode every image at once, then let the processor build the prompt (in a thread)."""
-    found = image_parts(messages)
-    limit = state.settings.max_images_per_request
-    if len(found) > limit:
-        raise bad_request(f"the request has {len(found)} images; at most {limit} are allowed", "messages")
-    tiles = max_tiles(state, requested_tiles)
-    async with state.images.decoded([(part.image_url.url, param) for part, param in found]) as images:
-        prompt = processor_messages(messages, images)
+    urls, tiles = checked_images(state, messages, requested_tiles)
+    async with state.images.decoded(urls) as images:
+        prompt = processor_messages(messages, [{"image": image} for image in images])
         return await finish_in_thread(state.engine.processor.prepare_chat, prompt, tiles)
+
+
+async def chat_token_ids(
+    state: ServerState, messages: list[ChatMessage], requested_tiles: int | None
+) -> tuple[list[int], int]:
+    """(prompt ids, image tokens) from the images' sizes alone: fetched and header-checked, never decoded."""
+    urls, tiles = checked_images(state, messages, requested_tiles)
+    sizes = await state.images.sizes(urls)
+    prompt = processor_messages(messages, [{"image_size": size} for size in sizes])
+    return await finish_in_thread(state.engine.processor.chat_token_ids, prompt, tiles)
 
 
 def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inputs: EngineInputs) -> SamplingParams:

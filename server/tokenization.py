@@ -1,4 +1,4 @@
-"""/tokenize and /detokenize in vLLM's shape; chat messages count their image tokens.
+"""/tokenize and /detokenize in vLLM's shape; chat messages count their image tokens from the images' sizes.
 
 The tokenizer runs in a thread: a prompt near the body cap takes it many seconds, and on the event loop that
 would stall every other request."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .chat import build_chat_inputs
+from .chat import chat_token_ids
 from .errors import bad_request
 from .protocol import (
     ChatCompletionRequest,
@@ -31,8 +31,7 @@ async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResp
         problem = unsupported_chat_fields(ChatCompletionRequest(messages=request.messages))
         if problem is not None:
             raise bad_request(problem[1], problem[0])
-        inputs = await build_chat_inputs(state, request.messages, request.max_tiles_per_image)
-        ids, image_tokens = inputs.prompt_token_ids, inputs.num_image_tokens
+        ids, image_tokens = await chat_token_ids(state, request.messages, request.max_tiles_per_image)
     token_strs = await asyncio.to_thread(tokenizer.convert_ids_to_tokens, ids) if request.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=token_strs,
                             image_tokens=image_tokens)  # fmt: skip

@@ -40,6 +40,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as `decode_pixels` will give it, read from the header alone (no pixels decoded)."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except (OSError, SyntaxError, ValueError, EOFError):
+        orientation = None
+    return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+
+
 def decode_pixels(image: Image.Image) -> Image.Image:
     """The opened image with its first frame decoded and turned upright by its EXIF orientation.
 

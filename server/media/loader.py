@@ -15,7 +15,7 @@ from ..aio import results_or_first_error, wait_even_if_cancelled
 from ..pixel_budget import PixelBudget, PixelBudgetExceeded
 from .errors import MediaError
 from .fetch import MediaFetcher
-from .image import decode_pixels, open_image
+from .image import decode_pixels, open_image, upright_size
 from .policy import MediaPolicy
 
 DEFAULT_PIXELS_IN_FLIGHT = 400_000_000  # Pillow keeps RGB(A) at 4 bytes a pixel: about 1.6 GB decoded
@@ -54,6 +54,15 @@ class ImageLoader:
                 yield decoded
         finally:
             for image in (*opened, *decoded):
+                image.close()
+
+    async def sizes(self, urls: list[tuple[str, str]]) -> list[tuple[int, int]]:
+        """The upright (width, height) of every (url, param), fetched and header-checked; no pixel is decoded."""
+        opened = await self._open_all(urls)
+        try:
+            return [upright_size(image) for image in opened]
+        finally:
+            for image in opened:
                 image.close()
 
     async def _open_all(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
