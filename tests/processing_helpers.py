@@ -10,6 +10,14 @@ from PIL import Image
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 SIDE = 448
+GREY_LEVEL = float(1 / (255 * CLIP_STD.max()))  # the smallest step one uint8 level makes once normalised (0.0142)
+
+
+def float32_rounding(values) -> float:
+    """How far two correct computations of normalised pixels from the same uint8 values may differ (float64 vs
+    float32, or another order of the same operations): a few float32 ulps at the values' largest magnitude, far
+    below one grey level."""
+    return 4 * float(np.finfo(np.float32).eps) * float(np.abs(np.asarray(values, dtype=np.float64)).max())
 
 
 @cache

@@ -1,6 +1,9 @@
 """Our Ovis2 against transformers' own Ovis2ForConditionalGeneration on tiny random checkpoints.
 
-Tolerance: fp32 logits within max(1e-4, 10 x transformers' own eager-vs-SDPA difference on the same input).
+Tolerance: fp32 logits within 10 x transformers' own implementation noise for the same comparison (its eager-vs-SDPA
+difference at the positions compared; for a padded row against the prompt alone, transformers' own padded-vs-alone
+difference), and never below FLOAT32_ULPS float32 ulps at the logits' scale: a forward pass that sums in another
+order moves logits of magnitude 44 by 1e-4, so any floor must scale with them.
 """
 
 from __future__ import annotations
@@ -59,10 +62,20 @@ def kept_positions(ids: torch.Tensor) -> torch.Tensor:
     return keep.nonzero().squeeze(-1)
 
 
-def tolerance(reference_sdpa, reference_eager, **inputs) -> float:
+FLOAT32_ULPS = 64  # a few layers of sums in another order; 3e-6 relative was measured on Sapphire Rapids
+
+
+def float32_noise(values: torch.Tensor) -> float:
+    return FLOAT32_ULPS * torch.finfo(torch.float32).eps * values.abs().max().item()
+
+
+def tolerance(reference_sdpa, reference_eager, positions=None, **inputs) -> float:
+    """10 x the reference's eager-vs-SDPA difference at `positions` (a mask or index; all when None)."""
     with torch.inference_mode():
-        gap = (reference_sdpa(**inputs).logits - reference_eager(**inputs).logits).abs().max().item()
-    return max(1e-4, 10 * gap)
+        sdpa, eager = reference_sdpa(**inputs).logits, reference_eager(**inputs).logits
+    if positions is not None:  # padded positions hold whatever each attention makes of an all-masked row
+        sdpa, eager = sdpa[positions], eager[positions]
+    return max(10 * (sdpa - eager).abs().max().item(), float32_noise(sdpa))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -95,12 +108,15 @@ def test_left_padded_batch_matches_transformers(models, shape):
         expected = ref(**inputs).logits
         got = ours(**inputs).logits
     real = mask.bool()[:, keep]
-    assert (got[real] - expected[real]).abs().max().item() <= tolerance(ref, ref_eager, **inputs)
-    # the padded row also equals its prompt run alone
+    assert (got[real] - expected[real]).abs().max().item() <= tolerance(ref, ref_eager, real, **inputs)
+    # the padded row also equals its prompt run alone, as closely as transformers' padded row equals its own
+    alone_inputs = dict(input_ids=torch.tensor([short_ids]), pixel_values=pixels[3:])
     with torch.inference_mode():
-        alone = ours(input_ids=torch.tensor([short_ids]), pixel_values=pixels[3:]).logits[0]
-    padded_row = got[1][keep >= pad]
-    assert torch.allclose(padded_row, alone[keep[keep >= pad] - pad], atol=1e-4)
+        alone, reference_alone = ours(**alone_inputs).logits[0], ref(**alone_inputs).logits[0]
+    in_row, positions = keep >= pad, keep[keep >= pad] - pad
+    reference_gap = (expected[1][in_row] - reference_alone[positions]).abs().max().item()
+    gap = (got[1][in_row] - alone[positions]).abs().max().item()
+    assert gap <= max(10 * reference_gap, float32_noise(alone))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -122,11 +138,13 @@ def test_greedy_32_tokens_identical(models, shape, case):
 def test_compat_ovis_equals_transformers_without_final_norm(models, tiny_checkpoints, shape):
     ours_t, ours_o, _, _ = models[shape]
     reference = load_reference(tiny_checkpoints[shape], identity_final_norm=True)
+    reference_eager = load_reference(tiny_checkpoints[shape], "eager", identity_final_norm=True)
     ids, pixels = case_inputs("one_image_tiles", ours_o.config.vision_config.tokens_per_crop, seed=2)
     inputs = dict(input_ids=ids, pixel_values=pixels, logits_to_keep=kept_positions(ids))
     with torch.inference_mode():
         expected = reference(**inputs).logits
         got = ours_o(**inputs).logits
         with_norm = ours_t(**inputs).logits
-    assert (got - expected).abs().max().item() <= 1e-4
-    assert (with_norm - got).abs().max().item() > 1e-3  # the final norm really changes the answer
+    allowed = tolerance(reference, reference_eager, **inputs)
+    assert (got - expected).abs().max().item() <= allowed
+    assert (with_norm - got).abs().max().item() > 100 * allowed  # the final norm really changes the answer
