@@ -260,7 +260,7 @@ def test_from_pretrained_original_checkpoint_gets_original_defaults(tmp_path):
 
 def test_from_pretrained_unknown_name_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(Ovis2Error, match="not a local directory"):
+    with pytest.raises(Ovis2Error, match="neither a checkpoint directory"):
         Ovis2ImageProcessor.from_pretrained(str(tmp_path / "missing"))
 
 

@@ -97,3 +97,15 @@ def test_logprobs_carry_token_bytes(make_engine):
     token_bytes = TokenBytes(engine.tokenizer.backend_tokenizer)
     assert [lp.bytes for lp in out.logprobs] == [token_bytes(t) for t in out.token_ids]
     assert all(top.bytes == token_bytes(top.token_id) for lp in out.logprobs for top in lp.top)
+
+
+def test_an_extreme_temperature_offline_samples_without_hurting_its_neighbours(make_engine):
+    """The HTTP API stops at 2 (OpenAI's range); SamplingParams still takes more, and the engine survives it."""
+    engine = make_engine()
+    hot = SamplingParams(max_tokens=4, temperature=1e308, seed=1, ignore_eos=True)
+    calm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    alone = run_to_completion(make_engine(), {"calm": (chat_prompt(text_ids(9, 6)), calm)})["calm"]
+    final = run_to_completion(engine, {"hot": (chat_prompt(text_ids(8, 6)), hot),
+                                       "calm": (chat_prompt(text_ids(9, 6)), calm)})  # fmt: skip
+    assert len(final["hot"].outputs[0].token_ids) == 4 and final["hot"].error is None
+    assert final["calm"].outputs[0].token_ids == alone.outputs[0].token_ids
