@@ -17,7 +17,7 @@ import torch
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
-from .core_outputs import CoreStepOutput, RequestUpdate, TokenUpdate
+from .core_outputs import CoreStepOutput, RequestFailure, RequestUpdate, TokenUpdate
 from .engine_args import EngineArgs
 from .execution import execute_isolating_failures
 from .model_runner import ModelRunner
@@ -86,6 +86,8 @@ class EngineCore:
 
     # --- requests in and out
     def add_request(self, request: EngineRequest) -> SequenceGroup:
+        if request.request_id in self.groups:
+            raise Ovis2Error(f"request id {request.request_id!r} is already running")
         group = SequenceGroup(request)
         for seq in group.seqs:
             seq.generator = self._generator_for(seq)
@@ -101,13 +103,12 @@ class EngineCore:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
         return torch.Generator(device=self.runner.device).manual_seed(seed + seq.index)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks; False if it is not here (finished already, or unknown)."""
+    def abort_request(self, request_id: str) -> SequenceGroup | None:
+        """Stop a request now and free its blocks; the request, or None if it is not here (finished, unknown)."""
         group = self.groups.pop(request_id, None)
-        if group is None:
-            return False
-        self._finish_all(group, "abort")
-        return True
+        if group is not None:
+            self._finish_all(group, "abort")
+        return group
 
     def finish_choice(self, request_id: str, index: int, reason: str = "stop") -> None:
         """Output processing found a stop string: that choice ends here and gives back its blocks."""
@@ -219,12 +220,13 @@ class EngineCore:
             if item.start < item.seq.prompt_len:
                 self.counters["num_prompt_tokens"] += min(item.end, item.seq.prompt_len) - item.start
 
-    def _fail(self, request_id: str, error: Exception) -> str:
+    def _fail(self, request_id: str, error: Exception) -> RequestFailure:
         logger.warning("request %s failed: %s", request_id, error)
         group = self.groups.pop(request_id, None)
         if group is not None:
             self._finish_all(group, "error")
-        return f"{type(error).__name__}: {error}"
+        cached = group.seqs[0].num_cached_tokens if group is not None else 0
+        return RequestFailure(f"{type(error).__name__}: {error}", cached)
 
     # --- introspection
     @property

@@ -28,9 +28,15 @@ class RequestUpdate:
 
 
 @dataclass
+class RequestFailure:
+    error: str  # what went wrong, for the log and RequestOutput.error
+    num_cached_tokens: int
+
+
+@dataclass
 class CoreStepOutput:
     updates: list[RequestUpdate] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # request id -> what went wrong; finished in the core
+    failed: dict[str, RequestFailure] = field(default_factory=dict)  # by request id; finished in the core
 
     @property
     def is_empty(self) -> bool:

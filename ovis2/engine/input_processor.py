@@ -64,7 +64,7 @@ class InputProcessor:
         cap = self.max_tiles_per_image
         asked = [max_patches] + [part.get("max_patches") for part in _image_parts(messages)]
         for value in asked:
-            if value is not None and not 1 <= value <= cap:
+            if value is not None and (type(value) is not int or not 1 <= value <= cap):
                 raise Ovis2Error(f"max_patches is {value}; this engine allows 1 to {cap} tiles per image")
         return self.processor.prepare_chat(messages, max_patches=max_patches if max_patches is not None else cap)
 

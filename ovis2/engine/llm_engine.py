@@ -57,12 +57,15 @@ class LLMEngine:
                                           group.metrics)  # fmt: skip
 
     def step(self) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(self.core.step())
-        for request_id, index in stopped:
+        processed = self.output_processor.process(self.core.step())
+        for request_id, index in processed.stopped:
             self.core.finish_choice(request_id, index)
-        return outputs
+        for request_id in processed.failed:
+            self.core.abort_request(request_id)
+        return processed.outputs
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its last output (finish_reason "abort")."""
-        self.core.abort_request(request_id)
-        return self.output_processor.finish_request(request_id, "abort")
+        group = self.core.abort_request(request_id)
+        cached = group.seqs[0].num_cached_tokens if group is not None else None
+        return self.output_processor.finish_request(request_id, "abort", num_cached_tokens=cached)

@@ -4,13 +4,16 @@ the delta or cumulative RequestOutputs the engine hands out. A stop string it fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 from .core_outputs import CoreStepOutput, RawLogprob, RequestUpdate, TokenUpdate
 from .detokenizer import IncrementalDetokenizer, backend_of
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from .sampling_params import SamplingParams
 from .token_bytes import TokenBytes
+
+logger = logging.getLogger(__name__)
 
 
 class ChoiceState:
@@ -92,6 +95,13 @@ class RequestState:
         )
 
 
+@dataclass
+class ProcessedStep:
+    outputs: list[RequestOutput] = field(default_factory=list)  # one per request that moved, failed or finished
+    stopped: list[tuple[str, int]] = field(default_factory=list)  # (request id, choice) a stop string ended
+    failed: list[str] = field(default_factory=list)  # requests whose output could not be built: abort in the core
+
+
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -104,26 +114,39 @@ class OutputProcessor:
         choices = [ChoiceState(i, IncrementalDetokenizer(self.tokenizer, params), params) for i in range(params.n)]
         self.requests[request_id] = RequestState(request_id, prompt_token_ids, num_image_tokens, choices, metrics)
 
-    def process(self, step: CoreStepOutput) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
-        """-> (one output per request that moved, failed or finished; the (request id, choice) stop strings ended)."""
-        outputs, stopped = [], []
+    def process(self, step: CoreStepOutput) -> ProcessedStep:
+        processed = ProcessedStep()
         for update in step.updates:
             state = self.requests.get(update.request_id)
             if state is not None:
-                stopped += self._apply(state, update)
-                outputs.append(self._output(state))
-        for request_id, error in step.failed.items():
-            output = self.finish_request(request_id, "error", error)
+                self._process_update(state, update, processed)
+        for request_id, failure in step.failed.items():
+            output = self.finish_request(request_id, "error", failure.error, failure.num_cached_tokens)
             if output is not None:
-                outputs.append(output)
-        return outputs, stopped
+                processed.outputs.append(output)
+        return processed
 
-    def finish_request(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
+    def _process_update(self, state: RequestState, update: RequestUpdate, processed: ProcessedStep) -> None:
+        try:
+            stopped = self._apply(state, update)
+            output = self._output(state)
+        except Exception as error:  # noqa: BLE001 - a request whose output cannot be built fails alone
+            logger.exception("output processing failed for request %s", state.request_id)
+            processed.failed.append(state.request_id)
+            processed.outputs.append(self.finish_request(state.request_id, "error", f"{type(error).__name__}: {error}"))
+            return
+        processed.stopped += stopped
+        processed.outputs.append(output)
+
+    def finish_request(self, request_id: str, reason: str, error: str | None = None,
+                       num_cached_tokens: int | None = None) -> RequestOutput | None:  # fmt: skip
         """The last output of a request the core stopped (abort, error); None if it is not here."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
         state.error = error
+        if num_cached_tokens is not None:
+            state.num_cached_tokens = num_cached_tokens
         for choice in state.choices:
             if not choice.is_finished:
                 choice.finish_reason = reason

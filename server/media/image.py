@@ -46,8 +46,8 @@ SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) as `decode_pixels` will give it, read from the header alone (no pixels decoded)."""
     width, height = image.size
-    try:
-        orientation = image.getexif().get(0x0112)
+    try:  # the base class reads the header's EXIF; PngImageFile.getexif would decode the pixels to look further
+        orientation = Image.Image.getexif(image).get(0x0112)
     except (OSError, SyntaxError, ValueError, EOFError):
         orientation = None
     return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)

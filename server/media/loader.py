@@ -60,7 +60,7 @@ class ImageLoader:
         """The upright (width, height) of every (url, param), fetched and header-checked; no pixel is decoded."""
         opened = await self._open_all(urls)
         try:
-            return [upright_size(image) for image in opened]
+            return await asyncio.to_thread(lambda: [upright_size(image) for image in opened])
         finally:
             for image in opened:
                 image.close()

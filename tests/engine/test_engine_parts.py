@@ -109,3 +109,33 @@ def test_an_extreme_temperature_offline_samples_without_hurting_its_neighbours(m
                                        "calm": (chat_prompt(text_ids(9, 6)), calm)})  # fmt: skip
     assert len(final["hot"].outputs[0].token_ids) == 4 and final["hot"].error is None
     assert final["calm"].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_a_request_whose_text_cannot_be_built_fails_alone(make_engine, monkeypatch):
+    from ovis2.engine.detokenizer import IncrementalDetokenizer
+
+    original = IncrementalDetokenizer.add_token
+
+    def add_token(self, token_id, check_stops=True):
+        if "boom" in self.stops:
+            raise ValueError("detokenizer failed")
+        return original(self, token_id, check_stops)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add_token", add_token)
+    engine = make_engine()
+    greedy = dict(max_tokens=4, temperature=0.0, ignore_eos=True)
+    final = run_to_completion(engine, {"bad": (chat_prompt(text_ids(1, 6)), SamplingParams(stop=["boom"], **greedy)),
+                                       "good": (chat_prompt(text_ids(2, 6)), SamplingParams(**greedy))})  # fmt: skip
+    assert final["bad"].outputs[0].finish_reason == "error" and "detokenizer failed" in final["bad"].error
+    assert final["good"].error is None and len(final["good"].outputs[0].token_ids) == 4
+    assert not engine.core.groups and engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+
+
+def test_an_aborted_request_reports_its_cached_prompt_tokens(make_engine):
+    engine = make_engine(max_num_batched_tokens=32)
+    shared = text_ids(4, 64)
+    run_to_completion(engine, {"warm": (chat_prompt(shared), SamplingParams(max_tokens=1, temperature=0.0))})
+    engine.add_request("long", chat_prompt(shared + text_ids(5, 200)), SamplingParams(max_tokens=2, temperature=0.0))
+    engine.step()  # admitted with its cached prefix, one chunk of the rest prefilled
+    aborted = engine.abort_request("long")
+    assert aborted.outputs[0].finish_reason == "abort" and aborted.num_cached_tokens >= 48
