@@ -1,11 +1,11 @@
-"""This machine's floors: memory copy bandwidth, bf16 matmul peak, and what they allow the Ovis2 shapes.
+"""This machine's floors: memory copy bandwidth, matmul peak, and what they allow the Ovis2 shapes.
 
     python -m bench.machine_floor                       # floors for the 1B shapes
     python -m bench.machine_floor --size 2B --model <-hf checkpoint>  # also our engine's measured batch-1 step
 
 - copy bandwidth: bytes read + bytes written per second by `dst.copy_(src)` over 512 MiB (best of N);
-- bf16 GEMV: a [8192, 8192] bf16 weight times one vector, weight bytes per second (what batch-1 decode does);
-- bf16 matmul peak: the best TFLOP/s of square and vision-tower-shaped products;
+- GEMV: an [8192, 8192] weight times one vector, weight bytes per second (what batch-1 decode does);
+- matmul peak: the best TFLOP/s of square and vision-tower-shaped products, bf16 and float32;
 - batch-1 decode step floor = bytes of LLM weights one step reads (the tied embedding is read again as the
   output projection) / copy bandwidth; the vision crop floor = one 448x448 crop's FLOPs / matmul peak.
 With --model, our engine decodes one request alone and its median step time is printed against the floor.
@@ -39,23 +39,23 @@ def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() / seconds / 1e9
 
 
-def gemv_bandwidth(rows: int = 8192, cols: int = 8192, repeats: int = 10) -> float:
-    """GB/s of bf16 weight bytes read by a matrix-vector product (batch-1 decode's operation)."""
-    weight = torch.randn(rows, cols).to(torch.bfloat16)
-    vector = torch.randn(1, cols).to(torch.bfloat16)
+def gemv_bandwidth(rows: int = 8192, cols: int = 8192, repeats: int = 10, dtype=torch.bfloat16) -> float:
+    """GB/s of weight bytes read by a matrix-vector product (batch-1 decode's operation)."""
+    weight = torch.randn(rows, cols).to(dtype)
+    vector = torch.randn(1, cols).to(dtype)
     seconds = _best_seconds(lambda: torch.nn.functional.linear(vector, weight), repeats)
-    return weight.numel() * 2 / seconds / 1e9
+    return weight.numel() * weight.element_size() / seconds / 1e9
 
 
 MATMUL_SHAPES = ((2048, 2048, 2048), (1024, 1024, 2816), (1024, 2816, 1024), (1024, 1024, 3072))
 
 
-def matmul_peak(shapes=MATMUL_SHAPES, repeats: int = 3) -> dict:
-    """bf16 TFLOP/s per (m, k, n) product and the best of them."""
+def matmul_peak(shapes=MATMUL_SHAPES, repeats: int = 3, dtype=torch.bfloat16) -> dict:
+    """TFLOP/s per (m, k, n) product in `dtype` and the best of them."""
     per_shape = {}
     for m, k, n in shapes:
-        a = torch.randn(m, k).to(torch.bfloat16)
-        b = torch.randn(k, n).to(torch.bfloat16)
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(k, n).to(dtype)
         seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
         per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds / 1e12
     return {"per_shape_tflops": per_shape, "peak_tflops": max(per_shape.values())}
@@ -84,26 +84,35 @@ def crop_flops(config) -> float:
     return v.num_hidden_layers * per_layer + patch + head
 
 
-def floors(size: str = "1B", repeats: int = 5) -> dict:
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
+    """The floors for `size` computing in `dtype` (weights read per step at that dtype's width); the matmul peak
+    is measured in both dtypes, since a CPU without bf16 units emulates bf16 far below its float32 peak."""
     from ovis2.configuration import config_for_size
 
     config = config_for_size(size)
     bandwidth = copy_bandwidth(repeats=repeats)
-    gemv = gemv_bandwidth()
-    peak = matmul_peak()
-    weight_bytes = decode_weight_bytes(config)
+    gemv = gemv_bandwidth(dtype=DTYPES[dtype])
+    peaks = {name: matmul_peak(dtype=value) for name, value in DTYPES.items()}
+    peak = peaks[dtype]
+    weight_bytes = decode_weight_bytes(config, torch.empty(0, dtype=DTYPES[dtype]).element_size())
     flops = crop_flops(config)
     return {
         "size": size,
+        "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
+        "matmul_peak_tflops_by_dtype": {name: p["peak_tflops"] for name, p in peaks.items()},
         "copy_bandwidth_gb_s": bandwidth,
-        "bf16_gemv_bandwidth_gb_s": gemv,
-        "bf16_matmul": peak,
+        "gemv_bandwidth_gb_s": gemv,
+        "matmul": peak,
         "decode_weight_bytes": weight_bytes,
         "batch1_step_floor_ms": weight_bytes / (bandwidth * 1e9) * 1e3,
         "batch1_step_floor_gemv_ms": weight_bytes / (gemv * 1e9) * 1e3,
         "crop_tflop": flops / 1e12,
         "crop_floor_ms": flops / (peak["peak_tflops"] * 1e12) * 1e3,
+        "crop_floor_other_dtype_ms": {name: flops / (p["peak_tflops"] * 1e12) * 1e3 for name, p in peaks.items()},
     }
 
 
@@ -135,10 +144,11 @@ def engine_batch1_step_ms(model: str, output_tokens: int = 48, dtype: str = "bfl
 
 def format_floors(result: dict) -> str:
     lines = [
-        f"machine floors ({result['torch_threads']} torch threads), Ovis2-{result['size']} shapes, bf16:",
+        f"machine floors ({result['torch_threads']} torch threads), Ovis2-{result['size']} shapes, {result['dtype']}:",
         f"  copy bandwidth           {result['copy_bandwidth_gb_s']:8.1f} GB/s (read + write)",
-        f"  bf16 GEMV bandwidth      {result['bf16_gemv_bandwidth_gb_s']:8.1f} GB/s (weight bytes read)",
-        f"  bf16 matmul peak         {result['bf16_matmul']['peak_tflops'] * 1e3:8.0f} GFLOP/s",
+        f"  GEMV bandwidth           {result['gemv_bandwidth_gb_s']:8.1f} GB/s (weight bytes read)",
+        "  matmul peak              " + ", ".join(f"{name} {value * 1e3:.0f}" for name, value in
+                                                 result["matmul_peak_tflops_by_dtype"].items()) + " GFLOP/s",
         f"  batch-1 step floor       {result['batch1_step_floor_ms']:8.1f} ms "
         f"({result['decode_weight_bytes'] / 1e9:.2f} GB / copy bandwidth; "
         f"{result['batch1_step_floor_gemv_ms']:.1f} ms at the GEMV bandwidth)",
@@ -155,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.machine_floor", description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1B", choices=("1B", "2B", "4B", "8B", "16B", "34B"))
     parser.add_argument("--model", help="an -hf checkpoint of these shapes: also measure our engine's batch-1 step")
+    parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output-json", help="write the figures here too")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = floors(args.size)
+    result = floors(args.size, args.dtype)
     if args.model:
-        result["engine"] = engine_batch1_step_ms(args.model)
+        result["engine"] = engine_batch1_step_ms(args.model, dtype=args.dtype)
     print(format_floors(result))
     if args.output_json:
         from pathlib import Path

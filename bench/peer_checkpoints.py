@@ -53,6 +53,7 @@ def _build_into(target: Path, write) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-staging-", dir=target.parent))
+    os.chmod(staging, 0o755)  # mkdtemp's folders are private; a checkpoint is not
     try:
         write(staging)
         if target.exists():

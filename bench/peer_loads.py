@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .client import Endpoint, RequestResult
 from .metrics import summarize
@@ -49,7 +49,8 @@ class Load:
 class LoadSizes:
     text_c1: int = 4
     text_c16: int = 32
-    image: int = 16
+    image448: int = 16
+    image600x900: int = 16
     chat_conversations: int = 8
     chat_turns: int = 3
     chat_image: tuple[int, int] = (448, 448)
@@ -60,8 +61,8 @@ def standard_loads(sizes: LoadSizes = LoadSizes()) -> list[Load]:
     return [
         Load("text-c1", "text, concurrency 1", 1, sizes.text_c1),
         Load("text-c16", "text, concurrency 16", 16, sizes.text_c16),
-        Load("image448-c8", "one 448x448 image, concurrency 8", 8, sizes.image, (448, 448)),
-        Load("image600x900-c8", "one 600x900 image, concurrency 8", 8, sizes.image, (600, 900)),
+        Load("image448-c8", "one 448x448 image, concurrency 8", 8, sizes.image448, (448, 448)),
+        Load("image600x900-c8", "one 600x900 image, concurrency 8", 8, sizes.image600x900, (600, 900)),
         Load("chat-resend", f"multi-turn chat resending its {w}x{h} image, concurrency 8 (cache hits)", 8,
              sizes.chat_conversations, sizes.chat_image, turns=sizes.chat_turns, cache_hits=True),  # fmt: skip
     ]
@@ -125,11 +126,14 @@ def measure_run(endpoint: Endpoint, load: Load, seed: int, input_words: int, out
     return summary
 
 
-def warm_up(endpoint: Endpoint, input_words: int, output_tokens: int, seed: int) -> None:
-    """A few requests of each shape, so first-call costs (compilation, allocation) are not measured."""
-    for load in (Load("warm-text", "", 4, 4), Load("warm-image", "", 2, 2, (448, 448)),
-                 Load("warm-image-large", "", 1, 1, (600, 900))):  # fmt: skip
-        measure_run(endpoint, load, run_seed(seed, load.name, -1), input_words, min(output_tokens, 8))
+def warm_up(endpoint: Endpoint, input_words: int, output_tokens: int, seed: int, images: bool = True) -> None:
+    """Text requests (one alone, then 4 at once) and, if images are measured, one 448x448 image (every crop is
+    448x448, so larger images add no new vision shape), so first-call costs (compilation, allocation) are
+    not measured."""
+    warm = [Load("warm-text-1", "", 1, 1), Load("warm-text-4", "", 4, 4)]
+    warm += [Load("warm-image", "", 1, 1, (448, 448))] if images else []
+    for load in warm:
+        measure_run(endpoint, load, run_seed(seed, load.name, -1), input_words, min(output_tokens, 4))
 
 
 def best_run(runs: list[dict]) -> dict | None:
@@ -139,6 +143,3 @@ def best_run(runs: list[dict]) -> dict | None:
     clean = [r for r in runs if r.get("failed", 1) == 0 and r.get("completed", 0) > 0]
     return max(clean or runs, key=lambda r: r.get("output_throughput", 0.0))
 
-
-def with_requests(load: Load, num_requests: int) -> Load:
-    return replace(load, num_requests=num_requests)

@@ -75,7 +75,7 @@ def write_chat_template(root: Path) -> Path:
 
 def resolve_specs(args, pair, root: Path, log=print) -> tuple[list[ServerSpec], dict[str, str]]:
     """The specs of the servers that can run, and an error line for each asked-for peer that cannot."""
-    settings = ServerSettings(max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+    settings = ServerSettings(dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
                               threads=args.vllm_threads)  # fmt: skip
     specs = [ours_spec(Path(sys.executable), pair.hf, settings, shlex.split(args.ours_args))]
     errors: dict[str, str] = {}
@@ -119,10 +119,10 @@ def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampl
             model = "ovis2"
         endpoint = Endpoint(url=server.base_url + "/v1/chat/completions", model=model, extra_body=spec.extra_body)
         log(f"[{spec.name}] up in {result['startup_s']:.0f} s; warming up")
-        warm_up(endpoint, args.input_words, args.output_tokens, args.seed)
+        warm_up(endpoint, args.input_words, args.output_tokens, args.seed, any(x.image_size for x in loads))
         for load in loads:
             runs = []
-            for index in range(args.runs):
+            for index in range(runs_of(load, args)):
                 if server.process.poll() is not None:
                     runs.append({"error": f"server exited ({server.process.returncode})"})
                     break
@@ -147,6 +147,18 @@ def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampl
     ):
         result["error"] = f"exited with {server.process.returncode}"
     return result
+
+
+def runs_of(load: Load, args) -> int:
+    return args.image_runs if load.image_size and load.turns == 1 and args.image_runs else args.runs
+
+
+def bf16_note(machine: dict, dtype: str) -> str | None:
+    """bf16 without AVX-512-BF16 or AMX is emulated: matmuls run several times slower than in float32."""
+    if dtype != "bfloat16" or any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16")):
+        return None
+    return ("this CPU has no AVX-512-BF16 or AMX: bf16 matmuls are emulated (several times slower than float32), "
+            "so bf16 figures here measure the emulation")  # fmt: skip
 
 
 def step_floor_lines(floor: dict | None, results: dict) -> list[str]:
@@ -176,13 +188,15 @@ def markdown_block(document: dict) -> str:
     lines += ["", format_markdown(document["table"]), ""]
     if document.get("floor"):
         f = document["floor"]
-        lines.append(f"**Floors:** copy bandwidth {f['copy_bandwidth_gb_s']:.1f} GB/s, bf16 GEMV "
-                     f"{f['bf16_gemv_bandwidth_gb_s']:.1f} GB/s, bf16 matmul peak {f['bf16_matmul']['peak_tflops'] * 1e3:.0f} "
+        peaks = ", ".join(f"{n} {v * 1e3:.0f}" for n, v in f["matmul_peak_tflops_by_dtype"].items())
+        lines.append(f"**Floors ({f['dtype']}):** copy bandwidth {f['copy_bandwidth_gb_s']:.1f} GB/s, GEMV "
+                     f"{f['gemv_bandwidth_gb_s']:.1f} GB/s, matmul peak {peaks} "
                      f"GFLOP/s; batch-1 step floor {f['batch1_step_floor_ms']:.1f} ms "
                      f"({f['decode_weight_bytes'] / 1e9:.2f} GB read per step); 448x448 crop floor "
                      f"{f['crop_floor_ms']:.0f} ms ({f['crop_tflop']:.2f} TFLOP).")  # fmt: skip
         lines += [f"- {line}" for line in document["step_vs_floor"]]
     lines += [f"- FAILED {line}" for line in document["failures"]]
+    lines += [f"- NOTE {line}" for line in document.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -200,10 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-words", type=int, default=32)
     parser.add_argument("--text-c1-requests", type=int, default=4)
     parser.add_argument("--text-c16-requests", type=int, default=32)
-    parser.add_argument("--image-requests", type=int, default=16)
+    parser.add_argument("--image448-requests", type=int, default=16)
+    parser.add_argument("--image600x900-requests", type=int, default=16)
+    parser.add_argument("--image-runs", type=int, default=None, help="runs of the image loads (default: --runs)")
     parser.add_argument("--chat-conversations", type=int, default=8)
     parser.add_argument("--chat-turns", type=int, default=3, help="turn 1 primes the caches; the rest are measured")
     parser.add_argument("--chat-image-size", type=parse_image_size, default=(448, 448))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="every server's compute dtype (the checkpoints are bf16 on disk either way)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache for every server that takes a size")
     parser.add_argument("--vllm-threads", type=int, default=2, help="OMP_NUM_THREADS for vLLM")
@@ -220,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def select_loads(args) -> list[Load]:
-    sizes = LoadSizes(text_c1=args.text_c1_requests, text_c16=args.text_c16_requests, image=args.image_requests,
+    sizes = LoadSizes(text_c1=args.text_c1_requests, text_c16=args.text_c16_requests,
+                      image448=args.image448_requests, image600x900=args.image600x900_requests,
                       chat_conversations=args.chat_conversations, chat_turns=args.chat_turns,
                       chat_image=args.chat_image_size)  # fmt: skip
     loads = standard_loads(sizes)
@@ -232,12 +251,21 @@ def select_loads(args) -> list[Load]:
     return [load for load in loads if not wanted or load.name in wanted]
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # so the running server's `finally` stops it
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
+    import signal
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "-m", "bench.peers", *(sys.argv[1:] if argv is None else argv)])
     loads = select_loads(args)
+    note = bf16_note(machine_description(), args.dtype)
+    if note:
+        print("NOTE", note, flush=True)
     root = args.cache_dir or peers_cache_root()
     log_dir = args.output_json.parent / "peers-logs"
     before = os.getloadavg()[0]
@@ -246,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_floor:
         from .machine_floor import floors, format_floors
 
-        floor = floors(args.size)
+        floor = floors(args.size, args.dtype)
         print(format_floors(floor), flush=True)
     pair = ensure_checkpoints(args.size, root)
     specs, errors = resolve_specs(args, pair, root)
@@ -258,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ordered = {n: results[n] for n in ("ours", *args.peers) if n in results}
     rows = table_rows(ordered, [{"name": x.name, "label": x.label, "cache_hits": x.cache_hits} for x in loads])
     failures = failure_lines(ordered)
-    document = {"command": command, "machine": machine_description(),
+    machine = machine_description()
+    document = {"command": command, "machine": machine, "notes": [n for n in [bf16_note(machine, args.dtype)] if n],
                 "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
                 "checkpoints": {"size": args.size, "hf": str(pair.hf), "aidc": str(pair.aidc), "dtype": "bfloat16"},
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -266,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 "failures": failures}  # fmt: skip
     document["step_vs_floor"] = step_floor_lines(floor, ordered)
     print(format_text(rows, failures))
+    for note in document["notes"]:
+        print("NOTE", note)
     for line in document["step_vs_floor"]:
         print(line)
     write_json(document, args.output_json)

@@ -190,7 +190,8 @@ def test_json_is_strict(tmp_path):
 
 
 def test_markdown_block_names_the_machine_load_and_floor():
-    floor = {"copy_bandwidth_gb_s": 20.0, "bf16_gemv_bandwidth_gb_s": 15.0, "bf16_matmul": {"peak_tflops": 0.5},
+    floor = {"copy_bandwidth_gb_s": 20.0, "gemv_bandwidth_gb_s": 15.0, "dtype": "bfloat16",
+             "matmul_peak_tflops_by_dtype": {"bfloat16": 0.5, "float32": 0.1},
              "batch1_step_floor_ms": 49.4, "decode_weight_bytes": 988065536, "crop_floor_ms": 1746.0, "crop_tflop": 0.87}  # fmt: skip
     results = {"ours": _server(10.0, 200.0) | {"load_average": summarize_loads([2.0, 4.0])}}
     document = {"command": "python -m bench.peers", "results": results, "floor": floor,
