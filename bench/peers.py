@@ -100,7 +100,8 @@ def resolve_specs(args, pair, root: Path, log=print) -> tuple[list[ServerSpec], 
     return specs, errors
 
 
-def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampler: LoadSampler, log=print) -> dict:
+def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampler: LoadSampler, log=print,
+                 progress=None) -> dict:  # fmt: skip
     """Start, warm up, run every load `args.runs` times, stop. Never raises: failures are in the result."""
     port = free_port()
     result = {"command": shlex.join(spec.command(port)), "env": spec.env, "error": None, "loads": {}}
@@ -137,6 +138,8 @@ def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampl
                        f" {run['failed']} failed"))  # fmt: skip
             best = best_run([r for r in runs if "error" not in r])
             result["loads"][load.name] = {"runs": runs, "best": best}
+            if progress is not None:
+                progress(result)
     except Exception as error:  # noqa: BLE001
         result["error"] = f"{type(error).__name__}: {error} ({traceback.format_exc(limit=2).splitlines()[-1]})"
     finally:
@@ -279,21 +282,34 @@ def main(argv: list[str] | None = None) -> int:
     pair = ensure_checkpoints(args.size, root)
     specs, errors = resolve_specs(args, pair, root)
     results = {name: {"error": error, "loads": {}} for name, error in errors.items()}
+    machine = machine_description()
+
+    def compose(partial: bool) -> dict:
+        ordered = {n: results[n] for n in ("ours", *args.peers) if n in results}
+        rows = table_rows(ordered, [{"name": x.name, "label": x.label, "cache_hits": x.cache_hits} for x in loads])
+        document = {"command": command, "machine": machine, "partial": partial,
+                    "notes": [n for n in [bf16_note(machine, args.dtype)] if n],
+                    "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
+                    "checkpoints": {"size": args.size, "hf": str(pair.hf), "aidc": str(pair.aidc), "dtype": "bfloat16"},
+                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "loads": [vars(x) for x in loads], "floor": floor, "results": ordered, "table": rows,
+                    "failures": failure_lines(ordered)}  # fmt: skip
+        document["step_vs_floor"] = step_floor_lines(floor, ordered)
+        return document
+
     for spec in specs:
         print(f"==== {spec.name}: {len(loads)} loads x {args.runs} runs ====", flush=True)
-        results[spec.name] = bench_server(spec, loads, args, log_dir, sampler, log=lambda m: print(m, flush=True))
+        results[spec.name] = {"error": None, "loads": {}}
+
+        def progress(partial_result: dict, name: str = spec.name) -> None:  # the JSON so far, after every load
+            results[name] = partial_result
+            write_json(compose(partial=True), args.output_json)
+
+        results[spec.name] = bench_server(spec, loads, args, log_dir, sampler, log=lambda m: print(m, flush=True),
+                                          progress=progress)  # fmt: skip
     sampler.stop()
-    ordered = {n: results[n] for n in ("ours", *args.peers) if n in results}
-    rows = table_rows(ordered, [{"name": x.name, "label": x.label, "cache_hits": x.cache_hits} for x in loads])
-    failures = failure_lines(ordered)
-    machine = machine_description()
-    document = {"command": command, "machine": machine, "notes": [n for n in [bf16_note(machine, args.dtype)] if n],
-                "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
-                "checkpoints": {"size": args.size, "hf": str(pair.hf), "aidc": str(pair.aidc), "dtype": "bfloat16"},
-                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "loads": [vars(x) for x in loads], "floor": floor, "results": ordered, "table": rows,
-                "failures": failures}  # fmt: skip
-    document["step_vs_floor"] = step_floor_lines(floor, ordered)
+    document = compose(partial=False)
+    rows, failures = document["table"], document["failures"]
     print(format_text(rows, failures))
     for note in document["notes"]:
         print("NOTE", note)
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     md_path = args.output_md or args.output_json.with_suffix(".md")
     md_path.write_text(markdown_block(document))
     print(f"wrote {args.output_json} and {md_path}")
-    ours = ordered.get("ours", {})
+    ours = document["results"].get("ours", {})
     return 0 if not ours.get("error") and ours.get("loads") else 2
 
 
