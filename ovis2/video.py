@@ -1,10 +1,10 @@
 """Video decoding with PyAV (FFmpeg bundled): containers and codecs from an allow-list, limits checked from the
 header and while the packets are read, and only the sampled frames decoded, seeking to their keyframes.
 
-- `probe(data, limits)`: the container's packets read without decoding a pixel: every frame's presentation
+- `probe_video(data, limits)`: the container's packets read without decoding a pixel: every frame's presentation
   timestamp, the keyframes, the frame size; the duration, frame count and size limits; truncated files and
   headers that misstate the duration are refused.
-- `decode_frames(data, probed, timestamps, limits)`: the frames at those timestamps, as upright RGB PIL images.
+- `decode_video_frames(data, probed, timestamps, limits)`: the frames at those timestamps, as upright RGB PIL images.
 - `load_video(source, num_frames, fps, limits)`: both, for a path, bytes or a list of frames (`LLM.chat`).
 
 The format is chosen from the file's first bytes and handed to FFmpeg, so FFmpeg never probes for one of its
@@ -97,7 +97,7 @@ def sniff_container(data: bytes) -> str:
     raise Ovis2Error("the video is not an mp4, mov, webm or mkv file")
 
 
-def probe(data: bytes, limits: VideoLimits = VideoLimits(), stop: threading.Event | None = None) -> VideoProbe:
+def probe_video(data: bytes, limits: VideoLimits = VideoLimits(), stop: threading.Event | None = None) -> VideoProbe:
     if not data:
         raise Ovis2Error("the video is empty")
     if len(data) > limits.max_bytes:
@@ -207,7 +207,7 @@ def _check_declared_duration(declared: float | None, measured: float) -> None:
 # ------------------------------------------------------------------------------------------------ decoding
 
 
-def decode_frames(data: bytes, probed: VideoProbe, timestamps: list[int], limits: VideoLimits = VideoLimits(),
+def decode_video_frames(data: bytes, probed: VideoProbe, timestamps: list[int], limits: VideoLimits = VideoLimits(),
                   stop: threading.Event | None = None) -> SampledVideo:  # fmt: skip
     """The frames at `timestamps` (from `probed.timestamps`), decoded from the keyframe before each, seeking
     forward when the next one starts past what has been decoded."""
@@ -288,9 +288,9 @@ def load_video(source, num_frames: int = RECIPE_NUM_FRAMES, fps: float | None = 
         indices = sample_indices(len(source), num_frames)
         return SampledVideo([to_pil_image(source[i]) for i in indices], [float(i) for i in indices])
     data = read_source(source, limits.max_bytes)
-    probed = probe(data, limits)
+    probed = probe_video(data, limits)
     count = num_frames if fps is None else frames_for_fps(probed.duration, fps, num_frames)
-    return decode_frames(data, probed, sample_timestamps(list(probed.timestamps), probed.end, count), limits)
+    return decode_video_frames(data, probed, sample_timestamps(list(probed.timestamps), probed.end, count), limits)
 
 
 def read_source(source, max_bytes: int) -> bytes:

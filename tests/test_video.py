@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ovis2.errors import Ovis2Error
-from ovis2.video import VideoLimits, decode_frames, load_video, probe, sniff_container
+from ovis2.video import VideoLimits, decode_video_frames, load_video, probe_video, sniff_container
 from tests.test_video_sampling import model_card_indices
 from tests.videos import VFR_PTS, frame_index, gray
 
@@ -56,7 +56,7 @@ def test_variable_rate_frames_are_those_on_screen_at_evenly_spaced_times(videos)
 
 
 def test_seeking_skips_the_groups_of_pictures_between_the_frames(videos):
-    probed = probe(videos.gop5)
+    probed = probe_video(videos.gop5)
     assert len(probed.keyframes) == 8 and len(probed.timestamps) == 40
     sampled = load_video(videos.gop5, 4)
     assert [frame_index(f) for f in sampled.frames] == model_card_indices(40, 4)
@@ -67,7 +67,7 @@ def test_seeking_skips_the_groups_of_pictures_between_the_frames(videos):
 def test_a_one_frame_video_works(videos):
     sampled = load_video(videos.one_frame)
     assert len(sampled.frames) == 1 and sampled.timestamps == [0.0] and frame_index(sampled.frames[0]) == 0
-    assert probe(videos.one_frame).duration == pytest.approx(0.1)
+    assert probe_video(videos.one_frame).duration == pytest.approx(0.1)
 
 
 def test_a_rotated_video_is_turned_upright(videos):
@@ -139,14 +139,14 @@ def test_limits(videos, limits, message):
 
 def test_the_duration_limit_holds_when_the_header_says_less(videos):
     with pytest.raises(Ovis2Error, match="longer than the limit of 1s"):  # the header's 0.2 s passes, the frames not
-        probe(videos.claims_shorter, VideoLimits(max_seconds=1.0))
+        probe_video(videos.claims_shorter, VideoLimits(max_seconds=1.0))
 
 
 def test_a_stop_event_ends_the_work(videos):
     stop = threading.Event()
     stop.set()
     with pytest.raises(Ovis2Error, match="cancelled"):
-        probe(videos.h264, stop=stop)
-    probed = probe(videos.h264)
+        probe_video(videos.h264, stop=stop)
+    probed = probe_video(videos.h264)
     with pytest.raises(Ovis2Error, match="cancelled"):
-        decode_frames(videos.h264, probed, list(probed.timestamps[:2]), stop=stop)
+        decode_video_frames(videos.h264, probed, list(probed.timestamps[:2]), stop=stop)
