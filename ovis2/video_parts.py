@@ -11,7 +11,8 @@ counting tokens alone, a part may instead carry `"num_frames"` as the count its 
 from __future__ import annotations
 
 from .errors import Ovis2Error
-from .video import VideoLimits, load_video
+from .video import load_video
+from .video_probe import VideoLimits
 from .video_sampling import RECIPE_NUM_FRAMES
 
 FRAME_PATCHES = 1  # max_partition=1: a frame is one crop, the thumbnail alone

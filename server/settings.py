@@ -82,13 +82,13 @@ class ServerSettings(EngineSettings):
     video_fetch_timeout: float = Field(30.0, gt=0.0, description="Seconds for a whole video download, redirects included.")
 
     # Images and videos: where they may come from.
-    media_connect_timeout: float = Field(3.0, gt=0.0, description="Seconds to connect to an image server.")
+    media_connect_timeout: float = Field(3.0, gt=0.0, description="Seconds to connect to an image or video server.")
     media_fetch_timeout: float = Field(10.0, gt=0.0, description="Seconds for a whole image download, redirects included.")
-    max_media_redirects: int = Field(3, ge=0, le=10, description="Redirects followed per image URL, each re-checked.")
-    allowed_media_domains: CommaList = Field(default_factory=list, description="Comma-separated hosts image URLs may name ('*.example.com' for subdomains); any public host when empty.")
+    max_media_redirects: int = Field(3, ge=0, le=10, description="Redirects followed per image or video URL, each re-checked.")
+    allowed_media_domains: CommaList = Field(default_factory=list, description="Comma-separated hosts image and video URLs may name ('*.example.com' for subdomains); any public host when empty.")
     allowed_media_networks: CommaList = Field(default_factory=list, description="Comma-separated IPs or CIDRs allowed although private, e.g. 127.0.0.1 or 10.0.0.0/8.")
-    allow_private_media_addresses: bool = Field(False, description="Allow image URLs on private, loopback and link-local addresses (never cloud metadata).")
-    allowed_local_media_path: Path | None = Field(None, description="Directory file:// image URLs may read from; file:// is refused when unset.")
+    allow_private_media_addresses: bool = Field(False, description="Allow image and video URLs on private, loopback and link-local addresses (never cloud metadata).")
+    allowed_local_media_path: Path | None = Field(None, description="Directory file:// image and video URLs may read from; file:// is refused when unset.")
 
     @field_validator("cors_origins", "allowed_media_domains", "allowed_media_networks", mode="before")
     @classmethod

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from ovis2.errors import Ovis2Error
-from ovis2.video import VideoLimits, decode_video_frames, load_video, probe_video, sniff_container
+from ovis2.video import decode_video_frames, load_video
+from ovis2.video_probe import VideoLimits, probe_video, sniff_container
 from tests.test_video_sampling import model_card_indices
 from tests.videos import VFR_PTS, frame_index, gray
 
