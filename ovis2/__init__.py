@@ -37,6 +37,16 @@ _EXPORTS = {
     "LLMEngine": "engine.llm_engine",
     "EngineDeadError": "engine.async_engine",
     "EngineOverloadedError": "engine.async_engine",
+    "VideoLimits": "video_probe",
+    "VideoProbe": "video_probe",
+    "SampledVideo": "video",
+    "load_video": "video",
+    "probe_video": "video_probe",
+    "decode_video_frames": "video",
+    "RECIPE_NUM_FRAMES": "video_sampling",
+    "sample_indices": "video_sampling",
+    "sample_timestamps": "video_sampling",
+    "frames_for_fps": "video_sampling",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,5 @@
-"""A prompt ready for the engine: token ids with image placeholders expanded, and the images' pixels."""
+"""A prompt ready for the engine: token ids with image placeholders expanded, and the pixels of its images and
+video frames (each frame an ImageInput of one crop)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class ImageInput:
     pixel_values: torch.Tensor  # [num_crops, 3, 448, 448], thumbnail first
     grid: tuple[int, int]  # (rows, cols)
     content_hash: str  # identifies pixels + preprocessing; keys the visual and prefix caches
+    is_video_frame: bool = False  # a sampled frame of a video part (one crop), not an image part
 
     @property
     def num_crops(self) -> int:
@@ -37,4 +39,9 @@ class EngineInputs:
 
     @property
     def num_image_tokens(self) -> int:
+        """Image and video frame tokens."""
         return sum(image.num_tokens for image in self.images)
+
+    @property
+    def num_video_frames(self) -> int:
+        return sum(1 for image in self.images if image.is_video_frame)

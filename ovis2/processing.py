@@ -32,11 +32,13 @@ from .image_processing_fast import Ovis2ImageProcessorFast
 from .inputs import EngineInputs, ImageInput
 from .padding import PADDING_ARGUMENTS, BatchLayout
 from .tokenizer import CHAT_TEMPLATE, IMAGE_ATOM_ID, IMAGE_TOKENS, VISUAL_INDICATOR_IDS
+from .video_parts import expand_video_parts
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PROCESSOR_CONFIG = "processor_config.json"
+MULTI_IMAGE_MAX_PATCHES = 4  # the model cards' max_partition for each image when a request has several
 # The original AIDC formatter adds the default system turn only when the conversation has none.
 ORIGINAL_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
@@ -65,6 +67,7 @@ class Ovis2Processor:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
         self.image_token = IMAGE_TOKEN
         self.image_seq_length = image_seq_length
+        self.video_limits = None  # ovis2.video.VideoLimits for video parts (None: its defaults)
         ensure_image_tokens(tokenizer)
         self._plain_encoder = _plain_text_encoder(tokenizer)
         self._control_pattern = _control_token_pattern(tokenizer)
@@ -186,11 +189,12 @@ class Ovis2Processor:
                             max_patches: int | None = None, **template_kwargs):  # fmt: skip
         """Renders OpenAI-style messages (or a batch of conversations); with `tokenize`, token ids."""
         is_batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = list(conversation) if is_batch else [conversation]
+        conversations = [expand_video_parts(c, self.video_limits) for c in (conversation if is_batch else [conversation])]
         if not tokenize:
             texts = [self._render(c, add_generation_prompt, **template_kwargs) for c in conversations]
             return texts if is_batch else texts[0]
-        encoded = [self._encode_conversation(c, add_generation_prompt, max_patches) for c in conversations]
+        encoded = [self._encode_conversation(c, add_generation_prompt, self.default_patches(c, max_patches))
+                   for c in conversations]  # fmt: skip
         sequences = [ids for ids, _ in encoded]
         if not return_dict:
             return sequences if is_batch else sequences[0]
@@ -205,9 +209,12 @@ class Ovis2Processor:
     def prepare_chat(self, messages, max_patches: int | None = None) -> EngineInputs:
         """Messages whose image parts carry images -> prompt ids (generation prompt added) and images.
 
-        An image part may carry its own `"max_patches"`, which wins over the call's for that image."""
+        An image part may carry its own `"max_patches"`, which wins over the call's for that image. A video part
+        (ovis2/video_parts.py) becomes its sampled frames, one crop each."""
         import torch
 
+        messages = expand_video_parts(messages, self.video_limits)
+        max_patches = self.default_patches(messages, max_patches)
         ids, results = self._encode_conversation(messages, True, max_patches, require_images=True)
         images = []
         for part, (pixels, grid) in zip(_message_image_parts(messages), results, strict=True):
@@ -216,12 +223,16 @@ class Ovis2Processor:
                 pixel_values=torch.as_tensor(pixels, dtype=torch.float32),
                 grid=tuple(int(n) for n in grid),
                 content_hash=self.content_hash(part["image"], max_used, min_used),
+                is_video_frame=bool(part.get("video_frame")),
             ))  # fmt: skip
         return EngineInputs(prompt_token_ids=ids, images=images)
 
     def chat_token_ids(self, messages, max_patches: int | None = None) -> tuple[list[int], int]:
         """(prompt ids, image tokens) of messages whose image parts carry an image or an `"image_size"`:
-        (width, height); only sizes are read, no pixels are cropped, normalised or hashed."""
+        (width, height); only sizes are read, no pixels are cropped, normalised or hashed. A video part carries
+        its video (decoded to count its frames) or `"num_frames"`, the frames it gives."""
+        messages = expand_video_parts(messages, self.video_limits, counting=True)
+        max_patches = self.default_patches(messages, max_patches)
         texts = _message_texts(messages)
         parts = _message_image_parts(messages)
         grids = [self.image_processor.grid_for_size(*_part_size(part), _part_patches(part, max_patches))
@@ -230,6 +241,14 @@ class Ovis2Processor:
         rendered = self._render(_with_markers(messages, marker), True)
         ids = self._encode_rendered(rendered, marker, texts, [(None, grid) for grid in grids], len(parts))
         return ids, sum(image_layout.token_count(grid) for grid in grids)
+
+    def default_patches(self, messages, max_patches: int | None) -> int | None:
+        """The call's tile cap; when neither the call nor the image processor sets one, compat ovis follows the
+        model cards: max_partition 4 for each image of a request with several (video frames not counted)."""
+        if max_patches is not None or self.image_processor.max_patches is not None or self.compat != "ovis":
+            return max_patches
+        images = [part for part in _message_image_parts(messages) if not part.get("video_frame")]
+        return MULTI_IMAGE_MAX_PATCHES if len(images) > 1 else None
 
     def content_hash(self, image, max_patches: int, min_patches: int) -> str:
         """sha256 over the pixels, mode, size and palette, plus everything that shapes the crops."""
@@ -316,7 +335,7 @@ def _check_messages(messages) -> None:
             raise Ovis2Error("message content must be a string or a list of parts")
         for part in content if isinstance(content, (list, tuple)) else []:
             if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise Ovis2Error(f"content parts must be of type 'text' or 'image', got {part!r:.80}")
+                raise Ovis2Error(f"content parts must be of type 'text', 'image' or 'video', got {part!r:.80}")
             if part["type"] == "text" and not isinstance(part.get("text"), str):
                 raise Ovis2Error("a text part needs a string 'text'")
 

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .engine_api import build_engine
 from .errors import install_error_handlers
 from .media import ImageLoader, MediaPolicy
+from .media.video import VideoLoader
 from .metrics import ServerMetrics
 from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from .pixel_budget import PixelBudget
@@ -34,10 +35,12 @@ DEMO_BANNER = (
 def create_app(settings: ServerSettings | None = None, engine: Any = None) -> FastAPI:
     """The server. Without `engine`, the lifespan builds the real AsyncEngine from `settings`; tests pass a fake."""
     settings = settings if settings is not None else ServerSettings()
+    policy, metrics = MediaPolicy.from_settings(settings), ServerMetrics(settings.model_id)
     state = ServerState(
         settings=settings,
-        metrics=ServerMetrics(settings.model_id),
-        images=ImageLoader(MediaPolicy.from_settings(settings), budget=PixelBudget(settings.max_image_pixels_in_flight)),
+        metrics=metrics,
+        images=ImageLoader(policy, budget=PixelBudget(settings.max_image_pixels_in_flight)),
+        videos=VideoLoader.from_settings(settings, policy, on_decoded=metrics.video_decoded),
         engine=engine,
     )
 
@@ -60,6 +63,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
                 stats_task.cancel()
             await _drain(state, settings.shutdown_grace_seconds)
             await state.engine.shutdown()
+            state.videos.close()
 
     app = FastAPI(title="ovis2-serve", version="0.1.0", lifespan=lifespan)
     app.state.server = state

@@ -12,6 +12,7 @@ from fastapi import Request, Response
 from .aio import finish_in_thread
 from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, bad_request
+from .media.media_loader import decoded_media, video_frame_counts
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -28,6 +29,7 @@ from .protocol import (
     TextPart,
     TopLogprob,
     Usage,
+    VideoPart,
     now,
     random_id,
     unsupported_chat_fields,
@@ -36,6 +38,7 @@ from .request_flow import ENGINE_FAILED, ClientDisconnected, failed, generate, r
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_error
+from .videos import VideoOptions, checked_videos, video_options
 
 logger = logging.getLogger("ovis2.server")
 
@@ -47,7 +50,8 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     if problem is not None:
         raise bad_request(problem[1], problem[0])
     try:  # a client that leaves while its images wait for the pixel budget gives its place back
-        inputs = await unless_disconnected(build_chat_inputs(state, request.messages, request.max_tiles_per_image), raw)
+        inputs = await unless_disconnected(build_chat_inputs(state, request.messages, request.max_tiles_per_image,
+                                                             video_options(request)), raw)  # fmt: skip
     except ClientDisconnected:
         return Response(status_code=499)
     state.metrics.observe(state.metrics.preprocess_time, time.monotonic() - arrival)
@@ -76,20 +80,22 @@ def image_parts(messages: list[ChatMessage]) -> list[tuple[ImagePart, str]]:
 
 
 def max_tiles(state: ServerState, requested: int | None) -> int | None:
-    """The tile cap for this request's images: the request's, within the server's (low-detail images get 1).
+    """The tile cap for this request's images: the request's, within the server's (low-detail images get 1), else
+    the flag's, else None: the processor's default (the compat's; compat ovis gives 4 to each of several images).
 
     A request may lower the server's cap, never raise it, whether the cap is the flag or the compat's default."""
     server_cap = state.max_tiles_per_image
     if requested is not None and server_cap is not None and requested > server_cap:
         raise bad_request(f"max_tiles_per_image is {requested}; this server allows at most {server_cap}",
                           "max_tiles_per_image")  # fmt: skip
-    return requested if requested is not None else server_cap
+    return requested if requested is not None else state.settings.max_tiles_per_image
 
 
-def processor_messages(messages: list[ChatMessage], image_fields: list[dict]) -> list[dict]:
+def processor_messages(messages: list[ChatMessage], image_fields: list[dict], video_fields: list[dict] = ()) -> list[dict]:
     """OpenAI messages in the processor's form: image parts carry, in order, `image_fields` (the decoded image,
-    `{"image": img}`, or only its size, `{"image_size": (w, h)}`)."""
-    pending = iter(image_fields)
+    `{"image": img}`, or only its size, `{"image_size": (w, h)}`), video parts `video_fields` (the sampled frames,
+    `{"video": [img, ...]}`, or only their count and size)."""
+    pending, pending_videos = iter(image_fields), iter(video_fields)
     result = []
     for message in messages:
         role = "system" if message.role == "developer" else message.role
@@ -103,6 +109,8 @@ def processor_messages(messages: list[ChatMessage], image_fields: list[dict]) ->
             elif isinstance(part, ImagePart):
                 low = part.image_url.detail == "low"  # one crop: the thumbnail, 259 tokens
                 parts.append({"type": "image", **next(pending), **({"max_patches": 1} if low else {})})
+            elif isinstance(part, VideoPart):
+                parts.append({"type": "video", **next(pending_videos)})
         result.append({"role": role, "content": parts})
     return result
 
@@ -117,22 +125,29 @@ def checked_images(state: ServerState, messages: list[ChatMessage], requested_ti
 
 
 async def build_chat_inputs(
-    state: ServerState, messages: list[ChatMessage], requested_tiles: int | None
+    state: ServerState, messages: list[ChatMessage], requested_tiles: int | None, video: VideoOptions = VideoOptions()
 ) -> EngineInputs:
-    """Fetch and decode every image at once, then let the processor build the prompt (in a thread)."""
+    """Fetch and decode every image and video at once, then let the processor build the prompt (in a thread)."""
     urls, tiles = checked_images(state, messages, requested_tiles)
-    async with state.images.decoded(urls) as images:
-        prompt = processor_messages(messages, [{"image": image} for image in images])
+    videos = checked_videos(state, messages, video)
+    frames_cap = state.settings.max_video_frames_per_request
+    async with decoded_media(state.images, state.videos, urls, videos, frames_cap) as (images, frames):
+        prompt = processor_messages(messages, [{"image": image} for image in images],
+                                    [{"video": list(f), "num_frames": len(f)} for f in frames])  # fmt: skip
         return await finish_in_thread(state.engine.processor.prepare_chat, prompt, tiles)
 
 
 async def chat_token_ids(
-    state: ServerState, messages: list[ChatMessage], requested_tiles: int | None
+    state: ServerState, messages: list[ChatMessage], requested_tiles: int | None, video: VideoOptions = VideoOptions()
 ) -> tuple[list[int], int]:
-    """(prompt ids, image tokens) from the images' sizes alone: fetched and header-checked, never decoded."""
+    """(prompt ids, image and frame tokens) from the images' sizes alone, fetched and header-checked, and the
+    videos' frame counts, from their packets: nothing is decoded."""
     urls, tiles = checked_images(state, messages, requested_tiles)
+    videos = checked_videos(state, messages, video)
     sizes = await state.images.sizes(urls)
-    prompt = processor_messages(messages, [{"image_size": size} for size in sizes])
+    counts = await video_frame_counts(state.videos, videos)
+    prompt = processor_messages(messages, [{"image_size": size} for size in sizes],
+                                [{"num_frames": n, "frame_size": size} for n, size in counts])  # fmt: skip
     return await finish_in_thread(state.engine.processor.chat_token_ids, prompt, tiles)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ovis2 import (
+    RECIPE_NUM_FRAMES,
     CompletionOutput,
     EngineDeadError,
     EngineInputs,
@@ -12,6 +13,12 @@ from ovis2 import (
     RequestOutput,
     SamplingParams,
     TokenLogprob,
+    VideoLimits,
+    VideoProbe,
+    decode_video_frames,
+    frames_for_fps,
+    probe_video,
+    sample_timestamps,
 )
 from ovis2.tokenizer import DEFAULT_EOS_IDS, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
 
@@ -26,7 +33,7 @@ def build_engine(engine_kwargs: dict):
 
 
 __all__ = [
-    "DEFAULT_EOS_IDS", "IMAGE_TOKEN_IDS", "CompletionOutput", "EngineDeadError", "EngineInputs",
+    "DEFAULT_EOS_IDS", "IMAGE_TOKEN_IDS", "RECIPE_NUM_FRAMES", "CompletionOutput", "EngineDeadError", "EngineInputs",
     "EngineOverloadedError", "ImageInput", "Ovis2Error", "RequestOutput", "SamplingParams", "TokenLogprob",
-    "build_engine",
+    "VideoLimits", "VideoProbe", "build_engine", "decode_video_frames", "frames_for_fps", "probe_video", "sample_timestamps",
 ]  # fmt: skip

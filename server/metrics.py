@@ -44,7 +44,15 @@ class ServerMetrics:
         self.prompt_tokens = Counter("ovis2_prompt_tokens", "Prompt tokens processed, image tokens included.", labels, registry=r)
         self.generation_tokens = Counter("ovis2_generation_tokens", "Output tokens generated.", labels, registry=r)
         self.image_tokens = Counter("ovis2_image_tokens", "Prompt tokens that stand for images.", labels, registry=r)
-        self.images = Counter("ovis2_images", "Images processed.", labels, registry=r)
+        self.images = Counter("ovis2_images", "Images processed (video frames apart).", labels, registry=r)
+        self.videos = Counter("ovis2_videos", "Videos decoded.", labels, registry=r)
+        self.video_frames = Counter("ovis2_video_frames", "Video frames decoded (259 prompt tokens each).", labels, registry=r)
+        self.video_decode_time = Histogram(
+            "ovis2_video_decode_seconds", "Time to decode a video's sampled frames, once its packets were read.",
+            labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.encoded_images = Gauge(
+            "ovis2_vision_encoded_images", "Images and video frames the vision tower encoded since start (the visual "
+            "cache serves the rest).", labels, registry=r)
         self.requests = Counter(
             "ovis2_requests", "Finished requests by finish reason (stop, length, abort, error).",
             labels + ["finished_reason"], registry=r)
@@ -63,6 +71,12 @@ class ServerMetrics:
         self.kv_cache_usage.labels(**self._labels).set(stats.kv_cache_usage)
         self.kv_free_blocks.labels(**self._labels).set(stats.num_free_blocks)
         self.kv_total_blocks.labels(**self._labels).set(stats.num_total_blocks)
+        self.encoded_images.labels(**self._labels).set(getattr(stats, "num_encoded_images", 0))
+
+    def video_decoded(self, seconds: float, num_frames: int) -> None:
+        self.observe(self.video_decode_time, seconds)
+        self.count(self.videos)
+        self.count(self.video_frames, num_frames)
 
     def update_pixel_budget(self, budget) -> None:
         self.image_pixels_in_flight.labels(**self._labels).set(budget.in_use)

@@ -74,7 +74,26 @@ class ImagePart(RequestModel):
         return value
 
 
-UNSUPPORTED_PART_TYPES = ("input_audio", "file", "refusal", "video_url", "audio_url")
+class VideoURL(RequestModel):
+    url: str
+
+
+class VideoPart(RequestModel):
+    """vLLM's name for a video: http(s) URLs (the image rules) or data:video/<mp4|webm|quicktime|x-matroska>;base64."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _an_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError('video_url must be an object, {"url": "https://..." or "data:video/mp4;base64,..."}, '
+                             "not a string")  # fmt: skip
+        return value
+
+
+UNSUPPORTED_PART_TYPES = ("input_audio", "file", "refusal", "audio_url")
 
 
 class UnsupportedPart(RequestModel):
@@ -88,7 +107,7 @@ class UnsupportedPart(RequestModel):
     @classmethod
     def _a_known_type(cls, value: str) -> str:
         if value not in UNSUPPORTED_PART_TYPES:
-            raise ValueError(f"{value!r} is not a content part type; use 'text' or 'image_url'")
+            raise ValueError(f"{value!r} is not a content part type; use 'text', 'image_url' or 'video_url'")
         return value
 
 
@@ -101,12 +120,12 @@ def _part_kind(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
     kind = value.get("type")
-    return f"part[{kind}]" if kind in ("text", "image_url") else "part[other]"
+    return f"part[{kind}]" if kind in ("text", "image_url", "video_url") else "part[other]"
 
 
 ContentPart = Annotated[
     Annotated[TextPart, Tag("part[text]")] | Annotated[ImagePart, Tag("part[image_url]")]
-    | Annotated[UnsupportedPart, Tag("part[other]")],
+    | Annotated[VideoPart, Tag("part[video_url]")] | Annotated[UnsupportedPart, Tag("part[other]")],
     Discriminator(_part_kind, custom_error_type="content_part", custom_error_message=(
         'a content part must be an object with a type, e.g. {"type": "text", "text": "..."}')),
 ]  # fmt: skip
@@ -194,6 +213,10 @@ class ChatCompletionRequest(SamplingExtensions):
     web_search_options: dict[str, Any] | None = None
     # Extension: the most tiles each image of this request may be cut into (at most the server's cap).
     max_tiles_per_image: int | None = Field(None, ge=1)
+    # Extensions: frames sampled from each video (at most --max-video-frames; default 12, the Ovis2 recipe's) and,
+    # optionally, frames per second of video (then num_video_frames caps the count).
+    num_video_frames: int | None = Field(None, ge=1)
+    video_fps: float | None = Field(None, gt=0.0, le=1000.0)
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -244,6 +267,8 @@ def _unsupported_in_message(message: ChatMessage, where: str) -> tuple[str, str]
                 return f"{where}.content[{j}].type", f"content part type '{part.type}' is not supported"
             if isinstance(part, ImagePart) and message.role != "user":
                 return f"{where}.content[{j}]", "images are only accepted in user messages"
+            if isinstance(part, VideoPart) and message.role != "user":
+                return f"{where}.content[{j}]", "videos are only accepted in user messages"
     if message.content is None and message.role != "assistant":
         return f"{where}.content", f"a {message.role} message needs content"
     return None
@@ -409,6 +434,8 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool = True
     return_token_strs: bool = False
     max_tiles_per_image: int | None = Field(None, ge=1)
+    num_video_frames: int | None = Field(None, ge=1)
+    video_fps: float | None = Field(None, gt=0.0, le=1000.0)
 
     @model_validator(mode="after")
     def _one_of(self) -> TokenizeRequest:

@@ -93,7 +93,7 @@ def _record_finished(state: ServerState, inputs: EngineInputs, final: RequestOut
     m.observe(m.e2e_latency, time.monotonic() - arrival)
     m.count(m.prompt_tokens, len(final.prompt_token_ids))
     m.count(m.image_tokens, inputs.num_image_tokens)
-    m.count(m.images, len(inputs.images))
+    m.count(m.images, len(inputs.images) - inputs.num_video_frames)
     m.count(m.generation_tokens, num_generated)
     for output in final.outputs:
         m.count(m.requests, 1, finished_reason=output.finish_reason or "abort")

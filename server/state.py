@@ -1,4 +1,4 @@
-"""What the routes share: settings, the engine, metrics, the image loader, and the in-flight count."""
+"""What the routes share: settings, the engine, metrics, the image and video loaders, and the in-flight count."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi import Request
 
 from .errors import APIError
 from .media import ImageLoader
+from .media.video import VideoLoader
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -19,6 +20,7 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     images: ImageLoader
+    videos: VideoLoader = field(default_factory=VideoLoader)
     engine: Any = None  # an AsyncEngine (docs/CONTRACTS.md); set by the lifespan
     num_in_flight: int = 0
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -19,6 +19,7 @@ from .protocol import (
 )
 from .sampling import check_token_ids
 from .state import ServerState
+from .videos import video_options
 
 
 async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResponse:
@@ -31,7 +32,8 @@ async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResp
         problem = unsupported_chat_fields(ChatCompletionRequest(messages=request.messages))
         if problem is not None:
             raise bad_request(problem[1], problem[0])
-        ids, image_tokens = await chat_token_ids(state, request.messages, request.max_tiles_per_image)
+        ids, image_tokens = await chat_token_ids(state, request.messages, request.max_tiles_per_image,
+                                                 video_options(request))  # fmt: skip
     token_strs = await asyncio.to_thread(tokenizer.convert_ids_to_tokens, ids) if request.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=token_strs,
                             image_tokens=image_tokens)  # fmt: skip

@@ -27,3 +27,11 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 def tiny_checkpoint(tiny_checkpoints):
     """The default tiny checkpoint (stride 2, GQA, untied, 2 layers)."""
     return tiny_checkpoints["stride2_gqa_untied"]
+
+
+@pytest.fixture(scope="session")
+def videos():
+    """Tiny test videos made with PyAV on first use (tests/videos.py)."""
+    from tests.videos import VideoSet
+
+    return VideoSet()

@@ -62,7 +62,11 @@ class EngineArgs:
     gpu_memory_utilization: float = _arg(0.85, "Fraction of GPU memory the engine may use.",
                                          lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]")  # fmt: skip
     cpu_kv_cache_memory: int = _arg(256 * 1024 * 1024, "Bytes for the KV cache on CPU.", _at_least(1))
-    max_images_per_request: int = _arg(8, "Most images in one request.", _at_least(1))
+    max_images_per_request: int = _arg(8, "Most images in one request (video frames are counted apart).", _at_least(1))
+    max_video_frames: int = _arg(32, "Most frames sampled from one video; a request may ask 1 to this many (default: "
+                                 "12, the Ovis2 recipe's, or this if lower).", _between(1, 1024))  # fmt: skip
+    max_video_frames_per_request: int = _arg(64, "Most video frames in one request, all its videos together (259 "
+                                             "prompt tokens each).", _at_least(1))  # fmt: skip
     max_tiles_per_image: int | None = _arg(None, "Most tiles per image (default: the compat's, 9 for ovis, 12 for "
                                            "transformers); requests may ask for fewer.", _optional(_between(1, MAX_TILES_PER_IMAGE)))  # fmt: skip
     max_waiting_requests: int = _arg(1024, "Waiting-queue length past which requests are refused at once (503).",

@@ -9,6 +9,7 @@ from .. import image_layout
 from ..errors import Ovis2Error
 from ..inputs import EngineInputs
 from ..tokenizer import IMAGE_ATOM_ID
+from ..video_sampling import RECIPE_NUM_FRAMES
 from .engine_args import EngineArgs
 from .request import EngineRequest
 from .sampling_params import SamplingParams
@@ -60,13 +61,40 @@ class InputProcessor:
 
     # --- prompts -> EngineInputs
     def chat_inputs(self, messages, max_patches: int | None = None) -> EngineInputs:
-        """Messages whose image parts carry images; `max_patches` (and a part's own) may lower the tile cap."""
+        """Messages whose image parts carry images and video parts videos; `max_patches` (and a part's own) may
+        lower the tile cap, a video part's `num_frames` is 1 to max_video_frames."""
         cap = self.max_tiles_per_image
-        asked = [max_patches] + [part.get("max_patches") for part in _image_parts(messages)]
+        asked = [max_patches] + [part.get("max_patches") for part in _parts(messages, "image")]
         for value in asked:
             if value is not None and (type(value) is not int or not 1 <= value <= cap):
                 raise Ovis2Error(f"max_patches is {value}; this engine allows 1 to {cap} tiles per image")
-        return self.processor.prepare_chat(messages, max_patches=max_patches if max_patches is not None else cap)
+        if isinstance(messages, (list, tuple)):
+            messages = [self._with_frame_counts(message) for message in messages]
+        tiles = max_patches if max_patches is not None else self.args.max_tiles_per_image
+        return self.processor.prepare_chat(messages, max_patches=tiles)
+
+    def default_num_frames(self, fps: float | None = None) -> int:
+        """Frames a video gives when the request names no count: the recipe's, within max_video_frames; with fps,
+        up to max_video_frames."""
+        cap = self.args.max_video_frames
+        return cap if fps is not None else min(RECIPE_NUM_FRAMES, cap)
+
+    def _with_frame_counts(self, message):
+        """The message with each video part's num_frames checked against max_video_frames, or set to the default."""
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, (list, tuple)) or not _parts([message], "video"):
+            return message
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "video":
+                count = part.get("num_frames")
+                valid = isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= self.args.max_video_frames
+                if count is not None and not valid:
+                    raise Ovis2Error(f"num_frames is {count!r}; this engine samples 1 to "
+                                     f"{self.args.max_video_frames} frames per video")  # fmt: skip
+                part = {**part, "num_frames": count or self.default_num_frames(part.get("fps"))}
+            parts.append(part)
+        return {**message, "content": parts}
 
     def prompt_inputs(self, prompt) -> EngineInputs:
         """EngineInputs as they are, a list of token ids, or a string (tokenized without a chat template)."""
@@ -98,9 +126,14 @@ class InputProcessor:
         self._validate_images(inputs)
 
     def _validate_images(self, inputs: EngineInputs) -> None:
-        if len(inputs.images) > self.args.max_images_per_request:
-            raise Ovis2Error(f"{len(inputs.images)} images in one request; at most "
+        num_frames = inputs.num_video_frames
+        num_images = len(inputs.images) - num_frames
+        if num_images > self.args.max_images_per_request:
+            raise Ovis2Error(f"{num_images} images in one request; at most "
                              f"{self.args.max_images_per_request} are allowed")  # fmt: skip
+        if num_frames > self.args.max_video_frames_per_request:
+            raise Ovis2Error(f"{num_frames} video frames in one request; at most "
+                             f"{self.args.max_video_frames_per_request} are allowed")  # fmt: skip
         for image in inputs.images:
             if image.num_crops != image_layout.crop_count(image.grid):
                 raise Ovis2Error(f"an image with grid {image.grid} needs {image_layout.crop_count(image.grid)} "
@@ -111,10 +144,10 @@ class InputProcessor:
             raise Ovis2Error(f"the prompt has {num_atoms} image tokens but its images give {num_embeds}")
 
 
-def _image_parts(messages) -> list[dict]:
+def _parts(messages, kind: str) -> list[dict]:
     parts = []
     for message in messages if isinstance(messages, (list, tuple)) else ():
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, (list, tuple)):
-            parts += [p for p in content if isinstance(p, dict) and p.get("type") == "image"]
+            parts += [p for p in content if isinstance(p, dict) and p.get("type") == kind]
     return parts

@@ -6,7 +6,7 @@ from ..errors import APIError
 
 
 class MediaError(APIError):
-    """A bad image URL or image: a 400 naming the part it came from."""
+    """A bad image or video URL, image or video: a 400 naming the part it came from."""
 
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message, 400, param=param, code="invalid_image")
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_image"):
+        super().__init__(message, 400, param=param, code=code)

@@ -1,4 +1,5 @@
-"""MediaFetcher: the bytes behind a media URL under a MediaPolicy.
+"""MediaFetcher: the bytes behind a media URL under a MediaPolicy, for one kind of media (IMAGE or VIDEO: its
+data URL types, byte cap and download timeout).
 
 - `data:<type>;base64,...` with a length cap.
 - `http(s)://`: the host is resolved once and the connection goes to the address that was checked (the URL
@@ -25,37 +26,60 @@ from .errors import MediaError
 from .policy import MediaPolicy, host_allowed, resolve_checked
 
 DATA_URL_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/x-ms-bmp"}
+VIDEO_DATA_URL_TYPES = {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska"}
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class MediaKind:
+    noun: str  # "image" or "video", in messages
+    data_url_types: frozenset[str]
+    type_names: str  # the data URL types, for messages
+
+
+IMAGE = MediaKind("image", frozenset(DATA_URL_TYPES), "png, jpeg, webp, gif or bmp")
+VIDEO = MediaKind("video", frozenset(VIDEO_DATA_URL_TYPES), "mp4, webm, quicktime or x-matroska")
+
+
 @dataclass
 class MediaFetcher:
-    """Reads data:, http(s):// and file:// URLs into bytes, within the policy's limits."""
+    """Reads data:, http(s):// and file:// URLs into bytes, within the policy's limits for `kind`."""
 
     policy: MediaPolicy = field(default_factory=MediaPolicy)
     transport: httpx.AsyncBaseTransport | None = None  # tests may inject one
+    kind: MediaKind = IMAGE
+
+    @property
+    def max_bytes(self) -> int:
+        return self.policy.max_video_bytes if self.kind is VIDEO else self.policy.max_image_bytes
+
+    @property
+    def timeout(self) -> float:
+        return self.policy.video_fetch_timeout if self.kind is VIDEO else self.policy.fetch_timeout
 
     async def read_bytes(self, url: str) -> bytes:
         scheme = url[: url.find(":")].lower() if ":" in url[:10] else ""
         if scheme == "data":
-            return await asyncio.to_thread(decode_data_url, url, self.policy.max_base64_chars)
+            return await asyncio.to_thread(decode_data_url, url, (self.max_bytes + 2) // 3 * 4, self.kind)
         if scheme in ("http", "https"):
             return await self.fetch(url)
         if scheme == "file":
-            return await asyncio.to_thread(read_local_file, url, self.policy)
-        raise MediaError("image_url must be an http(s):// URL or a data:image/...;base64 URL")
+            return await asyncio.to_thread(read_local_file, url, self.policy, self.max_bytes, self.kind.noun)
+        noun = self.kind.noun
+        raise MediaError(f"{noun}_url must be an http(s):// URL or a data:{noun}/...;base64 URL")
 
     async def fetch(self, url: str) -> bytes:
+        noun = self.kind.noun
         try:
-            async with asyncio.timeout(self.policy.fetch_timeout):
+            async with asyncio.timeout(self.timeout):
                 return await self._fetch_following_redirects(url)
         except TimeoutError as exc:
-            raise MediaError(f"fetching the image took longer than {self.policy.fetch_timeout:g}s") from exc
+            raise MediaError(f"fetching the {noun} took longer than {self.timeout:g}s") from exc
         except httpx.TimeoutException as exc:
-            raise MediaError("timed out connecting to the image server") from exc
+            raise MediaError(f"timed out connecting to the {noun} server") from exc
         except httpx.HTTPError as exc:
-            raise MediaError(f"could not fetch the image ({type(exc).__name__})") from exc
+            raise MediaError(f"could not fetch the {noun} ({type(exc).__name__})") from exc
 
     async def _fetch_following_redirects(self, url: str) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
@@ -63,21 +87,21 @@ class MediaFetcher:
             if isinstance(response_or_next, bytes):
                 return response_or_next
             url = response_or_next
-        raise MediaError(f"the image URL redirected more than {self.policy.max_redirects} times")
+        raise MediaError(f"the {self.kind.noun} URL redirected more than {self.policy.max_redirects} times")
 
     async def _fetch_once(self, url: str) -> bytes | str:
         """The body, or the next URL when the server redirects."""
-        target = parse_url(url)
+        target, noun = parse_url(url), self.kind.noun
         if target.scheme not in ("http", "https") or not target.host:
-            raise MediaError("image URLs (and their redirects) must be http(s):// URLs with a host")
+            raise MediaError(f"{noun} URLs (and their redirects) must be http(s):// URLs with a host")
         if target.userinfo:
-            raise MediaError("image URLs must not carry credentials")
+            raise MediaError(f"{noun} URLs must not carry credentials")
         if not host_allowed(target.host, self.policy):
-            raise MediaError(f"image host '{target.host}' is not in the allowed list")
+            raise MediaError(f"{noun} host '{target.host}' is not in the allowed list")
         port = target.port or (443 if target.scheme == "https" else 80)
         ip = await resolve_checked(target.host, port, self.policy)
         pinned = target.copy_with(host=str(ip))
-        headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*", "Accept-Encoding": "identity",
+        headers = {"Host": target.netloc.decode("ascii"), "Accept": f"{noun}/*", "Accept-Encoding": "identity",
                    "User-Agent": "ovis2-serve"}  # fmt: skip
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         timeout = httpx.Timeout(self.policy.fetch_timeout, connect=self.policy.connect_timeout)
@@ -90,25 +114,25 @@ class MediaFetcher:
                 if response.status_code in REDIRECT_CODES and "location" in response.headers:
                     return urljoin(url, response.headers["location"])
                 if response.status_code != 200:
-                    raise MediaError(f"the image server answered HTTP {response.status_code}")
+                    raise MediaError(f"the {noun} server answered HTTP {response.status_code}")
                 return await self._read_capped(response)
             finally:
                 await response.aclose()
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
-        cap = self.policy.max_image_bytes
+        cap, noun = self.max_bytes, self.kind.noun
         # httpx would inflate gzip, deflate (or nested "gzip, gzip") whole chunks before the cap below saw them: a
         # 1 KB body can inflate to gigabytes. Identity was asked for; anything else is refused and never decoded.
         if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
-            raise MediaError("the image server sent a compressed (Content-Encoding) response; refused")
+            raise MediaError(f"the {noun} server sent a compressed (Content-Encoding) response; refused")
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise MediaError(f"the image is larger than {cap} bytes")
+            raise MediaError(f"the {noun} is larger than {cap} bytes")
         chunks, size = [], 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > cap:
-                raise MediaError(f"the image is larger than {cap} bytes")
+                raise MediaError(f"the {noun} is larger than {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -123,16 +147,17 @@ def parse_url(url: str) -> httpx.URL:
     return parsed
 
 
-def decode_data_url(url: str, max_base64_chars: int) -> bytes:
+def decode_data_url(url: str, max_base64_chars: int, kind: MediaKind = IMAGE) -> bytes:
     match = _DATA_URL.match(url[:256])
+    example = "data:image/png;base64,<data>" if kind is IMAGE else "data:video/mp4;base64,<data>"
     if match is None or ";base64" not in (match.group("params") or "").lower():
-        raise MediaError("data URLs must look like data:image/png;base64,<data>")
+        raise MediaError(f"data URLs must look like {example}")
     mime = (match.group("mime") or "").lower()
-    if mime not in DATA_URL_TYPES:
-        raise MediaError(f"data URL type '{mime or 'none'}' is not supported; use png, jpeg, webp, gif or bmp")
+    if mime not in kind.data_url_types:
+        raise MediaError(f"data URL type '{mime or 'none'}' is not supported; use {kind.type_names}")
     payload = url[match.end() :]
     if len(payload) > max_base64_chars:
-        raise MediaError(f"the base64 image is longer than {max_base64_chars} characters")
+        raise MediaError(f"the base64 {kind.noun} is longer than {max_base64_chars} characters")
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -140,9 +165,10 @@ def decode_data_url(url: str, max_base64_chars: int) -> bytes:
     return data
 
 
-def read_local_file(url: str, policy: MediaPolicy) -> bytes:
+def read_local_file(url: str, policy: MediaPolicy, max_bytes: int | None = None, noun: str = "image") -> bytes:
+    max_bytes = policy.max_image_bytes if max_bytes is None else max_bytes
     if policy.local_dir is None:
-        raise MediaError("file:// image URLs are disabled on this server")
+        raise MediaError(f"file:// {noun} URLs are disabled on this server")
     try:
         parts = urlsplit(url)
         path = Path(unquote(parts.path)).resolve()
@@ -151,12 +177,12 @@ def read_local_file(url: str, policy: MediaPolicy) -> bytes:
     if parts.netloc not in ("", "localhost"):
         raise MediaError("file:// URLs must name a local path")
     if not path.is_relative_to(policy.local_dir) or not path.is_file():
-        raise MediaError("file:// image is not a file inside the allowed directory")
+        raise MediaError(f"file:// {noun} is not a file inside the allowed directory")
     try:
         with path.open("rb") as file:
-            data = file.read(policy.max_image_bytes + 1)  # bounded even if the file grows after the check
+            data = file.read(max_bytes + 1)  # bounded even if the file grows after the check
     except OSError as exc:
-        raise MediaError("the file:// image cannot be read") from exc
-    if len(data) > policy.max_image_bytes:
-        raise MediaError(f"the image is larger than {policy.max_image_bytes} bytes")
+        raise MediaError(f"the file:// {noun} cannot be read") from exc
+    if len(data) > max_bytes:
+        raise MediaError(f"the {noun} is larger than {max_bytes} bytes")
     return data

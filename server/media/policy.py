@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 class MediaPolicy:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_video_bytes: int = 64 * 1024 * 1024
+    video_fetch_timeout: float = 30.0
     connect_timeout: float = 3.0
     fetch_timeout: float = 10.0
     max_redirects: int = 3
@@ -49,6 +51,8 @@ class MediaPolicy:
         return cls(
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
+            max_video_bytes=settings.max_video_bytes,
+            video_fetch_timeout=settings.video_fetch_timeout,
             connect_timeout=settings.media_connect_timeout,
             fetch_timeout=settings.media_fetch_timeout,
             max_redirects=settings.max_media_redirects,

@@ -78,7 +78,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 class ImageServer:
     """A local HTTP server for image URLs on `host`: /img.png, /redirect?to=URL, /loop, /big, /slow?s=SECONDS,
-    /status/N. Records (path, headers) of every request."""
+    /status/N, and whatever a test puts in `files` ({path: (body, content type)}). Records (path, headers) of
+    every request."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         import threading
@@ -88,6 +89,7 @@ class ImageServer:
         self.host = host
         self.requests: list[tuple[str, dict]] = []
         self.png = image_bytes(size=(40, 30), color=(10, 200, 10))
+        self.files: dict[str, tuple[bytes, str]] = {}
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
@@ -103,6 +105,8 @@ class ImageServer:
                 try:
                     if route == "/img.png":
                         self._send(200, server.png, "image/png")
+                    elif route in server.files:
+                        self._send(200, *server.files[route])
                     elif route == "/redirect":
                         self._redirect(query["to"])
                     elif route == "/loop":
@@ -159,11 +163,21 @@ def image_server() -> Iterator[ImageServer]:
     server.close()
 
 
+LIVE_VIDEO_LIMITS = {"--max-video-bytes": 300_000, "--max-video-seconds": 30, "--max-video-stream-frames": 200,
+                     "--max-video-frame-pixels": 100_000}  # small, so that a test makes videos past them cheaply
+
+
 @pytest.fixture(scope="session")
 def live_server(image_server) -> Iterator[LiveServer]:
-    """The one shared real server for every end-to-end test."""
-    server = LiveServer(["--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20"])
+    """The one shared real server for every end-to-end test (a test marked `stops_live_server` runs last)."""
+    video_limits = [str(item) for flag in LIVE_VIDEO_LIMITS.items() for item in flag]
+    server = LiveServer(["--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20", *video_limits])
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that stop the shared live server run after every other test, whichever module holds them."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_live_server") is not None)

@@ -30,19 +30,22 @@ class FakeStats:
 
 
 class FakeProcessor:
-    """Renders messages like the real template; each image costs one crop (259 tokens)."""
+    """Renders messages like the real template; each image and each video frame costs one crop (259 tokens)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.calls: list[tuple[list[dict], int | None]] = []
+        self.videos: list[list[list]] = []  # per prepare_chat call, copies of each video part's frames
 
     def _text(self, text: str) -> list[int]:  # literal control tokens stay text
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def prepare_chat(self, messages: list[dict], max_patches: int | None = None) -> EngineInputs:
         self.calls.append((messages, max_patches))
+        self.videos.append([[frame.copy() for frame in part["video"]] for part in _parts_of(messages, "video")])
         ids, parts = self._render(messages)
-        images = [ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}") for part in parts]
+        images = [ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}", part.get("video_frame", False))
+                  for part in parts]  # fmt: skip
         return EngineInputs(prompt_token_ids=ids, images=images)
 
     def chat_token_ids(self, messages: list[dict], max_patches: int | None = None) -> tuple[list[int], int]:
@@ -56,7 +59,7 @@ class FakeProcessor:
             ids += [IM_START_ID, *self._text(message["role"] + "\n")]
             parts = message["content"] if isinstance(message["content"], list) else [
                 {"type": "text", "text": message["content"]}]  # fmt: skip
-            for part in parts:
+            for part in _with_frames(parts):
                 if part["type"] == "image":
                     ids += placeholder_ids((1, 1))
                     image_parts.append(part)
@@ -68,6 +71,22 @@ class FakeProcessor:
 
     def image_token_count(self, width: int, height: int, max_patches: int | None = None) -> int:
         return token_count((1, 1))
+
+
+def _parts_of(messages: list[dict], kind: str) -> list[dict]:
+    return [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == kind]
+
+
+def _with_frames(parts: list[dict]) -> list[dict]:
+    """Video parts as their frames' image parts: the frames given (`video`) or `num_frames` of them."""
+    expanded = []
+    for part in parts:
+        if part["type"] != "video":
+            expanded.append(part)
+            continue
+        frames = part.get("video") or [None] * part["num_frames"]
+        expanded += [{"type": "image", "image": frame, "video_frame": True} for frame in frames]
+    return expanded
 
 
 @dataclass

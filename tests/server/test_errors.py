@@ -257,7 +257,8 @@ def test_tile_cap_follows_the_checkpoint_and_the_flag(make_client, fake_engine):
 
     client = make_client(with_image_processor(fake_engine, compat="transformers", config_max_patches=6))
     state = client.app.state.server
-    assert max_tiles(state, None) == 6 and max_tiles(state, 3) == 3
+    assert max_tiles(state, None) is None and state.max_tiles_per_image == 6  # None: the processor's default
+    assert max_tiles(state, 3) == 3
     with pytest.raises(APIError, match="at most 6"):
         max_tiles(state, 7)
     flagged = make_client(with_image_processor(fake_engine, compat="ovis"), max_tiles_per_image=16).app.state.server
