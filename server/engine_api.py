@@ -11,6 +11,8 @@ from ovis2 import (
     Ovis2Error,
     RequestOutput,
     SamplingParams,
+    StructuredOutputError,
+    StructuredOutputsParams,
     TokenLogprob,
 )
 from ovis2.tokenizer import DEFAULT_EOS_IDS, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
@@ -27,6 +29,7 @@ def build_engine(engine_kwargs: dict):
 
 __all__ = [
     "DEFAULT_EOS_IDS", "IMAGE_TOKEN_IDS", "CompletionOutput", "EngineDeadError", "EngineInputs",
-    "EngineOverloadedError", "ImageInput", "Ovis2Error", "RequestOutput", "SamplingParams", "TokenLogprob",
+    "EngineOverloadedError", "ImageInput", "Ovis2Error", "RequestOutput", "SamplingParams", "StructuredOutputError",
+    "StructuredOutputsParams", "TokenLogprob",
     "build_engine",
 ]  # fmt: skip
