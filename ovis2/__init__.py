@@ -25,6 +25,8 @@ _EXPORTS = {
     "infer_device": "weights",
     "LLM": "llm",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.structured.params",
+    "StructuredOutputError": "errors",
     "EngineArgs": "engine.engine_args",
     "EngineInputs": "inputs",
     "ImageInput": "inputs",

@@ -3,3 +3,7 @@
 
 class Ovis2Error(ValueError):
     """A bad input or configuration, with a message that says what to change."""
+
+
+class StructuredOutputError(Ovis2Error):
+    """A structured-output constraint the engine cannot enforce: a bad JSON schema, regex, choice or grammar."""

@@ -47,13 +47,20 @@ class LLM:
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for inputs, p in zip(prompts, params, strict=True):
             self.engine.validate(inputs, p)  # fail before anything runs
+        grammars = self._compile_grammars(params)
         try:
-            for request_id, inputs, p in zip(request_ids, prompts, params, strict=True):
-                self.engine.add_request(request_id, inputs, p)
+            for request_id, inputs, p, grammar in zip(request_ids, prompts, params, grammars, strict=True):
+                self.engine.add_request(request_id, inputs, p, grammar=grammar)
             return self._run(request_ids)
         finally:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
+
+    def _compile_grammars(self, params: list[SamplingParams]) -> list:
+        """Every structured constraint compiled, at once in the compiler's threads; the first bad one raises."""
+        compiler = self.engine.input_processor.grammars if any(p.structured_outputs for p in params) else None
+        futures = [compiler.submit(p.structured_outputs) if p.structured_outputs else None for p in params]
+        return [future.result() if future is not None else None for future in futures]
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

@@ -38,6 +38,7 @@ from .request_flow import ENGINE_FAILED, ClientDisconnected, failed, generate, r
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_error
+from .structured_outputs import Constraint, constrained, requested_constraint
 from .videos import VideoOptions, checked_videos, video_options
 
 logger = logging.getLogger("ovis2.server")
@@ -49,21 +50,22 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     problem = unsupported_chat_fields(request)
     if problem is not None:
         raise bad_request(problem[1], problem[0])
+    constraint = requested_constraint(request)
     try:  # a client that leaves while its images wait for the pixel budget gives its place back
         inputs = await unless_disconnected(build_chat_inputs(state, request.messages, request.max_tiles_per_image,
                                                              video_options(request)), raw)  # fmt: skip
     except ClientDisconnected:
         return Response(status_code=499)
     state.metrics.observe(state.metrics.preprocess_time, time.monotonic() - arrival)
-    params = chat_sampling_params(state, request, inputs)
+    params = chat_sampling_params(state, request, inputs, constraint)
     request_id = random_id("chatcmpl")
     outputs = generate(state, inputs, params, request_id, arrival)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(
+    return await constrained(state, constraint, respond(
         outputs, raw, bool(request.stream),
         stream_body=lambda first: stream_chat(outputs, first, request_id, state.model_id, params, include_usage),
         whole=lambda final: chat_response(final, request_id, state.model_id, want_logprobs=bool(request.logprobs)),
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- the prompt
@@ -151,7 +153,8 @@ async def chat_token_ids(
     return await finish_in_thread(state.engine.processor.chat_token_ids, prompt, tiles)
 
 
-def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inputs: EngineInputs) -> SamplingParams:
+def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inputs: EngineInputs,
+                         constraint: Constraint | None = None) -> SamplingParams:  # fmt: skip
     requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     try:
         max_tokens = resolve_max_tokens(
@@ -162,7 +165,8 @@ def chat_sampling_params(state: ServerState, request: ChatCompletionRequest, inp
             exc.param = "max_completion_tokens"
         raise
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    return build_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, vocab_size=state.vocab_size)
+    return build_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, vocab_size=state.vocab_size,
+                                 structured_outputs=constraint.params if constraint is not None else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the response

@@ -24,26 +24,29 @@ from .request_flow import generate, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_error
+from .structured_outputs import constrained, requested_constraint
 
 
 async def create_completion(state: ServerState, request: CompletionRequest, raw: Request) -> Response:
     arrival = time.monotonic()
     state.check_model(request.model)
     check_unsupported(request)
+    constraint = requested_constraint(request)
     prompt_ids = await asyncio.to_thread(prompt_token_ids, state, request.prompt)  # long prompts take seconds
     prompt_text = await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids) if request.echo else ""
     max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len)
     params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs,
-                                   vocab_size=state.vocab_size)  # fmt: skip
+                                   vocab_size=state.vocab_size,
+                                   structured_outputs=constraint.params if constraint is not None else None)  # fmt: skip
     request_id = random_id("cmpl")
     outputs = generate(state, EngineInputs(prompt_token_ids=prompt_ids), params, request_id, arrival)
     builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs=request.logprobs is not None)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(
+    return await constrained(state, constraint, respond(
         outputs, raw, bool(request.stream),
         stream_body=lambda first: stream_completion(outputs, first, builder, include_usage),
         whole=lambda final: completion_response(check_engine_error(final, request_id), builder, state.model_id),
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def completion_response(final: RequestOutput, builder: CompletionBuilder, model_id: str) -> CompletionResponse:

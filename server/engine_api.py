@@ -12,6 +12,8 @@ from ovis2 import (
     Ovis2Error,
     RequestOutput,
     SamplingParams,
+    StructuredOutputError,
+    StructuredOutputsParams,
     TokenLogprob,
     VideoLimits,
     VideoProbe,
@@ -34,6 +36,7 @@ def build_engine(engine_kwargs: dict):
 
 __all__ = [
     "DEFAULT_EOS_IDS", "IMAGE_TOKEN_IDS", "RECIPE_NUM_FRAMES", "CompletionOutput", "EngineDeadError", "EngineInputs",
-    "EngineOverloadedError", "ImageInput", "Ovis2Error", "RequestOutput", "SamplingParams", "TokenLogprob",
-    "VideoLimits", "VideoProbe", "build_engine", "decode_video_frames", "frames_for_fps", "probe_video", "sample_timestamps",
+    "EngineOverloadedError", "ImageInput", "Ovis2Error", "RequestOutput", "SamplingParams", "StructuredOutputError",
+    "StructuredOutputsParams", "TokenLogprob", "VideoLimits", "VideoProbe", "build_engine", "decode_video_frames",
+    "frames_for_fps", "probe_video", "sample_timestamps",
 ]  # fmt: skip

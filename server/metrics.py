@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .grammar_metrics import GrammarCollector
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
@@ -56,6 +58,11 @@ class ServerMetrics:
         self.requests = Counter(
             "ovis2_requests", "Finished requests by finish reason (stop, length, abort, error).",
             labels + ["finished_reason"], registry=r)
+        self.structured_requests = Counter(
+            "ovis2_structured_requests", "Requests with a structured output, by kind (json, json_object, regex, "
+            "choice, grammar).", labels + ["kind"], registry=r)
+        self.grammars = GrammarCollector(model_name)
+        r.register(self.grammars)
         self._labels = {"model_name": model_name}
 
     def observe(self, histogram: Histogram, seconds: float) -> None:
@@ -72,6 +79,7 @@ class ServerMetrics:
         self.kv_free_blocks.labels(**self._labels).set(stats.num_free_blocks)
         self.kv_total_blocks.labels(**self._labels).set(stats.num_total_blocks)
         self.encoded_images.labels(**self._labels).set(getattr(stats, "num_encoded_images", 0))
+        self.grammars.update(stats)
 
     def video_decoded(self, seconds: float, num_frames: int) -> None:
         self.observe(self.video_decode_time, seconds)

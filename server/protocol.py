@@ -2,51 +2,17 @@
 
 Requests forbid unknown fields, so a field this server does not implement is a 400 that names it instead
 of being silently ignored. Fields that exist in OpenAI's API but would change the answer here (tools,
-json response formats, audio...) are accepted by the model and refused by `unsupported_fields`.
+audio...) are accepted by the model and refused by `unsupported_fields`.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("*")
-    @classmethod
-    def _valid_unicode(cls, value: Any) -> Any:
-        """JSON may carry lone surrogates ("\\ud800"); the tokenizer cannot take them (it raised: a 500)."""
-        _check_unicode(value)
-        return value
-
-
-def _check_unicode(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode; it holds a lone surrogate code point") from None
-    elif isinstance(value, list):
-        for item in value:
-            _check_unicode(item)
-
-
-class ResponseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+from .protocol_base import RequestModel, ResponseModel, now, random_id  # noqa: F401 - the wire models' names
+from .protocol_structured import ResponseFormat, StructuredOutputsExtensions
 
 # ---------------------------------------------------------------------------------------------- chat: request
 
@@ -158,13 +124,8 @@ class StreamOptions(RequestModel):
     include_obfuscation: bool | None = None
 
 
-class ResponseFormat(RequestModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
-
-
-class SamplingExtensions(RequestModel):
-    """vLLM's names for the sampling knobs OpenAI does not have."""
+class SamplingExtensions(StructuredOutputsExtensions):
+    """vLLM's names for the sampling knobs OpenAI does not have (and for structured outputs)."""
 
     top_k: int | None = None
     min_p: float | None = None
@@ -235,8 +196,6 @@ def unsupported_chat_fields(request: ChatCompletionRequest) -> tuple[str, str] |
         return "function_call", "function calling is not supported"
     if request.tool_choice not in (None, "none", "auto"):
         return "tool_choice", "tool calling is not supported"
-    if request.response_format is not None and request.response_format.type != "text":
-        return "response_format", f"response_format '{request.response_format.type}' is not supported; only 'text'"
     if request.audio is not None or (request.modalities and set(request.modalities) != {"text"}):
         return "modalities", "only text output is supported"
     if request.prediction is not None:
@@ -374,6 +333,7 @@ class CompletionRequest(SamplingExtensions):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # vLLM's extension of the completions API
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float | None = None
     user: str | None = None

@@ -21,6 +21,8 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .protocol_responses import ResponsesRequest
+from .responses import create_response
 from .state import ServerState, get_state
 from .tokenization import detokenize, tokenize
 
@@ -36,6 +38,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
     return await create_completion(state, body, request)
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request, state: State) -> Response:
+    return await create_response(state, body, request)
 
 
 @router.get("/v1/models")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .engine_api import Ovis2Error, SamplingParams
+from .engine_api import Ovis2Error, SamplingParams, StructuredOutputsParams
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
 
@@ -57,7 +57,8 @@ def check_token_ids(token_ids: list[int] | None, vocab_size: int, param: str) ->
 
 
 def build_sampling_params(
-    request: ChatCompletionRequest | CompletionRequest, *, max_tokens: int, logprobs: int | None, vocab_size: int
+    request: ChatCompletionRequest | CompletionRequest, *, max_tokens: int, logprobs: int | None, vocab_size: int,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
     stop_token_ids = list(dict.fromkeys(request.stop_token_ids)) if request.stop_token_ids else None
@@ -85,6 +86,7 @@ def build_sampling_params(
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         output_kind="delta",  # streams use the deltas, whole answers the finished output
+        structured_outputs=structured_outputs,
     )
     try:
         return SamplingParams(**kwargs)

@@ -18,6 +18,11 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def sse_event(event: str, payload: dict) -> str:
+    """A named event (`event: <name>` then its data), as the Responses API streams them."""
+    return f"event: {event}\n" + sse(payload)
+
+
 def chunk_payload(chunk: BaseModel, include_usage: bool) -> dict:
     """A chunk as OpenAI sends it: `usage` only when asked for, deltas without null fields."""
     payload = chunk.model_dump(mode="json")

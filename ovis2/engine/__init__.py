@@ -10,6 +10,7 @@ _EXPORTS = {
     "EngineInputs": "inputs",
     "ImageInput": "inputs",
     "SamplingParams": "sampling_params",
+    "StructuredOutputsParams": "structured.params",
     "RequestOutput": "outputs",
     "CompletionOutput": "outputs",
     "TokenLogprob": "outputs",

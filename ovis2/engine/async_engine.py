@@ -25,6 +25,7 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import SequenceGroup
+from .structured.grammar import Grammar
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +113,12 @@ class AsyncEngine:
             raise Ovis2Error(f"request id {request_id!r} is already running")
         if self.engine.core.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
             raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
+        grammar = await self.compile_grammar(params)  # in the compiler's threads; a bad constraint raises here
+        self.check_health()  # the engine may have stopped meanwhile
         queue = OutputStream()
         self._queues[request_id] = queue
         self._num_pending_adds += 1
-        self._send(("add", request_id, inputs, params))
+        self._send(("add", request_id, inputs, params, grammar))
         finished = False
         try:
             while True:
@@ -130,6 +133,14 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self._send(("abort", request_id))
+
+    async def compile_grammar(self, params: SamplingParams) -> Grammar | None:
+        """params.structured_outputs compiled (or from the cache), off both the event loop and the engine loop;
+        None when the request is not structured. Raises StructuredOutputError for a constraint that cannot be
+        compiled."""
+        if params.structured_outputs is None:
+            return None
+        return await asyncio.wrap_future(self.engine.input_processor.grammars.submit(params.structured_outputs))
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -163,10 +174,10 @@ class AsyncEngine:
             else:
                 self._abort(command[1])
 
-    def _add(self, request_id: str, inputs: EngineInputs, params: SamplingParams) -> None:
+    def _add(self, request_id: str, inputs: EngineInputs, params: SamplingParams, grammar: Grammar | None) -> None:
         self._num_pending_adds -= 1
         try:
-            self.engine.add_request(request_id, inputs, params)
+            self.engine.add_request(request_id, inputs, params, grammar=grammar)
         except Exception as error:  # noqa: BLE001 - a request that cannot start fails alone
             self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
 

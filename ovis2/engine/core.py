@@ -41,6 +41,9 @@ class EngineStats:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache so far
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    num_grammar_compiles: int = 0  # structured outputs: grammars compiled, their total seconds, cache hits
+    grammar_compile_seconds: float = 0.0
+    num_grammar_cache_hits: int = 0
 
 
 def load_model(args: EngineArgs):
@@ -91,6 +94,8 @@ class EngineCore:
         group = SequenceGroup(request)
         for seq in group.seqs:
             seq.generator = self._generator_for(seq)
+            if request.grammar is not None:  # one matcher per choice; it ends on the request's stop tokens
+                seq.matcher = request.grammar.matcher(request.params.stopping_token_ids)
         self.groups[request.request_id] = group
         self.scheduler.add(group)
         return group
@@ -166,7 +171,7 @@ class EngineCore:
         self._count_prompt_tokens(items)
         updates: dict[str, RequestUpdate] = {}
         try:
-            self._append_sampled(items, logits, updates)
+            self._append_sampled(items, logits, updates, failed)
         except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
             logger.exception("sampling step failed")
             failed.update({group.request_id: error for group in _groups_of(items)})
@@ -178,16 +183,20 @@ class EngineCore:
             failed={rid: self._fail(rid, error) for rid, error in failed.items()},
         )
 
-    def _append_sampled(self, items: list[ScheduledSeq], logits, updates: dict[str, RequestUpdate]) -> None:
+    def _append_sampled(self, items: list[ScheduledSeq], logits, updates: dict[str, RequestUpdate],
+                        failed: dict[str, Exception]) -> None:  # fmt: skip
         sampled = [item for item in items if item.samples]
         if not sampled:
             return
-        rows = [SamplingRow(i.seq.params, i.seq.group.prompt_token_ids, i.seq.output_token_ids, i.seq.generator)
-                for i in sampled]  # fmt: skip
+        rows = [SamplingRow(i.seq.params, i.seq.group.prompt_token_ids, i.seq.output_token_ids, i.seq.generator,
+                            i.seq.matcher) for i in sampled]  # fmt: skip
         result = sample(logits, rows)
         now = time.monotonic()
         for item, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq, group = item.seq, item.seq.group
+            if seq.matcher is not None and not seq.matcher.accept(token_id):
+                failed[group.request_id] = RuntimeError(f"the grammar refused the sampled token {token_id}")
+                continue
             group.metrics.first_token_time = group.metrics.first_token_time or now
             update = updates.get(group.request_id)
             if update is None:

@@ -73,6 +73,8 @@ class EngineArgs:
                                      _at_least(1))  # fmt: skip
     visual_cache_size: int = _arg(64, "Images whose visual embeddings stay cached (LRU).", _at_least(0))
     enable_prefix_caching: bool = _arg(True, "Reuse KV blocks of identical prompt prefixes.")
+    grammar_cache_size: int = _arg(128, "Compiled structured-output grammars kept for reuse (LRU; 0: compile "
+                                   "every request's).", _at_least(0))  # fmt: skip
     image_processor: Literal["pil", "fast"] = _arg("pil", "Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' "
                                 "(torch, about 3x faster, mean pixel difference under 0.01).",
                                 _one_of(("pil", "fast")))  # fmt: skip

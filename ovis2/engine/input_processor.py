@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from .. import image_layout
 from ..errors import Ovis2Error
 from ..inputs import EngineInputs
-from ..tokenizer import IMAGE_ATOM_ID
+from ..tokenizer import DEFAULT_EOS_IDS, IMAGE_ATOM_ID
 from ..video_sampling import RECIPE_NUM_FRAMES
 from .engine_args import EngineArgs
 from .request import EngineRequest
 from .sampling_params import SamplingParams
+from .structured.compiler import GrammarCompiler, GrammarStats
+from .structured.grammar import Grammar
 
 
 def load_tokenizer(args: EngineArgs):
@@ -33,12 +35,14 @@ def load_processor(args: EngineArgs):
 
 
 class InputProcessor:
-    def __init__(self, args: EngineArgs, vocab_size: int, max_model_len: int, tokenizer=None, processor=None):
+    def __init__(self, args: EngineArgs, vocab_size: int, max_model_len: int, tokenizer=None, processor=None,
+                 grammars: GrammarCompiler | None = None):  # fmt: skip
         self.args = args
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self._tokenizer = tokenizer
         self._processor = processor
+        self._grammars = grammars
 
     @property
     def tokenizer(self):
@@ -51,6 +55,18 @@ class InputProcessor:
         if self._processor is None:
             self._processor = load_processor(self.args)
         return self._processor
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles structured-output constraints against this tokenizer, over the model's whole vocabulary."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, DEFAULT_EOS_IDS,
+                                             self.args.grammar_cache_size)  # fmt: skip
+        return self._grammars
+
+    @property
+    def grammar_stats(self) -> GrammarStats:
+        return self._grammars.stats if self._grammars is not None else GrammarStats()
 
     @property
     def max_tiles_per_image(self) -> int:
@@ -108,9 +124,13 @@ class InputProcessor:
 
     # --- EngineInputs -> EngineRequest
     def make_request(self, request_id: str, inputs: EngineInputs, params: SamplingParams,
-                     arrival_time: float | None = None) -> EngineRequest:  # fmt: skip
+                     arrival_time: float | None = None, grammar: Grammar | None = None) -> EngineRequest:  # fmt: skip
+        """`grammar`: params.structured_outputs compiled already (`grammars.submit`); else it is compiled here,
+        blocking (offline use only: the async engine compiles before a request reaches the loop)."""
         self.validate(inputs, params)
-        return EngineRequest.build(request_id, inputs, params, arrival_time)
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.grammars.compile(params.structured_outputs)
+        return EngineRequest.build(request_id, inputs, params, arrival_time, grammar)
 
     def validate(self, inputs: EngineInputs, params: SamplingParams) -> None:
         """Raise Ovis2Error for a request the engine cannot serve (nothing is queued yet)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..inputs import EngineInputs
 from ..tokenizer import IMAGE_ATOM_ID
@@ -27,14 +28,15 @@ class EngineRequest:
     arrival_time: float
     atom_positions: list[int]  # prompt positions of the image atoms, in order
     image_spans: list[ImageSpan]
+    grammar: Any = None  # a structured.Grammar compiled by input processing (params.structured_outputs), or None
 
     @classmethod
     def build(cls, request_id: str, inputs: EngineInputs, params: SamplingParams,
-              arrival_time: float | None = None) -> EngineRequest:  # fmt: skip
+              arrival_time: float | None = None, grammar: Any = None) -> EngineRequest:  # fmt: skip
         atom_positions = [i for i, t in enumerate(inputs.prompt_token_ids) if t == IMAGE_ATOM_ID]
         spans, start = [], 0
         for image in inputs.images:
             spans.append(ImageSpan(image.content_hash, start, start + image.num_atoms))
             start += image.num_atoms
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        return cls(request_id, inputs, params, arrival, atom_positions, spans)
+        return cls(request_id, inputs, params, arrival, atom_positions, spans, grammar)

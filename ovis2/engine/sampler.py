@@ -1,6 +1,6 @@
 """Choosing the next token of every sampled row: small pure functions over [B, V] fp32 logits.
 
-Order: logit bias -> min_tokens (stop ids masked) -> repetition/presence/frequency penalties -> greedy
+Order: grammar bitmask (structured outputs: the constrained rows' forbidden tokens -> -inf) -> logit bias -> min_tokens (stop ids masked) -> repetition/presence/frequency penalties -> greedy
 argmax, or temperature -> top_k -> top_p -> min_p -> one draw from the row's own torch.Generator (so a
 seeded request gives the same tokens whatever else is in the batch). Logprobs are the model's raw
 distribution (log_softmax of the unprocessed logits), as OpenAI reports them.
@@ -9,11 +9,13 @@ distribution (log_softmax of the unprocessed logits), as OpenAI reports them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..logits_processing import apply_min_p, apply_top_k, apply_top_p, draw
 from .sampling_params import SamplingParams
+from .structured.bitmask import apply_grammar_bitmask
 
 
 @dataclass
@@ -24,6 +26,7 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None
+    matcher: Any = None  # structured outputs: the choice's grammar matcher (fills the row's bitmask)
 
 
 @dataclass
@@ -33,13 +36,14 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-    """logits: [B, V] fp32, one row per entry of rows."""
-    raw = logits
+    """logits: [B, V] fp32, one row per entry of rows; constrained rows are masked in place."""
+    logprobs = model_logprobs(logits, rows)  # before the grammar masks anything
+    apply_grammar_bitmask(logits, [r.matcher for r in rows])
     logits = apply_logit_bias(logits, rows)
     logits = apply_min_tokens(logits, rows)
     logits = apply_penalties(logits, rows)
     token_ids = choose_tokens(logits, rows)  # [B]
-    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=gather_logprobs(raw, token_ids, rows))
+    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=gather_logprobs(logprobs, token_ids, rows))
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -137,13 +141,21 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return probs
 
 
-def gather_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]):
+def model_logprobs(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+    """[W, V] log_softmax of the unprocessed logits of the rows that want logprobs (in order), or None."""
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not wanted:
+        return None
+    return raw[torch.tensor(wanted, device=raw.device)].log_softmax(dim=-1)
+
+
+def gather_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor, rows: list[SamplingRow]):
+    """Per row: (the chosen token's logprob, the top k), from model_logprobs' rows; None for rows not asking."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     result: list = [None] * len(rows)
     if not wanted:
         return result
-    index = torch.tensor(wanted, device=raw.device)
-    logprobs = raw[index].log_softmax(dim=-1)  # [W, V]
+    index = torch.tensor(wanted, device=logprobs.device)
     chosen = logprobs.gather(1, token_ids[index][:, None])[:, 0].tolist()
     max_k = max(rows[i].params.logprobs for i in wanted)
     top_values, top_ids = logprobs.topk(max(max_k, 1), dim=-1)

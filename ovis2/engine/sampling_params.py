@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Ovis2Error
 from ..tokenizer import DEFAULT_EOS_IDS
+from .structured.params import StructuredOutputsParams
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -35,10 +36,15 @@ class SamplingParams:
     # "cumulative": every output holds all text, ids and logprobs so far, besides the deltas; "delta": outputs
     # before the last hold only the deltas (no O(length) copies per step), the finished one holds everything
     output_kind: str = "cumulative"
+    # the output must match this JSON schema / regex / choice / grammar (constrained decoding); the grammar then
+    # decides where the answer ends, so ignore_eos and min_tokens cannot be combined with it
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -75,6 +81,15 @@ class SamplingParams:
         ]  # fmt: skip
         numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         checks += [(math.isfinite(getattr(self, name)), name, "must be a finite number") for name in numbers]
+        checks += self._structured_checks()
         for ok, name, rule in checks:
             if not ok:
                 raise Ovis2Error(f"invalid sampling parameter '{name}': {rule}")
+
+    def _structured_checks(self) -> list[tuple[bool, str, str]]:
+        if self.structured_outputs is None:
+            return []
+        self.structured_outputs.validate()
+        ends = "with structured outputs, whose grammar decides where the answer ends"
+        return [(not self.ignore_eos, "ignore_eos", f"cannot be true {ends}"),
+                (self.min_tokens == 0, "min_tokens", f"must be 0 {ends}")]  # fmt: skip

@@ -38,6 +38,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.generator: Any = None  # torch.Generator for sampled choices, created by the core
+        self.matcher: Any = None  # structured outputs: the grammar matcher, fed every output token (survives
+        # preemption as it is: it has accepted exactly the output tokens, which recompute keeps)
         self.num_preemptions = 0
 
     # --- derived state

@@ -9,8 +9,9 @@ from ovis2.demo import tiny_config
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
+from ovis2.engine.structured.compiler import GrammarCompiler
 from ovis2.random_checkpoint import write_checkpoint
-from ovis2.tokenizer import build_tokenizer
+from ovis2.tokenizer import DEFAULT_EOS_IDS, build_tokenizer
 from tests.engine.prompts import chat_prompt, random_image, text_ids
 
 
@@ -31,14 +32,22 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def grammars(tokenizer, engine_model):
+    """One structured-output compiler for the session (its token table takes seconds to build); engines share it."""
+    compiler = GrammarCompiler(tokenizer, engine_model.config.vocab_size, DEFAULT_EOS_IDS)
+    yield compiler
+    compiler.close()
+
+
 @pytest.fixture
 def make_engine(engine_checkpoint, engine_model, tokenizer):
     """make_engine(**engine_args) -> LLMEngine on the shared model (each engine has its own KV pool)."""
 
-    def make(**overrides) -> LLMEngine:
+    def make(grammars=None, **overrides) -> LLMEngine:
         values = dict(model=str(engine_checkpoint), dtype="float32", device="cpu", kv_cache_memory=4 * 1024 * 1024)
         values.update(overrides)
-        return LLMEngine(EngineArgs(**values), model=engine_model, tokenizer=tokenizer)
+        return LLMEngine(EngineArgs(**values), model=engine_model, tokenizer=tokenizer, grammars=grammars)
 
     return make
 

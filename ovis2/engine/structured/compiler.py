@@ -1,0 +1,155 @@
+"""Compiling constraints into Grammars: off the engine loop, once per constraint.
+
+`submit(params)` returns a Future: done at once when the constraint is cached (a bounded LRU), shared when the
+same constraint is being compiled, else compiled in this compiler's own threads (xgrammar releases the GIL while
+it compiles, so neither the event loop nor the engine loop waits). Errors come back as StructuredOutputError
+with xgrammar's reason. The token tables are built on first use (about two seconds each for Qwen2.5's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ...errors import StructuredOutputError
+from .grammar import Grammar
+from .params import StructuredOutputsParams
+from .schema_support import unenforced_feature
+from .vocabulary import grammar_vocabulary, json_vocabulary
+
+WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
+        "grammar": "grammar"}  # fmt: skip
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+
+
+@dataclass
+class GrammarStats:
+    num_compiles: int = 0
+    compile_seconds: float = 0.0  # summed over num_compiles
+    num_cache_hits: int = 0  # served from the cache, or from a compile already under way
+    num_compile_errors: int = 0
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], cache_size: int = 128,
+                 num_threads: int | None = None) -> None:  # fmt: skip
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_token_ids = list(stop_token_ids)
+        self._cache_size = cache_size
+        self._num_threads = num_threads or min(8, os.cpu_count() or 1)
+        self._lock = threading.Lock()
+        self._backend_lock = threading.Lock()
+        self._vocabularies: dict[str, object] = {}  # "text" / "json": xgrammar.TokenizerInfo
+        self._backends: dict[str, object] = {}  # the same keys: xgrammar.GrammarCompiler
+        self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
+        self._pending: dict[tuple[str, str], Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ovis2-grammar")
+        self.stats = GrammarStats()
+
+    def submit(self, params: StructuredOutputsParams) -> Future:
+        """-> Future[Grammar]; its exception is a StructuredOutputError when the constraint cannot be compiled."""
+        key = params.cache_key
+        with self._lock:
+            grammar = self._cache.get(key)
+            if grammar is not None:
+                self._cache.move_to_end(key)
+                self.stats.num_cache_hits += 1
+                return _done(grammar)
+            future = self._pending.get(key)
+            if future is not None:
+                self.stats.num_cache_hits += 1
+                return future
+            future = self._pending[key] = self._pool.submit(self._compile, params)
+            return future
+
+    def compile(self, params: StructuredOutputsParams) -> Grammar:
+        """Blocking `submit`: for offline use, never on the engine loop."""
+        return self.submit(params).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- in the compiler's threads
+    def _compile(self, params: StructuredOutputsParams) -> Grammar:
+        key = params.cache_key
+        try:
+            backend = self._get_backend("json" if params.kind in ("json", "json_object") else "text")
+            start = time.perf_counter()
+            grammar = Grammar(_compile_with(backend, params), params.kind, time.perf_counter() - start)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(key, None)
+                self.stats.num_compile_errors += 1
+            raise
+        with self._lock:
+            self._pending.pop(key, None)
+            self._store(key, grammar)
+            self.stats.num_compiles += 1
+            self.stats.compile_seconds += grammar.compile_seconds
+        return grammar
+
+    def _store(self, key: tuple[str, str], grammar: Grammar) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[key] = grammar
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _get_backend(self, table: str):
+        """The xgrammar compiler over the "text" or the "json" token table (vocabulary.py), built on first use."""
+        with self._backend_lock:
+            if table not in self._backends:
+                import xgrammar as xgr
+
+                self._backends[table] = xgr.GrammarCompiler(self._vocabulary(table), max_threads=self._num_threads,
+                                                            cache_enabled=False)  # fmt: skip
+            return self._backends[table]
+
+    def _vocabulary(self, table: str):
+        if "text" not in self._vocabularies:
+            self._vocabularies["text"] = grammar_vocabulary(self._tokenizer, self._vocab_size, self._stop_token_ids)
+        if table not in self._vocabularies:
+            self._vocabularies[table] = json_vocabulary(self._vocabularies["text"])
+        return self._vocabularies[table]
+
+
+def _compile_with(backend, params: StructuredOutputsParams):
+    kind = params.kind
+    if kind == "json":
+        problem = unenforced_feature(params.schema)
+        if problem is not None:
+            raise StructuredOutputError(f"the JSON schema at {problem}")
+    try:
+        if kind in ("json", "json_object"):  # compact JSON: no free whitespace a model could pad forever
+            return backend.compile_json_schema(params.source, any_whitespace=False, separators=(",", ":"),
+                                               strict_mode=kind == "json")  # fmt: skip
+        if kind == "regex":
+            return backend.compile_regex(params.regex)
+        return backend.compile_grammar(choice_grammar(params.choice) if kind == "choice" else params.grammar)
+    except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError (and subclasses) with its reason
+        raise StructuredOutputError(f"the {WHAT[kind]} cannot be compiled: {library_reason(error)}") from None
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """EBNF for exactly one of `choices` (JSON string escapes are also EBNF's)."""
+    return "root ::= " + " | ".join(json.dumps(choice) for choice in choices)
+
+
+def library_reason(error: Exception) -> str:
+    """xgrammar's message without its log prefix (time, C++ file and line)."""
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in str(error).splitlines()]
+    return next((line for line in lines if line), type(error).__name__)
+
+
+def _done(grammar: Grammar) -> Future:
+    future: Future = Future()
+    future.set_result(grammar)
+    return future
