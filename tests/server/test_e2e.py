@@ -301,6 +301,7 @@ def test_readme_curl_example_runs_as_written(live_server):
     assert '"chat.completion' in result.stdout, shlex.quote(result.stdout[:500])
 
 
+@pytest.mark.stops_live_server
 def test_sigterm_finishes_in_flight_requests_then_exits_0(live_server):
     """Runs last: it stops the shared server."""
     results = {}
