@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from ovis2.engine.sampling_params import SamplingParams
-from ovis2.errors import Ovis2Error
+from ovis2.errors import Ovis2Error, StructuredOutputError
 from ovis2.llm import LLM
 
 
@@ -40,3 +40,17 @@ def test_bad_input_is_a_clear_error_and_nothing_is_left_running(llm):
     with pytest.raises(Ovis2Error):
         llm.generate([list(range(100, 100_000))], SamplingParams(max_tokens=3))
     assert not llm.engine.has_unfinished_requests
+
+
+def test_structured_outputs_through_sampling_params(llm, grammars):
+    llm.engine.input_processor._grammars = grammars  # the session's token tables, instead of building them again
+    conversation = [{"role": "user", "content": "Label the picture."}]
+    tag = {"json": {"type": "object", "properties": {"label": {"enum": ["cat", "dog"]}}, "required": ["label"]}}
+    results = llm.chat([conversation] * 3, [SamplingParams(max_tokens=30, seed=seed, structured_outputs=tag)
+                                            for seed in range(2)] + [
+        SamplingParams(max_tokens=8, seed=1, structured_outputs={"choice": ["left", "right"]})])  # fmt: skip
+    assert all(r.outputs[0].text in ('{"label":"cat"}', '{"label":"dog"}') for r in results[:2]), results
+    assert results[2].outputs[0].text in ("left", "right")
+    with pytest.raises(StructuredOutputError, match="parenthesis"):
+        llm.chat([conversation] * 2, [SamplingParams(max_tokens=4), SamplingParams(structured_outputs={"regex": "(x"})])
+    assert not llm.engine.has_unfinished_requests  # the good one never started

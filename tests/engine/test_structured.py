@@ -189,3 +189,4 @@ def test_the_grammar_decides_the_end_so_ignore_eos_and_min_tokens_are_refused(fi
     name = next(iter(field))
     with pytest.raises(Ovis2Error, match=f"'{name}'"):
         SamplingParams(max_tokens=8, structured_outputs=RECEIPT, **field)
+

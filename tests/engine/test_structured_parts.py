@@ -108,6 +108,18 @@ def test_each_constraint_compiles_once_and_the_cache_is_bounded(grammars):
     compiler.close()
 
 
+def test_the_cache_also_stops_at_a_byte_budget(grammars, monkeypatch):
+    from ovis2.engine.structured import compiler as compiler_module
+
+    compiler = fresh_compiler(grammars, cache_size=100)
+    first = compiler.compile(StructuredOutputsParams(regex="q+"))
+    monkeypatch.setattr(compiler_module, "MAX_CACHE_BYTES", first.memory_bytes + 1)
+    second = compiler.compile(StructuredOutputsParams(regex="r+"))
+    assert list(compiler._cache.values()) == [second]  # the newest stays, even alone over the budget
+    assert compiler.compile(StructuredOutputsParams(regex="q+")) is not first  # evicted by bytes, not by count
+    compiler.close()
+
+
 class SlowBackend:
     """An xgrammar compiler stand-in whose compile waits until `release` is set."""
 

@@ -17,6 +17,11 @@ from tests.live_server import LiveServer
 from tests.server.fake_engine import FakeEngine
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """The test that stops the shared live server runs after every other test that uses it, whatever the files."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_live_server") is not None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

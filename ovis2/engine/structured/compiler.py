@@ -26,6 +26,7 @@ from .vocabulary import grammar_vocabulary, json_vocabulary
 
 WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
         "grammar": "grammar"}  # fmt: skip
+MAX_CACHE_BYTES = 512 * 2**20  # the cache also stops at this many bytes of compiled grammars (0.1-3 MB each)
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
 
@@ -100,8 +101,12 @@ class GrammarCompiler:
         if self._cache_size <= 0:
             return
         self._cache[key] = grammar
-        while len(self._cache) > self._cache_size:
+        while len(self._cache) > self._cache_size or (len(self._cache) > 1 and self.cache_bytes > MAX_CACHE_BYTES):
             self._cache.popitem(last=False)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(grammar.memory_bytes for grammar in self._cache.values())
 
     def _get_backend(self, table: str):
         """The xgrammar compiler over the "text" or the "json" token table (vocabulary.py), built on first use."""

@@ -18,6 +18,10 @@ class Grammar:
         self.kind = kind
         self.compile_seconds = compile_seconds
 
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.compiled.memory_size_bytes)
+
     def matcher(self, stop_token_ids: Iterable[int]) -> GrammarMatcher:
         """A fresh matcher; once the grammar is complete it allows only `stop_token_ids`."""
         return GrammarMatcher(self.compiled, sorted(stop_token_ids))
