@@ -28,6 +28,7 @@ serve: install
 
 lint: install
 	$(BIN)/ruff check ovis2 server bench tests
+	$(BIN)/ruff format --check ovis2 server bench tests
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)

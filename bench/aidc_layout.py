@@ -24,8 +24,16 @@ import torch
 IMAGE_TOKENS = ("<IMG_ATOM>", "<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-BACKBONE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_channels", "image_size", "patch_size", "rms_norm_eps")  # fmt: skip
+BACKBONE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "rms_norm_eps",
+)
 LLM_DROPPED = ("rope_parameters",)  # our -hf writer's spelling; the AIDC config has rope_theta itself
 
 # -hf prefix or infix -> original, applied in order, each at most once per key (lm_head: see original_key).
@@ -34,9 +42,18 @@ _RENAMES = (
     ("model.visual_embeddings_table.weight", "vte.weight"),
     ("model.vision_tower.head_linear.", "visual_tokenizer.head.0."),
     ("model.vision_tower.head_norm.", "visual_tokenizer.head.1."),
-    ("model.vision_tower.transformer.embeddings.patch_embedding.", "visual_tokenizer.backbone.preprocessor.patchifier.proj."),
-    ("model.vision_tower.transformer.embeddings.rms_norm.", "visual_tokenizer.backbone.preprocessor.patchifier.norm."),
-    ("model.vision_tower.transformer.embeddings.position_embedding.weight", "visual_tokenizer.backbone.preprocessor.pos_embed"),
+    (
+        "model.vision_tower.transformer.embeddings.patch_embedding.",
+        "visual_tokenizer.backbone.preprocessor.patchifier.proj.",
+    ),
+    (
+        "model.vision_tower.transformer.embeddings.rms_norm.",
+        "visual_tokenizer.backbone.preprocessor.patchifier.norm.",
+    ),
+    (
+        "model.vision_tower.transformer.embeddings.position_embedding.weight",
+        "visual_tokenizer.backbone.preprocessor.pos_embed",
+    ),
     ("model.vision_tower.transformer.rms_norm.", "visual_tokenizer.backbone.trunk.post_trunk_norm."),
     ("model.vision_tower.transformer.encoder.layers.", "visual_tokenizer.backbone.trunk.blocks."),
     (".rms_norm1.", ".norm_1."),
@@ -45,7 +62,7 @@ _RENAMES = (
     (".ffn.gate_proj.", ".mlp.fc1."),
     (".ffn.up_proj.", ".mlp.fc3."),
     (".ffn.down_proj.", ".mlp.fc2."),
-)  # fmt: skip
+)
 
 
 def original_key(key: str) -> str:
@@ -56,7 +73,9 @@ def original_key(key: str) -> str:
     return key
 
 
-def original_state(state: dict[str, torch.Tensor], embed_key: str = "model.language_model.embed_tokens.weight"):
+def original_state(
+    state: dict[str, torch.Tensor], embed_key: str = "model.language_model.embed_tokens.weight"
+):
     """The AIDC state dict: q/k/v fused into `attn.qkv` ([3D, D], q rows first), `pos_embed` [1, L, D], and
     `lm_head` stored even when tied (the released AIDC checkpoints store it)."""
     if "lm_head.weight" not in state:
@@ -81,13 +100,21 @@ def original_config(hf: dict, dtype: str = "bfloat16") -> dict:
     rope = text.get("rope_parameters") or {}
     text.setdefault("rope_theta", rope.get("rope_theta", 1_000_000.0))
     llm = {k: v for k, v in text.items() if k not in LLM_DROPPED}
-    llm |= {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "torch_dtype": dtype,
-            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            "use_sliding_window": False}  # fmt: skip
+    llm |= {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "torch_dtype": dtype,
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        "use_sliding_window": False,
+    }
     backbone = {k: vision[k] for k in BACKBONE_FIELDS if k in vision}
-    backbone |= {"model_type": "aimv2", "qkv_bias": bool(vision.get("qkv_bias", False)),
-                 "use_bias": bool(vision.get("mlp_bias", False)), "mlp_bias": bool(vision.get("mlp_bias", False)),
-                 "hidden_act": vision.get("hidden_act", "silu")}  # fmt: skip
+    backbone |= {
+        "model_type": "aimv2",
+        "qkv_bias": bool(vision.get("qkv_bias", False)),
+        "use_bias": bool(vision.get("mlp_bias", False)),
+        "mlp_bias": bool(vision.get("mlp_bias", False)),
+        "hidden_act": vision.get("hidden_act", "silu"),
+    }
     return {
         "architectures": ["Ovis"],
         "model_type": "ovis",
@@ -111,7 +138,9 @@ def original_config(hf: dict, dtype: str = "bfloat16") -> dict:
 def original_tokenizer_files(tokenizer_json: dict, tokenizer_config: dict) -> tuple[dict, dict]:
     """The -hf tokenizer without the six IMG_* added tokens (the AIDC tokenizer has none) and no chat template."""
     tokenizer_json = dict(tokenizer_json)
-    tokenizer_json["added_tokens"] = [t for t in tokenizer_json["added_tokens"] if t["content"] not in IMAGE_TOKENS]
+    tokenizer_json["added_tokens"] = [
+        t for t in tokenizer_json["added_tokens"] if t["content"] not in IMAGE_TOKENS
+    ]
     config = {k: v for k, v in tokenizer_config.items() if k != "chat_template"}
     if isinstance(config.get("extra_special_tokens"), list):
         config["extra_special_tokens"] = [t for t in config["extra_special_tokens"] if t not in IMAGE_TOKENS]
@@ -124,9 +153,20 @@ def original_tokenizer_files(tokenizer_json: dict, tokenizer_config: dict) -> tu
 
 def original_preprocessor_config(image_size: int = 448) -> dict:
     size = {"height": image_size, "width": image_size}
-    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": size, "crop_size": size,
-            "do_center_crop": False, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}  # fmt: skip
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": size,
+        "crop_size": size,
+        "do_center_crop": False,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "do_convert_rgb": True,
+    }
 
 
 def write_original_layout(hf_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
@@ -144,7 +184,9 @@ def write_original_layout(hf_dir: Path, out_dir: Path, dtype: str = "bfloat16") 
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     image_size = hf["vision_config"].get("image_size", 448)
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(original_preprocessor_config(image_size), indent=2))
+    (out_dir / "preprocessor_config.json").write_text(
+        json.dumps(original_preprocessor_config(image_size), indent=2)
+    )
     state = original_state(load_file(str(hf_dir / "model.safetensors")))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir

@@ -41,8 +41,13 @@ def run_sequential(model, requests, output_tokens: int) -> float:
     start = time.perf_counter()
     for inputs in requests:
         pixels = torch.cat([i.pixel_values for i in inputs.images]) if inputs.images else None
-        out = model.generate(input_ids=torch.tensor([inputs.prompt_token_ids]), pixel_values=pixels,
-                             max_new_tokens=output_tokens, do_sample=False, eos_token_id=[-1])  # fmt: skip
+        out = model.generate(
+            input_ids=torch.tensor([inputs.prompt_token_ids]),
+            pixel_values=pixels,
+            max_new_tokens=output_tokens,
+            do_sample=False,
+            eos_token_id=[-1],
+        )
         assert out.shape[1] == len(inputs.prompt_token_ids) + output_tokens
     return time.perf_counter() - start
 
@@ -86,21 +91,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--text-only", action="store_true", help="skip the image workload")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' dtype")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' dtype"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine_args = EngineArgs(model=args.model, dtype=args.dtype, device="cpu", max_num_seqs=args.concurrency,
-                             kv_cache_memory=64 * 1024 * 1024)  # fmt: skip
+    engine_args = EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        device="cpu",
+        max_num_seqs=args.concurrency,
+        kv_cache_memory=64 * 1024 * 1024,
+    )
     engine = LLMEngine(engine_args)
     processor = load_processor(engine_args)
     workloads = [False] if args.text_only else [True, False]
     results = [compare(engine, processor, with_image, args) for with_image in workloads]
-    print(json.dumps({"requests": args.requests, "concurrency": args.concurrency, "dtype": args.dtype,
-                      "output_tokens": args.output_tokens, "torch_threads": torch.get_num_threads(),
-                      "results": results}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "dtype": args.dtype,
+                "output_tokens": args.output_tokens,
+                "torch_threads": torch.get_num_threads(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,20 +29,36 @@ HEAD_WORDS = 4096
 
 
 def build_engine(sequences: int) -> LLMEngine:
-    text = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+    text = dict(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = random_model(tiny_config(text=text))
     head = torch.randn(HEAD_WORDS, 32, generator=torch.Generator().manual_seed(1))
     model.compute_logits = lambda hidden: (hidden @ head.t()).float()  # ids < HEAD_WORDS only
-    args = EngineArgs(model="unused", dtype="float32", device="cpu", max_num_seqs=sequences,
-                      kv_cache_memory=512 * 1024 * 1024, max_model_len=4096)  # fmt: skip
+    args = EngineArgs(
+        model="unused",
+        dtype="float32",
+        device="cpu",
+        max_num_seqs=sequences,
+        kv_cache_memory=512 * 1024 * 1024,
+        max_model_len=4096,
+    )
     engine = LLMEngine(args, model=model, tokenizer=build_tokenizer())
-    engine.core.runner.banned_ids = torch.zeros(0, dtype=torch.long)  # the special ids lie beyond the small head
+    engine.core.runner.banned_ids = torch.zeros(
+        0, dtype=torch.long
+    )  # the special ids lie beyond the small head
     return engine
 
 
 def run(engine: LLMEngine, sequences: int, output_tokens: int, tag: str, output_kind: str) -> int:
     generator = torch.Generator().manual_seed(len(tag))
-    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0, output_kind=output_kind)
+    params = SamplingParams(
+        max_tokens=output_tokens, ignore_eos=True, temperature=0.0, output_kind=output_kind
+    )
     for index in range(sequences):
         prompt = torch.randint(100, HEAD_WORDS, (128,), generator=generator).tolist()
         engine.add_request(f"{tag}-{index}", EngineInputs(prompt), params)
@@ -57,8 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=256)
-    parser.add_argument("--output-kind", default="cumulative", choices=("cumulative", "delta"),
-                        help="delta: what the server asks for (outputs carry only what is new until the end)")
+    parser.add_argument(
+        "--output-kind",
+        default="cumulative",
+        choices=("cumulative", "delta"),
+        help="delta: what the server asks for (outputs carry only what is new until the end)",
+    )
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Python around the model is single-threaded anyway
@@ -85,10 +105,16 @@ def measure(sequences: int, output_tokens: int, output_kind: str = "cumulative")
     steps = run(engine, sequences, output_tokens, "timed", output_kind)
     total = time.perf_counter() - start
     outside = total - inside[0]
-    return {"sequences": sequences, "output_tokens": output_tokens, "output_kind": output_kind, "steps": steps,
-            "step_ms": round(total / steps * 1e3, 3), "execute_ms": round(inside[0] / steps * 1e3, 3),
-            "outside_execute_ms": round(outside / steps * 1e3, 3),
-            "outside_us_per_sequence": round(outside / steps / sequences * 1e6, 1)}  # fmt: skip
+    return {
+        "sequences": sequences,
+        "output_tokens": output_tokens,
+        "output_kind": output_kind,
+        "steps": steps,
+        "step_ms": round(total / steps * 1e3, 3),
+        "execute_ms": round(inside[0] / steps * 1e3, 3),
+        "outside_execute_ms": round(outside / steps * 1e3, 3),
+        "outside_us_per_sequence": round(outside / steps / sequences * 1e6, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -36,19 +36,31 @@ SCHEMA = {  # an extraction answer; long strings keep every answer going for the
         "merchant": {"type": "string", "maxLength": 120},
         "total_cents": {"type": "integer", "minimum": 0, "maximum": 999999},
         "currency": {"enum": ["EUR", "USD", "GBP"]},
-        "items": {"type": "array", "maxItems": 4, "items": {
-            "type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
-                                             "cents": {"type": "integer"}}, "required": ["name", "cents"]}},
+        "items": {
+            "type": "array",
+            "maxItems": 4,
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 40}, "cents": {"type": "integer"}},
+                "required": ["name", "cents"],
+            },
+        },
         "note": {"type": "string", "maxLength": 400},
     },
     "required": ["merchant", "total_cents", "currency", "items", "note"],
-}  # fmt: skip
+}
 
 
 def build_engine(sequences: int) -> LLMEngine:
     model = random_model(tiny_config())
-    args = EngineArgs(model="unused", dtype="float32", device="cpu", max_num_seqs=sequences,
-                      kv_cache_memory=256 * 1024 * 1024, max_model_len=4096)  # fmt: skip
+    args = EngineArgs(
+        model="unused",
+        dtype="float32",
+        device="cpu",
+        max_num_seqs=sequences,
+        kv_cache_memory=256 * 1024 * 1024,
+        max_model_len=4096,
+    )
     return LLMEngine(args, model=model, tokenizer=build_tokenizer())
 
 
@@ -85,8 +97,9 @@ def run(engine: LLMEngine, sequences: int, output_tokens: int, constrained: bool
     structured = {"json": SCHEMA} if constrained else None
     for index in range(sequences):
         prompt = torch.randint(100, 30000, (64,), generator=torch.Generator().manual_seed(index)).tolist()
-        params = SamplingParams(max_tokens=output_tokens, seed=index, ignore_eos=not constrained,
-                                structured_outputs=structured)  # fmt: skip
+        params = SamplingParams(
+            max_tokens=output_tokens, seed=index, ignore_eos=not constrained, structured_outputs=structured
+        )
         engine.add_request(f"{tag}-{index}", EngineInputs(prompt), params)
     engine.step()  # the prefill (and the first token)
     timers, steps, lengths = Timers(), 0, []
@@ -96,13 +109,20 @@ def run(engine: LLMEngine, sequences: int, output_tokens: int, constrained: bool
             lengths += [len(o.outputs[0].token_ids) for o in engine.step() if o.finished]
             steps += 1
         total = time.perf_counter() - start
-    return {"steps": steps, "step_ms": total / steps * 1e3, "bitmask_ms": timers.bitmask / steps * 1e3,
-            "accept_ms": timers.accept / steps * 1e3, "min_output_tokens": min(lengths)}  # fmt: skip
+    return {
+        "steps": steps,
+        "step_ms": total / steps * 1e3,
+        "bitmask_ms": timers.bitmask / steps * 1e3,
+        "accept_ms": timers.accept / steps * 1e3,
+        "min_output_tokens": min(lengths),
+    }
 
 
 def measure(sequences: int, output_tokens: int, repeats: int = 3) -> dict:
     engine = build_engine(sequences)
-    engine.input_processor.grammars.compile(SamplingParams(structured_outputs={"json": SCHEMA}).structured_outputs)
+    engine.input_processor.grammars.compile(
+        SamplingParams(structured_outputs={"json": SCHEMA}).structured_outputs
+    )
     run(engine, sequences, 4, True, "warm-up")
     best: dict[str, dict] = {}
     for repeat in range(repeats):  # interleaved, best of each: the machine is shared
@@ -112,12 +132,17 @@ def measure(sequences: int, output_tokens: int, repeats: int = 3) -> dict:
                 best[kind] = figures
     free, constrained = best["free"], best["constrained"]
     grammar_ms = constrained["bitmask_ms"] + constrained["accept_ms"]
-    return {"sequences": sequences, "output_tokens": output_tokens, "threads": torch.get_num_threads(),
-            "free": _rounded(free), "constrained": _rounded(constrained),
-            "grammar_ms_per_step": round(grammar_ms, 3),
-            "grammar_share_of_step": round(grammar_ms / constrained["step_ms"], 4),
-            "grammar_share_of_free_step": round(grammar_ms / free["step_ms"], 4),
-            "step_ms_added": round(constrained["step_ms"] - free["step_ms"], 3)}  # fmt: skip
+    return {
+        "sequences": sequences,
+        "output_tokens": output_tokens,
+        "threads": torch.get_num_threads(),
+        "free": _rounded(free),
+        "constrained": _rounded(constrained),
+        "grammar_ms_per_step": round(grammar_ms, 3),
+        "grammar_share_of_step": round(grammar_ms / constrained["step_ms"], 4),
+        "grammar_share_of_free_step": round(grammar_ms / free["step_ms"], 4),
+        "step_ms_added": round(constrained["step_ms"] - free["step_ms"], 3),
+    }
 
 
 def _rounded(figures: dict) -> dict:

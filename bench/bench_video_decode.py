@@ -79,8 +79,13 @@ def measure(data: bytes, num_frames: int, rounds: int) -> dict:
         everything = decode_everything(data, set(wanted))
         timings["every frame"].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in timings.items()}
-    return {"seconds": medians, "frames": len(probed.timestamps), "keyframes": len(probed.keyframes),
-            "decoded (seek)": sampled.num_decoded, "decoded (every frame)": everything}  # fmt: skip
+    return {
+        "seconds": medians,
+        "frames": len(probed.timestamps),
+        "keyframes": len(probed.keyframes),
+        "decoded (seek)": sampled.num_decoded,
+        "decoded (every frame)": everything,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,24 +108,37 @@ def main(argv: list[str] | None = None) -> int:
             report(args, results[-1])
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps({"args": {**vars(args), "output_json": str(args.output_json)},
-                                                "results": results}, indent=2) + "\n")  # fmt: skip
+        args.output_json.write_text(
+            json.dumps(
+                {"args": {**vars(args), "output_json": str(args.output_json)}, "results": results}, indent=2
+            )
+            + "\n"
+        )
     return 0
 
 
 def report(args, result: dict) -> None:
     seconds = result["seconds"]
-    print(f"{args.seconds}s {args.size} h264 @ {args.fps} fps, keyframe every {result['keyint']} frames "
-          f"({result['keyframes']} keyframes, {result['frames']} frames, {result['bytes'] / 1e6:.1f} MB), "
-          f"{args.frames} frames sampled, median of {args.rounds}:")  # fmt: skip
+    print(
+        f"{args.seconds}s {args.size} h264 @ {args.fps} fps, keyframe every {result['keyint']} frames "
+        f"({result['keyframes']} keyframes, {result['frames']} frames, {result['bytes'] / 1e6:.1f} MB), "
+        f"{args.frames} frames sampled, median of {args.rounds}:"
+    )
     print(f"  read packets (probe_video):      {seconds['probe'] * 1000:8.1f} ms")
-    print(f"  decode sampled frames, seeking:  {seconds['sampled (seek)'] * 1000:8.1f} ms "
-          f"({result['decoded (seek)']} frames decoded)")  # fmt: skip
-    print(f"  decode every frame (baseline):   {seconds['every frame'] * 1000:8.1f} ms "
-          f"({result['decoded (every frame)']} frames decoded)")  # fmt: skip
+    print(
+        f"  decode sampled frames, seeking:  {seconds['sampled (seek)'] * 1000:8.1f} ms "
+        f"({result['decoded (seek)']} frames decoded)"
+    )
+    print(
+        f"  decode every frame (baseline):   {seconds['every frame'] * 1000:8.1f} ms "
+        f"({result['decoded (every frame)']} frames decoded)"
+    )
     total = seconds["probe"] + seconds["sampled (seek)"]
-    print(f"  ours in all (probe + decode):    {total * 1000:8.1f} ms, "
-          f"{seconds['every frame'] / total:.1f}x faster than decoding every frame", flush=True)  # fmt: skip
+    print(
+        f"  ours in all (probe + decode):    {total * 1000:8.1f} ms, "
+        f"{seconds['every frame'] / total:.1f}x faster than decoding every frame",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

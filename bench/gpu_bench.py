@@ -32,7 +32,10 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
 
 def prompts(count: int, length: int, seed: int = 0) -> list[EngineInputs]:
     generator = torch.Generator().manual_seed(seed)
-    return [EngineInputs(torch.randint(100, 150000, (length,), generator=generator).tolist()) for _ in range(count)]
+    return [
+        EngineInputs(torch.randint(100, 150000, (length,), generator=generator).tolist())
+        for _ in range(count)
+    ]
 
 
 def engine_tok_s(engine: LLMEngine, requests, output_tokens: int) -> tuple[float, float | None]:
@@ -85,15 +88,20 @@ def measure(engine: LLMEngine, model, concurrency: int, args, baseline: float) -
         engine.core.block_manager.reset_prefix_cache()
         engine_tok_s(engine, prompts(concurrency, length, seed=1000 + length), 3)
     engine.core.block_manager.reset_prefix_cache()
-    tok_s, step_ms = engine_tok_s(engine, prompts(concurrency, args.prompt_tokens, seed=concurrency), args.output_tokens)
-    floor_ms = bandwidth_floor_ms(model, concurrency, args.prompt_tokens + args.output_tokens // 2, args.bandwidth_tbs)
+    tok_s, step_ms = engine_tok_s(
+        engine, prompts(concurrency, args.prompt_tokens, seed=concurrency), args.output_tokens
+    )
+    floor_ms = bandwidth_floor_ms(
+        model, concurrency, args.prompt_tokens + args.output_tokens // 2, args.bandwidth_tbs
+    )
     return {
-        "concurrency": concurrency, "engine_tok_s": round(tok_s, 1),
+        "concurrency": concurrency,
+        "engine_tok_s": round(tok_s, 1),
         "ratio_vs_sequential": round(tok_s / baseline, 2),
         "decode_step_ms": None if step_ms is None else round(step_ms, 3),
         "bandwidth_floor_step_ms": round(floor_ms, 3),
         "step_over_floor": None if step_ms is None else round(step_ms / floor_ms, 2),
-    }  # fmt: skip
+    }
 
 
 def _sync() -> None:
@@ -108,12 +116,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--output-tokens", type=int, default=256)
-    parser.add_argument("--sequential-requests", type=int, default=4, help="baseline requests (one at a time)")
+    parser.add_argument(
+        "--sequential-requests", type=int, default=4, help="baseline requests (one at a time)"
+    )
     parser.add_argument("--kv-cache-gib", type=float, default=None)
-    parser.add_argument("--modes", nargs="+", choices=("graphs", "eager"), default=["graphs", "eager"],
-                        help="decode steps replayed as CUDA graphs (fixed shapes, eager on CPU) and/or eager")
-    parser.add_argument("--bandwidth-tbs", type=float, default=3.0,
-                        help="memory bandwidth for the floor, TB/s (measured: H100 ~3.0, H200 ~4.3)")  # fmt: skip
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("graphs", "eager"),
+        default=["graphs", "eager"],
+        help="decode steps replayed as CUDA graphs (fixed shapes, eager on CPU) and/or eager",
+    )
+    parser.add_argument(
+        "--bandwidth-tbs",
+        type=float,
+        default=3.0,
+        help="memory bandwidth for the floor, TB/s (measured: H100 ~3.0, H200 ~4.3)",
+    )
     args = parser.parse_args(argv)
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -121,14 +140,21 @@ def main(argv: list[str] | None = None) -> None:
     kv_bytes = int(args.kv_cache_gib * 1024**3) if args.kv_cache_gib else None
     if kv_bytes is None and not args.device.startswith("cuda"):
         kv_bytes = 256 * 1024 * 1024
-    engine_args = EngineArgs(model="unused", dtype=str(dtype).split(".")[-1], device=args.device,
-                             max_num_seqs=max(args.concurrency), kv_cache_memory=kv_bytes,
-                             max_num_batched_tokens=max(4096, args.prompt_tokens))  # fmt: skip
+    engine_args = EngineArgs(
+        model="unused",
+        dtype=str(dtype).split(".")[-1],
+        device=args.device,
+        max_num_seqs=max(args.concurrency),
+        kv_cache_memory=kv_bytes,
+        max_num_batched_tokens=max(4096, args.prompt_tokens),
+    )
     from ovis2.tokenizer import build_tokenizer
 
     engine = LLMEngine(engine_args, model=model, tokenizer=build_tokenizer())
     engine_tok_s(engine, prompts(1, 16, seed=99), 4)  # warm-up
-    baseline = sequential_tok_s(model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens)
+    baseline = sequential_tok_s(
+        model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens
+    )
     graphs = engine.core.runner.decode_graphs
     if graphs is None:  # CPU: the same fixed-shape path, run eagerly
         engine.core.runner.enable_decode_graphs(engine.max_model_len, capture=False)
@@ -139,9 +165,19 @@ def main(argv: list[str] | None = None) -> None:
         for concurrency in args.concurrency:
             results.append({"mode": mode, **measure(engine, model, concurrency, args, baseline)})
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(json.dumps({"device": device, "tiny": args.tiny, "prompt_tokens": args.prompt_tokens,
-                      "output_tokens": args.output_tokens, "sequential_tok_s": round(baseline, 1),
-                      "results": results}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "device": device,
+                "tiny": args.tiny,
+                "prompt_tokens": args.prompt_tokens,
+                "output_tokens": args.output_tokens,
+                "sequential_tok_s": round(baseline, 1),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def decode_weight_bytes(config, bytes_per_param: int = 2) -> int:
     tied model the embedding matrix, read in full as lm_head; the embedding lookup itself reads one row)."""
     t = config.text_config
     kv = t.num_key_value_heads * t.head_dim
-    attention = t.hidden_size * t.hidden_size * 2 + t.hidden_size * kv * 2 + t.hidden_size + 2 * kv  # q,o + k,v + bias
+    attention = (
+        t.hidden_size * t.hidden_size * 2 + t.hidden_size * kv * 2 + t.hidden_size + 2 * kv
+    )  # q,o + k,v + bias
     mlp = 3 * t.hidden_size * t.intermediate_size
     per_layer = attention + mlp + 2 * t.hidden_size
     params = t.num_hidden_layers * per_layer + t.hidden_size + t.vocab_size * t.hidden_size
@@ -98,8 +100,10 @@ def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
     bandwidth = copy_bandwidth(repeats=repeats)
     gemv = gemv_bandwidth(dtype=DTYPES[dtype])
     # the other dtype once, on one shape: emulated bf16 can run at well under 1 GFLOP/s
-    peaks = {name: matmul_peak(dtype=value) if name == dtype else matmul_peak(MATMUL_SHAPES[:1], 1, value)
-             for name, value in DTYPES.items()}  # fmt: skip
+    peaks = {
+        name: matmul_peak(dtype=value) if name == dtype else matmul_peak(MATMUL_SHAPES[:1], 1, value)
+        for name, value in DTYPES.items()
+    }
     peak = peaks[dtype]
     weight_bytes = decode_weight_bytes(config, torch.empty(0, dtype=DTYPES[dtype]).element_size())
     flops = crop_flops(config)
@@ -116,7 +120,9 @@ def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
         "batch1_step_floor_gemv_ms": weight_bytes / (gemv * 1e9) * 1e3,
         "crop_tflop": flops / 1e12,
         "crop_floor_ms": flops / (peak["peak_tflops"] * 1e12) * 1e3,
-        "crop_floor_other_dtype_ms": {name: flops / (p["peak_tflops"] * 1e12) * 1e3 for name, p in peaks.items()},
+        "crop_floor_other_dtype_ms": {
+            name: flops / (p["peak_tflops"] * 1e12) * 1e3 for name, p in peaks.items()
+        },
     }
 
 
@@ -130,7 +136,9 @@ def engine_batch1_step_ms(model: str, output_tokens: int = 48, dtype: str = "bfl
     args = EngineArgs(model=model, dtype=dtype, device="cpu", max_num_seqs=1, kv_cache_memory=256 << 20)
     engine = LLMEngine(args)
     processor = load_processor(args)
-    chat = [{"role": "user", "content": [{"type": "text", "text": "Describe a river at dawn in some detail."}]}]
+    chat = [
+        {"role": "user", "content": [{"type": "text", "text": "Describe a river at dawn in some detail."}]}
+    ]
     inputs = processor.prepare_chat(chat)
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
     steps = []
@@ -142,8 +150,11 @@ def engine_batch1_step_ms(model: str, output_tokens: int = 48, dtype: str = "bfl
             engine.step()
             times.append(time.perf_counter() - start)
         steps = times[1:]  # times[0] is the prefill
-    return {"decode_steps": len(steps), "median_step_ms": statistics.median(steps) * 1e3,
-            "min_step_ms": min(steps) * 1e3}  # fmt: skip
+    return {
+        "decode_steps": len(steps),
+        "median_step_ms": statistics.median(steps) * 1e3,
+        "min_step_ms": min(steps) * 1e3,
+    }
 
 
 def format_floors(result: dict) -> str:
@@ -151,8 +162,11 @@ def format_floors(result: dict) -> str:
         f"machine floors ({result['torch_threads']} torch threads), Ovis2-{result['size']} shapes, {result['dtype']}:",
         f"  copy bandwidth           {result['copy_bandwidth_gb_s']:8.1f} GB/s (read + write)",
         f"  GEMV bandwidth           {result['gemv_bandwidth_gb_s']:8.1f} GB/s (weight bytes read)",
-        "  matmul peak              " + ", ".join(f"{name} {value * 1e3:.0f}" for name, value in
-                                                 result["matmul_peak_tflops_by_dtype"].items()) + " GFLOP/s",
+        "  matmul peak              "
+        + ", ".join(
+            f"{name} {value * 1e3:.0f}" for name, value in result["matmul_peak_tflops_by_dtype"].items()
+        )
+        + " GFLOP/s",
         f"  batch-1 step floor       {result['batch1_step_floor_ms']:8.1f} ms "
         f"({result['decode_weight_bytes'] / 1e9:.2f} GB / copy bandwidth; "
         f"{result['batch1_step_floor_gemv_ms']:.1f} ms at the GEMV bandwidth)",
@@ -160,15 +174,21 @@ def format_floors(result: dict) -> str:
     ]
     if "engine" in result:
         engine = result["engine"]
-        lines.append(f"  ours, engine batch-1 step {engine['median_step_ms']:7.1f} ms median "
-                     f"({engine['median_step_ms'] / result['batch1_step_floor_ms']:.1f}x the floor)")  # fmt: skip
+        lines.append(
+            f"  ours, engine batch-1 step {engine['median_step_ms']:7.1f} ms median "
+            f"({engine['median_step_ms'] / result['batch1_step_floor_ms']:.1f}x the floor)"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.machine_floor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.machine_floor", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--size", default="1B", choices=("1B", "2B", "4B", "8B", "16B", "34B"))
-    parser.add_argument("--model", help="an -hf checkpoint of these shapes: also measure our engine's batch-1 step")
+    parser.add_argument(
+        "--model", help="an -hf checkpoint of these shapes: also measure our engine's batch-1 step"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output-json", help="write the figures here too")

@@ -31,7 +31,9 @@ def cpu_flags() -> list[str]:
         text = open("/proc/cpuinfo").read()
     except OSError:
         return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
     return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512f", "amx", "avx2", "avx512_vnni")))
 
 
@@ -43,9 +45,14 @@ def memory_gib() -> float:
 
 
 def machine_description() -> dict:
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(),
-            "memory_gib": round(memory_gib(), 1), "platform": platform.platform(),
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "memory_gib": round(memory_gib(), 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 class LoadSampler:

@@ -106,7 +106,9 @@ def discover_model(base_url: str, api_key: str | None) -> str:
     try:
         response = httpx.get(url, headers=headers, timeout=30)
     except httpx.HTTPError as exc:
-        raise BenchError(f"cannot reach {url} ({type(exc).__name__}: {exc}); is a server running at --base-url?") from None
+        raise BenchError(
+            f"cannot reach {url} ({type(exc).__name__}: {exc}); is a server running at --base-url?"
+        ) from None
     answered = f"GET {url} answered {response.status_code} {response.reason_phrase}"
     if response.status_code in (401, 403):
         if api_key:
@@ -161,7 +163,9 @@ def run_one(args: argparse.Namespace, endpoint: Endpoint, concurrency: int | Non
     requests = build_workload(workload_spec(args, args.num_requests))
     results, duration = asyncio.run(run_load(endpoint, requests, load))
     summary = summarize(results, duration, parse_slos(args.goodput))
-    rate = args.request_rate if math.isfinite(args.request_rate) else None  # None: all at once (JSON has no inf)
+    rate = (
+        args.request_rate if math.isfinite(args.request_rate) else None
+    )  # None: all at once (JSON has no inf)
     return {"max_concurrency": concurrency, "request_rate": rate} | summary
 
 

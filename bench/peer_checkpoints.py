@@ -84,7 +84,9 @@ def write_hf_checkpoint(directory: Path, size: str, seed: int = 0) -> Path:
     return directory
 
 
-def ensure_checkpoints(size: str = "1B", root: Path | None = None, seed: int = 0, log=print) -> CheckpointPair:
+def ensure_checkpoints(
+    size: str = "1B", root: Path | None = None, seed: int = 0, log=print
+) -> CheckpointPair:
     """Both layouts of `size`, built on first use (the 1B shapes: about 2.3 GB each, a minute or two)."""
     from .aidc_layout import write_original_layout
 

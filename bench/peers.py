@@ -52,7 +52,9 @@ def parse_peers(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip() and n.strip().lower() != "none"]
     unknown = [n for n in names if n not in KNOWN_PEERS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_PEERS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_PEERS)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -75,8 +77,12 @@ def write_chat_template(root: Path) -> Path:
 
 def resolve_specs(args, pair, root: Path, log=print) -> tuple[list[ServerSpec], dict[str, str]]:
     """The specs of the servers that can run, and an error line for each asked-for peer that cannot."""
-    settings = ServerSettings(dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                              threads=args.vllm_threads)  # fmt: skip
+    settings = ServerSettings(
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        threads=args.vllm_threads,
+    )
     specs = [ours_spec(Path(sys.executable), pair.hf, settings, shlex.split(args.ours_args))]
     errors: dict[str, str] = {}
     if "vllm" in args.peers:
@@ -86,22 +92,29 @@ def resolve_specs(args, pair, root: Path, log=print) -> tuple[list[ServerSpec], 
                 env = install_vllm(root, log=log)
             elif installed_version(env) is None:
                 raise PeerInstallError(f"not installed in {env.venv}: run with --install-peers")
-            specs.append(vllm_spec(env.python, pair.aidc, write_chat_template(root), settings,
-                                   shlex.split(args.vllm_args)))  # fmt: skip
+            specs.append(
+                vllm_spec(
+                    env.python, pair.aidc, write_chat_template(root), settings, shlex.split(args.vllm_args)
+                )
+            )
         except (PeerInstallError, OSError) as error:
             errors["vllm"] = f"install failed: {error}"
     if "transformers" in args.peers:
         cli = Path(sys.executable).parent / "transformers"
         if cli.is_file():
-            specs.append(transformers_spec(cli, pair.hf, settings, args.output_tokens,
-                                           shlex.split(args.transformers_args)))  # fmt: skip
+            specs.append(
+                transformers_spec(
+                    cli, pair.hf, settings, args.output_tokens, shlex.split(args.transformers_args)
+                )
+            )
         else:
             errors["transformers"] = f"not installed: no {cli}"
     return specs, errors
 
 
-def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampler: LoadSampler, log=print,
-                 progress=None) -> dict:  # fmt: skip
+def bench_server(
+    spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampler: LoadSampler, log=print, progress=None
+) -> dict:
     """Start, warm up, run every load `args.runs` times, stop. Never raises: failures are in the result."""
     port = free_port()
     result = {"command": shlex.join(spec.command(port)), "env": spec.env, "error": None, "loads": {}}
@@ -118,7 +131,9 @@ def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampl
             model = served_model(server.base_url)
         except Exception:  # noqa: BLE001 - a peer without /v1/models still gets the served name
             model = "ovis2"
-        endpoint = Endpoint(url=server.base_url + "/v1/chat/completions", model=model, extra_body=spec.extra_body)
+        endpoint = Endpoint(
+            url=server.base_url + "/v1/chat/completions", model=model, extra_body=spec.extra_body
+        )
         log(f"[{spec.name}] up in {result['startup_s']:.0f} s; warming up")
         warm_up(endpoint, args.input_words, args.output_tokens, args.seed, any(x.image_size for x in loads))
         for load in loads:
@@ -129,24 +144,35 @@ def bench_server(spec: ServerSpec, loads: list[Load], args, log_dir: Path, sampl
                     break
                 seed = run_seed(args.seed, load.name, index)
                 try:
-                    run = measure_run(endpoint, load, seed, args.input_words, args.output_tokens, args.request_timeout)
+                    run = measure_run(
+                        endpoint, load, seed, args.input_words, args.output_tokens, args.request_timeout
+                    )
                 except Exception as error:  # noqa: BLE001 - one load's failure is a line in the report
                     run = {"error": f"{type(error).__name__}: {error}"[:300]}
                 runs.append(run)
-                log(f"[{spec.name}] {load.name} run {index + 1}: "
-                    + (run.get("error") or f"{run['output_throughput']:.1f} tok/s, p99 TTFT {run['p99_ttft_ms']:.0f} ms,"
-                       f" {run['failed']} failed"))  # fmt: skip
+                log(
+                    f"[{spec.name}] {load.name} run {index + 1}: "
+                    + (
+                        run.get("error")
+                        or f"{run['output_throughput']:.1f} tok/s, p99 TTFT {run['p99_ttft_ms']:.0f} ms,"
+                        f" {run['failed']} failed"
+                    )
+                )
             best = best_run([r for r in runs if "error" not in r])
             result["loads"][load.name] = {"runs": runs, "best": best}
             if progress is not None:
                 progress(result)
     except Exception as error:  # noqa: BLE001
-        result["error"] = f"{type(error).__name__}: {error} ({traceback.format_exc(limit=2).splitlines()[-1]})"
+        result["error"] = (
+            f"{type(error).__name__}: {error} ({traceback.format_exc(limit=2).splitlines()[-1]})"
+        )
     finally:
         server.stop()
         result["load_average"] = sampler.window(measured_from, time.time())
-    if server.process.returncode not in (0, -15, None) and not result["error"] and any(
-        "error" in run for entry in result["loads"].values() for run in entry["runs"]
+    if (
+        server.process.returncode not in (0, -15, None)
+        and not result["error"]
+        and any("error" in run for entry in result["loads"].values() for run in entry["runs"])
     ):
         result["error"] = f"exited with {server.process.returncode}"
     return result
@@ -160,8 +186,10 @@ def bf16_note(machine: dict, dtype: str) -> str | None:
     """bf16 without AVX-512-BF16 or AMX is emulated: matmuls run several times slower than in float32."""
     if dtype != "bfloat16" or any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16")):
         return None
-    return ("this CPU has no AVX-512-BF16 or AMX: bf16 matmuls are emulated (several times slower than float32), "
-            "so bf16 figures here measure the emulation")  # fmt: skip
+    return (
+        "this CPU has no AVX-512-BF16 or AMX: bf16 matmuls are emulated (several times slower than float32), "
+        "so bf16 figures here measure the emulation"
+    )
 
 
 def step_floor_lines(floor: dict | None, results: dict) -> list[str]:
@@ -173,30 +201,45 @@ def step_floor_lines(floor: dict | None, results: dict) -> list[str]:
         best = ((server.get("loads") or {}).get("text-c1") or {}).get("best")
         if best and best.get("completed"):
             step = best["p50_tpot_ms"]
-            lines.append(f"{name}: batch-1 step {step:.1f} ms (p50 TPOT, text-c1) = "
-                         f"{step / floor['batch1_step_floor_ms']:.1f}x the {floor['batch1_step_floor_ms']:.1f} ms floor")  # fmt: skip
+            lines.append(
+                f"{name}: batch-1 step {step:.1f} ms (p50 TPOT, text-c1) = "
+                f"{step / floor['batch1_step_floor_ms']:.1f}x the {floor['batch1_step_floor_ms']:.1f} ms floor"
+            )
     return lines
 
 
 def markdown_block(document: dict) -> str:
     machine, load = document["machine"], document["load_average"]
-    lines = [f"**Command:** `{document['command']}`", "",
-             f"**Machine:** {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['memory_gib']} GiB, "
-             f"{machine['platform']}, Python {machine['python']}; flags {' '.join(machine['cpu_flags'])}."]  # fmt: skip
+    lines = [
+        f"**Command:** `{document['command']}`",
+        "",
+        f"**Machine:** {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['memory_gib']} GiB, "
+        f"{machine['platform']}, Python {machine['python']}; flags {' '.join(machine['cpu_flags'])}.",
+    ]
     before = load.get("before")
     during = {n: s.get("load_average") for n, s in document["results"].items()}
-    lines.append("**Load average:** before the run " + (f"{before:.2f}" if before is not None else "n/a") + "; "
-                 + "; ".join(f"during {n} {w['mean']:.1f} (min {w['min']:.1f}, max {w['max']:.1f})"
-                             for n, w in during.items() if w) + ".")  # fmt: skip
+    lines.append(
+        "**Load average:** before the run "
+        + (f"{before:.2f}" if before is not None else "n/a")
+        + "; "
+        + "; ".join(
+            f"during {n} {w['mean']:.1f} (min {w['min']:.1f}, max {w['max']:.1f})"
+            for n, w in during.items()
+            if w
+        )
+        + "."
+    )
     lines += ["", format_markdown(document["table"]), ""]
     if document.get("floor"):
         f = document["floor"]
         peaks = ", ".join(f"{n} {v * 1e3:.0f}" for n, v in f["matmul_peak_tflops_by_dtype"].items())
-        lines.append(f"**Floors ({f['dtype']}):** copy bandwidth {f['copy_bandwidth_gb_s']:.1f} GB/s, GEMV "
-                     f"{f['gemv_bandwidth_gb_s']:.1f} GB/s, matmul peak {peaks} "
-                     f"GFLOP/s; batch-1 step floor {f['batch1_step_floor_ms']:.1f} ms "
-                     f"({f['decode_weight_bytes'] / 1e9:.2f} GB read per step); 448x448 crop floor "
-                     f"{f['crop_floor_ms']:.0f} ms ({f['crop_tflop']:.2f} TFLOP).")  # fmt: skip
+        lines.append(
+            f"**Floors ({f['dtype']}):** copy bandwidth {f['copy_bandwidth_gb_s']:.1f} GB/s, GEMV "
+            f"{f['gemv_bandwidth_gb_s']:.1f} GB/s, matmul peak {peaks} "
+            f"GFLOP/s; batch-1 step floor {f['batch1_step_floor_ms']:.1f} ms "
+            f"({f['decode_weight_bytes'] / 1e9:.2f} GB read per step); 448x448 crop floor "
+            f"{f['crop_floor_ms']:.0f} ms ({f['crop_tflop']:.2f} TFLOP)."
+        )
         lines += [f"- {line}" for line in document["step_vs_floor"]]
     lines += [f"- FAILED {line}" for line in document["failures"]]
     lines += [f"- NOTE {line}" for line in document.get("notes", [])]
@@ -204,14 +247,23 @@ def markdown_block(document: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
-    parser.add_argument("--peers", type=parse_peers, default=["vllm"], help="vllm,transformers (default: vllm)")
-    parser.add_argument("--install-peers", action="store_true", help="install vLLM's CPU build if it is missing")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.peers",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--peers", type=parse_peers, default=["vllm"], help="vllm,transformers (default: vllm)"
+    )
+    parser.add_argument(
+        "--install-peers", action="store_true", help="install vLLM's CPU build if it is missing"
+    )
     parser.add_argument("--size", default="1B", choices=("1B", "2B"))
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/ovis2-serve/peers")
-    parser.add_argument("--runs", type=int, default=2, help="runs of each load, fresh prompts each; best kept")
+    parser.add_argument(
+        "--runs", type=int, default=2, help="runs of each load, fresh prompts each; best kept"
+    )
     parser.add_argument("--loads", default="", help="comma-separated subset of the load names (default: all)")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--input-words", type=int, default=32)
@@ -219,18 +271,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-c16-requests", type=int, default=32)
     parser.add_argument("--image448-requests", type=int, default=16)
     parser.add_argument("--image600x900-requests", type=int, default=16)
-    parser.add_argument("--image-runs", type=int, default=None, help="runs of the image loads (default: --runs)")
+    parser.add_argument(
+        "--image-runs", type=int, default=None, help="runs of the image loads (default: --runs)"
+    )
     parser.add_argument("--chat-conversations", type=int, default=8)
-    parser.add_argument("--chat-turns", type=int, default=3, help="turn 1 primes the caches; the rest are measured")
+    parser.add_argument(
+        "--chat-turns", type=int, default=3, help="turn 1 primes the caches; the rest are measured"
+    )
     parser.add_argument("--chat-image-size", type=parse_image_size, default=(448, 448))
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="every server's compute dtype (the checkpoints are bf16 on disk either way)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="every server's compute dtype (the checkpoints are bf16 on disk either way)",
+    )
     parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache for every server that takes a size")
+    parser.add_argument(
+        "--kv-cache-gib", type=int, default=2, help="KV cache for every server that takes a size"
+    )
     parser.add_argument("--vllm-threads", type=int, default=2, help="OMP_NUM_THREADS for vLLM")
     parser.add_argument("--ours-args", default="", help="extra ovis2-serve flags, one string")
     parser.add_argument("--vllm-args", default="", help="extra vLLM server flags, one string")
-    parser.add_argument("--transformers-args", default="", help="extra `transformers serve` flags, one string")
+    parser.add_argument(
+        "--transformers-args", default="", help="extra `transformers serve` flags, one string"
+    )
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--request-timeout", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -241,16 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def select_loads(args) -> list[Load]:
-    sizes = LoadSizes(text_c1=args.text_c1_requests, text_c16=args.text_c16_requests,
-                      image448=args.image448_requests, image600x900=args.image600x900_requests,
-                      chat_conversations=args.chat_conversations, chat_turns=args.chat_turns,
-                      chat_image=args.chat_image_size)  # fmt: skip
+    sizes = LoadSizes(
+        text_c1=args.text_c1_requests,
+        text_c16=args.text_c16_requests,
+        image448=args.image448_requests,
+        image600x900=args.image600x900_requests,
+        chat_conversations=args.chat_conversations,
+        chat_turns=args.chat_turns,
+        chat_image=args.chat_image_size,
+    )
     loads = standard_loads(sizes)
     wanted = [n.strip() for n in args.loads.split(",") if n.strip()]
     unknown = set(wanted) - {load.name for load in loads}
     if unknown:
-        raise SystemExit(f"unknown load(s) {', '.join(sorted(unknown))}; choose from "
-                         f"{', '.join(load.name for load in loads)}")  # fmt: skip
+        raise SystemExit(
+            f"unknown load(s) {', '.join(sorted(unknown))}; choose from "
+            f"{', '.join(load.name for load in loads)}"
+        )
     return [load for load in loads if not wanted or load.name in wanted]
 
 
@@ -286,14 +357,28 @@ def main(argv: list[str] | None = None) -> int:
 
     def compose(partial: bool) -> dict:
         ordered = {n: results[n] for n in ("ours", *args.peers) if n in results}
-        rows = table_rows(ordered, [{"name": x.name, "label": x.label, "cache_hits": x.cache_hits} for x in loads])
-        document = {"command": command, "machine": machine, "partial": partial,
-                    "notes": [n for n in [bf16_note(machine, args.dtype)] if n],
-                    "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
-                    "checkpoints": {"size": args.size, "hf": str(pair.hf), "aidc": str(pair.aidc), "dtype": "bfloat16"},
-                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "loads": [vars(x) for x in loads], "floor": floor, "results": ordered, "table": rows,
-                    "failures": failure_lines(ordered)}  # fmt: skip
+        rows = table_rows(
+            ordered, [{"name": x.name, "label": x.label, "cache_hits": x.cache_hits} for x in loads]
+        )
+        document = {
+            "command": command,
+            "machine": machine,
+            "partial": partial,
+            "notes": [n for n in [bf16_note(machine, args.dtype)] if n],
+            "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
+            "checkpoints": {
+                "size": args.size,
+                "hf": str(pair.hf),
+                "aidc": str(pair.aidc),
+                "dtype": "bfloat16",
+            },
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "loads": [vars(x) for x in loads],
+            "floor": floor,
+            "results": ordered,
+            "table": rows,
+            "failures": failure_lines(ordered),
+        }
         document["step_vs_floor"] = step_floor_lines(floor, ordered)
         return document
 
@@ -301,12 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==== {spec.name}: {len(loads)} loads x {args.runs} runs ====", flush=True)
         results[spec.name] = {"error": None, "loads": {}}
 
-        def progress(partial_result: dict, name: str = spec.name) -> None:  # the JSON so far, after every load
+        def progress(
+            partial_result: dict, name: str = spec.name
+        ) -> None:  # the JSON so far, after every load
             results[name] = partial_result
             write_json(compose(partial=True), args.output_json)
 
-        results[spec.name] = bench_server(spec, loads, args, log_dir, sampler, log=lambda m: print(m, flush=True),
-                                          progress=progress)  # fmt: skip
+        results[spec.name] = bench_server(
+            spec, loads, args, log_dir, sampler, log=lambda m: print(m, flush=True), progress=progress
+        )
     sampler.stop()
     document = compose(partial=False)
     rows, failures = document["table"], document["failures"]

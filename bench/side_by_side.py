@@ -135,10 +135,15 @@ def bench_server(server: ServerUnderTest, args: argparse.Namespace, log_dir: Pat
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_healthy(base_url, process, args.startup_timeout)
-            endpoint = Endpoint(url=base_url + "/v1/chat/completions", model=served_model(base_url),
-                                extra_body=server.extra_body)  # fmt: skip
-            return {name: measure(endpoint, spec, args.concurrency, args.warmup_requests)
-                    for name, spec in workloads(args).items()}  # fmt: skip
+            endpoint = Endpoint(
+                url=base_url + "/v1/chat/completions",
+                model=served_model(base_url),
+                extra_body=server.extra_body,
+            )
+            return {
+                name: measure(endpoint, spec, args.concurrency, args.warmup_requests)
+                for name, spec in workloads(args).items()
+            }
         finally:
             stop(process)
 
@@ -156,10 +161,14 @@ def ratios(ours: dict, theirs: dict) -> dict:
 
 def format_comparison(name: str, ours: dict, theirs: dict, ratio: dict) -> str:
     rows = [f"---- {name} ----", f"{'':<24}{'ours':>12}{'transformers':>14}{'ratio':>9}"]
-    rows.append(f"{'output tok/s':<24}{ours['output_throughput']:>12.1f}{theirs['output_throughput']:>14.1f}"
-                f"{ratio['output_throughput_ratio']:>8.1f}x")  # fmt: skip
-    rows.append(f"{'p99 TTFT (ms)':<24}{ours['p99_ttft_ms']:>12.0f}{theirs['p99_ttft_ms']:>14.0f}"
-                f"{ratio['p99_ttft_ratio']:>8.1f}x")  # fmt: skip
+    rows.append(
+        f"{'output tok/s':<24}{ours['output_throughput']:>12.1f}{theirs['output_throughput']:>14.1f}"
+        f"{ratio['output_throughput_ratio']:>8.1f}x"
+    )
+    rows.append(
+        f"{'p99 TTFT (ms)':<24}{ours['p99_ttft_ms']:>12.0f}{theirs['p99_ttft_ms']:>14.0f}"
+        f"{ratio['p99_ttft_ratio']:>8.1f}x"
+    )
     for key, label in (
         ("p50_tpot_ms", "p50 TPOT (ms)"),
         ("p99_e2el_ms", "p99 E2E (ms)"),
@@ -219,9 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, ratio in comparison.items():
         print(format_comparison(name, measured["ours"][name], measured["transformers"][name], ratio))
     command = " ".join(["python -m bench.side_by_side", *(sys.argv[1:] if argv is None else argv)])
-    document = {"command": command, "machine": machine_info(), "model": model, "dtype": dtype,
-                "settings": vars(args) | {"output_json": str(args.output_json)}, "results": measured,
-                "comparison": comparison}  # fmt: skip
+    document = {
+        "command": command,
+        "machine": machine_info(),
+        "model": model,
+        "dtype": dtype,
+        "settings": vars(args) | {"output_json": str(args.output_json)},
+        "results": measured,
+        "comparison": comparison,
+    }
     write_json(document, args.output_json)
     return 0 if all(r["meets_output_goal"] and r["lower_p99_ttft"] for r in comparison.values()) else 1
 

@@ -29,7 +29,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, model_class: type | None =
     if local.is_dir():
         return local
     if local.exists() or not HUB_ID.match(text):
-        raise Ovis2Error(f"model {text!r} is neither a checkpoint directory, 'demo', nor a hub id like 'org/name'")
+        raise Ovis2Error(
+            f"model {text!r} is neither a checkpoint directory, 'demo', nor a hub id like 'org/name'"
+        )
     return _download(text, with_weights=model_class is not None)
 
 

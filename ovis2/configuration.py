@@ -68,11 +68,17 @@ class Ovis2VisionConfig:
         return side * side
 
     def validate(self) -> None:
-        _check_positive(self, self.REQUIRED + ("image_size", "patch_size", "hidden_stride", "vocab_size"), "vision_config")
+        _check_positive(
+            self, self.REQUIRED + ("image_size", "patch_size", "hidden_stride", "vocab_size"), "vision_config"
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise Ovis2Error("config.json: 'vision_config.hidden_size' must be divisible by 'num_attention_heads'")
+            raise Ovis2Error(
+                "config.json: 'vision_config.hidden_size' must be divisible by 'num_attention_heads'"
+            )
         if self.tokenize_function not in ("softmax", "st_argmax", "gumbel_argmax"):
-            raise Ovis2Error(f"config.json: 'vision_config.tokenize_function' {self.tokenize_function!r} is unknown")
+            raise Ovis2Error(
+                f"config.json: 'vision_config.tokenize_function' {self.tokenize_function!r} is unknown"
+            )
         if self.vocab_size <= self.num_visual_indicator_tokens:
             raise Ovis2Error("config.json: 'vision_config.vocab_size' must exceed the indicator token count")
         if self.hidden_act != "silu":
@@ -113,11 +119,17 @@ class Ovis2TextConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        _check_positive(self, self.REQUIRED + ("num_key_value_heads", "max_position_embeddings"), "text_config")
+        _check_positive(
+            self, self.REQUIRED + ("num_key_value_heads", "max_position_embeddings"), "text_config"
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise Ovis2Error("config.json: 'text_config.hidden_size' must be divisible by 'num_attention_heads'")
+            raise Ovis2Error(
+                "config.json: 'text_config.hidden_size' must be divisible by 'num_attention_heads'"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise Ovis2Error("config.json: 'text_config.num_attention_heads' must be a multiple of 'num_key_value_heads'")
+            raise Ovis2Error(
+                "config.json: 'text_config.num_attention_heads' must be a multiple of 'num_key_value_heads'"
+            )
         if self.hidden_act != "silu":
             raise Ovis2Error(f"config.json: 'text_config.hidden_act' {self.hidden_act!r} is not supported")
 
@@ -170,7 +182,9 @@ class Ovis2Config:
             return cls._from_hf(source)
         if model_type == "ovis":
             return cls._from_original(source)
-        raise Ovis2Error(f"config.json: 'model_type' must be 'ovis2' (-hf) or 'ovis' (original), got {model_type!r}")
+        raise Ovis2Error(
+            f"config.json: 'model_type' must be 'ovis2' (-hf) or 'ovis' (original), got {model_type!r}"
+        )
 
     @classmethod
     def _from_hf(cls, source: dict) -> Ovis2Config:
@@ -250,7 +264,13 @@ def config_for_size(size: str) -> Ovis2Config:
         raise Ovis2Error(f"unknown Ovis2 size {size!r}; choose one of {', '.join(OVIS2_SIZES)}")
     hidden, layers, heads, kv_heads, inter, vocab, tied, vit = _QWEN[size]
     text = Ovis2TextConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=inter, vocab_size=vocab,
-    )  # fmt: skip
-    return Ovis2Config(text_config=text, vision_config=Ovis2VisionConfig(**_AIMV2[vit]), tie_word_embeddings=tied)
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
+    )
+    return Ovis2Config(
+        text_config=text, vision_config=Ovis2VisionConfig(**_AIMV2[vit]), tie_word_embeddings=tied
+    )

@@ -25,10 +25,22 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def tiny_config(text: dict | None = None, vision: dict | None = None, **top) -> Ovis2Config:
-    text_values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=151936)  # fmt: skip
-    vision_values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=64 + 5, hidden_stride=2)  # fmt: skip
+    text_values = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    )
+    vision_values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64 + 5,
+        hidden_stride=2,
+    )
     text_values.update(text or {})
     vision_values.update(vision or {})
     top.setdefault("tie_word_embeddings", False)
@@ -59,8 +71,9 @@ def _random_like(name: str, param: torch.Tensor, generator: torch.Generator) -> 
     return noise / fan_in**0.5
 
 
-def build_random_model(model_class, config: Ovis2Config, device: str = "cpu", seed: int = 0,
-                       layer_gain: float = 1.0):  # fmt: skip
+def build_random_model(
+    model_class, config: Ovis2Config, device: str = "cpu", seed: int = 0, layer_gain: float = 1.0
+):
     """A model_class with `random_init_` weights, built on the meta device and filled in place on `device` (no
     default initialisation to throw away: the 2B shapes take seconds otherwise)."""
     with torch.device("meta"):
@@ -80,19 +93,32 @@ def write_processor_files(directory: Path) -> None:
     build_tokenizer().save_pretrained(directory)
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     preprocessor = {
-        "image_processor_type": "Ovis2ImageProcessor", "processor_class": "Ovis2Processor",
-        "crop_to_patches": True, "min_patches": 1, "max_patches": 12, "use_covering_area_grid": True,
-        "size": {"height": 448, "width": 448}, "resample": 3, "do_resize": True, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "image_processor_type": "Ovis2ImageProcessor",
+        "processor_class": "Ovis2Processor",
+        "crop_to_patches": True,
+        "min_patches": 1,
+        "max_patches": 12,
+        "use_covering_area_grid": True,
+        "size": {"height": 448, "width": 448},
+        "resample": 3,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
         "do_convert_rgb": True,
-    }  # fmt: skip
+    }
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     processor = {"processor_class": "Ovis2Processor", "image_seq_length": 256}
     (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def cache_root() -> Path:
-    root = os.environ.get("OVIS2_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovis2-serve"
+    root = (
+        os.environ.get("OVIS2_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovis2-serve"
+    )
     return Path(root)
 
 
@@ -107,8 +133,11 @@ def demo_files(model_class: type | None = None) -> Path:
     _write_once(target, "processor_config.json", write_processor_files)
     if model_class is not None:
         layer_gain = default_layer_gain(config)
-        _write_once(target, "model.safetensors",
-                    lambda d: build_random_model(model_class, config, layer_gain=layer_gain).save_pretrained(d))  # fmt: skip
+        _write_once(
+            target,
+            "model.safetensors",
+            lambda d: build_random_model(model_class, config, layer_gain=layer_gain).save_pretrained(d),
+        )
     return target
 
 

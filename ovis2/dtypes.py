@@ -11,17 +11,24 @@ from .errors import Ovis2Error
 DtypeName = Literal["auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}  # fmt: skip
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
 
 
 def check_dtype(dtype) -> str | torch.dtype:
     """A dtype name or one of the three torch floating dtypes; raises Ovis2Error otherwise."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise Ovis2Error(f"dtype {dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
+            raise Ovis2Error(
+                f"dtype {dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32"
+            )
         return dtype
     if dtype is None or dtype in DTYPE_NAMES:
         return dtype

@@ -38,9 +38,21 @@ def pick_next_tokens(logits, do_sample, temperature, top_p, top_k, generator=Non
 
 
 @torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 20,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             eos_token_id=None, pad_token_id: int = PAD_TOKEN_ID, generator=None, **unused) -> torch.Tensor:  # fmt: skip
+def generate(
+    model,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id=None,
+    pad_token_id: int = PAD_TOKEN_ID,
+    generator=None,
+    **unused,
+) -> torch.Tensor:
     """Returns [B, prompt + new] ids; finished rows are padded with `pad_token_id`, as transformers does."""
     input_ids = input_ids.to(model.device)
     if attention_mask is None:
@@ -52,7 +64,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     step_ids, sequences = input_ids, input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=model.device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, pixel_values=pixel_values, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            step_ids, pixel_values=pixel_values, position_ids=positions, cache=cache, logits_to_keep=1
+        ).logits[:, -1]
         cache.length += step_ids.shape[1]
         pixel_values = None
         next_ids = pick_next_tokens(logits.float(), do_sample, temperature, top_p, top_k, generator)

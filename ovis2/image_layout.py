@@ -12,7 +12,9 @@ from .tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
 TOKENS_PER_CROP = 256  # (448 / 14 / 2) ** 2: visual tokens of one 448px crop after the hidden stride
 START_ID, GRID_ID, COL_ID, ROW_ID, END_ID = VISUAL_INDICATOR_IDS
 MAX_TILES_PER_IMAGE = 64  # refuse requests whose grid search or token cost would be absurd
-IMAGE_TOKEN_IDS = frozenset((IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS))  # never generated: only the prompt has them
+IMAGE_TOKEN_IDS = frozenset(
+    (IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS)
+)  # never generated: only the prompt has them
 
 
 def crop_count(grid: tuple[int, int]) -> int:

@@ -48,7 +48,9 @@ class RotaryEmbedding(nn.Module):
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         # Computed per call (tiny) instead of a buffer, so models built on the meta device need no fix-up.
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        exponents = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        )
         return 1.0 / (self.theta**exponents)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +99,12 @@ class PagedAttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     max_query_len: int
     max_seq_len: int
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: [blocks, block_size, kv_heads, d]
-    starts_at_zero: bool = False  # every sequence's new tokens begin at position 0: nothing to read from the pool
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+        None  # per layer: [blocks, block_size, kv_heads, d]
+    )
+    starts_at_zero: bool = (
+        False  # every sequence's new tokens begin at position 0: nothing to read from the pool
+    )
 
     @property
     def num_seqs(self) -> int:
@@ -114,7 +120,9 @@ class PagedAttentionMetadata:
 class PagedLayout:
     token_index: torch.Tensor  # [B, max_q]: flat index of each padded query slot (clamped)
     padded_index: torch.Tensor  # [T]: each flat token's slot in the padded [B * max_q] layout
-    mask: torch.Tensor | None  # [B, 1, max_q, S] bool: causal within each sequence's context; None: plain causal
+    mask: (
+        torch.Tensor | None
+    )  # [B, 1, max_q, S] bool: causal within each sequence's context; None: plain causal
 
     @classmethod
     def build(cls, meta: PagedAttentionMetadata) -> PagedLayout:
@@ -123,7 +131,9 @@ class PagedLayout:
         query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
         slot = torch.arange(meta.max_query_len, device=device)
         num_tokens = int(meta.slot_mapping.shape[0])
-        token_index = (meta.query_start_loc[:-1, None] + slot[None, :]).clamp(max=num_tokens - 1)  # [B, max_q]
+        token_index = (meta.query_start_loc[:-1, None] + slot[None, :]).clamp(
+            max=num_tokens - 1
+        )  # [B, max_q]
         flat = torch.arange(num_tokens, device=device)
         owner = torch.searchsorted(meta.query_start_loc[1:], flat, right=True)  # [T]: sequence of each token
         padded_index = owner * meta.max_query_len + flat - meta.query_start_loc[owner]
@@ -132,7 +142,9 @@ class PagedLayout:
         query_valid = slot[None, :] < query_lens[:, None]
         query_pos = (meta.seq_lens - query_lens)[:, None] + slot[None, :]  # [B, max_q]
         key_pos = torch.arange(meta.max_seq_len, device=device)
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, max_q, S]; query_pos < seq_len when valid
+        mask = (
+            key_pos[None, None, :] <= query_pos[:, :, None]
+        )  # [B, max_q, S]; query_pos < seq_len when valid
         mask[..., 0] |= ~query_valid  # padded query rows attend to something (then are dropped)
         return cls(token_index, padded_index, mask[:, None])
 
@@ -154,7 +166,9 @@ def padded_attention(q, k, v, meta: PaddedAttentionMetadata, layer: int) -> torc
     query_pos = torch.arange(num_keys - num_queries, num_keys, device=q.device)
     key_pos = torch.arange(num_keys, device=q.device)
     causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
-    itself = key_pos[None, :] == query_pos[:, None]  # keeps a left-pad query's row from being all masked (NaN)
+    itself = (
+        key_pos[None, :] == query_pos[:, None]
+    )  # keeps a left-pad query's row from being all masked (NaN)
     mask = (causal[None, None] & meta.key_mask[:, None, None, :num_keys]) | itself[None, None]  # [B, 1, T, S]
     return _sdpa_gqa(q, k, v, mask)
 
@@ -190,7 +204,9 @@ def _decode_attention(q, k_cache, v_cache, meta: PagedAttentionMetadata) -> torc
     num_kv_heads = keys.shape[2]
     grouped_q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)  # [B, kvh, S, d]
-    out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=meta.layout.mask)  # [B, kvh, g, d]
+    out = F.scaled_dot_product_attention(
+        grouped_q, keys, values, attn_mask=meta.layout.mask
+    )  # [B, kvh, g, d]
     return out.reshape(num_seqs, num_heads, head_dim)
 
 

@@ -15,8 +15,15 @@ from .inputs import EngineInputs
 class LLM:
     """Continuous batching without a server: every prompt is added, then the engine steps until all finish."""
 
-    def __init__(self, model: str = "demo", compat: str = "ovis", dtype="auto", device: str = "auto",
-                 processor=None, **engine_args) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str = "demo",
+        compat: str = "ovis",
+        dtype="auto",
+        device: str = "auto",
+        processor=None,
+        **engine_args,
+    ) -> None:
         self.args = EngineArgs(model=model, compat=compat, dtype=dtype, device=device, **engine_args)
         self.engine = LLMEngine(self.args, processor=processor)
         self._ids = itertools.count()
@@ -29,16 +36,25 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def chat(self, conversations, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             max_patches: int | None = None) -> list[RequestOutput]:  # fmt: skip
+    def chat(
+        self,
+        conversations,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        max_patches: int | None = None,
+    ) -> list[RequestOutput]:
         """conversations: one list of messages or a list of them; image parts carry PIL images."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        inputs = [self.engine.input_processor.chat_inputs(messages, max_patches) for messages in conversations]
+        inputs = [
+            self.engine.input_processor.chat_inputs(messages, max_patches) for messages in conversations
+        ]
         return self.generate(inputs, sampling_params)
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:  # fmt: skip
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """prompts: EngineInputs, token id lists or plain strings (tokenized without a chat template)."""
         if isinstance(prompts, (str, EngineInputs)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

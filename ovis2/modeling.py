@@ -38,7 +38,9 @@ class Ovis2VisionEmbeddings(nn.Module):
     def __init__(self, config: Ovis2VisionConfig) -> None:
         super().__init__()
         size = config.patch_size
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=size, stride=size)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=size, stride=size
+        )
         self.position_embedding = nn.Embedding(config.num_patches_per_side**2, config.hidden_size)
         self.rms_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -162,7 +164,9 @@ class Qwen2Attention(nn.Module):
         if isinstance(meta, PagedAttentionMetadata):
             out = paged_attention(q, k, v, meta, self.layer_index)  # [T, h, d]
         else:
-            out = padded_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta, self.layer_index)
+            out = padded_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta, self.layer_index
+            )
             out = out.transpose(1, 2)  # [B, T, h, d]
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
@@ -222,8 +226,12 @@ class Ovis2Model(nn.Module):
         count = self.config.vision_config.num_visual_indicator_tokens
         return self.visual_embeddings_table.weight[-count:]  # [5, H]: START, GRID, COL, ROW, END
 
-    def embed_multimodal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
-                         atom_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def embed_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        atom_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Text embeddings with image atoms and indicators filled in; works for [T] or [B, T] ids.
 
         atom_index: the flat positions of the image atoms in [T] ids, when the caller knows them (the engine):
@@ -234,7 +242,9 @@ class Ovis2Model(nn.Module):
             num_atoms = int(atoms.sum())
             available = 0 if image_embeds is None else image_embeds.shape[0]
             if num_atoms != available:
-                raise Ovis2Error(f"the prompt has {num_atoms} image tokens but the images give {available} embeddings")
+                raise Ovis2Error(
+                    f"the prompt has {num_atoms} image tokens but the images give {available} embeddings"
+                )
             if num_atoms:
                 embeds[atoms] = image_embeds.to(embeds.dtype)
         elif image_embeds is not None:
@@ -254,8 +264,17 @@ class Ovis2ForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, dtype=None, device=None, compat: str = "ovis", torch_dtype=None,
-                        device_map=None, memory_fraction: float = 1.0, **unused):  # fmt: skip
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        dtype=None,
+        device=None,
+        compat: str = "ovis",
+        torch_dtype=None,
+        device_map=None,
+        memory_fraction: float = 1.0,
+        **unused,
+    ):
         """A local directory, "demo", or a hub id; `torch_dtype`/`device_map` are accepted as transformers spells them.
 
         On CUDA, refuses with a clear error when the weights exceed `memory_fraction` of the card."""
@@ -263,7 +282,9 @@ class Ovis2ForConditionalGeneration(nn.Module):
 
         dtype = dtype if dtype is not None else torch_dtype
         device = device if device is not None else (device_map if isinstance(device_map, str) else None)
-        return load_model(cls, path_or_id, dtype=dtype, device=device, compat=compat, memory_fraction=memory_fraction)
+        return load_model(
+            cls, path_or_id, dtype=dtype, device=device, compat=compat, memory_fraction=memory_fraction
+        )
 
     def save_pretrained(self, directory) -> None:
         from .weights import save_model
@@ -286,8 +307,12 @@ class Ovis2ForConditionalGeneration(nn.Module):
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_embeddings(pixel_values.to(self.device, self.dtype), self.compat)
 
-    def embed_multimodal(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
-                         atom_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def embed_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        atom_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.model.embed_multimodal(input_ids, image_embeds, atom_index)
 
     def forward_paged(self, inputs_embeds, positions, meta: PagedAttentionMetadata) -> torch.Tensor:
@@ -305,8 +330,17 @@ class Ovis2ForConditionalGeneration(nn.Module):
         return (block_size, text.num_key_value_heads, text.head_dim)
 
     # --- the transformers-like interface
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, grids=None,
-                cache=None, logits_to_keep: int | torch.Tensor = 0, **unused) -> Ovis2Output:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        grids=None,
+        cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **unused,
+    ) -> Ovis2Output:
         """logits_to_keep: 0 for every position, n for the last n, or a tensor of positions."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -316,7 +350,9 @@ class Ovis2ForConditionalGeneration(nn.Module):
         if pixel_values is not None:
             image_embeds = self.get_image_embeddings(pixel_values).flatten(0, 1)
         embeds = self.embed_multimodal(input_ids, image_embeds)
-        key_mask = attention_mask.bool() if cache is None else cache.key_mask[:, : cache.length + input_ids.shape[1]]
+        key_mask = (
+            attention_mask.bool() if cache is None else cache.key_mask[:, : cache.length + input_ids.shape[1]]
+        )
         meta = PaddedAttentionMetadata(key_mask=key_mask, cache=cache)
         hidden = self.model.language_model(embeds, position_ids, meta)
         if isinstance(logits_to_keep, torch.Tensor):

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 
 from .errors import Ovis2Error
 
-PADDING_ARGUMENTS = ("padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of", "return_attention_mask")
+PADDING_ARGUMENTS = (
+    "padding",
+    "padding_side",
+    "truncation",
+    "max_length",
+    "pad_to_multiple_of",
+    "return_attention_mask",
+)
 PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 TRUNCATION_STRATEGIES = ("longest_first", "only_first", "do_not_truncate")
 PADDING_SIDES = ("left", "right")
-DEFAULT_PADDING_SIDE = "left"  # what transformers' Ovis2 gets from the -hf tokenizer, and what generation needs
+DEFAULT_PADDING_SIDE = (
+    "left"  # what transformers' Ovis2 gets from the -hf tokenizer, and what generation needs
+)
 LARGE_INTEGER = int(1e20)  # a model_max_length above this is transformers' "no limit" (it stores 1e30)
 
 Span = tuple[int, int]  # [start, end) of one image's placeholder ids
@@ -39,8 +48,16 @@ class BatchLayout:
     return_attention_mask: bool = True
 
     @classmethod
-    def resolve(cls, tokenizer, padding=None, truncation=None, max_length=None, padding_side=None,
-                pad_to_multiple_of=None, return_attention_mask=None) -> BatchLayout:  # fmt: skip
+    def resolve(
+        cls,
+        tokenizer,
+        padding=None,
+        truncation=None,
+        max_length=None,
+        padding_side=None,
+        pad_to_multiple_of=None,
+        return_attention_mask=None,
+    ) -> BatchLayout:
         """The tokenizer's rules for these arguments; `padding=None` (not given) pads to the longest."""
         _check_count("max_length", max_length, minimum=0)
         _check_count("pad_to_multiple_of", pad_to_multiple_of, minimum=1)
@@ -56,14 +73,25 @@ class BatchLayout:
             raise Ovis2Error(
                 f"truncation length {max_length} is not a multiple of pad_to_multiple_of {pad_to_multiple_of}"
             )
-        return cls(strategy, truncate, max_length, side, getattr(tokenizer, "truncation_side", "right"),
-                   pad_to_multiple_of, return_attention_mask is not False)  # fmt: skip
+        return cls(
+            strategy,
+            truncate,
+            max_length,
+            side,
+            getattr(tokenizer, "truncation_side", "right"),
+            pad_to_multiple_of,
+            return_attention_mask is not False,
+        )
 
     def truncated(self, ids: list[int], spans: list[Span], row: int) -> list[int]:
         """`ids` cut to max_length on the truncation side; refused when that would cut into or drop an image."""
         if not self.truncate or len(ids) <= self.max_length:
             return ids
-        keep = (0, self.max_length) if self.truncation_side == "right" else (len(ids) - self.max_length, len(ids))
+        keep = (
+            (0, self.max_length)
+            if self.truncation_side == "right"
+            else (len(ids) - self.max_length, len(ids))
+        )
         for index, (start, end) in enumerate(spans):
             if start < keep[0] or end > keep[1]:
                 raise Ovis2Error(
@@ -88,7 +116,9 @@ class BatchLayout:
     def _target_length(self, sequences: list[list[int]]) -> int | None:
         if self.padding == "do_not_pad":
             return None
-        width = max((len(ids) for ids in sequences), default=0) if self.padding == "longest" else self.max_length
+        width = (
+            max((len(ids) for ids in sequences), default=0) if self.padding == "longest" else self.max_length
+        )
         if self.pad_to_multiple_of and width % self.pad_to_multiple_of:
             width += self.pad_to_multiple_of - width % self.pad_to_multiple_of
         return width
@@ -121,7 +151,9 @@ def _truncates(truncation) -> bool:
     if truncation == "only_second":
         raise Ovis2Error("truncation='only_second' needs text pairs; Ovis2Processor takes single prompts")
     if truncation not in TRUNCATION_STRATEGIES:
-        raise Ovis2Error(f"truncation must be True, False or one of {TRUNCATION_STRATEGIES}, got {truncation!r}")
+        raise Ovis2Error(
+            f"truncation must be True, False or one of {TRUNCATION_STRATEGIES}, got {truncation!r}"
+        )
     return truncation != "do_not_truncate"
 
 

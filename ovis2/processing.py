@@ -116,8 +116,15 @@ class Ovis2Processor:
 
     # ------------------------------------------------------------ the text path (as transformers)
 
-    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", max_patches=None, min_patches=None,
-                 **kwargs):  # fmt: skip
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        return_tensors: str | None = "pt",
+        max_patches=None,
+        min_patches=None,
+        **kwargs,
+    ):
         """Expands each `<image>` of `text` into its placeholder ids. The tokenizer's padding and truncation
         arguments (`PADDING_ARGUMENTS`) keep their meaning (ovis2/padding.py); without `padding`, batches are
         padded to their longest prompt on the left."""
@@ -129,8 +136,13 @@ class Ovis2Processor:
             raise Ovis2Error("text must be a string or a list of strings")
         images = flatten_images(images)
         _check_image_count(sum(item.count(IMAGE_TOKEN) for item in texts), len(images))
-        pixels = self.image_processor(images, return_tensors=return_tensors, max_patches=max_patches,
-                                      min_patches=min_patches) if images else None  # fmt: skip
+        pixels = (
+            self.image_processor(
+                images, return_tensors=return_tensors, max_patches=max_patches, min_patches=min_patches
+            )
+            if images
+            else None
+        )
         grids = iter([list(map(int, grid)) for grid in pixels["grids"]] if pixels else [])
         encoded = [self._encode_prompt(item, grids) for item in texts]
         sequences = [layout.truncated(ids, spans, row) for row, (ids, spans) in enumerate(encoded)]
@@ -184,17 +196,28 @@ class Ovis2Processor:
 
     # ------------------------------------------------------------ the message path
 
-    def apply_chat_template(self, conversation, tokenize: bool = False, add_generation_prompt: bool = True,
-                            return_dict: bool = False, return_tensors: str | None = "pt",
-                            max_patches: int | None = None, **template_kwargs):  # fmt: skip
+    def apply_chat_template(
+        self,
+        conversation,
+        tokenize: bool = False,
+        add_generation_prompt: bool = True,
+        return_dict: bool = False,
+        return_tensors: str | None = "pt",
+        max_patches: int | None = None,
+        **template_kwargs,
+    ):
         """Renders OpenAI-style messages (or a batch of conversations); with `tokenize`, token ids."""
         is_batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = [expand_video_parts(c, self.video_limits) for c in (conversation if is_batch else [conversation])]
+        conversations = [
+            expand_video_parts(c, self.video_limits) for c in (conversation if is_batch else [conversation])
+        ]
         if not tokenize:
             texts = [self._render(c, add_generation_prompt, **template_kwargs) for c in conversations]
             return texts if is_batch else texts[0]
-        encoded = [self._encode_conversation(c, add_generation_prompt, self.default_patches(c, max_patches))
-                   for c in conversations]  # fmt: skip
+        encoded = [
+            self._encode_conversation(c, add_generation_prompt, self.default_patches(c, max_patches))
+            for c in conversations
+        ]
         sequences = [ids for ids, _ in encoded]
         if not return_dict:
             return sequences if is_batch else sequences[0]
@@ -219,12 +242,14 @@ class Ovis2Processor:
         images = []
         for part, (pixels, grid) in zip(_message_image_parts(messages), results, strict=True):
             max_used, min_used = self.image_processor.resolve_patches(_part_patches(part, max_patches))
-            images.append(ImageInput(
-                pixel_values=torch.as_tensor(pixels, dtype=torch.float32),
-                grid=tuple(int(n) for n in grid),
-                content_hash=self.content_hash(part["image"], max_used, min_used),
-                is_video_frame=bool(part.get("video_frame")),
-            ))  # fmt: skip
+            images.append(
+                ImageInput(
+                    pixel_values=torch.as_tensor(pixels, dtype=torch.float32),
+                    grid=tuple(int(n) for n in grid),
+                    content_hash=self.content_hash(part["image"], max_used, min_used),
+                    is_video_frame=bool(part.get("video_frame")),
+                )
+            )
         return EngineInputs(prompt_token_ids=ids, images=images)
 
     def chat_token_ids(self, messages, max_patches: int | None = None) -> tuple[list[int], int]:
@@ -235,8 +260,10 @@ class Ovis2Processor:
         max_patches = self.default_patches(messages, max_patches)
         texts = _message_texts(messages)
         parts = _message_image_parts(messages)
-        grids = [self.image_processor.grid_for_size(*_part_size(part), _part_patches(part, max_patches))
-                 for part in parts]  # fmt: skip
+        grids = [
+            self.image_processor.grid_for_size(*_part_size(part), _part_patches(part, max_patches))
+            for part in parts
+        ]
         marker = _pick_marker(texts)
         rendered = self._render(_with_markers(messages, marker), True)
         ids = self._encode_rendered(rendered, marker, texts, [(None, grid) for grid in grids], len(parts))
@@ -264,9 +291,12 @@ class Ovis2Processor:
 
     def _render(self, messages, add_generation_prompt: bool, **template_kwargs) -> str:
         return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt, **template_kwargs,
-        )  # fmt: skip
+            list(messages),
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
 
     def _encode_conversation(self, messages, add_generation_prompt, max_patches, require_images=False):
         """-> (prompt ids, [(pixel_values, grid)] per image part)."""
@@ -335,7 +365,9 @@ def _check_messages(messages) -> None:
             raise Ovis2Error("message content must be a string or a list of parts")
         for part in content if isinstance(content, (list, tuple)) else []:
             if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise Ovis2Error(f"content parts must be of type 'text', 'image' or 'video', got {part!r:.80}")
+                raise Ovis2Error(
+                    f"content parts must be of type 'text', 'image' or 'video', got {part!r:.80}"
+                )
             if part["type"] == "text" and not isinstance(part.get("text"), str):
                 raise Ovis2Error("a text part needs a string 'text'")
 

@@ -14,8 +14,9 @@ def random_model(config: Ovis2Config, device: str = "cpu", seed: int = 0, layer_
     return build_random_model(Ovis2ForConditionalGeneration, config, device, seed, layer_gain)
 
 
-def write_checkpoint(directory: str | Path, config: Ovis2Config | None = None, seed: int = 0,
-                     layer_gain: float | None = None) -> Path:  # fmt: skip
+def write_checkpoint(
+    directory: str | Path, config: Ovis2Config | None = None, seed: int = 0, layer_gain: float | None = None
+) -> Path:
     """Random weights (-hf layout), config, tokenizer, chat template and preprocessor config."""
     directory = Path(directory)
     config = config or tiny_config()

@@ -28,12 +28,16 @@ class SampledVideo:
     num_decoded: int = 0  # frames the decoder produced to reach them (all of the video's when nothing seeks)
 
 
-
 # ------------------------------------------------------------------------------------------------ decoding
 
 
-def decode_video_frames(data: bytes, probed: VideoProbe, timestamps: list[int], limits: VideoLimits = VideoLimits(),
-                  stop: threading.Event | None = None) -> SampledVideo:  # fmt: skip
+def decode_video_frames(
+    data: bytes,
+    probed: VideoProbe,
+    timestamps: list[int],
+    limits: VideoLimits = VideoLimits(),
+    stop: threading.Event | None = None,
+) -> SampledVideo:
     """The frames at `timestamps` (from `probed.timestamps`), decoded from the keyframe before each, seeking
     forward when the next one starts past what has been decoded. Frames no other frame refers to are skipped
     unless wanted (the decoder's skip_frame), which changes no pixel of the frames that are decoded."""
@@ -50,7 +54,9 @@ def decode_video_frames(data: bytes, probed: VideoProbe, timestamps: list[int], 
                 if keyframe > probed.timestamps[0]:
                     _seek(container, stream, keyframe)
                 frames = _frames(container, stream, wanted, deadline)
-            elif keyframe > last and _seek(container, stream, keyframe):  # its group starts past what is decoded
+            elif keyframe > last and _seek(
+                container, stream, keyframe
+            ):  # its group starts past what is decoded
                 frames = _frames(container, stream, wanted, deadline)
             frame, count = _decode_until(frames, target, probed)
             decoded += count
@@ -90,8 +96,9 @@ def _decode_until(frames: Iterator, target: int, probed: VideoProbe):
         count += 1
         if frame.pts is not None and frame.pts >= target:
             return frame, count
-    raise Ovis2Error(f"the video ends before its frame at {probed.seconds(target):.2f}s; the file is corrupt or "
-                     "truncated")  # fmt: skip
+    raise Ovis2Error(
+        f"the video ends before its frame at {probed.seconds(target):.2f}s; the file is corrupt or truncated"
+    )
 
 
 def _upright(frame) -> Image.Image:
@@ -104,8 +111,9 @@ def _upright(frame) -> Image.Image:
 # ------------------------------------------------------------------------------------------------- sources
 
 
-def load_video(source, num_frames: int = RECIPE_NUM_FRAMES, fps: float | None = None,
-               limits: VideoLimits = VideoLimits()) -> SampledVideo:  # fmt: skip
+def load_video(
+    source, num_frames: int = RECIPE_NUM_FRAMES, fps: float | None = None, limits: VideoLimits = VideoLimits()
+) -> SampledVideo:
     """The recipe's frames of a video file (path or bytes) or of a list of frames (PIL images or arrays).
 
     `num_frames` frames at the midpoints of equal intervals (video_sampling.py); with `fps`, that many frames per
@@ -120,7 +128,9 @@ def load_video(source, num_frames: int = RECIPE_NUM_FRAMES, fps: float | None = 
     data = read_source(source, limits.max_bytes)
     probed = probe_video(data, limits)
     count = num_frames if fps is None else frames_for_fps(probed.duration, fps, num_frames)
-    return decode_video_frames(data, probed, sample_timestamps(list(probed.timestamps), probed.end, count), limits)
+    return decode_video_frames(
+        data, probed, sample_timestamps(list(probed.timestamps), probed.end, count), limits
+    )
 
 
 def read_source(source, max_bytes: int) -> bytes:

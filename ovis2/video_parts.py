@@ -33,7 +33,10 @@ def expand_video_parts(messages, limits: VideoLimits | None = None, counting: bo
     for message in messages:
         content = message.get("content")
         if isinstance(content, (list, tuple)):
-            message = {**message, "content": [frame for part in content for frame in _expand(part, limits, counting)]}
+            message = {
+                **message,
+                "content": [frame for part in content for frame in _expand(part, limits, counting)],
+            }
         expanded.append(message)
     return expanded
 
@@ -46,7 +49,9 @@ def _expand(part, limits: VideoLimits | None, counting: bool) -> list:
         raise Ovis2Error(f"a video part takes {', '.join(VIDEO_KEYS[1:])}; not {', '.join(unknown)}")
     if part.get("video") is None:
         if not counting:
-            raise Ovis2Error('a video part needs its video: {"type": "video", "video": <path, bytes or frames>}')
+            raise Ovis2Error(
+                'a video part needs its video: {"type": "video", "video": <path, bytes or frames>}'
+            )
         size = tuple(part.get("frame_size") or (448, 448))
         return [_frame_part({"image_size": size}) for _ in range(_count(part.get("num_frames")))]
     num_frames = _count(part.get("num_frames", RECIPE_NUM_FRAMES))

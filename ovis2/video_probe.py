@@ -19,7 +19,10 @@ from fractions import Fraction
 
 from .errors import Ovis2Error
 
-CONTAINERS = {"mov": "mp4/mov", "matroska": "webm/mkv"}  # the FFmpeg demuxers allowed, by the name given to it
+CONTAINERS = {
+    "mov": "mp4/mov",
+    "matroska": "webm/mkv",
+}  # the FFmpeg demuxers allowed, by the name given to it
 CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4")
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # what an mp4/mov file starts with
 _EBML = b"\x1a\x45\xdf\xa3"  # what a webm/mkv file starts with
@@ -80,7 +83,9 @@ def sniff_container(data: bytes) -> str:
     raise Ovis2Error("the video is not an mp4, mov, webm or mkv file")
 
 
-def probe_video(data: bytes, limits: VideoLimits = VideoLimits(), stop: threading.Event | None = None) -> VideoProbe:
+def probe_video(
+    data: bytes, limits: VideoLimits = VideoLimits(), stop: threading.Event | None = None
+) -> VideoProbe:
     if not data:
         raise Ovis2Error("the video is empty")
     if len(data) > limits.max_bytes:
@@ -91,10 +96,21 @@ def probe_video(data: bytes, limits: VideoLimits = VideoLimits(), stop: threadin
         width, height = _checked_size(stream, limits)
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > limits.max_seconds:
-            raise Ovis2Error(f"the video is {declared:.1f}s long; at most {limits.max_seconds:g}s are allowed")
+            raise Ovis2Error(
+                f"the video is {declared:.1f}s long; at most {limits.max_seconds:g}s are allowed"
+            )
         timestamps, keyframes, end = _read_packets(container, stream, limits, deadline)
-        found = VideoProbe(container.format.name.split(",")[0], stream.codec_context.name, stream.index, width,
-                           height, Fraction(stream.time_base), timestamps, keyframes, end)  # fmt: skip
+        found = VideoProbe(
+            container.format.name.split(",")[0],
+            stream.codec_context.name,
+            stream.index,
+            width,
+            height,
+            Fraction(stream.time_base),
+            timestamps,
+            keyframes,
+            end,
+        )
     _check_declared_duration(declared, found.duration)
     return found
 
@@ -136,8 +152,10 @@ def _checked_size(stream, limits: VideoLimits) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise Ovis2Error("the video stream declares no frame size")
     if width * height > limits.max_frame_pixels:
-        raise Ovis2Error(f"the video's frames are {width}x{height}, more than the limit of {limits.max_frame_pixels} "
-                         "pixels")  # fmt: skip
+        raise Ovis2Error(
+            f"the video's frames are {width}x{height}, more than the limit of {limits.max_frame_pixels} "
+            "pixels"
+        )
     return width, height
 
 
@@ -183,8 +201,10 @@ def _check_declared_duration(declared: float | None, measured: float) -> None:
     if declared is None:
         return
     if abs(declared - measured) > max(DURATION_SLACK_SECONDS, DURATION_SLACK_RATIO * max(declared, measured)):
-        raise Ovis2Error(f"the video declares {declared:.2f}s but its frames span {measured:.2f}s; the file is "
-                         "truncated or its header is wrong")  # fmt: skip
+        raise Ovis2Error(
+            f"the video declares {declared:.2f}s but its frames span {measured:.2f}s; the file is "
+            "truncated or its header is wrong"
+        )
 
 
 def _av():

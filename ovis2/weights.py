@@ -20,7 +20,7 @@ PROGRESS_BAR_BYTES = 1 << 30
 
 
 def infer_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu" (as transformers' helper of that name answers)."""
+    """ "cuda" when a GPU is visible, else "cpu" (as transformers' helper of that name answers)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -130,7 +130,10 @@ def original_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
         return [(key, tensor.squeeze(0))]  # [1, 1024, D] -> [1024, D]
     if ".attn.qkv." in key:
         q, k, v = tensor.chunk(3, dim=0)
-        return [(key.replace(".attn.qkv.", f".attention.{name}_proj."), t) for name, t in zip("qkv", (q, k, v), strict=True)]
+        return [
+            (key.replace(".attn.qkv.", f".attention.{name}_proj."), t)
+            for name, t in zip("qkv", (q, k, v), strict=True)
+        ]
     return [(key, tensor)]
 
 
@@ -169,9 +172,13 @@ def _read_state_dict(directory, config, expected, dtype, device) -> dict[str, to
             else:
                 loaded[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if unexpected:
-        raise Ovis2Error(f"checkpoint {directory} has unexpected tensors: {', '.join(sorted(unexpected)[:10])}")
+        raise Ovis2Error(
+            f"checkpoint {directory} has unexpected tensors: {', '.join(sorted(unexpected)[:10])}"
+        )
     if misshaped:
-        raise Ovis2Error(f"checkpoint {directory} has tensors of the wrong shape: {'; '.join(misshaped[:10])}")
+        raise Ovis2Error(
+            f"checkpoint {directory} has tensors of the wrong shape: {'; '.join(misshaped[:10])}"
+        )
     return loaded
 
 

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         text = f"{field.description} [env: OVIS2_{name.upper()}; default: {shown}]"
         kind = _flag_kind(field.annotation)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
         else:
             metavar = "A,B,..." if kind == "list" else _metavar(field.annotation)
             parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=text)
@@ -82,7 +84,9 @@ def _problem(error: dict) -> str:
     return _SETTING_NAME.sub(lambda match: _flag(match.group(0)), message)
 
 
-_SETTING_NAME = re.compile(r"\b(" + "|".join(sorted(ServerSettings.model_fields, key=len, reverse=True)) + r")\b")
+_SETTING_NAME = re.compile(
+    r"\b(" + "|".join(sorted(ServerSettings.model_fields, key=len, reverse=True)) + r")\b"
+)
 
 
 def find_checkpoint(settings: ServerSettings) -> None:
@@ -103,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
-    )  # fmt: skip
+    )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it after its graceful shutdown; with these handlers in place that
     # re-raise is a no-op, so SIGTERM ends in exit status 0.

@@ -49,7 +49,9 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         if state.engine is None:
             state.engine = await asyncio.to_thread(build_engine, settings.engine_args_kwargs())
         await state.engine.start()
-        await asyncio.to_thread(lambda: (state.engine.processor, state.engine.tokenizer))  # load them off the loop
+        await asyncio.to_thread(
+            lambda: (state.engine.processor, state.engine.tokenizer)
+        )  # load them off the loop
         logger.info("serving %s (max_model_len %s)", state.model_id, state.engine.max_model_len)
         if settings.model == "demo":
             logger.warning(DEMO_BANNER)
@@ -73,8 +75,12 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 

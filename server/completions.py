@@ -35,24 +35,41 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     prompt_ids = await asyncio.to_thread(prompt_token_ids, state, request.prompt)  # long prompts take seconds
     prompt_text = await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids) if request.echo else ""
     max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len)
-    params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs,
-                                   vocab_size=state.vocab_size,
-                                   structured_outputs=constraint.params if constraint is not None else None)  # fmt: skip
+    params = build_sampling_params(
+        request,
+        max_tokens=max_tokens,
+        logprobs=request.logprobs,
+        vocab_size=state.vocab_size,
+        structured_outputs=constraint.params if constraint is not None else None,
+    )
     request_id = random_id("cmpl")
     outputs = generate(state, EngineInputs(prompt_token_ids=prompt_ids), params, request_id, arrival)
-    builder = CompletionBuilder(request_id, state.model_id, prompt_text, want_logprobs=request.logprobs is not None)
+    builder = CompletionBuilder(
+        request_id, state.model_id, prompt_text, want_logprobs=request.logprobs is not None
+    )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await constrained(state, constraint, respond(
-        outputs, raw, bool(request.stream),
-        stream_body=lambda first: stream_completion(outputs, first, builder, include_usage),
-        whole=lambda final: completion_response(check_engine_error(final, request_id), builder, state.model_id),
-    ))  # fmt: skip
+    return await constrained(
+        state,
+        constraint,
+        respond(
+            outputs,
+            raw,
+            bool(request.stream),
+            stream_body=lambda first: stream_completion(outputs, first, builder, include_usage),
+            whole=lambda final: completion_response(
+                check_engine_error(final, request_id), builder, state.model_id
+            ),
+        ),
+    )
 
 
-def completion_response(final: RequestOutput, builder: CompletionBuilder, model_id: str) -> CompletionResponse:
+def completion_response(
+    final: RequestOutput, builder: CompletionBuilder, model_id: str
+) -> CompletionResponse:
     choices = [builder.full(o) for o in sorted(final.outputs, key=lambda o: o.index)]
-    return CompletionResponse(id=builder.request_id, created=builder.created, model=model_id, choices=choices,
-                              usage=usage_of(final))  # fmt: skip
+    return CompletionResponse(
+        id=builder.request_id, created=builder.created, model=model_id, choices=choices, usage=usage_of(final)
+    )
 
 
 def check_unsupported(request: CompletionRequest) -> None:
@@ -78,8 +95,9 @@ def prompt_token_ids(state: ServerState, prompt: str | list) -> list[int]:
     if not ids:
         raise bad_request("the prompt is empty", "prompt")
     if IMAGE_TOKEN_IDS.intersection(ids):
-        raise bad_request("image tokens are not allowed in a text prompt; send images to /v1/chat/completions",
-                          "prompt")  # fmt: skip
+        raise bad_request(
+            "image tokens are not allowed in a text prompt; send images to /v1/chat/completions", "prompt"
+        )
     return ids
 
 
@@ -105,26 +123,38 @@ class CompletionBuilder:
         return result
 
     def full(self, output: CompletionOutput) -> CompletionChoice:
-        return CompletionChoice(index=output.index, text=self.prompt_text + output.text,
-                                logprobs=self.logprobs(output.index, output.logprobs),
-                                finish_reason=output.finish_reason, stop_reason=output.stop_reason)  # fmt: skip
+        return CompletionChoice(
+            index=output.index,
+            text=self.prompt_text + output.text,
+            logprobs=self.logprobs(output.index, output.logprobs),
+            finish_reason=output.finish_reason,
+            stop_reason=output.stop_reason,
+        )
 
     def delta(self, output: CompletionOutput, first: bool) -> CompletionChoice | None:
         text = (self.prompt_text if first else "") + output.delta_text
         if not text and not output.finished and not (self.want_logprobs and output.delta_logprobs):
             return None
-        return CompletionChoice(index=output.index, text=text,
-                                logprobs=self.logprobs(output.index, output.delta_logprobs),
-                                finish_reason=output.finish_reason, stop_reason=output.stop_reason)  # fmt: skip
+        return CompletionChoice(
+            index=output.index,
+            text=text,
+            logprobs=self.logprobs(output.index, output.delta_logprobs),
+            finish_reason=output.finish_reason,
+            stop_reason=output.stop_reason,
+        )
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None, include_usage: bool) -> str:
-        response = CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage)  # fmt: skip
+        response = CompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
         return sse(chunk_payload(response, include_usage))
 
 
 async def stream_completion(
-    outputs: AsyncIterator[RequestOutput], first: RequestOutput, builder: CompletionBuilder, include_usage: bool
+    outputs: AsyncIterator[RequestOutput],
+    first: RequestOutput,
+    builder: CompletionBuilder,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     last = first
     started: set[int] = set()

@@ -35,8 +35,25 @@ def build_engine(engine_kwargs: dict):
 
 
 __all__ = [
-    "DEFAULT_EOS_IDS", "IMAGE_TOKEN_IDS", "RECIPE_NUM_FRAMES", "CompletionOutput", "EngineDeadError", "EngineInputs",
-    "EngineOverloadedError", "ImageInput", "Ovis2Error", "RequestOutput", "SamplingParams", "StructuredOutputError",
-    "StructuredOutputsParams", "TokenLogprob", "VideoLimits", "VideoProbe", "build_engine", "decode_video_frames",
-    "frames_for_fps", "probe_video", "sample_timestamps",
-]  # fmt: skip
+    "DEFAULT_EOS_IDS",
+    "IMAGE_TOKEN_IDS",
+    "RECIPE_NUM_FRAMES",
+    "CompletionOutput",
+    "EngineDeadError",
+    "EngineInputs",
+    "EngineOverloadedError",
+    "ImageInput",
+    "Ovis2Error",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputError",
+    "StructuredOutputsParams",
+    "TokenLogprob",
+    "VideoLimits",
+    "VideoProbe",
+    "build_engine",
+    "decode_video_frames",
+    "frames_for_fps",
+    "probe_video",
+    "sample_timestamps",
+]

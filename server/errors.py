@@ -48,7 +48,9 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    message: str, status: int, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, status, param, code), status_code=status)
 
 
@@ -120,7 +122,9 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     message = exc.detail if isinstance(exc.detail, str) else phrase
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
-    return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        error_body(message, exc.status_code), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

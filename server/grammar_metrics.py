@@ -16,14 +16,23 @@ class GrammarCollector:
 
     def collect(self):
         labels = [self.model_name]
-        compiles = SummaryMetricFamily("ovis2_grammar_compile_seconds", "Time compiling structured-output "
-                                       "grammars (JSON schemas, regexes, choices, grammars), cache misses only.",
-                                       labels=["model_name"])  # fmt: skip
-        compiles.add_metric(labels, count_value=self._value("num_grammar_compiles"),
-                            sum_value=self._value("grammar_compile_seconds"))  # fmt: skip
+        compiles = SummaryMetricFamily(
+            "ovis2_grammar_compile_seconds",
+            "Time compiling structured-output "
+            "grammars (JSON schemas, regexes, choices, grammars), cache misses only.",
+            labels=["model_name"],
+        )
+        compiles.add_metric(
+            labels,
+            count_value=self._value("num_grammar_compiles"),
+            sum_value=self._value("grammar_compile_seconds"),
+        )
         yield compiles
-        hits = CounterMetricFamily("ovis2_grammar_cache_hits", "Structured-output requests whose grammar was "
-                                   "compiled already (or was being compiled).", labels=["model_name"])  # fmt: skip
+        hits = CounterMetricFamily(
+            "ovis2_grammar_cache_hits",
+            "Structured-output requests whose grammar was compiled already (or was being compiled).",
+            labels=["model_name"],
+        )
         hits.add_metric(labels, self._value("num_grammar_cache_hits"))
         yield hits
 

@@ -32,8 +32,11 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         if not self._is_authorized(dict(scope["headers"]).get(b"authorization", b"")):
-            response = error_response("missing or incorrect API key; send 'Authorization: Bearer <key>'", 401,
-                                      code="invalid_api_key")  # fmt: skip
+            response = error_response(
+                "missing or incorrect API key; send 'Authorization: Bearer <key>'",
+                401,
+                code="invalid_api_key",
+            )
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
             return
@@ -87,8 +90,9 @@ class BodySizeLimitMiddleware:
                 return b"".join(chunks)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(f"the request body is larger than {self.max_bytes} bytes", 413,
-                                  code="request_too_large")  # fmt: skip
+        response = error_response(
+            f"the request body is larger than {self.max_bytes} bytes", 413, code="request_too_large"
+        )
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
 

@@ -32,7 +32,9 @@ class PixelBudget:
     def check(self, pixels: int) -> None:
         """Raise PixelBudgetExceeded when one request of this many pixels could never be held."""
         if pixels > self.total:
-            raise PixelBudgetExceeded(f"the images have {pixels} pixels in total, more than the limit of {self.total}")
+            raise PixelBudgetExceeded(
+                f"the images have {pixels} pixels in total, more than the limit of {self.total}"
+            )
 
     @asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:

@@ -64,7 +64,9 @@ class TokenTiming:
     arrival: float
     first: float | None = None
     last: float | None = None
-    num_generated: int = 0  # from the deltas: with output_kind "delta" an unfinished output holds no token_ids
+    num_generated: int = (
+        0  # from the deltas: with output_kind "delta" an unfinished output holds no token_ids
+    )
 
     def observe(self, state: ServerState, output: RequestOutput) -> None:
         now, metrics = time.monotonic(), state.metrics
@@ -87,8 +89,9 @@ def _observe_queue_time(state: ServerState, output: RequestOutput) -> None:
         state.metrics.observe(state.metrics.queue_time, queue_time)
 
 
-def _record_finished(state: ServerState, inputs: EngineInputs, final: RequestOutput, arrival: float,
-                     num_generated: int) -> None:  # fmt: skip
+def _record_finished(
+    state: ServerState, inputs: EngineInputs, final: RequestOutput, arrival: float, num_generated: int
+) -> None:
     m = state.metrics
     m.observe(m.e2e_latency, time.monotonic() - arrival)
     m.count(m.prompt_tokens, len(final.prompt_token_ids))
@@ -107,9 +110,13 @@ async def collect_final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput 
     return final
 
 
-async def respond(outputs: AsyncIterator[RequestOutput], raw: Request, stream: bool,
-                  stream_body: Callable[[RequestOutput], AsyncIterator[str]],
-                  whole: Callable[[RequestOutput | None], Any]) -> Any:  # fmt: skip
+async def respond(
+    outputs: AsyncIterator[RequestOutput],
+    raw: Request,
+    stream: bool,
+    stream_body: Callable[[RequestOutput], AsyncIterator[str]],
+    whole: Callable[[RequestOutput | None], Any],
+) -> Any:
     """Stream SSE built from the first output on, or answer once with the final output; 499 if the client left.
 
     The first output is awaited before the headers go out, so a full queue is still a 503 when streaming."""

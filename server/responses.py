@@ -12,16 +12,16 @@ from fastapi import Request, Response
 from .chat import (
     ENGINE_FAILED,
     EngineStreamFailed,
-    build_chat_inputs,
     chat_sampling_params,
     check_engine_error,
     choice_updates,
     usage_of,
 )
+from .chat_inputs import build_chat_inputs
 from .engine_api import RequestOutput
 from .errors import APIError
 from .protocol import now, random_id
-from .protocol_responses import (
+from .protocol.responses import (
     InputTokensDetails,
     OutputMessage,
     OutputText,
@@ -53,11 +53,17 @@ async def create_response(state: ServerState, request: ResponsesRequest, raw: Re
         raise renamed(error, origins) from None
     builder = ResponseBuilder(random_id("resp", "_"), state.model_id, request)
     outputs = generate(state, inputs, params, builder.response_id, arrival)
-    return await constrained(state, constraint, respond(
-        outputs, raw, bool(request.stream),
-        stream_body=lambda first: stream_response(outputs, first, builder),
-        whole=lambda final: builder.finished(check_engine_error(final, builder.response_id)),
-    ))  # fmt: skip
+    return await constrained(
+        state,
+        constraint,
+        respond(
+            outputs,
+            raw,
+            bool(request.stream),
+            stream_body=lambda first: stream_response(outputs, first, builder),
+            whole=lambda final: builder.finished(check_engine_error(final, builder.response_id)),
+        ),
+    )
 
 
 class ResponseBuilder:
@@ -73,12 +79,24 @@ class ResponseBuilder:
         request = self.request
         text_format = request.text.format if request.text is not None and request.text.format else None
         return ResponseObject(
-            id=self.response_id, created_at=self.created_at, status=status, model=self.model, output=output or [],
-            instructions=request.instructions, max_output_tokens=request.max_output_tokens,
-            metadata=request.metadata or {}, temperature=request.temperature, top_p=request.top_p,
-            text={"format": text_format.model_dump(by_alias=True, exclude_none=True) if text_format else {"type": "text"}},
-            user=request.user, **fields,
-        )  # fmt: skip
+            id=self.response_id,
+            created_at=self.created_at,
+            status=status,
+            model=self.model,
+            output=output or [],
+            instructions=request.instructions,
+            max_output_tokens=request.max_output_tokens,
+            metadata=request.metadata or {},
+            temperature=request.temperature,
+            top_p=request.top_p,
+            text={
+                "format": text_format.model_dump(by_alias=True, exclude_none=True)
+                if text_format
+                else {"type": "text"}
+            },
+            user=request.user,
+            **fields,
+        )
 
     def message(self, text: str, status: str) -> OutputMessage:
         return OutputMessage(id=self.message_id, status=status, content=[OutputText(text=text)])
@@ -90,14 +108,19 @@ class ResponseBuilder:
         usage = usage_of(final)
         details = usage.prompt_tokens_details
         return self.response(
-            status, [self.message(choice.text if text is None else text, status)],
+            status,
+            [self.message(choice.text if text is None else text, status)],
             completed_at=now() if status == "completed" else None,
             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
-            usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                total_tokens=usage.total_tokens,
-                                input_tokens_details=InputTokensDetails(cached_tokens=details.cached_tokens,
-                                                                        image_tokens=details.image_tokens)),
-        )  # fmt: skip
+            usage=ResponseUsage(
+                input_tokens=usage.prompt_tokens,
+                output_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                input_tokens_details=InputTokensDetails(
+                    cached_tokens=details.cached_tokens, image_tokens=details.image_tokens
+                ),
+            ),
+        )
 
     def event(self, kind: str, **fields) -> str:
         payload = {"type": kind, "sequence_number": next(self._sequence)}
@@ -109,8 +132,9 @@ class ResponseBuilder:
         return self.event(kind, item_id=self.message_id, output_index=0, content_index=0, **fields)
 
 
-async def stream_response(outputs: AsyncIterator[RequestOutput], first: RequestOutput,
-                          builder: ResponseBuilder) -> AsyncIterator[str]:  # fmt: skip
+async def stream_response(
+    outputs: AsyncIterator[RequestOutput], first: RequestOutput, builder: ResponseBuilder
+) -> AsyncIterator[str]:
     """created, in_progress, output_item.added, content_part.added, output_text.delta..., output_text.done,
     content_part.done, output_item.done, then completed (or incomplete; failed if the engine fails)."""
     yield builder.event("response.created", response=builder.response("in_progress"))

@@ -8,23 +8,34 @@ import re
 
 from .errors import APIError, bad_request
 from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, ImageURL, TextPart
-from .protocol_responses import InputImage, InputMessage, OtherItem, OtherPart, ResponsesRequest
+from .protocol.responses import InputImage, InputMessage, OtherItem, OtherPart, ResponsesRequest
 from .structured_outputs import Constraint
 
 REFUSED = {  # field: (is it set to something this server cannot do, why)
     "background": (lambda v: bool(v), "background responses are not supported"),
-    "conversation": (lambda v: v is not None, "conversations are not stored; send the whole conversation in input"),
-    "previous_response_id": (lambda v: v is not None, "responses are not stored; send the whole conversation in "
-                             "input"),
+    "conversation": (
+        lambda v: v is not None,
+        "conversations are not stored; send the whole conversation in input",
+    ),
+    "previous_response_id": (
+        lambda v: v is not None,
+        "responses are not stored; send the whole conversation in input",
+    ),
     "store": (lambda v: bool(v), "responses are not stored; set store to false or leave it out"),
     "tools": (lambda v: bool(v), "tool calling is not supported"),
     "tool_choice": (lambda v: v not in (None, "none", "auto"), "tool calling is not supported"),
     "prompt": (lambda v: v is not None, "stored prompt templates are not supported"),
     "reasoning": (lambda v: v is not None, "this model does not reason; remove reasoning"),
     "include": (lambda v: bool(v), "no extra output can be included"),
-    "top_logprobs": (lambda v: v is not None, "logprobs are not supported on /v1/responses; use /v1/chat/completions"),
-    "truncation": (lambda v: v == "auto", "truncation 'auto' is not supported; the input must fit the context"),
-}  # fmt: skip
+    "top_logprobs": (
+        lambda v: v is not None,
+        "logprobs are not supported on /v1/responses; use /v1/chat/completions",
+    ),
+    "truncation": (
+        lambda v: v == "auto",
+        "truncation 'auto' is not supported; the input must fit the context",
+    ),
+}
 
 
 def unsupported_response_fields(request: ResponsesRequest) -> tuple[str, str] | None:
@@ -49,7 +60,10 @@ def _unsupported_in_item(item: InputMessage | OtherItem, where: str) -> tuple[st
             return f"{where}.content[{j}].type", f"content part type '{part.type}' is not supported"
         if isinstance(part, InputImage):
             if part.image_url is None:
-                return f"{where}.content[{j}].image_url", "an input_image needs an image_url (file ids are not kept)"
+                return (
+                    f"{where}.content[{j}].image_url",
+                    "an input_image needs an image_url (file ids are not kept)",
+                )
             if item.role != "user":
                 return f"{where}.content[{j}]", "images are only accepted in user messages"
     return None
@@ -78,8 +92,13 @@ def _chat_part(part) -> TextPart | ImagePart:
 
 def chat_request(request: ResponsesRequest, messages: list[ChatMessage]) -> ChatCompletionRequest:
     """The equivalent chat request (the same sampling, so the same answer)."""
-    return ChatCompletionRequest(messages=messages, max_completion_tokens=request.max_output_tokens,
-                                 temperature=request.temperature, top_p=request.top_p, user=request.user)  # fmt: skip
+    return ChatCompletionRequest(
+        messages=messages,
+        max_completion_tokens=request.max_output_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        user=request.user,
+    )
 
 
 def response_constraint(request: ResponsesRequest) -> Constraint | None:
@@ -98,7 +117,7 @@ def renamed(error: APIError, origins: list[str]) -> APIError:
         error.param = "max_output_tokens"
         error.message = re.sub(r"\bmax_(completion_)?tokens\b", "max_output_tokens", error.message)
     elif param.startswith("messages[") and "]" in param:
-        index, rest = param[len("messages["):].split("]", 1)
+        index, rest = param[len("messages[") :].split("]", 1)
         if index.isdigit() and int(index) < len(origins):
             error.param = origins[int(index)] + rest
     elif param == "messages":

@@ -21,7 +21,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .protocol_responses import ResponsesRequest
+from .protocol.responses import ResponsesRequest
 from .responses import create_response
 from .state import ServerState, get_state
 from .tokenization import detokenize, tokenize
@@ -47,16 +47,24 @@ async def responses(body: ResponsesRequest, request: Request, state: State) -> R
 
 @router.get("/v1/models")
 async def list_models(state: State) -> ModelList:
-    card = ModelCard(id=state.model_id, created=state.started_at, root=state.settings.model,
-                     max_model_len=state.max_model_len)  # fmt: skip
+    card = ModelCard(
+        id=state.model_id,
+        created=state.started_at,
+        root=state.settings.model,
+        max_model_len=state.max_model_len,
+    )
     return ModelList(data=[card])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> ModelCard:
     state.check_model(model_id)
-    return ModelCard(id=state.model_id, created=state.started_at, root=state.settings.model,
-                     max_model_len=state.max_model_len)  # fmt: skip
+    return ModelCard(
+        id=state.model_id,
+        created=state.started_at,
+        root=state.settings.model,
+        max_model_len=state.max_model_len,
+    )
 
 
 @router.post("/tokenize")

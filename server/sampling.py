@@ -13,7 +13,9 @@ MAX_STOP_CHARS = 256  # the engine's per-token scan of a stop string grows with 
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's cap; the engine applies each entry again on every step
 
 
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, num_image_tokens: int, max_model_len: int) -> int:
+def resolve_max_tokens(
+    requested: int | None, num_prompt_tokens: int, num_image_tokens: int, max_model_len: int
+) -> int:
     """The output budget: what was asked, else the rest of the context; a 400 when it cannot fit."""
     room = max_model_len - num_prompt_tokens
     if room < 1:
@@ -57,7 +59,11 @@ def check_token_ids(token_ids: list[int] | None, vocab_size: int, param: str) ->
 
 
 def build_sampling_params(
-    request: ChatCompletionRequest | CompletionRequest, *, max_tokens: int, logprobs: int | None, vocab_size: int,
+    request: ChatCompletionRequest | CompletionRequest,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    vocab_size: int,
     structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
@@ -96,6 +102,10 @@ def build_sampling_params(
         name = match.group(1) if match else None
         if name == "logprobs" and isinstance(request, ChatCompletionRequest):
             name = "top_logprobs"
-        if name == "max_tokens" and isinstance(request, ChatCompletionRequest) and request.max_completion_tokens:
+        if (
+            name == "max_tokens"
+            and isinstance(request, ChatCompletionRequest)
+            and request.max_completion_tokens
+        ):
             name = "max_completion_tokens"
         raise bad_request(message, name) from None

@@ -50,8 +50,12 @@ class ServerState:
     def check_model(self, model: str | None) -> None:
         """Clients must name the served model (or leave it out)."""
         if model is not None and model not in (self.model_id, self.settings.model):
-            raise APIError(f"the model '{model}' does not exist; this server serves '{self.model_id}'", 404,
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                f"the model '{model}' does not exist; this server serves '{self.model_id}'",
+                404,
+                param="model",
+                code="model_not_found",
+            )
 
     def request_started(self) -> None:
         self.num_in_flight += 1

@@ -28,9 +28,11 @@ class ThroughputLine:
         if not (delta_prompt or delta_generated or stats.num_running or stats.num_waiting):
             return None
         elapsed = now - previous
-        return (f"prompt {delta_prompt / elapsed:.1f} tok/s, generation {delta_generated / elapsed:.1f} tok/s, "
-                f"running {stats.num_running}, waiting {stats.num_waiting}, KV cache {stats.kv_cache_usage:.1%}, "
-                f"preemptions {stats.num_preemptions}, image pixels in flight {pixels_in_flight}")  # fmt: skip
+        return (
+            f"prompt {delta_prompt / elapsed:.1f} tok/s, generation {delta_generated / elapsed:.1f} tok/s, "
+            f"running {stats.num_running}, waiting {stats.num_waiting}, KV cache {stats.kv_cache_usage:.1%}, "
+            f"preemptions {stats.num_preemptions}, image pixels in flight {pixels_in_flight}"
+        )
 
 
 async def log_stats_forever(state, interval: float) -> None:

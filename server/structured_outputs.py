@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from .engine_api import StructuredOutputError, StructuredOutputsParams
 from .errors import bad_request
-from .protocol_structured import StructuredOutputsExtensions
+from .protocol.structured import StructuredOutputsExtensions
 from .state import ServerState
 
 T = TypeVar("T")
@@ -19,7 +19,9 @@ GUIDED = ("json", "regex", "choice", "grammar")
 @dataclass
 class Constraint:
     params: StructuredOutputsParams
-    param: str  # the request field it came from: "response_format", "structured_outputs.regex", "guided_json"...
+    param: (
+        str  # the request field it came from: "response_format", "structured_outputs.regex", "guided_json"...
+    )
 
     @classmethod
     def build(cls, param: str, **values: Any) -> Constraint:
@@ -33,7 +35,9 @@ def requested_constraint(request: StructuredOutputsExtensions) -> Constraint | N
     """The one constraint a chat or completions request asks for, or None; a 400 for two or a malformed one."""
     found = list(_sources(request))
     if len(found) > 1:
-        raise bad_request(f"ask for one structured output, not both {found[0][0]} and {found[1][0]}", found[1][0])
+        raise bad_request(
+            f"ask for one structured output, not both {found[0][0]} and {found[1][0]}", found[1][0]
+        )
     return Constraint.build(found[0][0], **found[0][1]) if found else None
 
 
@@ -45,8 +49,13 @@ def _sources(request: StructuredOutputsExtensions) -> Iterator[tuple[str, dict[s
         yield "response_format.json_schema.schema", {"json": response_format.json_schema.schema_}
     wanted = request.structured_outputs
     if wanted is not None:
-        given = {"json": wanted.json_, "regex": wanted.regex, "choice": wanted.choice, "grammar": wanted.grammar,
-                 "json_object": wanted.json_object or None}  # fmt: skip
+        given = {
+            "json": wanted.json_,
+            "regex": wanted.regex,
+            "choice": wanted.choice,
+            "grammar": wanted.grammar,
+            "json_object": wanted.json_object or None,
+        }
         given = {kind: value for kind, value in given.items() if value is not None}
         if not given:
             yield "structured_outputs", {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .chat import chat_token_ids
+from .chat_inputs import chat_token_ids
 from .errors import bad_request
 from .protocol import (
     ChatCompletionRequest,
@@ -27,16 +27,26 @@ async def tokenize(state: ServerState, request: TokenizeRequest) -> TokenizeResp
     tokenizer = state.engine.tokenizer
     image_tokens = 0
     if request.prompt is not None:
-        ids = await asyncio.to_thread(tokenizer.encode, request.prompt, add_special_tokens=request.add_special_tokens)
+        ids = await asyncio.to_thread(
+            tokenizer.encode, request.prompt, add_special_tokens=request.add_special_tokens
+        )
     else:
         problem = unsupported_chat_fields(ChatCompletionRequest(messages=request.messages))
         if problem is not None:
             raise bad_request(problem[1], problem[0])
-        ids, image_tokens = await chat_token_ids(state, request.messages, request.max_tiles_per_image,
-                                                 video_options(request))  # fmt: skip
-    token_strs = await asyncio.to_thread(tokenizer.convert_ids_to_tokens, ids) if request.return_token_strs else None
-    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=token_strs,
-                            image_tokens=image_tokens)  # fmt: skip
+        ids, image_tokens = await chat_token_ids(
+            state, request.messages, request.max_tiles_per_image, video_options(request)
+        )
+    token_strs = (
+        await asyncio.to_thread(tokenizer.convert_ids_to_tokens, ids) if request.return_token_strs else None
+    )
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=state.max_model_len,
+        tokens=ids,
+        token_strs=token_strs,
+        image_tokens=image_tokens,
+    )
 
 
 async def detokenize(state: ServerState, request: DetokenizeRequest) -> DetokenizeResponse:

@@ -43,8 +43,10 @@ def checked_videos(state: ServerState, messages: list[ChatMessage], options: Vid
         raise bad_request(f"the request has {len(found)} videos; at most {limit} are allowed", "messages")
     cap = state.settings.max_video_frames
     if options.num_frames is not None and options.num_frames > cap:
-        raise bad_request(f"num_video_frames is {options.num_frames}; this server samples at most {cap} frames a video",
-                          "num_video_frames")  # fmt: skip
+        raise bad_request(
+            f"num_video_frames is {options.num_frames}; this server samples at most {cap} frames a video",
+            "num_video_frames",
+        )
     count = options.num_frames or (cap if options.fps is not None else min(RECIPE_NUM_FRAMES, cap))
     frames = FrameRequest(count, options.fps)
     return [(part.video_url.url, frames, param) for part, param in found]

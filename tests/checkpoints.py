@@ -20,7 +20,9 @@ SHAPES = {
         vision=dict(hidden_stride=1, num_hidden_layers=1),
         tie_word_embeddings=True,
     ),
-    "stride2_gqa_tied": dict(text=dict(num_attention_heads=8, num_key_value_heads=2), tie_word_embeddings=True),
+    "stride2_gqa_tied": dict(
+        text=dict(num_attention_heads=8, num_key_value_heads=2), tie_word_embeddings=True
+    ),
 }
 
 
@@ -44,18 +46,32 @@ def random_pixels(grids: list[tuple[int, int]], seed: int) -> torch.Tensor:
 # --- the original AIDC layout, derived independently of ovis2.weights (the reverse direction)
 def _original_key(key: str) -> str:
     renames = [
-        ("model.language_model.", "llm.model."), ("lm_head.", "llm.lm_head."),
+        ("model.language_model.", "llm.model."),
+        ("lm_head.", "llm.lm_head."),
         ("model.visual_embeddings_table.weight", "vte.weight"),
         ("model.vision_tower.head_linear.", "visual_tokenizer.head.0."),
         ("model.vision_tower.head_norm.", "visual_tokenizer.head.1."),
-        ("model.vision_tower.transformer.embeddings.patch_embedding.", "visual_tokenizer.backbone.preprocessor.patchifier.proj."),
-        ("model.vision_tower.transformer.embeddings.rms_norm.", "visual_tokenizer.backbone.preprocessor.patchifier.norm."),
-        ("model.vision_tower.transformer.embeddings.position_embedding.weight", "visual_tokenizer.backbone.preprocessor.pos_embed"),
+        (
+            "model.vision_tower.transformer.embeddings.patch_embedding.",
+            "visual_tokenizer.backbone.preprocessor.patchifier.proj.",
+        ),
+        (
+            "model.vision_tower.transformer.embeddings.rms_norm.",
+            "visual_tokenizer.backbone.preprocessor.patchifier.norm.",
+        ),
+        (
+            "model.vision_tower.transformer.embeddings.position_embedding.weight",
+            "visual_tokenizer.backbone.preprocessor.pos_embed",
+        ),
         ("model.vision_tower.transformer.rms_norm.", "visual_tokenizer.backbone.trunk.post_trunk_norm."),
         ("model.vision_tower.transformer.encoder.layers.", "visual_tokenizer.backbone.trunk.blocks."),
-        (".rms_norm1.", ".norm_1."), (".rms_norm2.", ".norm_2."), (".attention.out_proj.", ".attn.proj."),
-        (".ffn.gate_proj.", ".mlp.fc1."), (".ffn.up_proj.", ".mlp.fc3."), (".ffn.down_proj.", ".mlp.fc2."),
-    ]  # fmt: skip
+        (".rms_norm1.", ".norm_1."),
+        (".rms_norm2.", ".norm_2."),
+        (".attention.out_proj.", ".attn.proj."),
+        (".ffn.gate_proj.", ".mlp.fc1."),
+        (".ffn.up_proj.", ".mlp.fc3."),
+        (".ffn.down_proj.", ".mlp.fc2."),
+    ]
     for old, new in renames:
         key = key.replace(old, new)
     return key
@@ -86,14 +102,24 @@ def write_original_layout(hf_dir: Path, out_dir: Path) -> Path:
         "model_type": "ovis",
         "llm_config": hf["text_config"],
         "visual_tokenizer_config": {
-            "backbone_config": {k: vision[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                       "num_attention_heads", "image_size", "patch_size", "rms_norm_eps")},
+            "backbone_config": {
+                k: vision[k]
+                for k in (
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "image_size",
+                    "patch_size",
+                    "rms_norm_eps",
+                )
+            },
             "vocab_size": vision["vocab_size"],
             "hidden_stride": vision["hidden_stride"],
             "tokenize_function": vision["tokenize_function"],
         },
         "multimodal_max_length": 32768,
-    }  # fmt: skip
+    }
     (out_dir / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(hf_dir / name, out_dir / name)

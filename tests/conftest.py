@@ -20,7 +20,10 @@ def _offline_hub():
 def tiny_checkpoints(tmp_path_factory) -> dict:
     """name -> directory, for every shape in tests.checkpoints.SHAPES."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {name: write_checkpoint(root / name, shape_config(name), seed=index) for index, name in enumerate(SHAPES)}
+    return {
+        name: write_checkpoint(root / name, shape_config(name), seed=index)
+        for index, name in enumerate(SHAPES)
+    }
 
 
 @pytest.fixture(scope="session")

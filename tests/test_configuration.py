@@ -29,11 +29,21 @@ def test_hf_dict_roundtrip():
 
 
 def test_original_format_is_read():
-    llm = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1e6}  # fmt: skip
+    llm = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "rope_theta": 1e6,
+    }
     backbone = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    source = {"model_type": "ovis", "llm_config": llm,
-              "visual_tokenizer_config": {"backbone_config": backbone, "vocab_size": 69, "hidden_stride": 2}}  # fmt: skip
+    source = {
+        "model_type": "ovis",
+        "llm_config": llm,
+        "visual_tokenizer_config": {"backbone_config": backbone, "vocab_size": 69, "hidden_stride": 2},
+    }
     config = Ovis2Config.from_dict(source)
     assert config.source_format == "ovis"
     assert config.vision_config.hidden_stride == 2 and config.text_config.num_key_value_heads == 2

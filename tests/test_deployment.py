@@ -407,10 +407,18 @@ def make_serve_argv(*variables: str, env: dict[str, str] | None = None) -> list[
     """The ovis2-serve command line `make -n serve VARIABLES...` would run, in a clean environment."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("MODEL", "HOST", "PORT", "ARGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # fmt: skip
-    result = subprocess.run(["make", "-n", "-C", str(ROOT), "--no-print-directory", "serve", *variables],
-                            env=base | (env or {}), capture_output=True, text=True, timeout=60)  # fmt: skip
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MODEL", "HOST", "PORT", "ARGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    }
+    result = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "--no-print-directory", "serve", *variables],
+        env=base | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "ovis2-serve" in line]
     assert len(lines) == 1, result.stdout

@@ -26,7 +26,9 @@ def lazy_exports(files: dict[str, Path]) -> dict[str, dict[str, str]]:
         if path.name != "__init__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            if isinstance(node, ast.Assign) and any(
+                getattr(t, "id", None) == "_EXPORTS" for t in node.targets
+            ):
                 table = ast.literal_eval(node.value)
                 exports[name] = {public: f"{name}.{module}" for public, module in table.items()}
     return exports
@@ -90,7 +92,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_imports_inside_functions_and_lazy_names():
     graph = import_graph()
     assert "ovis2.weights" in graph["ovis2.modeling"]  # imported inside from_pretrained
-    assert "ovis2.engine.async_engine" in graph["server.engine_api"]  # `from ovis2 import AsyncEngine`, lazily
+    assert (
+        "ovis2.engine.async_engine" in graph["server.engine_api"]
+    )  # `from ovis2 import AsyncEngine`, lazily
 
 
 def test_a_cycle_is_found():

@@ -35,10 +35,15 @@ def run(q, k, v, lengths, starts_at_zero):
     for n in lengths:
         starts.append(starts[-1] + n)
     meta = PagedAttentionMetadata(
-        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(starts), seq_lens=torch.tensor(lengths),
-        block_tables=torch.tensor(tables), max_query_len=max(lengths), max_seq_len=max(lengths),
-        kv_caches=[(k_cache, v_cache)], starts_at_zero=starts_at_zero,
-    )  # fmt: skip
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=torch.tensor(starts),
+        seq_lens=torch.tensor(lengths),
+        block_tables=torch.tensor(tables),
+        max_query_len=max(lengths),
+        max_seq_len=max(lengths),
+        kv_caches=[(k_cache, v_cache)],
+        starts_at_zero=starts_at_zero,
+    )
     return paged_attention(q, k, v, meta, layer=0), k_cache
 
 
@@ -59,7 +64,9 @@ def test_prefill_of_uneven_sequences_matches_reference(starts_at_zero):
         allowed = 16 * torch.finfo(torch.float32).eps * v[part].abs().max().item()
         assert (out[part] - reference(q[part], k[part], v[part])).abs().max().item() <= allowed
         start += n
-    assert torch.equal(k_cache.flatten(0, 1)[BLOCK : BLOCK + lengths[0]], k[: lengths[0]])  # written to the pool
+    assert torch.equal(
+        k_cache.flatten(0, 1)[BLOCK : BLOCK + lengths[0]], k[: lengths[0]]
+    )  # written to the pool
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 48, 49])

@@ -41,7 +41,9 @@ def models(tiny_checkpoints):
     """name -> (ours with compat transformers, ours with compat ovis, reference sdpa, reference eager)."""
     loaded = {}
     for name, directory in tiny_checkpoints.items():
-        ours_t = Ovis2ForConditionalGeneration.from_pretrained(str(directory), dtype="float32", compat="transformers")
+        ours_t = Ovis2ForConditionalGeneration.from_pretrained(
+            str(directory), dtype="float32", compat="transformers"
+        )
         ours_o = Ovis2ForConditionalGeneration.from_pretrained(str(directory), dtype="float32", compat="ovis")
         loaded[name] = (ours_t, ours_o, load_reference(directory), load_reference(directory, "eager"))
     return loaded
@@ -103,7 +105,9 @@ def test_left_padded_batch_matches_transformers(models, shape):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     pixels = random_pixels([(1, 2), (1, 1)], seed=3)
     keep = kept_positions(ids[0])
-    inputs = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    inputs = dict(
+        input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+    )
     with torch.inference_mode():
         expected = ref(**inputs).logits
         got = ours(**inputs).logits

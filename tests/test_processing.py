@@ -83,8 +83,14 @@ def test_rendered_text_matches_transformers(processor, reference):
         _user(None, "Compare."),
         _user(None, None, "Again"),
     ]
-    messages = _image_part_only([{**m, "content": [p for p in m["content"] if p.get("image", 1) is not None]}
-                                 if isinstance(m["content"], list) else m for m in messages])  # fmt: skip
+    messages = _image_part_only(
+        [
+            {**m, "content": [p for p in m["content"] if p.get("image", 1) is not None]}
+            if isinstance(m["content"], list)
+            else m
+            for m in messages
+        ]
+    )
     expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert processor.apply_chat_template(messages, tokenize=False) == expected
 
@@ -228,7 +234,9 @@ def test_prepare_chat_max_patches(ovis_processor):
 def test_an_image_part_may_cap_its_own_tiles(ovis_processor):
     wide = photo("astronaut").resize((1344, 448))
     own_cap = {"type": "image", "image": wide, "max_patches": 1}
-    inputs = ovis_processor.prepare_chat([{"role": "user", "content": [own_cap, {"type": "image", "image": wide}]}])
+    inputs = ovis_processor.prepare_chat(
+        [{"role": "user", "content": [own_cap, {"type": "image", "image": wide}]}]
+    )
     assert inputs.images[0].grid == (1, 1)
     assert inputs.images[1].grid == (1, 3)
     assert inputs.images[0].content_hash != inputs.images[1].content_hash

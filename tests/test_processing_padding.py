@@ -53,7 +53,9 @@ def reference(tokenizer):
     return TransformersProcessor(transformers_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: ",".join(f"{k}={v}" for k, v in layout.items()))
+@pytest.mark.parametrize(
+    "layout", LAYOUTS, ids=lambda layout: ",".join(f"{k}={v}" for k, v in layout.items())
+)
 def test_text_prompts_are_padded_and_cut_as_the_tokenizer_does(processor, tokenizer, layout):
     expected = tokenizer(TEXTS, add_special_tokens=False, **layout)
     ours = processor(text=TEXTS, return_tensors=None, **layout)
@@ -85,18 +87,40 @@ def test_an_unpadded_ragged_batch_cannot_be_a_tensor(processor):
 
 def _image_prompts(processor):
     images = [Image.new("RGB", (896, 448), "red"), Image.new("RGB", (300, 200), "blue")]
-    first = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "What colour is it? Answer in one word."}]}])  # fmt: skip
-    second = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "text", "text": "And"}, {"type": "image"}, {"type": "text", "text": "this?"}]}])  # fmt: skip
+    first = processor.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": "What colour is it? Answer in one word."},
+                ],
+            }
+        ]
+    )
+    second = processor.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "And"},
+                    {"type": "image"},
+                    {"type": "text", "text": "this?"},
+                ],
+            }
+        ]
+    )
     return images, [first, second]
 
 
-@pytest.mark.parametrize("layout", [
-    {"padding": "longest", "padding_side": "right"},
-    {"padding": "max_length", "max_length": 1200},
-    {"padding": True, "pad_to_multiple_of": 64, "return_attention_mask": False},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"padding": "longest", "padding_side": "right"},
+        {"padding": "max_length", "max_length": 1200},
+        {"padding": True, "pad_to_multiple_of": 64, "return_attention_mask": False},
+    ],
+)
 def test_image_prompts_match_transformers(processor, reference, layout):
     images, texts = _image_prompts(processor)
     ours = processor(images=images, text=texts, return_tensors="pt", **layout)
@@ -130,11 +154,19 @@ def test_truncation_inside_an_image_is_refused(processor):
         processor(images=images, text=texts, truncation=True, max_length=len(start) - 1)
 
 
-@pytest.mark.parametrize("bad", [
-    {"padding": "bogus"}, {"padding_side": "middle"}, {"truncation": "only_second", "max_length": 4},
-    {"truncation": "sideways"}, {"max_length": -1}, {"max_length": 2.5}, {"pad_to_multiple_of": 0},
-    {"truncation": True, "max_length": 10, "padding": True, "pad_to_multiple_of": 8},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"padding": "bogus"},
+        {"padding_side": "middle"},
+        {"truncation": "only_second", "max_length": 4},
+        {"truncation": "sideways"},
+        {"max_length": -1},
+        {"max_length": 2.5},
+        {"pad_to_multiple_of": 0},
+        {"truncation": True, "max_length": 10, "padding": True, "pad_to_multiple_of": 8},
+    ],
+)
 def test_bad_padding_arguments_are_ovis2_errors(processor, bad):
     with pytest.raises(Ovis2Error):
         processor(text=TEXTS, **bad)

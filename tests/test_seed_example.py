@@ -9,7 +9,7 @@ import types
 from PIL import Image
 
 # The documentation's example, verbatim except for the marked lines.
-SEED_EXAMPLE = '''
+SEED_EXAMPLE = """
 from PIL import Image
 import requests
 import torch
@@ -53,7 +53,7 @@ with torch.inference_mode():
     generated_ids = [output_ids[len(input_ids):] for input_ids, output_ids in zip(inputs.input_ids, output_ids)]
     output_text = processor.batch_decode(generated_ids, skip_special_tokens=True)
     print(output_text)
-'''
+"""
 
 
 def offline_requests(image_bytes: bytes) -> types.ModuleType:
@@ -71,5 +71,8 @@ def test_seed_example_runs(tiny_checkpoint, monkeypatch, capsys):
     exec(compile(SEED_EXAMPLE, "seed_example", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>" in printed
-    assert len(namespace["generated_ids"][0]) == 128 or namespace["generated_ids"][0][-1].item() in (151645, 151643)
+    assert len(namespace["generated_ids"][0]) == 128 or namespace["generated_ids"][0][-1].item() in (
+        151645,
+        151643,
+    )
     assert isinstance(namespace["output_text"], list) and len(namespace["output_text"]) == 1

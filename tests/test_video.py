@@ -81,7 +81,9 @@ def test_a_rotated_video_is_turned_upright(videos):
 def test_paths_bytes_and_frame_lists(videos, tmp_path):
     path = tmp_path / "clip.webm"
     path.write_bytes(videos.vp9)
-    assert load_video(path).timestamps == load_video(str(path)).timestamps == load_video(videos.vp9).timestamps
+    assert (
+        load_video(path).timestamps == load_video(str(path)).timestamps == load_video(videos.vp9).timestamps
+    )
     frames = [Image.fromarray(gray(i)) for i in range(30)]
     listed = load_video(frames, 12)
     assert [frame_index(f) for f in listed.frames] == model_card_indices(30, 12)
@@ -126,20 +128,25 @@ def test_empty_bytes_are_refused():
         sniff_container(b"\x00\x00\x00\x18ftyx")
 
 
-@pytest.mark.parametrize("limits, message", [
-    (VideoLimits(max_bytes=1000), "larger than 1000 bytes"),
-    (VideoLimits(max_seconds=1.0), "longer than the limit of 1s|is 2.4s long"),
-    (VideoLimits(max_stream_frames=10), "more than 10 frames"),
-    (VideoLimits(max_frame_pixels=64 * 48 - 1), "64x48, more than the limit of 3071 pixels"),
-    (VideoLimits(timeout=0.0), "took longer than the limit of 0s"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        (VideoLimits(max_bytes=1000), "larger than 1000 bytes"),
+        (VideoLimits(max_seconds=1.0), "longer than the limit of 1s|is 2.4s long"),
+        (VideoLimits(max_stream_frames=10), "more than 10 frames"),
+        (VideoLimits(max_frame_pixels=64 * 48 - 1), "64x48, more than the limit of 3071 pixels"),
+        (VideoLimits(timeout=0.0), "took longer than the limit of 0s"),
+    ],
+)
 def test_limits(videos, limits, message):
     with pytest.raises(Ovis2Error, match=message):
         load_video(videos.h264, 12, limits=limits)
 
 
 def test_the_duration_limit_holds_when_the_header_says_less(videos):
-    with pytest.raises(Ovis2Error, match="longer than the limit of 1s"):  # the header's 0.2 s passes, the frames not
+    with pytest.raises(
+        Ovis2Error, match="longer than the limit of 1s"
+    ):  # the header's 0.2 s passes, the frames not
         probe_video(videos.claims_shorter, VideoLimits(max_seconds=1.0))
 
 

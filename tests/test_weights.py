@@ -29,7 +29,9 @@ def reference(tiny_checkpoint):
 @pytest.mark.parametrize("shape", ["stride2_gqa_untied", "stride2_gqa_tied"])
 def test_original_layout_gives_same_logits(tiny_checkpoints, tmp_path, shape):
     hf_dir = tiny_checkpoints[shape]
-    original = Ovis2ForConditionalGeneration.from_pretrained(str(write_original_layout(hf_dir, tmp_path / "orig")))
+    original = Ovis2ForConditionalGeneration.from_pretrained(
+        str(write_original_layout(hf_dir, tmp_path / "orig"))
+    )
     hf = Ovis2ForConditionalGeneration.from_pretrained(str(hf_dir))
     assert original.config.source_format == "ovis"
     pixels = random_pixels([(1, 2)], seed=5)
@@ -97,7 +99,9 @@ def test_missing_config_field_is_named(tiny_checkpoint, tmp_path):
 def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_checkpoint, tmp_path):
     state = load_file(str(tiny_checkpoint / "model.safetensors"))
     cases = {
-        "lacks tensors: model.language_model.norm.weight": lambda s: s.pop("model.language_model.norm.weight"),
+        "lacks tensors: model.language_model.norm.weight": lambda s: s.pop(
+            "model.language_model.norm.weight"
+        ),
         "unexpected tensors: extra.weight": lambda s: s.update({"extra.weight": torch.zeros(1)}),
         "wrong shape: model.visual_embeddings_table.weight": lambda s: s.update(
             {"model.visual_embeddings_table.weight": torch.zeros(3, 3)}

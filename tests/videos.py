@@ -33,9 +33,17 @@ def gray(index: int, size: tuple[int, int] = SIZE) -> np.ndarray:
     return np.full((size[1], size[0], 3), level(index), np.uint8)
 
 
-def encode(frames, codec: str = "libx264", container: str = "mp4", fps: int = 10, pts=None,
-           size: tuple[int, int] = SIZE, options: dict | None = None, rotation: int | None = None,
-           container_options: dict | None = None) -> bytes:  # fmt: skip
+def encode(
+    frames,
+    codec: str = "libx264",
+    container: str = "mp4",
+    fps: int = 10,
+    pts=None,
+    size: tuple[int, int] = SIZE,
+    options: dict | None = None,
+    rotation: int | None = None,
+    container_options: dict | None = None,
+) -> bytes:
     """`frames` (HxWx3 uint8 arrays) as a video; `pts` in 1/1000 s gives a variable frame rate."""
     with tempfile.TemporaryDirectory() as folder:  # a file: +faststart rewrites it by name
         path = Path(folder) / f"video.{container}"
@@ -48,7 +56,9 @@ def _write(path, frames, codec, container, fps, pts, size, options, rotation, co
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        stream.options = {"preset": "ultrafast"} if codec == "libx264" and options is None else (options or {})
+        stream.options = (
+            {"preset": "ultrafast"} if codec == "libx264" and options is None else (options or {})
+        )
         if codec == "mpeg4":
             stream.bit_rate = 2_000_000  # its default quality blurs neighbouring gray levels into each other
         if pts is not None:
@@ -135,13 +145,26 @@ class VideoSet:
         return self._made[name]
 
 
-VFR_PTS = [0, 100, 200, 300, 400, 2000, 2100, 2200, 5000, 5100]  # milliseconds: bursts and long still stretches
+VFR_PTS = [
+    0,
+    100,
+    200,
+    300,
+    400,
+    2000,
+    2100,
+    2200,
+    5000,
+    5100,
+]  # milliseconds: bursts and long still stretches
 MAKERS = {
     "h264": lambda: gray_video(24, "libx264", "mp4"),
     "vp9": lambda: gray_video(24, "libvpx-vp9", "webm"),
     "mpeg4": lambda: gray_video(24, "mpeg4", "mp4"),
     "h264_mkv": lambda: gray_video(24, "libx264", "matroska"),
-    "bframes": lambda: gray_video(30, options={"preset": "medium"}),  # x264's B-frames: decode order != display
+    "bframes": lambda: gray_video(
+        30, options={"preset": "medium"}
+    ),  # x264's B-frames: decode order != display
     "gop5": lambda: gray_video(40, options={"preset": "ultrafast", "g": "5"}),  # a keyframe every 5 frames
     "one_frame": lambda: gray_video(1),
     "vfr": lambda: encode([gray(i) for i in range(len(VFR_PTS))], pts=VFR_PTS),

@@ -39,7 +39,9 @@ class EngineOverloadedError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None, processor=None) -> None:
+    def __init__(
+        self, args: EngineArgs | None = None, engine: LLMEngine | None = None, processor=None
+    ) -> None:
         self.args = args or (engine.args if engine is not None else EngineArgs())
         self.engine = engine
         self._processor = processor
@@ -105,15 +107,18 @@ class AsyncEngine:
         """Fault injection for tests: hook(group) runs when a request is scheduled; raising fails it."""
         self.engine.core.request_hook = hook
 
-    async def generate(self, inputs: EngineInputs, params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    async def generate(
+        self, inputs: EngineInputs, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         self.check_health()
         self.engine.validate(inputs, params)  # user errors raise here, before anything is queued
         if request_id in self._queues:
             raise Ovis2Error(f"request id {request_id!r} is already running")
         if self.engine.core.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
             raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
-        grammar = await self.compile_grammar(params)  # in the compiler's threads; a bad constraint raises here
+        grammar = await self.compile_grammar(
+            params
+        )  # in the compiler's threads; a bad constraint raises here
         self.check_health()  # the engine may have stopped meanwhile
         queue = OutputStream()
         self._queues[request_id] = queue
@@ -140,7 +145,9 @@ class AsyncEngine:
         compiled."""
         if params.structured_outputs is None:
             return None
-        return await asyncio.wrap_future(self.engine.input_processor.grammars.submit(params.structured_outputs))
+        return await asyncio.wrap_future(
+            self.engine.input_processor.grammars.submit(params.structured_outputs)
+        )
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -164,7 +171,9 @@ class AsyncEngine:
         except BaseException as error:  # noqa: BLE001 - anything here is fatal: report, never hang clients
             logger.exception("engine loop died")
             self._dead = error
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine loop died: {error!r}"))
+            self._loop.call_soon_threadsafe(
+                self._fail_all, EngineDeadError(f"the engine loop died: {error!r}")
+            )
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -174,7 +183,9 @@ class AsyncEngine:
             else:
                 self._abort(command[1])
 
-    def _add(self, request_id: str, inputs: EngineInputs, params: SamplingParams, grammar: Grammar | None) -> None:
+    def _add(
+        self, request_id: str, inputs: EngineInputs, params: SamplingParams, grammar: Grammar | None
+    ) -> None:
         self._num_pending_adds -= 1
         try:
             self.engine.add_request(request_id, inputs, params, grammar=grammar)

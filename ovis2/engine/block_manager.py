@@ -38,7 +38,9 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash_of: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU first
+        self.free_blocks: OrderedDict[int, None] = OrderedDict(
+            (i, None) for i in range(num_blocks)
+        )  # LRU first
 
     # --- derived state
     @property
@@ -73,7 +75,9 @@ class BlockManager:
         while len(chain) <= index:
             start, end = len(chain) * bs, (len(chain) + 1) * bs
             assert end <= seq.num_tokens, "only full blocks have a hash"
-            images = seq.group.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
+            images = (
+                seq.group.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
+            )
             chain.append(block_hash(chain[-1] if chain else None, tuple(seq.token_ids[start:end]), images))
         return chain[index]
 

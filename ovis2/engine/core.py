@@ -49,9 +49,13 @@ class EngineStats:
 def load_model(args: EngineArgs):
     from ..modeling import Ovis2ForConditionalGeneration
 
-    return Ovis2ForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                                         compat=args.compat,
-                                                         memory_fraction=args.gpu_memory_utilization)  # fmt: skip
+    return Ovis2ForConditionalGeneration.from_pretrained(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        compat=args.compat,
+        memory_fraction=args.gpu_memory_utilization,
+    )
 
 
 class EngineCore:
@@ -61,7 +65,9 @@ class EngineCore:
         check_tokens_per_crop(self.model.config.vision_config)
         self.runner = ModelRunner(self.model, args)
         if self.runner.num_blocks < 2:
-            raise Ovis2Error(f"the KV cache budget holds {self.runner.num_blocks} blocks; raise kv_cache_memory")
+            raise Ovis2Error(
+                f"the KV cache budget holds {self.runner.num_blocks} blocks; raise kv_cache_memory"
+            )
         self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
@@ -69,10 +75,13 @@ class EngineCore:
         self.max_model_len = self._max_model_len()
         if self.runner.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_decode_graphs(self.max_model_len, capture=True)
-        self.request_hook: Callable[[SequenceGroup], None] | None = None  # tests inject per-request faults here
+        self.request_hook: Callable[[SequenceGroup], None] | None = (
+            None  # tests inject per-request faults here
+        )
         self.seed_generator = torch.Generator().manual_seed(args.seed)
-        self.counters = dict.fromkeys(("num_prompt_tokens", "num_cached_tokens", "num_generated_tokens",
-                                       "num_preemptions"), 0)  # fmt: skip
+        self.counters = dict.fromkeys(
+            ("num_prompt_tokens", "num_cached_tokens", "num_generated_tokens", "num_preemptions"), 0
+        )
 
     def _max_model_len(self) -> int:
         model_max = self.model.config.text_config.max_position_embeddings
@@ -167,7 +176,9 @@ class EngineCore:
         failed.update(self.runner.prepare_images([g for g in groups if g.request_id not in failed]))
         return failed
 
-    def _update_from_output(self, items: list[ScheduledSeq], logits, failed: dict[str, Exception]) -> CoreStepOutput:
+    def _update_from_output(
+        self, items: list[ScheduledSeq], logits, failed: dict[str, Exception]
+    ) -> CoreStepOutput:
         self._count_prompt_tokens(items)
         updates: dict[str, RequestUpdate] = {}
         try:
@@ -183,13 +194,26 @@ class EngineCore:
             failed={rid: self._fail(rid, error) for rid, error in failed.items()},
         )
 
-    def _append_sampled(self, items: list[ScheduledSeq], logits, updates: dict[str, RequestUpdate],
-                        failed: dict[str, Exception]) -> None:  # fmt: skip
+    def _append_sampled(
+        self,
+        items: list[ScheduledSeq],
+        logits,
+        updates: dict[str, RequestUpdate],
+        failed: dict[str, Exception],
+    ) -> None:
         sampled = [item for item in items if item.samples]
         if not sampled:
             return
-        rows = [SamplingRow(i.seq.params, i.seq.group.prompt_token_ids, i.seq.output_token_ids, i.seq.generator,
-                            i.seq.matcher) for i in sampled]  # fmt: skip
+        rows = [
+            SamplingRow(
+                i.seq.params,
+                i.seq.group.prompt_token_ids,
+                i.seq.output_token_ids,
+                i.seq.generator,
+                i.seq.matcher,
+            )
+            for i in sampled
+        ]
         result = sample(logits, rows)
         now = time.monotonic()
         for item, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
@@ -200,8 +224,9 @@ class EngineCore:
             group.metrics.first_token_time = group.metrics.first_token_time or now
             update = updates.get(group.request_id)
             if update is None:
-                update = updates[group.request_id] = RequestUpdate(group.request_id, [],
-                                                                   group.seqs[0].num_cached_tokens, group.metrics)  # fmt: skip
+                update = updates[group.request_id] = RequestUpdate(
+                    group.request_id, [], group.seqs[0].num_cached_tokens, group.metrics
+                )
             update.tokens.append(self._append_token(seq, token_id, logprob))
         for update in updates.values():
             group = self.groups.get(update.request_id)
@@ -241,10 +266,15 @@ class EngineCore:
     @property
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_total_blocks,
-                           kv_cache_usage=bm.usage, num_encoded_images=self.runner.num_encoded_images,
-                           **self.counters)  # fmt: skip
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_total_blocks,
+            kv_cache_usage=bm.usage,
+            num_encoded_images=self.runner.num_encoded_images,
+            **self.counters,
+        )
 
 
 def _groups_of(items: list[ScheduledSeq]) -> list[SequenceGroup]:

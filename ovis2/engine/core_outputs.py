@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from .outputs import RequestMetrics
 
-RawLogprob = tuple[float, list[tuple[int, float]]]  # (chosen token's logprob, [(token id, logprob)] most likely first)
+RawLogprob = tuple[
+    float, list[tuple[int, float]]
+]  # (chosen token's logprob, [(token id, logprob)] most likely first)
 
 
 @dataclass

@@ -45,7 +45,9 @@ def context_buckets(max_blocks: int) -> tuple[int, ...]:
 class FixedDecode:
     """One (batch, blocks) bucket: static input tensors, the forward over them, and its graph once captured."""
 
-    def __init__(self, model, kv_caches, block_size: int, scratch_block: int, batch: int, blocks: int) -> None:
+    def __init__(
+        self, model, kv_caches, block_size: int, scratch_block: int, batch: int, blocks: int
+    ) -> None:
         device = model.device
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.batch, self.blocks, self.scratch_block = batch, blocks, scratch_block
@@ -62,10 +64,14 @@ class FixedDecode:
     def forward(self) -> torch.Tensor:
         """[batch, H] hidden states of the rows in the static tensors (a fresh layout each call)."""
         meta = PagedAttentionMetadata(
-            slot_mapping=self.slot_mapping, query_start_loc=self.query_start_loc, seq_lens=self.seq_lens,
-            block_tables=self.block_tables, max_query_len=1, max_seq_len=self.blocks * self.block_size,
+            slot_mapping=self.slot_mapping,
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            max_query_len=1,
+            max_seq_len=self.blocks * self.block_size,
             kv_caches=self.kv_caches,
-        )  # fmt: skip
+        )
         embeds = self.model.embed_multimodal(self.input_ids, None, self.no_atoms)
         return self.model.forward_paged(embeds, self.positions, meta)
 
@@ -104,9 +110,16 @@ class FixedDecode:
         positions += [0] * padding
         slots += [scratch * bs] * padding
         seq_lens += [1] * padding
-        tables = padded_block_tables([item.seq.block_table for item in scheduled], self.batch, self.blocks, scratch)
-        for static, values in ((self.input_ids, ids), (self.positions, positions), (self.slot_mapping, slots),
-                               (self.seq_lens, seq_lens), (self.block_tables, tables)):  # fmt: skip
+        tables = padded_block_tables(
+            [item.seq.block_table for item in scheduled], self.batch, self.blocks, scratch
+        )
+        for static, values in (
+            (self.input_ids, ids),
+            (self.positions, positions),
+            (self.slot_mapping, slots),
+            (self.seq_lens, seq_lens),
+            (self.block_tables, tables),
+        ):
             source = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
             if static.device.type == "cuda":
                 source = source.pin_memory()
@@ -141,12 +154,16 @@ class DecodeGraphs:
         fixed = self.buckets.get(bucket)
         if fixed is None:
             runner = self.runner
-            fixed = FixedDecode(runner.model, runner.kv_caches, runner.block_size, runner.scratch_block, *bucket)
+            fixed = FixedDecode(
+                runner.model, runner.kv_caches, runner.block_size, runner.scratch_block, *bucket
+            )
             if self.capture:
                 try:
                     fixed.capture(self.pool)
                 except Exception:  # noqa: BLE001 - out of memory, an op capture does not allow: stay eager
-                    logger.exception("capturing the decode graph for (batch, blocks) %s failed; running eagerly", bucket)
+                    logger.exception(
+                        "capturing the decode graph for (batch, blocks) %s failed; running eagerly", bucket
+                    )
                     self.failed.add(bucket)
                     return None
             self.buckets[bucket] = fixed

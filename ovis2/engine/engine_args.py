@@ -46,40 +46,75 @@ def _dtype_rule(value) -> str | None:
 
 @dataclass
 class EngineArgs:
-    model: str = _arg("demo", "Checkpoint: a local directory, a hub id, or 'demo' (built-in tiny random model).")
-    compat: CompatMode = _arg("ovis", "Image preprocessing: 'ovis' (original Ovis2) or 'transformers' (matches "
-                              "transformers' Ovis2).", _one_of(COMPAT_MODES))  # fmt: skip
-    dtype: DtypeName | torch.dtype = _arg("auto", "Weights and activations dtype (auto: bfloat16 on CUDA, float32 "
-                                          "on CPU).", _dtype_rule)  # fmt: skip
+    model: str = _arg(
+        "demo", "Checkpoint: a local directory, a hub id, or 'demo' (built-in tiny random model)."
+    )
+    compat: CompatMode = _arg(
+        "ovis",
+        "Image preprocessing: 'ovis' (original Ovis2) or 'transformers' (matches transformers' Ovis2).",
+        _one_of(COMPAT_MODES),
+    )
+    dtype: DtypeName | torch.dtype = _arg(
+        "auto", "Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).", _dtype_rule
+    )
     device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.")
-    max_model_len: int | None = _arg(None, "Longest prompt + output in tokens (default: the model's).",
-                                     _optional(_at_least(1)))  # fmt: skip
+    max_model_len: int | None = _arg(
+        None, "Longest prompt + output in tokens (default: the model's).", _optional(_at_least(1))
+    )
     max_num_seqs: int = _arg(64, "Most sequences in one running batch.", _at_least(1))
     max_num_batched_tokens: int = _arg(4096, "Most tokens the engine runs in one step.", _at_least(1))
     block_size: int = _arg(16, "Tokens per KV cache block.", _at_least(1))
-    kv_cache_memory: int | None = _arg(None, "Bytes for the KV cache (default: from --gpu-memory-utilization on "
-                                       "GPU, --cpu-kv-cache-memory on CPU).", _optional(_at_least(1)))  # fmt: skip
-    gpu_memory_utilization: float = _arg(0.85, "Fraction of GPU memory the engine may use.",
-                                         lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]")  # fmt: skip
+    kv_cache_memory: int | None = _arg(
+        None,
+        "Bytes for the KV cache (default: from --gpu-memory-utilization on "
+        "GPU, --cpu-kv-cache-memory on CPU).",
+        _optional(_at_least(1)),
+    )
+    gpu_memory_utilization: float = _arg(
+        0.85,
+        "Fraction of GPU memory the engine may use.",
+        lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
+    )
     cpu_kv_cache_memory: int = _arg(256 * 1024 * 1024, "Bytes for the KV cache on CPU.", _at_least(1))
-    max_images_per_request: int = _arg(8, "Most images in one request (video frames are counted apart).", _at_least(1))
-    max_video_frames: int = _arg(32, "Most frames sampled from one video; a request may ask 1 to this many (default: "
-                                 "12, the Ovis2 recipe's, or this if lower).", _between(1, 1024))  # fmt: skip
-    max_video_frames_per_request: int = _arg(64, "Most video frames in one request, all its videos together (259 "
-                                             "prompt tokens each).", _at_least(1))  # fmt: skip
-    max_tiles_per_image: int | None = _arg(None, "Most tiles per image (default: the compat's, 9 for ovis, 12 for "
-                                           "transformers); requests may ask for fewer.", _optional(_between(1, MAX_TILES_PER_IMAGE)))  # fmt: skip
-    max_waiting_requests: int = _arg(1024, "Waiting-queue length past which requests are refused at once (503).",
-                                     _at_least(1))  # fmt: skip
+    max_images_per_request: int = _arg(
+        8, "Most images in one request (video frames are counted apart).", _at_least(1)
+    )
+    max_video_frames: int = _arg(
+        32,
+        "Most frames sampled from one video; a request may ask 1 to this many (default: "
+        "12, the Ovis2 recipe's, or this if lower).",
+        _between(1, 1024),
+    )
+    max_video_frames_per_request: int = _arg(
+        64,
+        "Most video frames in one request, all its videos together (259 prompt tokens each).",
+        _at_least(1),
+    )
+    max_tiles_per_image: int | None = _arg(
+        None,
+        "Most tiles per image (default: the compat's, 9 for ovis, 12 for "
+        "transformers); requests may ask for fewer.",
+        _optional(_between(1, MAX_TILES_PER_IMAGE)),
+    )
+    max_waiting_requests: int = _arg(
+        1024, "Waiting-queue length past which requests are refused at once (503).", _at_least(1)
+    )
     visual_cache_size: int = _arg(64, "Images whose visual embeddings stay cached (LRU).", _at_least(0))
     enable_prefix_caching: bool = _arg(True, "Reuse KV blocks of identical prompt prefixes.")
-    grammar_cache_size: int = _arg(128, "Compiled structured-output grammars kept for reuse (LRU; 0: compile "
-                                   "every request's).", _at_least(0))  # fmt: skip
-    image_processor: Literal["pil", "fast"] = _arg("pil", "Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' "
-                                "(torch, about 3x faster, mean pixel difference under 0.01).",
-                                _one_of(("pil", "fast")))  # fmt: skip
-    enforce_eager: bool = _arg(False, "CUDA: run decode steps eagerly instead of replaying CUDA graphs (slower; "
-                               "for debugging).")  # fmt: skip
+    grammar_cache_size: int = _arg(
+        128,
+        "Compiled structured-output grammars kept for reuse (LRU; 0: compile every request's).",
+        _at_least(0),
+    )
+    image_processor: Literal["pil", "fast"] = _arg(
+        "pil",
+        "Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' "
+        "(torch, about 3x faster, mean pixel difference under 0.01).",
+        _one_of(("pil", "fast")),
+    )
+    enforce_eager: bool = _arg(
+        False, "CUDA: run decode steps eagerly instead of replaying CUDA graphs (slower; for debugging)."
+    )
     seed: int = _arg(0, "Engine seed for requests that give none.")
 
     def __post_init__(self) -> None:

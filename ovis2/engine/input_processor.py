@@ -30,13 +30,21 @@ def load_processor(args: EngineArgs):
     from ..processing import Ovis2Processor
 
     tile_cap = {} if args.max_tiles_per_image is None else {"max_patches": args.max_tiles_per_image}
-    return Ovis2Processor.from_pretrained(args.model, compat=args.compat, use_fast=args.image_processor == "fast",
-                                          **tile_cap)  # fmt: skip
+    return Ovis2Processor.from_pretrained(
+        args.model, compat=args.compat, use_fast=args.image_processor == "fast", **tile_cap
+    )
 
 
 class InputProcessor:
-    def __init__(self, args: EngineArgs, vocab_size: int, max_model_len: int, tokenizer=None, processor=None,
-                 grammars: GrammarCompiler | None = None):  # fmt: skip
+    def __init__(
+        self,
+        args: EngineArgs,
+        vocab_size: int,
+        max_model_len: int,
+        tokenizer=None,
+        processor=None,
+        grammars: GrammarCompiler | None = None,
+    ):
         self.args = args
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -60,8 +68,9 @@ class InputProcessor:
     def grammars(self) -> GrammarCompiler:
         """Compiles structured-output constraints against this tokenizer, over the model's whole vocabulary."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, DEFAULT_EOS_IDS,
-                                             self.args.grammar_cache_size)  # fmt: skip
+            self._grammars = GrammarCompiler(
+                self.tokenizer, self.vocab_size, DEFAULT_EOS_IDS, self.args.grammar_cache_size
+            )
         return self._grammars
 
     @property
@@ -104,10 +113,16 @@ class InputProcessor:
         for part in content:
             if isinstance(part, dict) and part.get("type") == "video":
                 count = part.get("num_frames")
-                valid = isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= self.args.max_video_frames
+                valid = (
+                    isinstance(count, int)
+                    and not isinstance(count, bool)
+                    and 1 <= count <= self.args.max_video_frames
+                )
                 if count is not None and not valid:
-                    raise Ovis2Error(f"num_frames is {count!r}; this engine samples 1 to "
-                                     f"{self.args.max_video_frames} frames per video")  # fmt: skip
+                    raise Ovis2Error(
+                        f"num_frames is {count!r}; this engine samples 1 to "
+                        f"{self.args.max_video_frames} frames per video"
+                    )
                 part = {**part, "num_frames": count or self.default_num_frames(part.get("fps"))}
             parts.append(part)
         return {**message, "content": parts}
@@ -123,8 +138,14 @@ class InputProcessor:
         raise Ovis2Error("a prompt must be EngineInputs, a list of token ids or a string")
 
     # --- EngineInputs -> EngineRequest
-    def make_request(self, request_id: str, inputs: EngineInputs, params: SamplingParams,
-                     arrival_time: float | None = None, grammar: Grammar | None = None) -> EngineRequest:  # fmt: skip
+    def make_request(
+        self,
+        request_id: str,
+        inputs: EngineInputs,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        grammar: Grammar | None = None,
+    ) -> EngineRequest:
         """`grammar`: params.structured_outputs compiled already (`grammars.submit`); else it is compiled here,
         blocking (offline use only: the async engine compiles before a request reaches the loop)."""
         self.validate(inputs, params)
@@ -139,8 +160,10 @@ class InputProcessor:
         if not ids:
             raise Ovis2Error("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise Ovis2Error(f"the prompt has {len(ids)} tokens; this model serves at most "
-                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")  # fmt: skip
+            raise Ovis2Error(
+                f"the prompt has {len(ids)} tokens; this model serves at most "
+                f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})"
+            )
         if max(ids) >= self.vocab_size or min(ids) < 0:
             raise Ovis2Error("the prompt holds token ids outside the vocabulary")
         self._validate_images(inputs)
@@ -149,15 +172,20 @@ class InputProcessor:
         num_frames = inputs.num_video_frames
         num_images = len(inputs.images) - num_frames
         if num_images > self.args.max_images_per_request:
-            raise Ovis2Error(f"{num_images} images in one request; at most "
-                             f"{self.args.max_images_per_request} are allowed")  # fmt: skip
+            raise Ovis2Error(
+                f"{num_images} images in one request; at most {self.args.max_images_per_request} are allowed"
+            )
         if num_frames > self.args.max_video_frames_per_request:
-            raise Ovis2Error(f"{num_frames} video frames in one request; at most "
-                             f"{self.args.max_video_frames_per_request} are allowed")  # fmt: skip
+            raise Ovis2Error(
+                f"{num_frames} video frames in one request; at most "
+                f"{self.args.max_video_frames_per_request} are allowed"
+            )
         for image in inputs.images:
             if image.num_crops != image_layout.crop_count(image.grid):
-                raise Ovis2Error(f"an image with grid {image.grid} needs {image_layout.crop_count(image.grid)} "
-                                 f"crops, not {image.num_crops}")  # fmt: skip
+                raise Ovis2Error(
+                    f"an image with grid {image.grid} needs {image_layout.crop_count(image.grid)} "
+                    f"crops, not {image.num_crops}"
+                )
         num_atoms = sum(1 for t in inputs.prompt_token_ids if t == IMAGE_ATOM_ID)
         num_embeds = sum(image.num_atoms for image in inputs.images)
         if num_atoms != num_embeds:

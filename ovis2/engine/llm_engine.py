@@ -21,8 +21,9 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, model=None, tokenizer=None, processor=None, grammars=None) -> None:
         self.args = args
         self.core = EngineCore(args, model)
-        self.input_processor = InputProcessor(args, self.core.vocab_size, self.core.max_model_len, tokenizer,
-                                              processor, grammars)  # fmt: skip
+        self.input_processor = InputProcessor(
+            args, self.core.vocab_size, self.core.max_model_len, tokenizer, processor, grammars
+        )
         self.output_processor = OutputProcessor(self.input_processor.tokenizer)
 
     @property
@@ -44,22 +45,32 @@ class LLMEngine:
     @property
     def stats(self) -> EngineStats:
         stats, grammars = self.core.stats, self.input_processor.grammar_stats
-        stats.num_grammar_compiles, stats.grammar_compile_seconds = grammars.num_compiles, grammars.compile_seconds
+        stats.num_grammar_compiles, stats.grammar_compile_seconds = (
+            grammars.num_compiles,
+            grammars.compile_seconds,
+        )
         stats.num_grammar_cache_hits = grammars.num_cache_hits
         return stats
 
     def validate(self, inputs: EngineInputs, params: SamplingParams) -> None:
         self.input_processor.validate(inputs, params)
 
-    def add_request(self, request_id: str, inputs: EngineInputs, params: SamplingParams,
-                    arrival_time: float | None = None, grammar: Grammar | None = None) -> None:  # fmt: skip
+    def add_request(
+        self,
+        request_id: str,
+        inputs: EngineInputs,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        grammar: Grammar | None = None,
+    ) -> None:
         """`grammar`: the compiled params.structured_outputs, when the caller compiled it (else compiled here)."""
         if request_id in self.core.groups:
             raise Ovis2Error(f"request id {request_id!r} is already running")
         request = self.input_processor.make_request(request_id, inputs, params, arrival_time, grammar)
         group = self.core.add_request(request)
-        self.output_processor.add_request(request_id, inputs.prompt_token_ids, inputs.num_image_tokens, params,
-                                          group.metrics)  # fmt: skip
+        self.output_processor.add_request(
+            request_id, inputs.prompt_token_ids, inputs.num_image_tokens, params, group.metrics
+        )
 
     def step(self) -> list[RequestOutput]:
         processed = self.output_processor.process(self.core.step())

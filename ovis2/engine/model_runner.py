@@ -88,13 +88,18 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = model.config.vocab_size
-        self.banned_ids = torch.tensor(sorted(t for t in IMAGE_TOKEN_IDS if t < self.vocab_size), device=self.device)
+        self.banned_ids = torch.tensor(
+            sorted(t for t in IMAGE_TOKEN_IDS if t < self.vocab_size), device=self.device
+        )
 
     def allocate_kv_cache(self) -> None:
         shape = (self.num_blocks + 1, *self.model.kv_cache_block_shape(self.block_size))
         dtype = self.model.dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
             for _ in range(self.model.num_kv_layers)
         ]
 
@@ -200,12 +205,16 @@ class ModelRunner:
     def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
         """Hidden states [S_part, H] of this part's sampled rows."""
         bucket = self.decode_graphs.bucket_for(scheduled) if self.decode_graphs is not None else None
-        hidden = self.decode_graphs.run(scheduled, bucket) if bucket is not None else None  # [len(scheduled), H]
+        hidden = (
+            self.decode_graphs.run(scheduled, bucket) if bucket is not None else None
+        )  # [len(scheduled), H]
         if hidden is not None:
             rows = [i for i, item in enumerate(scheduled) if item.samples]
             return hidden if len(rows) == len(scheduled) else hidden[self._tensor(rows)]
         inputs = self.build_inputs(scheduled)
-        embeds = self.model.embed_multimodal(inputs.input_ids, inputs.image_embeds, inputs.atom_index)  # [T, H]
+        embeds = self.model.embed_multimodal(
+            inputs.input_ids, inputs.image_embeds, inputs.atom_index
+        )  # [T, H]
         hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]
         return hidden[inputs.sample_index] if inputs.sample_index.numel() else None
 
@@ -230,7 +239,9 @@ class ModelRunner:
                 offset = query_start[-2] - start
                 atom_index.extend(offset + p for p in atom_positions)
         max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        tables = padded_block_tables([item.seq.block_table for item in scheduled], len(scheduled), max_blocks, 0)
+        tables = padded_block_tables(
+            [item.seq.block_table for item in scheduled], len(scheduled), max_blocks, 0
+        )
         meta = PagedAttentionMetadata(
             slot_mapping=self._tensor(slots),
             query_start_loc=self._tensor(query_start),

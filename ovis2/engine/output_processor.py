@@ -41,7 +41,9 @@ class ChoiceState:
         if update.finish_reason == "stop":  # a stop token: it ends the text, it is not part of it
             self.finish_reason, self.stop_reason = "stop", update.token_id
             return False
-        stop = self.detok.add_token(update.token_id, check_stops=len(self.token_ids) >= self.params.min_tokens)
+        stop = self.detok.add_token(
+            update.token_id, check_stops=len(self.token_ids) >= self.params.min_tokens
+        )
         if stop is not None:
             self.finish_reason, self.stop_reason = "stop", stop
             return update.finish_reason is None
@@ -97,9 +99,13 @@ class RequestState:
 
 @dataclass
 class ProcessedStep:
-    outputs: list[RequestOutput] = field(default_factory=list)  # one per request that moved, failed or finished
+    outputs: list[RequestOutput] = field(
+        default_factory=list
+    )  # one per request that moved, failed or finished
     stopped: list[tuple[str, int]] = field(default_factory=list)  # (request id, choice) a stop string ended
-    failed: list[str] = field(default_factory=list)  # requests whose output could not be built: abort in the core
+    failed: list[str] = field(
+        default_factory=list
+    )  # requests whose output could not be built: abort in the core
 
 
 class OutputProcessor:
@@ -109,10 +115,20 @@ class OutputProcessor:
         self.token_bytes = TokenBytes(self.backend)
         self.requests: dict[str, RequestState] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], num_image_tokens: int,
-                    params: SamplingParams, metrics: RequestMetrics | None = None) -> None:  # fmt: skip
-        choices = [ChoiceState(i, IncrementalDetokenizer(self.tokenizer, params), params) for i in range(params.n)]
-        self.requests[request_id] = RequestState(request_id, prompt_token_ids, num_image_tokens, choices, metrics)
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        num_image_tokens: int,
+        params: SamplingParams,
+        metrics: RequestMetrics | None = None,
+    ) -> None:
+        choices = [
+            ChoiceState(i, IncrementalDetokenizer(self.tokenizer, params), params) for i in range(params.n)
+        ]
+        self.requests[request_id] = RequestState(
+            request_id, prompt_token_ids, num_image_tokens, choices, metrics
+        )
 
     def process(self, step: CoreStepOutput) -> ProcessedStep:
         processed = ProcessedStep()
@@ -133,13 +149,16 @@ class OutputProcessor:
         except Exception as error:  # noqa: BLE001 - a request whose output cannot be built fails alone
             logger.exception("output processing failed for request %s", state.request_id)
             processed.failed.append(state.request_id)
-            processed.outputs.append(self.finish_request(state.request_id, "error", f"{type(error).__name__}: {error}"))
+            processed.outputs.append(
+                self.finish_request(state.request_id, "error", f"{type(error).__name__}: {error}")
+            )
             return
         processed.stopped += stopped
         processed.outputs.append(output)
 
-    def finish_request(self, request_id: str, reason: str, error: str | None = None,
-                       num_cached_tokens: int | None = None) -> RequestOutput | None:  # fmt: skip
+    def finish_request(
+        self, request_id: str, reason: str, error: str | None = None, num_cached_tokens: int | None = None
+    ) -> RequestOutput | None:
         """The last output of a request the core stopped (abort, error); None if it is not here."""
         state = self.requests.pop(request_id, None)
         if state is None:
@@ -169,8 +188,13 @@ class OutputProcessor:
 
     def _token_logprob(self, token_id: int, raw: RawLogprob) -> TokenLogprob:
         chosen, top = raw
-        return TokenLogprob(token_id, self._text(token_id), chosen, [self._entry(t, lp) for t, lp in top],
-                            self.token_bytes(token_id))  # fmt: skip
+        return TokenLogprob(
+            token_id,
+            self._text(token_id),
+            chosen,
+            [self._entry(t, lp) for t, lp in top],
+            self.token_bytes(token_id),
+        )
 
     def _entry(self, token_id: int, logprob: float) -> TokenLogprob:
         return TokenLogprob(token_id, self._text(token_id), logprob, [], self.token_bytes(token_id))

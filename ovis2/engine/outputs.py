@@ -10,7 +10,9 @@ class TokenLogprob:
     token_id: int
     token: str  # the token's text (a replacement character where it holds part of a character)
     logprob: float
-    top: list[TokenLogprob] = field(default_factory=list)  # the most likely tokens at this step (no top of their own)
+    top: list[TokenLogprob] = field(
+        default_factory=list
+    )  # the most likely tokens at this step (no top of their own)
     bytes: list[int] | None = None  # the token's own UTF-8 bytes
 
 

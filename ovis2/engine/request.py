@@ -28,11 +28,19 @@ class EngineRequest:
     arrival_time: float
     atom_positions: list[int]  # prompt positions of the image atoms, in order
     image_spans: list[ImageSpan]
-    grammar: Any = None  # a structured.Grammar compiled by input processing (params.structured_outputs), or None
+    grammar: Any = (
+        None  # a structured.Grammar compiled by input processing (params.structured_outputs), or None
+    )
 
     @classmethod
-    def build(cls, request_id: str, inputs: EngineInputs, params: SamplingParams,
-              arrival_time: float | None = None, grammar: Any = None) -> EngineRequest:  # fmt: skip
+    def build(
+        cls,
+        request_id: str,
+        inputs: EngineInputs,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        grammar: Any = None,
+    ) -> EngineRequest:
         atom_positions = [i for i, t in enumerate(inputs.prompt_token_ids) if t == IMAGE_ATOM_ID]
         spans, start = [], 0
         for image in inputs.images:

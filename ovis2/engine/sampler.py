@@ -54,14 +54,20 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     vocab = logits.shape[-1]
     for i, bias in biased:
         ids = torch.tensor([t for t in bias if 0 <= t < vocab], dtype=torch.long, device=logits.device)
-        values = torch.tensor([bias[t] for t in bias if 0 <= t < vocab], dtype=logits.dtype, device=logits.device)
+        values = torch.tensor(
+            [bias[t] for t in bias if 0 <= t < vocab], dtype=logits.dtype, device=logits.device
+        )
         logits[i, ids] += values
     return logits
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Until min_tokens are out, the stop token ids cannot be chosen."""
-    masked = [(i, r.params.stopping_token_ids) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens]
+    masked = [
+        (i, r.params.stopping_token_ids)
+        for i, r in enumerate(rows)
+        if len(r.output_ids) < r.params.min_tokens
+    ]
     if not masked:
         return logits
     logits = logits.clone()
@@ -89,7 +95,9 @@ def penalize_row(row: torch.Tensor, info: SamplingRow) -> torch.Tensor:
     """row: [V]. Repetition (HF: over prompt + output), presence and frequency (OpenAI: over output)."""
     p, vocab = info.params, row.shape[0]
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({t for t in info.prompt_ids + info.output_ids if t < vocab}), dtype=torch.long)
+        seen = torch.tensor(
+            sorted({t for t in info.prompt_ids + info.output_ids if t < vocab}), dtype=torch.long
+        )
         seen = seen.to(row.device)
         values = row[seen]
         penalty = _safe(p.repetition_penalty)
@@ -133,7 +141,9 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     if any(p.top_k > 0 for p in params):
         logits = apply_top_k(logits, [p.top_k for p in params])
     if any(p.top_p < 1.0 for p in params):
-        logits = apply_top_p(logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device))
+        logits = apply_top_p(
+            logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
+        )
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0.0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)

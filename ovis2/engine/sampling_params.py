@@ -28,7 +28,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None  # stop on these too, besides the model's eos ids (even with ignore_eos)
+    stop_token_ids: list[int] | None = (
+        None  # stop on these too, besides the model's eos ids (even with ignore_eos)
+    )
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     skip_special_tokens: bool = True
@@ -71,15 +73,33 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
-             f"must be between 0 and {MAX_TOP_LOGPROBS}"),
-            (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                "logprobs",
+                f"must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+            (
+                all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+                "logit_bias",
+                "values must be in [-100, 100]",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
-            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in a signed 64-bit integer"),
+            (
+                self.seed is None or -(2**63) <= self.seed < 2**63,
+                "seed",
+                "must fit in a signed 64-bit integer",
+            ),
             (self.output_kind in ("cumulative", "delta"), "output_kind", "must be 'cumulative' or 'delta'"),
-        ]  # fmt: skip
-        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        ]
+        numbers = (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        )
         checks += [(math.isfinite(getattr(self, name)), name, "must be a finite number") for name in numbers]
         checks += self._structured_checks()
         for ok, name, rule in checks:
@@ -91,5 +111,7 @@ class SamplingParams:
             return []
         self.structured_outputs.validate()
         ends = "with structured outputs, whose grammar decides where the answer ends"
-        return [(not self.ignore_eos, "ignore_eos", f"cannot be true {ends}"),
-                (self.min_tokens == 0, "min_tokens", f"must be 0 {ends}")]  # fmt: skip
+        return [
+            (not self.ignore_eos, "ignore_eos", f"cannot be true {ends}"),
+            (self.min_tokens == 0, "min_tokens", f"must be 0 {ends}"),
+        ]

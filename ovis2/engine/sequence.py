@@ -29,7 +29,9 @@ class Sequence:
         self.group = group
         self.index = index
         self.token_ids: list[int] = list(group.prompt_token_ids)
-        self._output_ids: list[int] = []  # the generated tail of token_ids, kept apart so reading it copies nothing
+        self._output_ids: list[
+            int
+        ] = []  # the generated tail of token_ids, kept apart so reading it copies nothing
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first admission)
         self.block_table: list[int] = []

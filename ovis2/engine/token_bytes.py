@@ -13,7 +13,11 @@ import functools
 def byte_decoder() -> dict[str, int]:
     """The byte-level alphabet read backwards: printable Latin-1 bytes stand for themselves, the other 68 bytes
     are written as the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     shifted = [b for b in range(256) if b not in printable]
     table = {chr(b): b for b in printable}
     table.update({chr(256 + n): b for n, b in enumerate(shifted)})

@@ -25,7 +25,15 @@ import httpx
 from .errors import MediaError
 from .policy import MediaPolicy, host_allowed, resolve_checked
 
-DATA_URL_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/x-ms-bmp"}
+DATA_URL_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/x-ms-bmp",
+}
 VIDEO_DATA_URL_TYPES = {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska"}
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
@@ -101,8 +109,12 @@ class MediaFetcher:
         port = target.port or (443 if target.scheme == "https" else 80)
         ip = await resolve_checked(target.host, port, self.policy)
         pinned = target.copy_with(host=str(ip))
-        headers = {"Host": target.netloc.decode("ascii"), "Accept": f"{noun}/*", "Accept-Encoding": "identity",
-                   "User-Agent": "ovis2-serve"}  # fmt: skip
+        headers = {
+            "Host": target.netloc.decode("ascii"),
+            "Accept": f"{noun}/*",
+            "Accept-Encoding": "identity",
+            "User-Agent": "ovis2-serve",
+        }
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         timeout = httpx.Timeout(self.policy.fetch_timeout, connect=self.policy.connect_timeout)
         async with httpx.AsyncClient(
@@ -165,7 +177,9 @@ def decode_data_url(url: str, max_base64_chars: int, kind: MediaKind = IMAGE) ->
     return data
 
 
-def read_local_file(url: str, policy: MediaPolicy, max_bytes: int | None = None, noun: str = "image") -> bytes:
+def read_local_file(
+    url: str, policy: MediaPolicy, max_bytes: int | None = None, noun: str = "image"
+) -> bytes:
     max_bytes = policy.max_image_bytes if max_bytes is None else max_bytes
     if policy.local_dir is None:
         raise MediaError(f"file:// {noun} URLs are disabled on this server")

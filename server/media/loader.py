@@ -94,7 +94,9 @@ class ImageLoader:
 async def _decode_all(opened: list[Image.Image], params: list[str | None]) -> list[Image.Image]:
     """Each image decoded in a thread. Every thread is waited for, also when one fails or the caller is cancelled
     (their pixels are what the budget counts); then the images in order, or the first failure in part order."""
-    tasks = [asyncio.ensure_future(_decode(image, param)) for image, param in zip(opened, params, strict=True)]
+    tasks = [
+        asyncio.ensure_future(_decode(image, param)) for image, param in zip(opened, params, strict=True)
+    ]
     if tasks:
         await wait_even_if_cancelled(tasks)
     return results_or_first_error(tasks, Image.Image.close)

@@ -26,9 +26,13 @@ VideoURL = tuple[str, FrameRequest, str]  # (url, frames wanted, param)
 
 
 @asynccontextmanager
-async def decoded_media(images: ImageLoader, videos: VideoLoader, image_urls: list[ImageURL],
-                        video_urls: list[VideoURL], max_frames: int,
-                        ) -> AsyncIterator[tuple[list[Image.Image], list[list[Image.Image]]]]:  # fmt: skip
+async def decoded_media(
+    images: ImageLoader,
+    videos: VideoLoader,
+    image_urls: list[ImageURL],
+    video_urls: list[VideoURL],
+    max_frames: int,
+) -> AsyncIterator[tuple[list[Image.Image], list[list[Image.Image]]]]:
     """(the decoded images, each video's frames), held against the pixel budget until the block ends."""
     opened = await _open_all(images, videos, image_urls, video_urls)
     decoded: list = []
@@ -39,17 +43,24 @@ async def decoded_media(images: ImageLoader, videos: VideoLoader, image_urls: li
             images.budget.check(pixels)
         except PixelBudgetExceeded as exc:
             what = "images and video frames" if video_urls else "images"
-            raise MediaError(f"the {what} have {pixels} pixels in total, more than the limit of {images.budget.total} "
-                             "the server decodes at once", param="messages") from exc  # fmt: skip
+            raise MediaError(
+                f"the {what} have {pixels} pixels in total, more than the limit of {images.budget.total} "
+                "the server decodes at once",
+                param="messages",
+            ) from exc
         async with images.budget.hold(pixels):
-            decoded = await _decode_all(videos, opened, [u[-1] for u in image_urls] + [u[-1] for u in video_urls])
+            decoded = await _decode_all(
+                videos, opened, [u[-1] for u in image_urls] + [u[-1] for u in video_urls]
+            )
             yield decoded[: len(image_urls)], decoded[len(image_urls) :]
     finally:
         for item in (*opened, *decoded):
             _close(item)
 
 
-async def video_frame_counts(videos: VideoLoader, video_urls: list[VideoURL]) -> list[tuple[int, tuple[int, int]]]:
+async def video_frame_counts(
+    videos: VideoLoader, video_urls: list[VideoURL]
+) -> list[tuple[int, tuple[int, int]]]:
     """(frames it gives, frame size) of each video: fetched and its packets read, no frame decoded."""
     opened = await _open_all(None, videos, [], video_urls)
     try:
@@ -59,8 +70,9 @@ async def video_frame_counts(videos: VideoLoader, video_urls: list[VideoURL]) ->
             video.close()
 
 
-async def _open_all(images: ImageLoader | None, videos: VideoLoader, image_urls: list[ImageURL],
-                    video_urls: list[VideoURL]) -> list:  # fmt: skip
+async def _open_all(
+    images: ImageLoader | None, videos: VideoLoader, image_urls: list[ImageURL], video_urls: list[VideoURL]
+) -> list:
     jobs = [images.open(url, param) for url, param in image_urls] if images is not None else []
     jobs += [videos.open(url, frames, param) for url, frames, param in video_urls]
     if not jobs:
@@ -78,14 +90,21 @@ async def _open_all(images: ImageLoader | None, videos: VideoLoader, image_urls:
 def _check_frames(opened: list[OpenedVideo], max_frames: int) -> None:
     total = sum(video.num_frames for video in opened)
     if total > max_frames:
-        raise MediaError(f"the request's videos give {total} frames; at most {max_frames} are allowed (ask for fewer "
-                         "with num_video_frames)", param="messages", code="invalid_video")  # fmt: skip
+        raise MediaError(
+            f"the request's videos give {total} frames; at most {max_frames} are allowed (ask for fewer "
+            "with num_video_frames)",
+            param="messages",
+            code="invalid_video",
+        )
 
 
 async def _decode_all(videos: VideoLoader, opened: list, params: list[str]) -> list:
     """Each image decoded in a thread, each video in the video pool. Every one is waited for, also when one fails or
     the caller is cancelled (their pixels are what the budget counts); then all in order, or the first failure."""
-    tasks = [asyncio.ensure_future(_decode_one(videos, item, param)) for item, param in zip(opened, params, strict=True)]
+    tasks = [
+        asyncio.ensure_future(_decode_one(videos, item, param))
+        for item, param in zip(opened, params, strict=True)
+    ]
     if tasks:
         await wait_even_if_cancelled(tasks)
     return results_or_first_error(tasks, _close)

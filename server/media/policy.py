@@ -94,7 +94,9 @@ def address_problem(ip: IPAddress, policy: MediaPolicy) -> str | None:
         return "a cloud metadata address"
     if ip.is_multicast or ip.is_unspecified:
         return "a multicast or unspecified address"
-    if ip.is_loopback or ip.is_link_local or ip.is_private or getattr(ip, "is_site_local", False):  # fec0::/10
+    if (
+        ip.is_loopback or ip.is_link_local or ip.is_private or getattr(ip, "is_site_local", False)
+    ):  # fec0::/10
         return None if policy.allow_private else "a private, loopback or link-local address"
     if ip.is_reserved or not ip.is_global:
         return "a reserved or non-global address"
@@ -127,7 +129,9 @@ async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddres
         pass
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.run_in_executor(_DNS_THREADS, partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
+        infos = await loop.run_in_executor(
+            _DNS_THREADS, partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        )
     except (socket.gaierror, UnicodeError) as exc:
         logger.info("image host %r does not resolve: %s", host, exc)
         raise _unreachable(host) from exc

@@ -81,9 +81,13 @@ class VideoLoader:
 
     @classmethod
     def from_settings(cls, settings, policy: MediaPolicy, on_decoded=None) -> VideoLoader:
-        limits = VideoLimits(max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
-                             max_stream_frames=settings.max_video_stream_frames,
-                             max_frame_pixels=settings.max_video_frame_pixels, timeout=settings.video_decode_timeout)  # fmt: skip
+        limits = VideoLimits(
+            max_bytes=settings.max_video_bytes,
+            max_seconds=settings.max_video_seconds,
+            max_stream_frames=settings.max_video_stream_frames,
+            max_frame_pixels=settings.max_video_frame_pixels,
+            timeout=settings.video_decode_timeout,
+        )
         return cls(policy, limits, settings.video_decode_workers, on_decoded=on_decoded)
 
     async def open(self, url: str, frames: FrameRequest, param: str | None = None) -> OpenedVideo:
@@ -91,8 +95,11 @@ class VideoLoader:
         try:
             data = await MediaFetcher(self.policy, self.transport, VIDEO).read_bytes(url)
             probed = await self._run(probe_video, data, self.limits)
-            count = frames.num_frames if frames.fps is None else frames_for_fps(probed.duration, frames.fps,
-                                                                                frames.num_frames)  # fmt: skip
+            count = (
+                frames.num_frames
+                if frames.fps is None
+                else frames_for_fps(probed.duration, frames.fps, frames.num_frames)
+            )
             return OpenedVideo(data, probed, sample_timestamps(list(probed.timestamps), probed.end, count))
         except MediaError as exc:
             exc.param, exc.code = exc.param or param, VIDEO_ERROR
@@ -103,7 +110,9 @@ class VideoLoader:
     async def decode(self, opened: OpenedVideo, param: str | None = None) -> list[Image.Image]:
         try:
             started = time.monotonic()
-            sampled = await self._run(decode_video_frames, opened.data, opened.probed, opened.timestamps, self.limits)
+            sampled = await self._run(
+                decode_video_frames, opened.data, opened.probed, opened.timestamps, self.limits
+            )
         except Ovis2Error as exc:
             raise MediaError(str(exc), param=param, code=VIDEO_ERROR) from exc
         if self.on_decoded is not None:

@@ -24,7 +24,9 @@ def engine_checkpoint(tmp_path_factory):
 def engine_model(engine_checkpoint):
     from ovis2.modeling import Ovis2ForConditionalGeneration
 
-    return Ovis2ForConditionalGeneration.from_pretrained(str(engine_checkpoint), dtype="float32", device="cpu")
+    return Ovis2ForConditionalGeneration.from_pretrained(
+        str(engine_checkpoint), dtype="float32", device="cpu"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,9 @@ def make_engine(engine_checkpoint, engine_model, tokenizer):
     """make_engine(**engine_args) -> LLMEngine on the shared model (each engine has its own KV pool)."""
 
     def make(grammars=None, **overrides) -> LLMEngine:
-        values = dict(model=str(engine_checkpoint), dtype="float32", device="cpu", kv_cache_memory=4 * 1024 * 1024)
+        values = dict(
+            model=str(engine_checkpoint), dtype="float32", device="cpu", kv_cache_memory=4 * 1024 * 1024
+        )
         values.update(overrides)
         return LLMEngine(EngineArgs(**values), model=engine_model, tokenizer=tokenizer, grammars=grammars)
 
@@ -81,7 +85,9 @@ def mixed_requests():
     requests = {}
     for i in range(16):
         kind = i % 4
-        pictures = [] if kind == 0 else [images[i % 4]] if kind in (1, 2) else [images[0], images[(i // 4) % 4]]
+        pictures = (
+            [] if kind == 0 else [images[i % 4]] if kind in (1, 2) else [images[0], images[(i // 4) % 4]]
+        )
         prompt = chat_prompt(text_ids(i, 3 + 7 * i), pictures)
         requests[f"r{i}"] = (prompt, SamplingParams(max_tokens=4 + i % 9, **GREEDY))
     return requests
@@ -89,7 +95,10 @@ def mixed_requests():
 
 @pytest.fixture(scope="session")
 def reference(engine_model):
-    return {rid: reference_tokens(engine_model, inputs, p.max_tokens) for rid, (inputs, p) in mixed_requests().items()}
+    return {
+        rid: reference_tokens(engine_model, inputs, p.max_tokens)
+        for rid, (inputs, p) in mixed_requests().items()
+    }
 
 
 def assert_matches_reference(final, reference):
@@ -102,4 +111,11 @@ def assert_matches_reference(final, reference):
 def kv_block_bytes(model, block_size: int = EngineArgs.block_size) -> int:
     """Bytes of one KV block, from the model's shapes and dtype: K and V of every layer for block_size tokens."""
     text = model.config.text_config
-    return 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * model.dtype.itemsize
+    return (
+        2
+        * text.num_hidden_layers
+        * block_size
+        * text.num_key_value_heads
+        * text.head_dim
+        * model.dtype.itemsize
+    )

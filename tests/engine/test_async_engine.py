@@ -24,7 +24,9 @@ def test_streams_deltas_that_add_up(make_engine):
         await engine.start()
         engine.check_health()
         params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0)
-        runs = await asyncio.gather(*[collect(engine, f"s{i}", chat_prompt(text_ids(i, 10)), params) for i in range(4)])
+        runs = await asyncio.gather(
+            *[collect(engine, f"s{i}", chat_prompt(text_ids(i, 10)), params) for i in range(4)]
+        )
         await engine.shutdown()
         return runs
 
@@ -76,8 +78,12 @@ def test_one_failing_request_does_not_stop_the_others(make_engine):
 
         engine.set_request_hook(hook)
         params = SamplingParams(max_tokens=3, temperature=0.0)
-        runs = await asyncio.gather(*[collect(engine, rid, chat_prompt(text_ids(i, 5)), params)
-                                      for i, rid in enumerate(["a", "bad", "b"])])  # fmt: skip
+        runs = await asyncio.gather(
+            *[
+                collect(engine, rid, chat_prompt(text_ids(i, 5)), params)
+                for i, rid in enumerate(["a", "bad", "b"])
+            ]
+        )
         engine.check_health()
         await engine.shutdown()
         return runs
@@ -116,8 +122,14 @@ def test_shutdown_ends_the_streams_still_open(make_engine):
         llm = make_engine()
         engine = AsyncEngine(engine=llm)
         await engine.start()
-        task = asyncio.create_task(collect(engine, "long", chat_prompt(text_ids(2, 10)),
-                                           SamplingParams(max_tokens=10_000, ignore_eos=True)))  # fmt: skip
+        task = asyncio.create_task(
+            collect(
+                engine,
+                "long",
+                chat_prompt(text_ids(2, 10)),
+                SamplingParams(max_tokens=10_000, ignore_eos=True),
+            )
+        )
         while llm.stats.num_generated_tokens < 2:
             await asyncio.sleep(0.01)
         await engine.shutdown()
@@ -146,7 +158,9 @@ def test_a_slow_consumer_gets_one_merged_output_not_one_per_step(make_engine):
 
     outputs = run(main())
     final = outputs[-1].outputs[0]
-    assert len(outputs) <= 3  # queued outputs were merged (each holds everything so far: one per step grows O(n^2))
+    assert (
+        len(outputs) <= 3
+    )  # queued outputs were merged (each holds everything so far: one per step grows O(n^2))
     assert final.finish_reason == "length" and len(final.token_ids) == 40
     assert sum((o.outputs[0].delta_token_ids for o in outputs), []) == final.token_ids
     assert "".join(o.outputs[0].delta_text for o in outputs) == final.text

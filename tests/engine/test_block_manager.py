@@ -7,7 +7,9 @@ from ovis2.tokenizer import IMAGE_ATOM_ID
 
 
 def make_seq(ids, images=(), n=1):
-    return SequenceGroup(EngineRequest.build("r", EngineInputs(list(ids), list(images)), SamplingParams(n=n))).seqs[0]
+    return SequenceGroup(
+        EngineRequest.build("r", EngineInputs(list(ids), list(images)), SamplingParams(n=n))
+    ).seqs[0]
 
 
 def admit(bm: BlockManager, seq):
@@ -98,11 +100,18 @@ def test_block_hash_is_a_cryptographic_digest_stable_across_processes():
 
     code = "from ovis2.engine.block_manager import block_hash; print(block_hash(7, (1, 2, 3), ('abc',)))"
     seen = {
-        subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, capture_output=True, text=True,
-                       check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         for seed in ("1", "2")
-    }  # fmt: skip
+    }
     assert seen == {str(block_hash(7, (1, 2, 3), ("abc",)))}
     assert block_hash(None, (1, 2), ()) != block_hash(0, (1, 2), ())
     assert block_hash(None, (1, 2), ("a",)) != block_hash(None, (1, 2), ()) != block_hash(None, (2, 1), ())
-    assert 2**64 < block_hash(None, (5,), ()) or block_hash(None, (6,), ()) > 2**64  # 128 bits, not a 64-bit hash()
+    assert (
+        2**64 < block_hash(None, (5,), ()) or block_hash(None, (6,), ()) > 2**64
+    )  # 128 bits, not a 64-bit hash()

@@ -47,7 +47,9 @@ def test_preempted_requests_resume_with_the_same_tokens(make_engine, reference, 
 
 
 def _requests(count: int) -> dict:
-    return {f"r{i}": (chat_prompt(text_ids(i, 10)), SamplingParams(max_tokens=3, **GREEDY)) for i in range(count)}
+    return {
+        f"r{i}": (chat_prompt(text_ids(i, 10)), SamplingParams(max_tokens=3, **GREEDY)) for i in range(count)
+    }
 
 
 def _scratch_written(engine) -> bool:
@@ -72,7 +74,9 @@ def test_steps_outside_the_buckets_run_eagerly(make_engine, monkeypatch):
     eager = run_to_completion(make_engine(), requests)
     fixed = run_to_completion(engine, requests)
     assert not engine.core.runner.decode_graphs.buckets
-    assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {k: v.outputs[0].token_ids for k, v in eager.items()}
+    assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {
+        k: v.outputs[0].token_ids for k, v in eager.items()
+    }
 
 
 def test_a_bucket_whose_capture_fails_runs_eagerly_from_then_on(make_engine, monkeypatch):
@@ -84,10 +88,16 @@ def test_a_bucket_whose_capture_fails_runs_eagerly_from_then_on(make_engine, mon
 
     monkeypatch.setattr(decode_graphs.FixedDecode, "capture", failing_capture)
     engine = fixed_decode_engine(make_engine)
-    engine.core.runner.decode_graphs.capture = True  # what CUDA does; the pool is not needed by the failing capture
+    engine.core.runner.decode_graphs.capture = (
+        True  # what CUDA does; the pool is not needed by the failing capture
+    )
     requests = _requests(3)
     eager = run_to_completion(make_engine(), requests)
     fixed = run_to_completion(engine, requests)
-    assert attempts == [(4, 16)] and engine.core.runner.decode_graphs.failed == {(4, 16)}  # tried once, not per step
+    assert attempts == [(4, 16)] and engine.core.runner.decode_graphs.failed == {
+        (4, 16)
+    }  # tried once, not per step
     assert not engine.core.runner.decode_graphs.buckets
-    assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {k: v.outputs[0].token_ids for k, v in eager.items()}
+    assert {k: v.outputs[0].token_ids for k, v in fixed.items()} == {
+        k: v.outputs[0].token_ids for k, v in eager.items()
+    }

@@ -15,14 +15,23 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_graph_replays_match_eager_steps(engine_checkpoint, tokenizer):
     from ovis2.modeling import Ovis2ForConditionalGeneration
 
-    model = Ovis2ForConditionalGeneration.from_pretrained(str(engine_checkpoint), dtype="float32", device="cuda")
+    model = Ovis2ForConditionalGeneration.from_pretrained(
+        str(engine_checkpoint), dtype="float32", device="cuda"
+    )
     finals = {}
     for eager in (False, True):
-        args = EngineArgs(model=str(engine_checkpoint), dtype="float32", device="cuda", enforce_eager=eager,
-                          kv_cache_memory=64 * 1024 * 1024)  # fmt: skip
+        args = EngineArgs(
+            model=str(engine_checkpoint),
+            dtype="float32",
+            device="cuda",
+            enforce_eager=eager,
+            kv_cache_memory=64 * 1024 * 1024,
+        )
         engine = LLMEngine(args, model=model, tokenizer=tokenizer)
         assert (engine.core.runner.decode_graphs is None) == eager
-        finals[eager] = {rid: out.outputs[0].token_ids for rid, out in run_to_completion(engine, mixed_requests()).items()}
+        finals[eager] = {
+            rid: out.outputs[0].token_ids for rid, out in run_to_completion(engine, mixed_requests()).items()
+        }
         if not eager:
             assert any(fixed.graph is not None for fixed in engine.core.runner.decode_graphs.buckets.values())
     assert finals[False] == finals[True]

@@ -41,7 +41,9 @@ def test_second_turn_with_the_same_image_skips_the_vision_tower(make_engine, eng
     image = random_image(42, (1, 2))
     first = chat_prompt(text_ids(1, 20), [image])
     engine = make_engine()
-    turn1 = run_to_completion(engine, {"t1": (first, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))})
+    turn1 = run_to_completion(
+        engine, {"t1": (first, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))}
+    )
     encoded = engine.core.runner.num_encoded_images
     history = first.prompt_token_ids + turn1["t1"].outputs[0].token_ids + [151645, 198, 151644, 872, 198]
     second = type(first)(history + text_ids(2, 9) + [151645, 198, 151644, 77091, 198], [image])
@@ -60,7 +62,9 @@ def test_500_mixed_requests_with_aborts_return_every_block(make_engine, engine_m
     images = [random_image(100 + k) for k in range(3)]
     for i in range(500):
         pictures = [images[i % 3]] if i % 10 == 0 else []
-        params = SamplingParams(max_tokens=1 + i % 4, n=1 + (i % 7 == 0), temperature=0.0 if i % 2 else 0.8, seed=i)
+        params = SamplingParams(
+            max_tokens=1 + i % 4, n=1 + (i % 7 == 0), temperature=0.0 if i % 2 else 0.8, seed=i
+        )
         engine.add_request(f"m{i}", chat_prompt(text_ids(i, 2 + i % 11), pictures), params)
         if i % 25 == 0:
             engine.step()
@@ -89,8 +93,10 @@ def test_seeded_sampling_is_reproducible_across_runs_and_batches(make_engine):
     target = chat_prompt(text_ids(5, 12), [random_image(5)])
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, n=2, ignore_eos=True)
     alone = run_to_completion(make_engine(), {"x": (target, params)})["x"]
-    crowd = {f"o{i}": (chat_prompt(text_ids(50 + i, 5 + 9 * i)), SamplingParams(max_tokens=5 + i, seed=i))
-             for i in range(6)}  # fmt: skip
+    crowd = {
+        f"o{i}": (chat_prompt(text_ids(50 + i, 5 + 9 * i)), SamplingParams(max_tokens=5 + i, seed=i))
+        for i in range(6)
+    }
     crowd["x"] = (target, params)
     batched = run_to_completion(make_engine(max_num_batched_tokens=64), crowd)["x"]
     assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in batched.outputs]
@@ -100,7 +106,9 @@ def test_seeded_sampling_is_reproducible_across_runs_and_batches(make_engine):
 def test_n_choices_share_the_prompt_and_greedy_choices_agree(make_engine):
     engine = make_engine(enable_prefix_caching=False)
     prompt = chat_prompt(text_ids(9, 60), [random_image(9)])
-    final = run_to_completion(engine, {"n": (prompt, SamplingParams(n=3, max_tokens=5, ignore_eos=True, **GREEDY))})
+    final = run_to_completion(
+        engine, {"n": (prompt, SamplingParams(n=3, max_tokens=5, ignore_eos=True, **GREEDY))}
+    )
     tokens = [o.token_ids for o in final["n"].outputs]
     assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 5
     assert engine.stats.num_prompt_tokens < 2 * len(prompt.prompt_token_ids)  # choices 2 and 3 shared it
@@ -109,7 +117,9 @@ def test_n_choices_share_the_prompt_and_greedy_choices_agree(make_engine):
 def test_logprobs_stop_strings_and_min_tokens(make_engine, tokenizer):
     engine = make_engine()
     prompt = chat_prompt(text_ids(11, 10))
-    probe = run_to_completion(engine, {"p": (prompt, SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))})
+    probe = run_to_completion(
+        engine, {"p": (prompt, SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))}
+    )
     text = probe["p"].outputs[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     params = SamplingParams(max_tokens=8, ignore_eos=True, stop=[stop], logprobs=3, **GREEDY)
@@ -155,8 +165,10 @@ def test_a_failing_request_fails_alone(make_engine):
             raise RuntimeError("injected")
 
     engine.core.request_hook = hook
-    requests = {rid: (chat_prompt(text_ids(i, 8), [random_image(i)]), SamplingParams(max_tokens=3, **GREEDY))
-                for i, rid in enumerate(["ok1", "bad", "ok2"])}  # fmt: skip
+    requests = {
+        rid: (chat_prompt(text_ids(i, 8), [random_image(i)]), SamplingParams(max_tokens=3, **GREEDY))
+        for i, rid in enumerate(["ok1", "bad", "ok2"])
+    }
     final = run_to_completion(engine, requests)
     assert final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
     for rid in ("ok1", "ok2"):  # both neighbours finish with the answer they get alone
@@ -175,8 +187,10 @@ def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
         return original(pixels)
 
     monkeypatch.setattr(engine.core.runner, "encode_crops", flaky)
-    requests = {"good": (chat_prompt([5], [random_image(1)]), SamplingParams(max_tokens=2, **GREEDY)),
-                "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY))}  # fmt: skip
+    requests = {
+        "good": (chat_prompt([5], [random_image(1)]), SamplingParams(max_tokens=2, **GREEDY)),
+        "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY)),
+    }
     final = run_to_completion(engine, requests)
     assert "vision failed" in final["bad"].error and final["good"].error is None
     assert final["good"].outputs[0].token_ids == reference_tokens(engine.core.model, requests["good"][0], 2)
@@ -193,8 +207,13 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
         return original(scheduled)
 
     monkeypatch.setattr(engine.core.runner, "_forward", forward)
-    requests = {rid: (chat_prompt(text_ids(i, 6) + ([poison] if rid == "bad" else []), []),
-                      SamplingParams(max_tokens=4, **GREEDY)) for i, rid in enumerate(["ok1", "bad", "ok2"])}  # fmt: skip
+    requests = {
+        rid: (
+            chat_prompt(text_ids(i, 6) + ([poison] if rid == "bad" else []), []),
+            SamplingParams(max_tokens=4, **GREEDY),
+        )
+        for i, rid in enumerate(["ok1", "bad", "ok2"])
+    }
     final = run_to_completion(engine, requests)
     assert "forward failed" in final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
     for rid in ("ok1", "ok2"):
@@ -206,7 +225,9 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
 def test_a_stop_string_before_min_tokens_neither_stops_nor_cuts_the_text(make_engine, tokenizer):
     engine = make_engine()
     prompt = chat_prompt(text_ids(0, 10))
-    probe = run_to_completion(engine, {"p": (prompt, SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))})
+    probe = run_to_completion(
+        engine, {"p": (prompt, SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))}
+    )
     tokens = probe["p"].outputs[0].token_ids
     stop = tokenizer.decode(tokens[2:3])  # completed by the third token, before min_tokens are out
     assert stop and stop not in tokenizer.decode(tokens[3:])

@@ -24,7 +24,12 @@ KV = 4 * 1024 * 1024
 
 def big_image_chat(**part) -> list[dict]:
     image = Image.new("RGB", (3000, 3000), (90, 160, 30))
-    return [{"role": "user", "content": [{"type": "image", "image": image, **part}, {"type": "text", "text": "?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image, **part}, {"type": "text", "text": "?"}],
+        }
+    ]
 
 
 def test_llm_applies_max_tiles_per_image(engine_checkpoint):
@@ -63,15 +68,28 @@ def test_the_core_knows_no_tokenizer_and_no_text():
         if module not in seen:
             seen.add(module)
             todo += graph[module]
-    text_side = {"ovis2.engine.detokenizer", "ovis2.engine.output_processor", "ovis2.engine.input_processor",
-                 "ovis2.processing", "ovis2.engine.llm_engine"}  # fmt: skip
+    text_side = {
+        "ovis2.engine.detokenizer",
+        "ovis2.engine.output_processor",
+        "ovis2.engine.input_processor",
+        "ovis2.processing",
+        "ovis2.engine.llm_engine",
+    }
     assert not seen & text_side
 
 
 def test_a_stop_string_ends_the_choice_in_the_core(make_engine):
     engine = make_engine()
     free = engine.core.block_manager.num_free_blocks
-    probe = run_to_completion(engine, {"p": (chat_prompt(text_ids(3, 12)), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))})["p"]
+    probe = run_to_completion(
+        engine,
+        {
+            "p": (
+                chat_prompt(text_ids(3, 12)),
+                SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+            )
+        },
+    )["p"]
     stop = probe.outputs[0].text[3:6]
     assert stop, "the probe must generate some text"
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
@@ -105,8 +123,9 @@ def test_an_extreme_temperature_offline_samples_without_hurting_its_neighbours(m
     hot = SamplingParams(max_tokens=4, temperature=1e308, seed=1, ignore_eos=True)
     calm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     alone = run_to_completion(make_engine(), {"calm": (chat_prompt(text_ids(9, 6)), calm)})["calm"]
-    final = run_to_completion(engine, {"hot": (chat_prompt(text_ids(8, 6)), hot),
-                                       "calm": (chat_prompt(text_ids(9, 6)), calm)})  # fmt: skip
+    final = run_to_completion(
+        engine, {"hot": (chat_prompt(text_ids(8, 6)), hot), "calm": (chat_prompt(text_ids(9, 6)), calm)}
+    )
     assert len(final["hot"].outputs[0].token_ids) == 4 and final["hot"].error is None
     assert final["calm"].outputs[0].token_ids == alone.outputs[0].token_ids
 
@@ -124,18 +143,28 @@ def test_a_request_whose_text_cannot_be_built_fails_alone(make_engine, monkeypat
     monkeypatch.setattr(IncrementalDetokenizer, "add_token", add_token)
     engine = make_engine()
     greedy = dict(max_tokens=4, temperature=0.0, ignore_eos=True)
-    final = run_to_completion(engine, {"bad": (chat_prompt(text_ids(1, 6)), SamplingParams(stop=["boom"], **greedy)),
-                                       "good": (chat_prompt(text_ids(2, 6)), SamplingParams(**greedy))})  # fmt: skip
+    final = run_to_completion(
+        engine,
+        {
+            "bad": (chat_prompt(text_ids(1, 6)), SamplingParams(stop=["boom"], **greedy)),
+            "good": (chat_prompt(text_ids(2, 6)), SamplingParams(**greedy)),
+        },
+    )
     assert final["bad"].outputs[0].finish_reason == "error" and "detokenizer failed" in final["bad"].error
     assert final["good"].error is None and len(final["good"].outputs[0].token_ids) == 4
-    assert not engine.core.groups and engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+    assert (
+        not engine.core.groups
+        and engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+    )
 
 
 def test_an_aborted_request_reports_its_cached_prompt_tokens(make_engine):
     engine = make_engine(max_num_batched_tokens=32)
     shared = text_ids(4, 64)
     run_to_completion(engine, {"warm": (chat_prompt(shared), SamplingParams(max_tokens=1, temperature=0.0))})
-    engine.add_request("long", chat_prompt(shared + text_ids(5, 200)), SamplingParams(max_tokens=2, temperature=0.0))
+    engine.add_request(
+        "long", chat_prompt(shared + text_ids(5, 200)), SamplingParams(max_tokens=2, temperature=0.0)
+    )
     engine.step()  # admitted with its cached prefix, one chunk of the rest prefilled
     aborted = engine.abort_request("long")
     assert aborted.outputs[0].finish_reason == "abort" and aborted.num_cached_tokens >= 48

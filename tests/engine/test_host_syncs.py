@@ -15,7 +15,13 @@ from ovis2.engine.sampling_params import SamplingParams
 from tests.engine.prompts import chat_prompt, random_image, text_ids
 
 aten = torch.ops.aten
-WAITING_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_consecutive, aten._unique2}
+WAITING_OPS = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.masked_select,
+    aten.unique_consecutive,
+    aten._unique2,
+}
 INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 
 

@@ -11,7 +11,9 @@ from ovis2.image_processing import Ovis2ImageProcessor
 from ovis2.image_processing_fast import Ovis2ImageProcessorFast
 
 
-@pytest.mark.parametrize("choice, expected", [("pil", Ovis2ImageProcessor), ("fast", Ovis2ImageProcessorFast)])
+@pytest.mark.parametrize(
+    "choice, expected", [("pil", Ovis2ImageProcessor), ("fast", Ovis2ImageProcessorFast)]
+)
 def test_engine_processor_uses_the_chosen_backend(engine_checkpoint, choice, expected):
     engine = AsyncEngine(EngineArgs(model=str(engine_checkpoint), device="cpu", image_processor=choice))
     assert type(engine.processor.image_processor) is expected

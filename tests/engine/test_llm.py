@@ -16,7 +16,12 @@ def llm(engine_checkpoint):
 def test_chat_returns_one_result_per_conversation(llm):
     image = Image.new("RGB", (600, 900), (120, 30, 200))
     conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}],
+            }
+        ],
         [{"role": "user", "content": "Say hi"}],
     ]
     params = SamplingParams(max_tokens=5, temperature=0.0)
@@ -32,7 +37,9 @@ def test_chat_returns_one_result_per_conversation(llm):
 
 
 def test_generate_takes_token_ids_and_text(llm):
-    results = llm.generate([[151644, 872, 198, 9707], "Hello there"], SamplingParams(max_tokens=3, n=2, seed=1))
+    results = llm.generate(
+        [[151644, 872, 198, 9707], "Hello there"], SamplingParams(max_tokens=3, n=2, seed=1)
+    )
     assert len(results) == 2 and all(len(r.outputs) == 2 for r in results)
 
 
@@ -43,14 +50,23 @@ def test_bad_input_is_a_clear_error_and_nothing_is_left_running(llm):
 
 
 def test_structured_outputs_through_sampling_params(llm, grammars):
-    llm.engine.input_processor._grammars = grammars  # the session's token tables, instead of building them again
+    llm.engine.input_processor._grammars = (
+        grammars  # the session's token tables, instead of building them again
+    )
     conversation = [{"role": "user", "content": "Label the picture."}]
-    tag = {"json": {"type": "object", "properties": {"label": {"enum": ["cat", "dog"]}}, "required": ["label"]}}
-    results = llm.chat([conversation] * 3, [SamplingParams(max_tokens=30, seed=seed, structured_outputs=tag)
-                                            for seed in range(2)] + [
-        SamplingParams(max_tokens=8, seed=1, structured_outputs={"choice": ["left", "right"]})])  # fmt: skip
+    tag = {
+        "json": {"type": "object", "properties": {"label": {"enum": ["cat", "dog"]}}, "required": ["label"]}
+    }
+    results = llm.chat(
+        [conversation] * 3,
+        [SamplingParams(max_tokens=30, seed=seed, structured_outputs=tag) for seed in range(2)]
+        + [SamplingParams(max_tokens=8, seed=1, structured_outputs={"choice": ["left", "right"]})],
+    )
     assert all(r.outputs[0].text in ('{"label":"cat"}', '{"label":"dog"}') for r in results[:2]), results
     assert results[2].outputs[0].text in ("left", "right")
     with pytest.raises(StructuredOutputError, match="parenthesis"):
-        llm.chat([conversation] * 2, [SamplingParams(max_tokens=4), SamplingParams(structured_outputs={"regex": "(x"})])
+        llm.chat(
+            [conversation] * 2,
+            [SamplingParams(max_tokens=4), SamplingParams(structured_outputs={"regex": "(x"})],
+        )
     assert not llm.engine.has_unfinished_requests  # the good one never started

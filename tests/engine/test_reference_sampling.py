@@ -29,5 +29,7 @@ def test_seeded_sampling_repeats_and_seeds_differ(engine_model):
 
 def test_top_p_keeps_the_smallest_set_reaching_it():
     logits = torch.tensor([[2.0, 2.0, 0.0, -50.0]]).log_softmax(-1)  # probs ~ [0.47, 0.47, 0.06, 0]
-    drawn = {int(pick_next_tokens(logits, True, 1.0, 0.9, 0, torch.Generator().manual_seed(s))) for s in range(200)}
+    drawn = {
+        int(pick_next_tokens(logits, True, 1.0, 0.9, 0, torch.Generator().manual_seed(s))) for s in range(200)
+    }
     assert drawn == {0, 1}

@@ -24,7 +24,10 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(1))
 
     def draw(indices):
-        return [sample(logits[indices], [row(7 + i, temperature=1.0) for i in indices]).token_ids for _ in range(1)][0]
+        return [
+            sample(logits[indices], [row(7 + i, temperature=1.0) for i in indices]).token_ids
+            for _ in range(1)
+        ][0]
 
     alone = [draw([i])[0] for i in range(4)]
     together = draw([0, 1, 2, 3])
@@ -70,8 +73,18 @@ def test_logprobs_are_the_raw_distribution_with_top_k():
     assert [t for t, _ in top] == [0, 1]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(n=0), dict(n=100),
-                                 dict(logprobs=50), dict(max_tokens=0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(n=0),
+        dict(n=100),
+        dict(logprobs=50),
+        dict(max_tokens=0),
+    ],
+)
 def test_invalid_values_raise_a_clear_error(bad):
     with pytest.raises(Ovis2Error):
         SamplingParams(**bad)
@@ -92,7 +105,9 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     assert ((counts[0] / 4000 - probs[0]).abs() <= deviations).all()
     again = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
     first = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
-    assert [draw(probs, again).tolist() for _ in range(20)] == [draw(probs, first).tolist() for _ in range(20)]
+    assert [draw(probs, again).tolist() for _ in range(20)] == [
+        draw(probs, first).tolist() for _ in range(20)
+    ]
 
 
 def _top_p_by_sorting(logits, top_p):
@@ -115,7 +130,10 @@ def test_top_p_matches_sorting_for_peaked_and_flat_rows():
     probs = logits.softmax(dim=-1)
     for row in range(5):  # and beyond it only tokens tied with the least likely one it keeps
         floor = probs[row][reference[row]].min()
-        assert torch.equal(probs[row][ours[row] & ~reference[row]], torch.full_like(probs[row][ours[row] & ~reference[row]], floor))
+        assert torch.equal(
+            probs[row][ours[row] & ~reference[row]],
+            torch.full_like(probs[row][ours[row] & ~reference[row]], floor),
+        )
     kept = ours.sum(dim=-1)
     assert kept[3] > 1024 and kept[0] < 1024  # both paths ran
 

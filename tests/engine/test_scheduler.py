@@ -8,7 +8,11 @@ from ovis2.inputs import EngineInputs
 
 def group(request_id, length, n=1):
     first = 1000 * (sum(map(ord, request_id)) % 50)  # distinct prompts: no accidental prefix hits
-    return SequenceGroup(EngineRequest.build(request_id, EngineInputs(list(range(first + 1, first + length + 1))), SamplingParams(n=n)))
+    return SequenceGroup(
+        EngineRequest.build(
+            request_id, EngineInputs(list(range(first + 1, first + length + 1))), SamplingParams(n=n)
+        )
+    )
 
 
 def fake_step(scheduler: Scheduler):
@@ -61,7 +65,9 @@ def test_out_of_blocks_preempts_the_newest_and_resumes_it_later():
 
 
 def test_preempted_without_prefix_cache_recomputes_prompt_and_outputs():
-    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), max_num_seqs=8, max_num_batched_tokens=100)
+    sched = Scheduler(
+        BlockManager(4, 4, enable_prefix_caching=False), max_num_seqs=8, max_num_batched_tokens=100
+    )
     sched.add(group("old", 7))
     sched.add(group("new", 8))
     fake_step(sched)
@@ -106,16 +112,22 @@ def test_a_preempted_choice_resumes_without_its_siblings_output_blocks():
     preempted = False
     for step in range(14):
         out = sched.schedule()
-        if child in out.preempted:  # the pool ran out; once "b" is done, the child comes back while its parent runs
+        if (
+            child in out.preempted
+        ):  # the pool ran out; once "b" is done, the child comes back while its parent runs
             preempted = True
             sched.finish(other.seqs[0])
         sched.update_computed(out.scheduled)
         for item in out.scheduled:
             if item.samples:
-                item.seq.append_token(100 * (item.seq.index + 1) + step)  # the two choices write different tokens
+                item.seq.append_token(
+                    100 * (item.seq.index + 1) + step
+                )  # the two choices write different tokens
         for index, block in enumerate(child.block_table[: child.num_computed_tokens // 4]):
             if block in parent.block_table:  # a block both hold must hold the same tokens for both
-                assert child.token_ids[index * 4 : index * 4 + 4] == parent.token_ids[index * 4 : index * 4 + 4]
+                assert (
+                    child.token_ids[index * 4 : index * 4 + 4] == parent.token_ids[index * 4 : index * 4 + 4]
+                )
     assert preempted and child.num_preemptions == 1 and child.status.value == "running"
 
 
@@ -124,7 +136,11 @@ def test_a_request_waiting_for_blocks_is_hashed_once(monkeypatch):
 
     hashed = []  # the first token of every block hashed
     real_hash = block_manager.block_hash
-    monkeypatch.setattr(block_manager, "block_hash", lambda prev, ids, images: hashed.append(ids[0]) or real_hash(prev, ids, images))  # fmt: skip
+    monkeypatch.setattr(
+        block_manager,
+        "block_hash",
+        lambda prev, ids, images: hashed.append(ids[0]) or real_hash(prev, ids, images),
+    )
     sched = Scheduler(BlockManager(12, 4), max_num_seqs=8, max_num_batched_tokens=100)
     sched.add(group("a", 36))  # 9 of the 12 blocks, then a decode block
     fake_step(sched)

@@ -62,8 +62,13 @@ def assert_tag(choice) -> None:
 
 def test_json_schema_answers_validate_and_end_on_eos(make_engine, grammars):
     engine = make_engine(grammars=grammars)
-    requests = {f"s{seed}": (chat_prompt(text_ids(seed, 8), [random_image(seed)] if seed % 2 else []),
-                             receipt_params(seed)) for seed in range(6)}  # fmt: skip
+    requests = {
+        f"s{seed}": (
+            chat_prompt(text_ids(seed, 8), [random_image(seed)] if seed % 2 else []),
+            receipt_params(seed),
+        )
+        for seed in range(6)
+    }
     final = run_to_completion(engine, requests)
     for output in final.values():
         assert_receipt(output.outputs[0])
@@ -74,11 +79,15 @@ def test_a_regex_and_a_choice_hold_for_every_choice(make_engine, grammars):
     engine = make_engine(grammars=grammars)
     choices = ["red", 'say "hi"', "ünïcode\n"]
     requests = {
-        "regex": (chat_prompt(text_ids(1, 6)), SamplingParams(n=3, max_tokens=20, seed=1,
-                                                              structured_outputs={"regex": r"[A-Z]{2}-\d{3}"})),
-        "choice": (chat_prompt(text_ids(2, 6)), SamplingParams(n=4, max_tokens=20, seed=2,
-                                                               structured_outputs={"choice": choices})),
-    }  # fmt: skip
+        "regex": (
+            chat_prompt(text_ids(1, 6)),
+            SamplingParams(n=3, max_tokens=20, seed=1, structured_outputs={"regex": r"[A-Z]{2}-\d{3}"}),
+        ),
+        "choice": (
+            chat_prompt(text_ids(2, 6)),
+            SamplingParams(n=4, max_tokens=20, seed=2, structured_outputs={"choice": choices}),
+        ),
+    }
     final = run_to_completion(engine, requests)
     for choice in final["regex"].outputs:
         assert re.fullmatch(r"[A-Z]{2}-\d{3}", choice.text) and choice.finish_reason == "stop", choice
@@ -87,9 +96,13 @@ def test_a_regex_and_a_choice_hold_for_every_choice(make_engine, grammars):
 
 
 def test_free_requests_get_the_same_tokens_beside_constrained_ones(make_engine, grammars):
-    free = {f"free{i}": (chat_prompt(text_ids(10 + i, 7)),
-                         SamplingParams(max_tokens=10, seed=i, temperature=0.0 if i == 0 else 1.0, ignore_eos=True))
-            for i in range(3)}  # fmt: skip
+    free = {
+        f"free{i}": (
+            chat_prompt(text_ids(10 + i, 7)),
+            SamplingParams(max_tokens=10, seed=i, temperature=0.0 if i == 0 else 1.0, ignore_eos=True),
+        )
+        for i in range(3)
+    }
     constrained = {f"json{i}": (chat_prompt(text_ids(20 + i, 9)), tag_params(i)) for i in range(3)}
     alone = run_to_completion(make_engine(), free)
     mixed = run_to_completion(make_engine(grammars=grammars), {**constrained, **free})
@@ -139,14 +152,19 @@ def test_a_prefix_cache_hit_gives_the_same_structured_answer(make_engine, gramma
 def test_logprobs_and_stop_strings_work_on_a_structured_answer(make_engine, grammars):
     engine = make_engine(grammars=grammars)
     prompt = chat_prompt(text_ids(8, 8))
-    final = run_to_completion(engine, {
-        "lp": (prompt, tag_params(5, logprobs=2)),
-        "stop": (prompt, tag_params(5, stop=['"score"'])),
-    })  # fmt: skip
+    final = run_to_completion(
+        engine,
+        {
+            "lp": (prompt, tag_params(5, logprobs=2)),
+            "stop": (prompt, tag_params(5, stop=['"score"'])),
+        },
+    )
     scored = final["lp"].outputs[0]
     assert_tag(scored)
     assert len(scored.logprobs) == len(scored.token_ids) and all(len(lp.top) == 2 for lp in scored.logprobs)
-    assert [lp.token_id for lp in scored.logprobs] == scored.token_ids and all(lp.logprob <= 0 for lp in scored.logprobs)
+    assert [lp.token_id for lp in scored.logprobs] == scored.token_ids and all(
+        lp.logprob <= 0 for lp in scored.logprobs
+    )
     stopped = final["stop"].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == '"score"'
     assert scored.text.startswith(stopped.text) and '"score"' not in stopped.text and stopped.text
@@ -167,15 +185,22 @@ def test_aborting_a_structured_request_frees_it_and_others_go_on(make_engine, gr
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
-@pytest.mark.parametrize(("constraint", "reason"), [
-    ({"json": {"type": "object", "properties": {"a": {"type": "foo"}}}}, 'Unsupported type "foo"'),
-    ({"json": {"type": "array", "uniqueItems": True}}, "#: unique array items"),
-    ({"json": {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}}}, "#/properties/n"),
-    ({"regex": "(ab"}, "parenthesis is not closed"),
-    ({"grammar": "root ::= item"}, 'Rule "item" is not defined'),
-])  # fmt: skip
-def test_a_constraint_that_cannot_be_enforced_fails_before_anything_is_queued(make_engine, grammars, constraint,
-                                                                                reason):  # fmt: skip
+@pytest.mark.parametrize(
+    ("constraint", "reason"),
+    [
+        ({"json": {"type": "object", "properties": {"a": {"type": "foo"}}}}, 'Unsupported type "foo"'),
+        ({"json": {"type": "array", "uniqueItems": True}}, "#: unique array items"),
+        (
+            {"json": {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}}},
+            "#/properties/n",
+        ),
+        ({"regex": "(ab"}, "parenthesis is not closed"),
+        ({"grammar": "root ::= item"}, 'Rule "item" is not defined'),
+    ],
+)
+def test_a_constraint_that_cannot_be_enforced_fails_before_anything_is_queued(
+    make_engine, grammars, constraint, reason
+):
     engine = make_engine(grammars=grammars)
     params = SamplingParams(max_tokens=8, structured_outputs=constraint)
     with pytest.raises(StructuredOutputError, match=re.escape(reason)) as caught:
@@ -189,4 +214,3 @@ def test_the_grammar_decides_the_end_so_ignore_eos_and_min_tokens_are_refused(fi
     name = next(iter(field))
     with pytest.raises(Ovis2Error, match=f"'{name}'"):
         SamplingParams(max_tokens=8, structured_outputs=RECEIPT, **field)
-

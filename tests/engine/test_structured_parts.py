@@ -22,18 +22,21 @@ from tests.engine.prompts import chat_prompt, text_ids
 NUM_TOKENIZER_IDS = VISUAL_INDICATOR_IDS[-1] + 1  # the model's vocabulary goes on past these: padding
 
 
-@pytest.mark.parametrize(("values", "problem"), [
-    ({}, "exactly one"),
-    ({"regex": "a", "choice": ["a"]}, "exactly one"),
-    ({"choice": []}, "1 to"),
-    ({"choice": ["a", ""]}, "non-empty"),
-    ({"json": "{not json"}, "not valid JSON"),
-    ({"json": False}, "no output satisfies"),
-    ({"json": [1]}, "must be a JSON schema"),
-    ({"json_object": False}, "exactly one"),
-    ({"grammar": "  "}, "non-empty"),
-    ({"regex": "a" * (MAX_CONSTRAINT_CHARS + 1)}, "at most"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({}, "exactly one"),
+        ({"regex": "a", "choice": ["a"]}, "exactly one"),
+        ({"choice": []}, "1 to"),
+        ({"choice": ["a", ""]}, "non-empty"),
+        ({"json": "{not json"}, "not valid JSON"),
+        ({"json": False}, "no output satisfies"),
+        ({"json": [1]}, "must be a JSON schema"),
+        ({"json_object": False}, "exactly one"),
+        ({"grammar": "  "}, "non-empty"),
+        ({"regex": "a" * (MAX_CONSTRAINT_CHARS + 1)}, "at most"),
+    ],
+)
 def test_a_malformed_constraint_is_refused_by_name(values, problem):
     with pytest.raises(StructuredOutputError, match=problem):
         StructuredOutputsParams(**values)
@@ -56,11 +59,15 @@ def allowed_after(grammars: GrammarCompiler, params: StructuredOutputsParams, te
     return logits[1] == 0
 
 
-def test_the_bitmask_spans_the_models_vocabulary_and_never_allows_padding_or_control_tokens(grammars, tokenizer):
+def test_the_bitmask_spans_the_models_vocabulary_and_never_allows_padding_or_control_tokens(
+    grammars, tokenizer
+):
     inside = allowed_after(grammars, StructuredOutputsParams(regex=r'"[^"]*"'), '"')
     assert inside.shape == (151936,) and grammars._vocab_size > NUM_TOKENIZER_IDS
     assert not inside[NUM_TOKENIZER_IDS:].any()  # the model's padding ids
-    assert not inside[FIRST_ADDED_TOKEN_ID:NUM_TOKENIZER_IDS].any()  # <|im_start|>, image tokens, eos before the end
+    assert not inside[
+        FIRST_ADDED_TOKEN_ID:NUM_TOKENIZER_IDS
+    ].any()  # <|im_start|>, image tokens, eos before the end
     assert inside[tokenizer.convert_tokens_to_ids("hello")] and inside.sum() > 100_000
     done = allowed_after(grammars, StructuredOutputsParams(regex=r'"[^"]*"'), '"a"')
     assert sorted(done.nonzero().flatten().tolist()) == sorted(DEFAULT_EOS_IDS)  # complete: only eos
@@ -116,7 +123,9 @@ def test_the_cache_also_stops_at_a_byte_budget(grammars, monkeypatch):
     monkeypatch.setattr(compiler_module, "MAX_CACHE_BYTES", first.memory_bytes + 1)
     second = compiler.compile(StructuredOutputsParams(regex="r+"))
     assert list(compiler._cache.values()) == [second]  # the newest stays, even alone over the budget
-    assert compiler.compile(StructuredOutputsParams(regex="q+")) is not first  # evicted by bytes, not by count
+    assert (
+        compiler.compile(StructuredOutputsParams(regex="q+")) is not first
+    )  # evicted by bytes, not by count
     compiler.close()
 
 
@@ -162,7 +171,9 @@ def test_a_slow_compile_never_stalls_the_requests_already_running(make_engine, g
         return free, compiling, answer
 
     free, compiling, answer = asyncio.run(asyncio.wait_for(main(), timeout=120))
-    assert compiling and len(free.outputs[0].token_ids) == 12  # finished while the grammar was still compiling
+    assert (
+        compiling and len(free.outputs[0].token_ids) == 12
+    )  # finished while the grammar was still compiling
     assert len(answer.outputs[0].text) == 3 and answer.outputs[0].text.isalpha()
     compiler.close()
 
@@ -177,8 +188,10 @@ async def collect(engine, request_id: str, params: SamplingParams):
 def test_a_compile_in_its_thread_leaves_the_caller_running(grammars):
     """xgrammar releases the GIL while it compiles: the calling thread keeps getting time."""
     compiler = fresh_compiler(grammars)
-    schema = {"type": "object", "properties": {f"field_{i}": {"type": ["string", "integer", "array"]}
-                                               for i in range(40)}}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {f"field_{i}": {"type": ["string", "integer", "array"]} for i in range(40)},
+    }
     future = compiler.submit(StructuredOutputsParams(json=schema))
     ticks = 0
     while not future.done():

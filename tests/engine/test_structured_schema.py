@@ -19,17 +19,30 @@ REFUSED = [  # (schema, an instance that breaks it)
     ({"not": {"type": "string"}}, '"x"'),
     ({"if": {"type": "string"}, "then": {"minLength": 3}}, '"x"'),
     ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "1"),
-    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-      "dependentRequired": {"a": ["b"]}}, '{"a":1}'),
-    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-      "dependentSchemas": {"a": {"required": ["b"]}}}, '{"a":1}'),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependentRequired": {"a": ["b"]},
+        },
+        '{"a":1}',
+    ),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependentSchemas": {"a": {"required": ["b"]}},
+        },
+        '{"a":1}',
+    ),
     ({"$defs": {"a": {"$anchor": "A", "type": "integer"}}, "$ref": "#A"}, '"s"'),
-]  # fmt: skip
+]
 
 
 def matches(grammars, schema, text: str) -> bool:
-    compiled = grammars._get_backend("json").compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                                                  separators=(",", ":"))  # fmt: skip
+    compiled = grammars._get_backend("json").compile_json_schema(
+        json.dumps(schema), any_whitespace=False, separators=(",", ":")
+    )
     import xgrammar as xgr
 
     matcher = xgr.GrammarMatcher(compiled)
@@ -59,7 +72,7 @@ ENFORCED = [  # (schema, an instance that breaks it)
     ({"allOf": [{"type": "integer"}]}, '"s"'),
     ({"oneOf": [{"type": "integer"}, {"type": "string"}]}, "true"),
     ({"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]}, '{"not":"x"}'),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("schema", "breaking"), ENFORCED, ids=range(len(ENFORCED)))
@@ -69,8 +82,11 @@ def test_keywords_xgrammar_enforces_pass(grammars, schema, breaking):
 
 
 def test_the_problem_names_where_it_is():
-    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}},
-              "$defs": {"Price": {"type": "number", "multipleOf": 0.01}}}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "uniqueItems": True}},
+        "$defs": {"Price": {"type": "number", "multipleOf": 0.01}},
+    }
     assert unenforced_feature(schema).startswith("#/properties/tags: unique array items")
     del schema["properties"]["tags"]["uniqueItems"]
     assert unenforced_feature(schema).startswith("#/$defs/Price: 'multipleOf'")

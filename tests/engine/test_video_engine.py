@@ -16,12 +16,22 @@ from tests.engine.conftest import GREEDY, run_to_completion
 
 @pytest.fixture(scope="module")
 def llm(engine_checkpoint):
-    return LLM(model=str(engine_checkpoint), dtype="float32", device="cpu", kv_cache_memory=8 * 1024 * 1024,
-               max_images_per_request=1, max_video_frames=16, max_video_frames_per_request=20)  # fmt: skip
+    return LLM(
+        model=str(engine_checkpoint),
+        dtype="float32",
+        device="cpu",
+        kv_cache_memory=8 * 1024 * 1024,
+        max_images_per_request=1,
+        max_video_frames=16,
+        max_video_frames_per_request=20,
+    )
 
 
 def video_turn(video, text: str = "What happens?", **extra) -> dict:
-    return {"role": "user", "content": [{"type": "video", "video": video, **extra}, {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [{"type": "video", "video": video, **extra}, {"type": "text", "text": text}],
+    }
 
 
 def test_llm_chat_takes_paths_bytes_and_frame_lists(llm, videos, tmp_path):
@@ -36,9 +46,10 @@ def test_llm_chat_takes_paths_bytes_and_frame_lists(llm, videos, tmp_path):
     assert len(from_bytes.images) == 12 and all(frame.is_video_frame for frame in from_bytes.images)
     frames = [image.copy() for image in load_video(videos.h264, 3).frames]
     listed = llm.engine.input_processor.chat_inputs([video_turn(frames)])
-    assert [image.content_hash for image in listed.images] == [image.content_hash for image in
-                                                               llm.engine.input_processor.chat_inputs(
-                                                                   [video_turn(videos.h264, num_frames=3)]).images]  # fmt: skip
+    assert [image.content_hash for image in listed.images] == [
+        image.content_hash
+        for image in llm.engine.input_processor.chat_inputs([video_turn(videos.h264, num_frames=3)]).images
+    ]
     one = llm.chat([video_turn(videos.one_frame)], params)[0]
     assert one.num_image_tokens == 259 and one.outputs[0].finish_reason in ("stop", "length")
 
@@ -51,10 +62,14 @@ def test_frames_are_limited_apart_from_images(llm, videos):
     result = llm.chat([mixed], SamplingParams(max_tokens=1))[0]  # 1 image (the cap) + 16 frames: both fit
     assert result.num_image_tokens == 259 + 16 * 259
     with pytest.raises(Ovis2Error, match="20 are allowed"):  # 2 videos x 16 frames: past the frames cap
-        llm.chat([{"role": "user", "content": [{"type": "video", "video": videos.h264, "num_frames": 16}] * 2}])
+        llm.chat(
+            [{"role": "user", "content": [{"type": "video", "video": videos.h264, "num_frames": 16}] * 2}]
+        )
     with pytest.raises(Ovis2Error, match="1 to 16 frames"):
         llm.chat([video_turn(videos.h264, num_frames=17)])
-    assert llm.processor.prepare_chat([video_turn(videos.gop5, fps=100.0, num_frames=16)]).num_video_frames == 16
+    assert (
+        llm.processor.prepare_chat([video_turn(videos.gop5, fps=100.0, num_frames=16)]).num_video_frames == 16
+    )
     assert not llm.engine.has_unfinished_requests
 
 

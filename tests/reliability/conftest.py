@@ -36,11 +36,25 @@ def assert_all_free(m: dict[str, float]) -> None:
 
 @pytest.fixture(scope="session")
 def reliability_server() -> Iterator[LiveServer]:
-    server = LiveServer([
-        "--allowed-media-networks", MEDIA_HOST, "--media-connect-timeout", "1", "--media-fetch-timeout",
-        str(FETCH_TIMEOUT), "--max-images-per-request", str(MAX_IMAGES), "--max-request-body-bytes", str(BODY_LIMIT),
-        "--max-image-pixels", str(MAX_PIXELS), "--shutdown-grace-seconds", "5",
-    ], module="tests.reliability.fault_server")  # fmt: skip
+    server = LiveServer(
+        [
+            "--allowed-media-networks",
+            MEDIA_HOST,
+            "--media-connect-timeout",
+            "1",
+            "--media-fetch-timeout",
+            str(FETCH_TIMEOUT),
+            "--max-images-per-request",
+            str(MAX_IMAGES),
+            "--max-request-body-bytes",
+            str(BODY_LIMIT),
+            "--max-image-pixels",
+            str(MAX_PIXELS),
+            "--shutdown-grace-seconds",
+            "5",
+        ],
+        module="tests.reliability.fault_server",
+    )
     try:
         yield server.wait_ready()
     finally:
@@ -73,8 +87,12 @@ def text_messages(text: str = "hi") -> list[dict]:
 
 
 def image_messages(url: str, text: str = "What is this?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 def small_image_url(i: int) -> str:
@@ -91,7 +109,9 @@ class StreamResult:
 
     @property
     def finish_reasons(self) -> list[str]:
-        return [c["finish_reason"] for e in self.events for c in e.get("choices", ()) if c.get("finish_reason")]
+        return [
+            c["finish_reason"] for e in self.events for c in e.get("choices", ()) if c.get("finish_reason")
+        ]
 
     @property
     def errors(self) -> list[dict]:
@@ -104,7 +124,9 @@ class StreamResult:
     def assert_ok(self) -> None:
         assert self.status == 200, (self.status, self.body[:500])
         assert not self.errors, self.errors
-        assert self.done and len(self.finish_reasons) == 1 and self.finish_reasons[0] in ("stop", "length"), self.events
+        assert self.done and len(self.finish_reasons) == 1 and self.finish_reasons[0] in ("stop", "length"), (
+            self.events
+        )
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> StreamResult:

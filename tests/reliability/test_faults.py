@@ -22,23 +22,38 @@ from tests.reliability.fault_server import FAULT_SEED
 
 
 def good_bodies(n: int) -> list[dict]:
-    return [{"messages": image_messages(small_image_url(i)) if i % 2 else text_messages(f"Count to {i}"),
-             "max_tokens": 4, "temperature": 0.7, "seed": i} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "messages": image_messages(small_image_url(i)) if i % 2 else text_messages(f"Count to {i}"),
+            "max_tokens": 4,
+            "temperature": 0.7,
+            "seed": i,
+        }
+        for i in range(n)
+    ]
 
 
 def test_an_exception_in_one_requests_processing_fails_that_request_only(reliability_server):
     server = reliability_server
     before = server.wait_idle()
     errors_before = before.get('ovis2_requests_total{finished_reason="error"}', 0.0)
-    faulty_text = {"messages": text_messages("Tell me a story"), "max_tokens": 8, "temperature": 0.7, "seed": FAULT_SEED}
+    faulty_text = {
+        "messages": text_messages("Tell me a story"),
+        "max_tokens": 8,
+        "temperature": 0.7,
+        "seed": FAULT_SEED,
+    }
     faulty_image = {**faulty_text, "messages": image_messages(small_image_url(3))}
 
     async def scenario():
         async with async_client() as client:
             good = [stream_chat(client, server.chat_url, body) for body in good_bodies(16)]
             good += [client.post(server.chat_url, json=body) for body in good_bodies(8)]
-            bad = [client.post(server.chat_url, json=faulty_text), client.post(server.chat_url, json=faulty_image),
-                   stream_chat(client, server.chat_url, faulty_text)]  # fmt: skip
+            bad = [
+                client.post(server.chat_url, json=faulty_text),
+                client.post(server.chat_url, json=faulty_image),
+                stream_chat(client, server.chat_url, faulty_text),
+            ]
             return await asyncio.gather(*good), await asyncio.gather(*bad)
 
     good, (bad_text, bad_image, bad_stream) = run(scenario())
@@ -85,7 +100,10 @@ def test_a_slow_image_server_times_out_that_request_only(reliability_server, med
     async def scenario():
         async with async_client() as client:
             bodies = good_bodies(8)
-            bodies[0] = {"messages": image_messages(media_host.url("/img.png")), "max_tokens": 2}  # same host, fast
+            bodies[0] = {
+                "messages": image_messages(media_host.url("/img.png")),
+                "max_tokens": 2,
+            }  # same host, fast
             quick = [quick_one(client, body, 0.2 + 0.1 * i) for i, body in enumerate(bodies)]
             return await asyncio.gather(slow_one(client), *quick)
 

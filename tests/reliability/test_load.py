@@ -49,9 +49,16 @@ class RSSSampler:
 
 async def wave(url: str, n: int) -> list:
     async with async_client() as client:
-        bodies = [{"messages": image_messages(small_image_url(i), f"Picture {i}?") if i % 2 else
-                   text_messages(f"Say something about the number {i}."), "max_tokens": 1 + i % 4,
-                   "stream_options": {"include_usage": True}} for i in range(n)]  # fmt: skip
+        bodies = [
+            {
+                "messages": image_messages(small_image_url(i), f"Picture {i}?")
+                if i % 2
+                else text_messages(f"Say something about the number {i}."),
+                "max_tokens": 1 + i % 4,
+                "stream_options": {"include_usage": True},
+            }
+            for i in range(n)
+        ]
         return await asyncio.gather(*(stream_chat(client, url, body) for body in bodies))
 
 
@@ -102,10 +109,19 @@ def test_100_clients_that_drop_mid_stream_free_every_kv_block(reliability_server
     async def drop_all() -> list[int]:
         # A fresh connection each (no keep-alive pool), so leaving the stream early really drops the connection.
         async with async_client(keepalive=False) as client:
-            bodies = [{"messages": image_messages(small_image_url(i)) if i % 3 == 0 else text_messages(f"Essay {i}"),
-                       "max_tokens": 2000, "ignore_eos": True} for i in range(100)]  # fmt: skip
-            return await asyncio.gather(*(drop_mid_stream(client, server.chat_url, body, rng.randint(1, 6))
-                                          for body in bodies))  # fmt: skip
+            bodies = [
+                {
+                    "messages": image_messages(small_image_url(i))
+                    if i % 3 == 0
+                    else text_messages(f"Essay {i}"),
+                    "max_tokens": 2000,
+                    "ignore_eos": True,
+                }
+                for i in range(100)
+            ]
+            return await asyncio.gather(
+                *(drop_mid_stream(client, server.chat_url, body, rng.randint(1, 6)) for body in bodies)
+            )
 
     seen = run(drop_all())
     assert all(n >= 1 for n in seen)
@@ -114,4 +130,7 @@ def test_100_clients_that_drop_mid_stream_free_every_kv_block(reliability_server
     assert after['ovis2_requests_total{finished_reason="abort"}'] - aborted_before == 100
     assert httpx.get(server.base_url + "/health").status_code == 200
     response = httpx.post(server.chat_url, json={"messages": text_messages(), "max_tokens": 2}, timeout=30)
-    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )

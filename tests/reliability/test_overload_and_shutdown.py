@@ -22,8 +22,16 @@ SIGTERM_TOKENS = 160  # ~1.5 s a batch on 2 CPU cores: the whole queue is in fli
 
 @pytest.fixture(scope="module")
 def small_queue_server():
-    server = LiveServer(["--max-num-seqs", str(MAX_RUNNING), "--max-waiting-requests", str(MAX_WAITING),
-                     "--shutdown-grace-seconds", str(GRACE_SECONDS)])  # fmt: skip
+    server = LiveServer(
+        [
+            "--max-num-seqs",
+            str(MAX_RUNNING),
+            "--max-waiting-requests",
+            str(MAX_WAITING),
+            "--shutdown-grace-seconds",
+            str(GRACE_SECONDS),
+        ]
+    )
     try:
         yield server.wait_ready()
     finally:
@@ -45,8 +53,12 @@ def test_past_the_waiting_queue_requests_get_503_at_once_and_the_rest_complete(s
 
     async def burst():
         async with async_client() as client:
-            calls = [stream_chat(client, server.chat_url, long_body(i)) if i % 2 else
-                     client.post(server.chat_url, json=long_body(i)) for i in range(24)]  # fmt: skip
+            calls = [
+                stream_chat(client, server.chat_url, long_body(i))
+                if i % 2
+                else client.post(server.chat_url, json=long_body(i))
+                for i in range(24)
+            ]
             return await asyncio.gather(*(timed(call) for call in calls))
 
     results = run(burst())
@@ -95,10 +107,14 @@ def test_sigterm_under_load_finishes_in_flight_requests_then_exits_0(small_queue
 
     async def load_then_sigterm():
         async with async_client() as client:
+
             def call(i: int):
                 body = long_body(i, SIGTERM_TOKENS)
-                return asyncio.create_task(stream_chat(client, server.chat_url, body) if i % 2 else
-                                           client.post(server.chat_url, json=body))  # fmt: skip
+                return asyncio.create_task(
+                    stream_chat(client, server.chat_url, body)
+                    if i % 2
+                    else client.post(server.chat_url, json=body)
+                )
 
             calls = [call(i) for i in range(MAX_RUNNING)]  # a full batch first, then a full queue behind it
             await admitted(MAX_RUNNING, 0)

@@ -31,8 +31,17 @@ def bounded(body, image_url: str):
     return body
 
 
-REFUSED_BY_DESIGN = ("tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction",
-                     "response_format", "model")  # fmt: skip
+REFUSED_BY_DESIGN = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "response_format",
+    "model",
+)
 
 
 def deeper(body: dict) -> None:
@@ -63,8 +72,13 @@ def test_the_chat_route_never_answers_5xx(reliability_server, media_host, mode):
     seen: dict[int, int] = {}
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def fuzz(case) -> None:
         if isinstance(case.body, dict | list):
             case.body = bounded(case.body, image_url)

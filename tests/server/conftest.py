@@ -65,8 +65,13 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 def image_message(url: str, text: str = "What is in this image?", **image_url) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": text},
-                                        {"type": "image_url", "image_url": {"url": url, **image_url}}]}  # fmt: skip
+    return {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": text},
+            {"type": "image_url", "image_url": {"url": url, **image_url}},
+        ],
+    }
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -78,7 +83,12 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 class ImageServer:
@@ -168,21 +178,22 @@ def image_server() -> Iterator[ImageServer]:
     server.close()
 
 
-LIVE_VIDEO_LIMITS = {"--max-video-bytes": 300_000, "--max-video-seconds": 30, "--max-video-stream-frames": 200,
-                     "--max-video-frame-pixels": 100_000}  # small, so that a test makes videos past them cheaply
+LIVE_VIDEO_LIMITS = {
+    "--max-video-bytes": 300_000,
+    "--max-video-seconds": 30,
+    "--max-video-stream-frames": 200,
+    "--max-video-frame-pixels": 100_000,
+}  # small, so that a test makes videos past them cheaply
 
 
 @pytest.fixture(scope="session")
 def live_server(image_server) -> Iterator[LiveServer]:
     """The one shared real server for every end-to-end test (a test marked `stops_live_server` runs last)."""
     video_limits = [str(item) for flag in LIVE_VIDEO_LIMITS.items() for item in flag]
-    server = LiveServer(["--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20", *video_limits])
+    server = LiveServer(
+        ["--allowed-media-networks", "127.0.0.1", "--shutdown-grace-seconds", "20", *video_limits]
+    )
     try:
         yield server.wait_ready()
     finally:
         server.stop()
-
-
-def pytest_collection_modifyitems(items) -> None:
-    """Tests that stop the shared live server run after every other test, whichever module holds them."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_live_server") is not None)

@@ -42,10 +42,16 @@ class FakeProcessor:
 
     def prepare_chat(self, messages: list[dict], max_patches: int | None = None) -> EngineInputs:
         self.calls.append((messages, max_patches))
-        self.videos.append([[frame.copy() for frame in part["video"]] for part in _parts_of(messages, "video")])
+        self.videos.append(
+            [[frame.copy() for frame in part["video"]] for part in _parts_of(messages, "video")]
+        )
         ids, parts = self._render(messages)
-        images = [ImageInput(torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}", part.get("video_frame", False))
-                  for part in parts]  # fmt: skip
+        images = [
+            ImageInput(
+                torch.zeros(1, 3, 1, 1), (1, 1), f"fake-{part['image'].size}", part.get("video_frame", False)
+            )
+            for part in parts
+        ]
         return EngineInputs(prompt_token_ids=ids, images=images)
 
     def chat_token_ids(self, messages: list[dict], max_patches: int | None = None) -> tuple[list[int], int]:
@@ -57,8 +63,11 @@ class FakeProcessor:
         ids, image_parts = [], []
         for message in messages:
             ids += [IM_START_ID, *self._text(message["role"] + "\n")]
-            parts = message["content"] if isinstance(message["content"], list) else [
-                {"type": "text", "text": message["content"]}]  # fmt: skip
+            parts = (
+                message["content"]
+                if isinstance(message["content"], list)
+                else [{"type": "text", "text": message["content"]}]
+            )
             for part in _with_frames(parts):
                 if part["type"] == "image":
                     ids += placeholder_ids((1, 1))
@@ -125,8 +134,13 @@ class FakeEngine:
     @property
     def stats(self) -> FakeStats:
         used = 4 * len(self.running)
-        return FakeStats(len(self.running), 0, self.num_total_blocks - used, self.num_total_blocks,
-                         used / self.num_total_blocks)  # fmt: skip
+        return FakeStats(
+            len(self.running),
+            0,
+            self.num_total_blocks - used,
+            self.num_total_blocks,
+            used / self.num_total_blocks,
+        )
 
     async def abort(self, request_id: str) -> None:
         if request_id in self.running:
@@ -157,8 +171,12 @@ class FakeEngine:
                 if request_id not in self.running:
                     return
                 outputs = [c.step(self.tokenizer, params) for c in choices]
-                output = RequestOutput(request_id, list(inputs.prompt_token_ids), outputs,
-                                       num_image_tokens=inputs.num_image_tokens)  # fmt: skip
+                output = RequestOutput(
+                    request_id,
+                    list(inputs.prompt_token_ids),
+                    outputs,
+                    num_image_tokens=inputs.num_image_tokens,
+                )
                 if self.fail_with is not None and step >= self.fail_from_step:
                     output.error = self.fail_with
                     for o in outputs:
@@ -205,7 +223,9 @@ class _Choice:
         lps = []
         if params.logprobs is not None:
             top = [(token_id, word, -0.25)] + [(i, f"t{i}", -2.0 - i) for i in range(params.logprobs)]
-            top = [TokenLogprob(i, text, lp, [], list(text.encode())) for i, text, lp in top[: params.logprobs]]
+            top = [
+                TokenLogprob(i, text, lp, [], list(text.encode())) for i, text, lp in top[: params.logprobs]
+            ]
             lps = [TokenLogprob(token_id, word, -0.25, top, list(word.encode()))]
             self.logprobs += lps
         if self.finish_reason is None and len(self.token_ids) >= params.max_tokens:
@@ -215,7 +235,13 @@ class _Choice:
     def _output(self, delta: str, delta_ids: list[int], delta_logprobs: list) -> CompletionOutput:
         whole = self.finish_reason is not None or self.output_kind == "cumulative"  # the engine's contract
         return CompletionOutput(
-            index=self.index, text=self.text if whole else "", token_ids=list(self.token_ids) if whole else [],
-            delta_text=delta, delta_token_ids=delta_ids, logprobs=list(self.logprobs) if whole else [],
-            delta_logprobs=delta_logprobs, finish_reason=self.finish_reason, stop_reason=None,
-        )  # fmt: skip
+            index=self.index,
+            text=self.text if whole else "",
+            token_ids=list(self.token_ids) if whole else [],
+            delta_text=delta,
+            delta_token_ids=delta_ids,
+            logprobs=list(self.logprobs) if whole else [],
+            delta_logprobs=delta_logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=None,
+        )

@@ -17,7 +17,7 @@ def sse_events(response) -> list:
     lines = [line for line in response.text.split("\n\n") if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
 
 
 def test_non_streaming_shape(client, fake_engine):
@@ -28,7 +28,11 @@ def test_non_streaming_shape(client, fake_engine):
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["model"] == "fake-model"
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "Hello there, I see a cat on the mat.", "refusal": None}
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Hello there, I see a cat on the mat.",
+        "refusal": None,
+    }
     assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
     inputs, _ = next(iter(fake_engine.requests.values()))
     usage = body["usage"]
@@ -38,10 +42,26 @@ def test_non_streaming_shape(client, fake_engine):
 
 
 def test_sampling_fields_reach_the_engine(client, fake_engine):
-    response = chat(client, max_completion_tokens=7, temperature=0.5, top_p=0.9, n=2, stop=["zz"], seed=3,
-                    presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"42": 5}, top_k=5, min_p=0.1,
-                    repetition_penalty=1.1, ignore_eos=True, min_tokens=2, skip_special_tokens=False,
-                    stop_token_ids=[7], user="u1")  # fmt: skip
+    response = chat(
+        client,
+        max_completion_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        n=2,
+        stop=["zz"],
+        seed=3,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"42": 5},
+        top_k=5,
+        min_p=0.1,
+        repetition_penalty=1.1,
+        ignore_eos=True,
+        min_tokens=2,
+        skip_special_tokens=False,
+        stop_token_ids=[7],
+        user="u1",
+    )
     assert response.status_code == 200, response.text
     _, params = next(iter(fake_engine.requests.values()))
     assert (params.max_tokens, params.temperature, params.top_p, params.n, params.seed) == (7, 0.5, 0.9, 2, 3)
@@ -49,7 +69,9 @@ def test_sampling_fields_reach_the_engine(client, fake_engine):
     assert (params.top_k, params.min_p, params.repetition_penalty) == (5, 0.1, 1.1)
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
     assert params.ignore_eos and params.min_tokens == 2 and not params.skip_special_tokens
-    assert params.stop_token_ids == [7] and params.stopping_token_ids == {7}  # ignore_eos keeps the caller's ids
+    assert params.stop_token_ids == [7] and params.stopping_token_ids == {
+        7
+    }  # ignore_eos keeps the caller's ids
     assert len(response.json()["choices"]) == 2
     assert {c["finish_reason"] for c in response.json()["choices"]} == {"length"}
 
@@ -97,8 +119,9 @@ def test_streaming_shape(client):
 
 
 def test_streaming_usage_chunk(client):
-    events = sse_events(chat(client, temperature=0, max_tokens=4, stream=True,
-                             stream_options={"include_usage": True}))  # fmt: skip
+    events = sse_events(
+        chat(client, temperature=0, max_tokens=4, stream=True, stream_options={"include_usage": True})
+    )
     assert all(e["usage"] is None for e in events[:-1])
     assert events[-1]["choices"] == []
     assert events[-1]["usage"]["completion_tokens"] == 4
@@ -136,9 +159,17 @@ def test_images_reach_the_processor_in_order_across_turns(client, fake_engine):
         {"role": "assistant", "content": "a red box"},
         image_message(data_url(second, "image/jpeg"), "two", detail="high"),
     ]
-    assert chat(client, messages=messages, temperature=0, max_tokens=2, max_tiles_per_image=4).status_code == 200
+    assert (
+        chat(client, messages=messages, temperature=0, max_tokens=2, max_tiles_per_image=4).status_code == 200
+    )
     processed, max_patches = fake_engine.processor.calls[-1]
-    images = [p["image"] for m in processed if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
+    images = [
+        p["image"]
+        for m in processed
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p["type"] == "image"
+    ]
     assert [img.size for img in images] == [(10, 20), (30, 40)]
     assert all(img.mode == "RGB" for img in images)
     assert max_patches == 4

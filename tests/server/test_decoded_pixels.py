@@ -55,8 +55,10 @@ TRANSPARENT_PNGS = {"rgba": _rgba, "palette": _palette, "la": _grey_alpha}
 @pytest.fixture(scope="module")
 def processors() -> dict[str, Ovis2Processor]:
     tokenizer = build_tokenizer()
-    return {compat: Ovis2Processor(Ovis2ImageProcessor(compat=compat), tokenizer, CHAT_TEMPLATE)
-            for compat in ("ovis", "transformers")}  # fmt: skip
+    return {
+        compat: Ovis2Processor(Ovis2ImageProcessor(compat=compat), tokenizer, CHAT_TEMPLATE)
+        for compat in ("ovis", "transformers")
+    }
 
 
 def _messages(image: Image.Image) -> list[dict]:
@@ -90,7 +92,9 @@ def test_the_server_gives_the_processor_the_pixels_llm_chat_gives_it(processors,
 def test_the_server_matches_transformers_on_transparent_images(processors, name):
     png = _png(TRANSPARENT_PNGS[name]())
     ours = _through_the_server(processors["transformers"], png)
-    expected = transformers_image_processor()(Image.open(io.BytesIO(png)), return_tensors="pt")["pixel_values"]
+    expected = transformers_image_processor()(Image.open(io.BytesIO(png)), return_tensors="pt")[
+        "pixel_values"
+    ]
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max().item() <= float32_rounding(expected)  # the same uint8 pixels
 

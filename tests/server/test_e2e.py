@@ -35,8 +35,12 @@ def image_url() -> str:
 
 
 def chat_messages(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": PROMPT}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}],
+        }
+    ]
 
 
 def metrics(live_server) -> dict[str, float]:
@@ -44,14 +48,17 @@ def metrics(live_server) -> dict[str, float]:
 
 
 def test_sync_client_with_a_data_url_image(client, live_server, image_url):
-    response = client.chat.completions.create(model=live_server.model, messages=chat_messages(image_url),
-                                              max_tokens=6, temperature=0)  # fmt: skip
+    response = client.chat.completions.create(
+        model=live_server.model, messages=chat_messages(image_url), max_tokens=6, temperature=0
+    )
     assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
     assert response.model == live_server.model
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    counted = httpx.post(live_server.base_url + "/tokenize", json={"messages": chat_messages(image_url)}).json()
+    counted = httpx.post(
+        live_server.base_url + "/tokenize", json={"messages": chat_messages(image_url)}
+    ).json()
     usage = response.usage
     assert usage.prompt_tokens == counted["count"] and counted["image_tokens"] > 0
     assert usage.prompt_tokens > counted["image_tokens"]
@@ -63,8 +70,13 @@ def test_async_client_streaming_an_http_image(live_server, image_server):
     async def run():
         client = AsyncOpenAI(base_url=live_server.base_url + "/v1", api_key="unused", max_retries=0)
         stream = await client.chat.completions.create(
-            model=live_server.model, messages=chat_messages(image_server.url("/img.png")), max_tokens=5,
-            temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+            model=live_server.model,
+            messages=chat_messages(image_server.url("/img.png")),
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = [chunk async for chunk in stream]
         await client.close()
         return chunks
@@ -79,14 +91,16 @@ def test_async_client_streaming_an_http_image(live_server, image_server):
 
 
 def test_sync_streaming_and_async_non_streaming_agree(client, live_server, image_url):
-    stream = client.chat.completions.create(model=live_server.model, messages=chat_messages(image_url),
-                                            max_tokens=6, temperature=0, stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model=live_server.model, messages=chat_messages(image_url), max_tokens=6, temperature=0, stream=True
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     async def run():
         async with AsyncOpenAI(base_url=live_server.base_url + "/v1", api_key="unused") as aclient:
-            response = await aclient.chat.completions.create(model=live_server.model, max_tokens=6, temperature=0,
-                                                             messages=chat_messages(image_url))  # fmt: skip
+            response = await aclient.chat.completions.create(
+                model=live_server.model, max_tokens=6, temperature=0, messages=chat_messages(image_url)
+            )
             return response.choices[0].message.content
 
     assert asyncio.run(run()) == streamed
@@ -97,15 +111,18 @@ def test_a_slow_image_server_does_not_stall_other_requests(client, live_server, 
 
     def slow_request():
         start = time.monotonic()
-        client.chat.completions.create(model=live_server.model, max_tokens=2,
-                                       messages=chat_messages(image_server.url("/slow?s=3&stall")))  # fmt: skip
+        client.chat.completions.create(
+            model=live_server.model, max_tokens=2, messages=chat_messages(image_server.url("/slow?s=3&stall"))
+        )
         slow["seconds"] = time.monotonic() - start
 
     thread = threading.Thread(target=slow_request)
     thread.start()
     time.sleep(0.3)
     start = time.monotonic()
-    client.chat.completions.create(model=live_server.model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(
+        model=live_server.model, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    )
     fast_seconds = time.monotonic() - start
     thread.join(30)
     assert fast_seconds < 1.5 and slow["seconds"] >= 3
@@ -113,15 +130,23 @@ def test_a_slow_image_server_does_not_stall_other_requests(client, live_server, 
 
 def test_raw_sse_ends_with_done(live_server):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream(
+        "POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60
+    ) as response:
         raw = "".join(response.iter_text())
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
 def test_n2(client, live_server):
-    response = client.chat.completions.create(model=live_server.model, n=2, max_tokens=8, temperature=1.0, seed=5,
-                                              messages=[{"role": "user", "content": "Tell me a story"}])  # fmt: skip
+    response = client.chat.completions.create(
+        model=live_server.model,
+        n=2,
+        max_tokens=8,
+        temperature=1.0,
+        seed=5,
+        messages=[{"role": "user", "content": "Tell me a story"}],
+    )
     assert sorted(c.index for c in response.choices) == [0, 1]
     assert all(c.message.content for c in response.choices)
     assert 2 <= response.usage.completion_tokens <= 16
@@ -129,39 +154,62 @@ def test_n2(client, live_server):
 
 def test_stop(client, live_server):
     messages = [{"role": "user", "content": "Count to ten"}]
-    full = client.chat.completions.create(model=live_server.model, messages=messages, max_tokens=12,
-                                          temperature=0).choices[0].message.content  # fmt: skip
+    full = (
+        client.chat.completions.create(
+            model=live_server.model, messages=messages, max_tokens=12, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     if not stop.strip():
         pytest.skip("the greedy text has no usable stop string")
-    cut = client.chat.completions.create(model=live_server.model, messages=messages, max_tokens=12, temperature=0,
-                                         stop=[stop]).choices[0]  # fmt: skip
+    cut = client.chat.completions.create(
+        model=live_server.model, messages=messages, max_tokens=12, temperature=0, stop=[stop]
+    ).choices[0]
     assert cut.finish_reason == "stop" and cut.message.content == full[: full.index(stop)]
 
 
 def test_seed_is_reproducible(client, live_server):
     def sample() -> str:
-        return client.chat.completions.create(model=live_server.model, max_tokens=10, temperature=1.0, seed=1234,
-                                              messages=[{"role": "user", "content": "Say something"}],
-                                              ).choices[0].message.content  # fmt: skip
+        return (
+            client.chat.completions.create(
+                model=live_server.model,
+                max_tokens=10,
+                temperature=1.0,
+                seed=1234,
+                messages=[{"role": "user", "content": "Say something"}],
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sample() == sample()
 
 
 def test_logprobs(client, live_server):
-    response = client.chat.completions.create(model=live_server.model, max_tokens=4, temperature=0, logprobs=True,
-                                              top_logprobs=3, messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
+    response = client.chat.completions.create(
+        model=live_server.model,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        messages=[{"role": "user", "content": "Hi"}],
+    )
     content = response.choices[0].logprobs.content
     assert len(content) == response.usage.completion_tokens
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         tops = [t.logprob for t in entry.top_logprobs]
-        assert tops == sorted(tops, reverse=True) and entry.logprob == tops[0]  # the same float: greedy picks the top
+        assert (
+            tops == sorted(tops, reverse=True) and entry.logprob == tops[0]
+        )  # the same float: greedy picks the top
 
 
 def test_completions_endpoint(client, live_server):
-    response = client.completions.create(model=live_server.model, prompt="Once upon a time", max_tokens=4,
-                                         temperature=0)  # fmt: skip
+    response = client.completions.create(
+        model=live_server.model, prompt="Once upon a time", max_tokens=4, temperature=0
+    )
     assert response.object == "text_completion" and response.choices[0].text
     assert response.usage.completion_tokens <= 4
 
@@ -170,9 +218,15 @@ def test_closing_a_stream_early_frees_its_kv_blocks(live_server):
     before = metrics(live_server)
     total = before["ovis2_kv_cache_total_blocks"]
     aborted_before = before.get('ovis2_requests_total{finished_reason="abort"}', 0.0)
-    body = {"messages": [{"role": "user", "content": "Write a long essay"}], "max_tokens": 3000,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+    body = {
+        "messages": [{"role": "user", "content": "Write a long essay"}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60
+    ) as response:
         lines = response.iter_lines()
         seen = 0
         for line in lines:
@@ -194,7 +248,11 @@ def test_closing_a_stream_early_frees_its_kv_blocks(live_server):
 
 def test_a_client_that_times_out_aborts_its_request(live_server):
     aborted = metrics(live_server).get('ovis2_requests_total{finished_reason="abort"}', 0.0)
-    body = {"messages": [{"role": "user", "content": "Write a long essay"}], "max_tokens": 3000, "ignore_eos": True}
+    body = {
+        "messages": [{"role": "user", "content": "Write a long essay"}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+    }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live_server.base_url + "/v1/chat/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 15
@@ -210,8 +268,12 @@ def test_a_client_that_times_out_aborts_its_request(live_server):
 
 def test_metrics_after_traffic(live_server):
     values = metrics(live_server)
-    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds"):  # fmt: skip
+    for name in (
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+    ):
         assert values[f"ovis2_{name}_count"] > 0, name
     assert values["ovis2_image_tokens_total"] > 0 and values["ovis2_images_total"] > 0
     assert values["ovis2_prompt_tokens_total"] > values["ovis2_image_tokens_total"]
@@ -231,15 +293,20 @@ def test_greedy_image_answer_equals_transformers_generate(client, live_server, i
 
     image = Image.new("RGB", (600, 900), (120, 30, 200))
     processor = transformers.AutoProcessor.from_pretrained(live_server.checkpoint, backend="pil")
-    model = transformers.Ovis2ForConditionalGeneration.from_pretrained(live_server.checkpoint, dtype=torch.float32)
+    model = transformers.Ovis2ForConditionalGeneration.from_pretrained(
+        live_server.checkpoint, dtype=torch.float32
+    )
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=text, return_tensors="pt")
     with torch.inference_mode():
         generated = model.eval().generate(**inputs, max_new_tokens=12, do_sample=False)
-    expected = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    response = client.chat.completions.create(model=live_server.model, messages=chat_messages(image_url),
-                                              max_tokens=12, temperature=0)  # fmt: skip
+    expected = processor.tokenizer.decode(
+        generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    response = client.chat.completions.create(
+        model=live_server.model, messages=chat_messages(image_url), max_tokens=12, temperature=0
+    )
     assert response.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert response.choices[0].message.content == expected
 
@@ -264,7 +331,6 @@ def test_every_bad_input_gets_its_status_and_the_server_keeps_serving(live_serve
     assert httpx.post(url, json={"messages": text, "max_tokens": 2}, timeout=30).status_code == 200
 
 
-
 def test_requests_may_lower_the_default_tile_cap_never_raise_it(live_server):
     """No --max-tiles-per-image: the compat's default (12 for transformers) caps every request, /tokenize too."""
     messages = [image_message(data_url(image_bytes(size=(3000, 3000))))]
@@ -275,9 +341,16 @@ def test_requests_may_lower_the_default_tile_cap_never_raise_it(live_server):
             assert response.status_code == 400, (route, tiles, response.text)
             error = response.json()["error"]
             assert error["param"] == "max_tiles_per_image" and "at most 12" in error["message"], error
-    counts = [httpx.post(live_server.base_url + "/tokenize", json={"messages": messages, "max_tiles_per_image": tiles},
-                         timeout=60).json()["image_tokens"] for tiles in (None, 12, 4, 1)]  # fmt: skip
+    counts = [
+        httpx.post(
+            live_server.base_url + "/tokenize",
+            json={"messages": messages, "max_tiles_per_image": tiles},
+            timeout=60,
+        ).json()["image_tokens"]
+        for tiles in (None, 12, 4, 1)
+    ]
     assert counts[0] == counts[1] > counts[2] > counts[3] == 259
+
 
 def readme_curl_example() -> str | None:
     readme = ROOT / "README.md"

@@ -60,11 +60,14 @@ def parse_receipt(client: OpenAI, model: str, messages: list[dict], seed: int, s
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
-def test_parse_with_a_pydantic_model_gives_a_valid_instance_for_20_seeds(client, live_server, image_url, stream,
-                                                                         with_image):  # fmt: skip
+def test_parse_with_a_pydantic_model_gives_a_valid_instance_for_20_seeds(
+    client, live_server, image_url, stream, with_image
+):
     messages = receipt_messages(image_url if with_image else None)
     with ThreadPoolExecutor(len(SEEDS)) as pool:
-        completions = list(pool.map(lambda s: parse_receipt(client, live_server.model, messages, s, stream), SEEDS))
+        completions = list(
+            pool.map(lambda s: parse_receipt(client, live_server.model, messages, s, stream), SEEDS)
+        )
     for completion in completions:
         choice = completion.choices[0]
         assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Receipt), choice
@@ -84,8 +87,13 @@ def test_json_object_outputs_parse(client, live_server):
 
     def ask(seed: int):
         return client.chat.completions.create(
-            model=live_server.model, messages=receipt_messages(None), response_format={"type": "json_object"},
-            seed=seed, max_tokens=400, logit_bias=bias)  # fmt: skip
+            model=live_server.model,
+            messages=receipt_messages(None),
+            response_format={"type": "json_object"},
+            seed=seed,
+            max_tokens=400,
+            logit_bias=bias,
+        )
 
     with ThreadPoolExecutor(10) as pool:
         completions = list(pool.map(ask, range(10)))
@@ -97,49 +105,105 @@ def test_json_object_outputs_parse(client, live_server):
 
 def test_a_regex_and_a_choice_hold(client, live_server):
     regex = client.chat.completions.create(
-        model=live_server.model, messages=receipt_messages(None), n=3, seed=4, max_tokens=30,
-        extra_body={"structured_outputs": {"regex": r"[A-Z]{3}-\d{2,4}"}})  # fmt: skip
+        model=live_server.model,
+        messages=receipt_messages(None),
+        n=3,
+        seed=4,
+        max_tokens=30,
+        extra_body={"structured_outputs": {"regex": r"[A-Z]{3}-\d{2,4}"}},
+    )
     assert all(re.fullmatch(r"[A-Z]{3}-\d{2,4}", c.message.content) for c in regex.choices), regex
     choices = ["approved", "rejected", "needs review"]
-    choice = client.completions.create(model=live_server.model, prompt="Verdict:", n=4, seed=5, max_tokens=10,
-                                       extra_body={"guided_choice": choices})  # fmt: skip
+    choice = client.completions.create(
+        model=live_server.model,
+        prompt="Verdict:",
+        n=4,
+        seed=5,
+        max_tokens=10,
+        extra_body={"guided_choice": choices},
+    )
     assert all(c.text in choices and c.finish_reason == "stop" for c in choice.choices), choice
 
 
-@pytest.mark.parametrize(("response_format", "extra", "param", "reason"), [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}, {},
-     "response_format.json_schema.schema", 'Unsupported type "foo"'),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}, {},
-     "response_format.json_schema.schema", "unique array items"),
-    (None, {"structured_outputs": {"regex": "(ab"}}, "structured_outputs.regex", "parenthesis is not closed"),
-    (None, {"guided_grammar": "root ::= missing"}, "guided_grammar", 'Rule "missing" is not defined'),
-])  # fmt: skip
-def test_a_constraint_that_cannot_be_compiled_is_a_400_before_it_is_queued(client, live_server, response_format,
-                                                                           extra, param, reason):  # fmt: skip
+@pytest.mark.parametrize(
+    ("response_format", "extra", "param", "reason"),
+    [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
+            {},
+            "response_format.json_schema.schema",
+            'Unsupported type "foo"',
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+            },
+            {},
+            "response_format.json_schema.schema",
+            "unique array items",
+        ),
+        (
+            None,
+            {"structured_outputs": {"regex": "(ab"}},
+            "structured_outputs.regex",
+            "parenthesis is not closed",
+        ),
+        (None, {"guided_grammar": "root ::= missing"}, "guided_grammar", 'Rule "missing" is not defined'),
+    ],
+)
+def test_a_constraint_that_cannot_be_compiled_is_a_400_before_it_is_queued(
+    client, live_server, response_format, extra, param, reason
+):
     before = live_server.metrics()
     fields = {"response_format": response_format} if response_format else {}
     with pytest.raises(BadRequestError) as caught:
-        client.chat.completions.create(model=live_server.model, messages=receipt_messages(None), max_tokens=5,
-                                       extra_body=extra, **fields)  # fmt: skip
+        client.chat.completions.create(
+            model=live_server.model, messages=receipt_messages(None), max_tokens=5, extra_body=extra, **fields
+        )
     error = caught.value.body
     assert error["param"] == param and reason in error["message"] and ".cc:" not in error["message"]
     after = live_server.metrics()
-    assert after.get("ovis2_prompt_tokens_total", 0) == before.get("ovis2_prompt_tokens_total", 0)  # never ran
+    assert after.get("ovis2_prompt_tokens_total", 0) == before.get(
+        "ovis2_prompt_tokens_total", 0
+    )  # never ran
 
 
 def image_input(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "input_text", "text": "Describe the image."},
-                                         {"type": "input_image", "image_url": url}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "Describe the image."},
+                {"type": "input_image", "image_url": url},
+            ],
+        }
+    ]
 
 
 def test_responses_create_with_an_image_gives_the_chat_answer(client, live_server, image_url):
     chat = client.chat.completions.create(
-        model=live_server.model, max_tokens=12, temperature=0,
-        messages=[{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Describe the image."},
-                                               {"type": "image_url", "image_url": {"url": image_url}}]}])  # fmt: skip
-    fields = dict(model=live_server.model, instructions="Be brief.", input=image_input(image_url), max_output_tokens=12,
-                  temperature=0)  # fmt: skip
+        model=live_server.model,
+        max_tokens=12,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe the image."},
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                ],
+            },
+        ],
+    )
+    fields = dict(
+        model=live_server.model,
+        instructions="Be brief.",
+        input=image_input(image_url),
+        max_output_tokens=12,
+        temperature=0,
+    )
     whole = client.responses.create(**fields)
     events = list(client.responses.create(**fields, stream=True))
     answer = chat.choices[0].message.content
@@ -154,16 +218,22 @@ def test_responses_create_with_an_image_gives_the_chat_answer(client, live_serve
 
 
 def test_responses_parse_with_a_pydantic_model(client, live_server, image_url):
-    response = client.responses.parse(model=live_server.model, input=image_input(image_url), text_format=Receipt,
-                                      max_output_tokens=150)  # fmt: skip
+    response = client.responses.parse(
+        model=live_server.model, input=image_input(image_url), text_format=Receipt, max_output_tokens=150
+    )
     assert isinstance(response.output_parsed, Receipt) and response.status == "completed"
 
 
 def test_grammar_metrics_count_compiles_and_cache_hits(client, live_server):
     before = live_server.metrics()
     for seed in range(3):  # one new constraint: one compile, then two cache hits
-        client.chat.completions.create(model=live_server.model, messages=receipt_messages(None), seed=seed,
-                                       max_tokens=10, extra_body={"guided_regex": "(yes|no) [0-9]"})  # fmt: skip
+        client.chat.completions.create(
+            model=live_server.model,
+            messages=receipt_messages(None),
+            seed=seed,
+            max_tokens=10,
+            extra_body={"guided_regex": "(yes|no) [0-9]"},
+        )
     after = live_server.metrics()
 
     def grew(name: str) -> float:
@@ -178,14 +248,22 @@ def test_grammar_metrics_count_compiles_and_cache_hits(client, live_server):
 def readme_block(title: str) -> str:
     """The first python block after the README heading `title`."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(f"### {title}\n"):]
-    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    section = text[text.index(f"### {title}\n") :]
+    return section[
+        section.index("```python\n") + len("```python\n") : section.index("\n```", section.index("```python"))
+    ]
 
 
 def test_the_readme_examples_run_as_written(client, live_server, image_url):
-    for title, url, check in (("Structured outputs", "https://example.com/receipt.jpg", "receipt"),
-                              ("The Responses API", "https://example.com/cat.jpg", "response")):  # fmt: skip
-        block = readme_block(title).replace(url, image_url).replace('model="demo"', f'model="{live_server.model}"')
+    for title, url, check in (
+        ("Structured outputs", "https://example.com/receipt.jpg", "receipt"),
+        ("The Responses API", "https://example.com/cat.jpg", "response"),
+    ):
+        block = (
+            readme_block(title)
+            .replace(url, image_url)
+            .replace('model="demo"', f'model="{live_server.model}"')
+        )
         scope = {"client": client}
         exec(compile(block, f"README: {title}", "exec"), scope)  # noqa: S102 - the README's own example
         if check == "receipt":

@@ -28,18 +28,25 @@ def client(live_server) -> OpenAI:
 
 
 def video_messages(url: str, text: str = QUESTION) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 def tokenize(live_server, messages, **fields) -> dict:
-    return httpx.post(live_server.base_url + "/tokenize", json={"messages": messages, **fields}, timeout=60).json()
+    return httpx.post(
+        live_server.base_url + "/tokenize", json={"messages": messages, **fields}, timeout=60
+    ).json()
 
 
 def test_a_data_url_video_with_the_sdk_and_its_usage(client, live_server, videos, tokenizer):
     messages = video_messages(data_url(videos.h264, "video/mp4"))
-    response = client.chat.completions.create(model=live_server.model, messages=messages, max_tokens=4,
-                                              temperature=0)  # fmt: skip
+    response = client.chat.completions.create(
+        model=live_server.model, messages=messages, max_tokens=4, temperature=0
+    )
     assert response.choices[0].message.content and response.choices[0].finish_reason in ("stop", "length")
     text_only = tokenize(live_server, [{"role": "user", "content": QUESTION}])["count"]
     usage = response.usage
@@ -49,18 +56,27 @@ def test_a_data_url_video_with_the_sdk_and_its_usage(client, live_server, videos
     counted = tokenize(live_server, messages)
     query = "\n".join(["<image>"] * 12) + "\n" + QUESTION
     assert counted["count"] == usage.prompt_tokens
-    assert counted["tokens"] == original_ids(tokenizer, [("human", query)], 12)  # the original recipe's prompt
+    assert counted["tokens"] == original_ids(
+        tokenizer, [("human", query)], 12
+    )  # the original recipe's prompt
 
 
 def test_an_http_video_streamed_with_the_async_sdk(live_server, image_server, videos):
     image_server.files["/e2e.webm"] = (videos.vp9, "video/webm")
 
     async def run():
-        async with AsyncOpenAI(base_url=live_server.base_url + "/v1", api_key="unused", max_retries=0) as aclient:
+        async with AsyncOpenAI(
+            base_url=live_server.base_url + "/v1", api_key="unused", max_retries=0
+        ) as aclient:
             stream = await aclient.chat.completions.create(
-                model=live_server.model, messages=video_messages(image_server.url("/e2e.webm")), max_tokens=4,
-                temperature=0, stream=True, stream_options={"include_usage": True},
-                extra_body={"num_video_frames": 6})  # fmt: skip
+                model=live_server.model,
+                messages=video_messages(image_server.url("/e2e.webm")),
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"num_video_frames": 6},
+            )
             return [chunk async for chunk in stream]
 
     chunks = asyncio.run(run())
@@ -76,30 +92,41 @@ def test_a_second_turn_resending_the_video_runs_the_vision_tower_zero_times(clie
     messages = video_messages(data_url(videos.gop5, "video/mp4"))
 
     def ask(conversation):
-        return client.chat.completions.create(model=live_server.model, messages=conversation, max_tokens=4,
-                                              temperature=0)  # fmt: skip
+        return client.chat.completions.create(
+            model=live_server.model, messages=conversation, max_tokens=4, temperature=0
+        )
 
     first = ask(messages)
     encoded = live_server.metrics()["ovis2_vision_encoded_images"]
-    follow_up = [*messages, {"role": "assistant", "content": first.choices[0].message.content},
-                 {"role": "user", "content": "And after that?"}]  # fmt: skip
+    follow_up = [
+        *messages,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And after that?"},
+    ]
     second = ask(follow_up)
     again = ask(messages)
     assert live_server.metrics()["ovis2_vision_encoded_images"] == encoded  # zero vision tower runs
     assert again.choices[0].message.content == first.choices[0].message.content  # same tokens
-    assert second.usage.prompt_tokens_details.cached_tokens >= 12 * FRAME_TOKENS  # the video's KV blocks reused
+    assert (
+        second.usage.prompt_tokens_details.cached_tokens >= 12 * FRAME_TOKENS
+    )  # the video's KV blocks reused
 
 
 def past_the_limits() -> dict[str, tuple[bytes, str]]:
     """Videos past the live server's video flags (LIVE_VIDEO_LIMITS), each with the words its 400 says."""
     return {
         "seconds": (encode([gray(0), gray(1)], pts=[0, 40_000]), "40.1s long; at most 30s"),
-        "stream frames": (encode([gray(0)] * (LIVE_VIDEO_LIMITS["--max-video-stream-frames"] + 1)), "more than 200 frames"),
+        "stream frames": (
+            encode([gray(0)] * (LIVE_VIDEO_LIMITS["--max-video-stream-frames"] + 1)),
+            "more than 200 frames",
+        ),
         "frame pixels": (encode([np.zeros((300, 400, 3), np.uint8)], size=(400, 300)), "400x300"),
     }
 
 
-def test_every_bad_video_gets_its_400_in_bounded_time_while_good_requests_succeed(live_server, image_server, videos):
+def test_every_bad_video_gets_its_400_in_bounded_time_while_good_requests_succeed(
+    live_server, image_server, videos
+):
     bad = {name: (getattr(videos, name), words.replace("\\", "")) for name, words in BAD_VIDEOS.items()}
     bad.update(past_the_limits())
     image_server.files["/huge.mp4"] = (b"\0\0\0\x18ftypisom" + bytes(400_000), "video/mp4")
@@ -107,7 +134,9 @@ def test_every_bad_video_gets_its_400_in_bounded_time_while_good_requests_succee
     urls["bytes"], words = image_server.url("/huge.mp4"), {name: w for name, (_, w) in bad.items()}
     words["bytes"] = "larger than 300000 bytes"
     words["claims_longer"] = "200.0s long; at most 30s"  # past --max-video-seconds before its frames are read
-    good = [video_messages(data_url(videos.h264, "video/mp4"))] * 2 + [[{"role": "user", "content": "hi"}]] * 2
+    good = [video_messages(data_url(videos.h264, "video/mp4"))] * 2 + [
+        [{"role": "user", "content": "hi"}]
+    ] * 2
 
     async def post(http, messages):
         started = time.monotonic()
@@ -121,10 +150,12 @@ def test_every_bad_video_gets_its_400_in_bounded_time_while_good_requests_succee
             return await asyncio.gather(*jobs)
 
     results = asyncio.run(run())
-    for (name, (response, seconds)) in zip(urls, results, strict=False):
+    for name, (response, seconds) in zip(urls, results, strict=False):
         assert response.status_code == 400, (name, response.text)
         error = response.json()["error"]
-        assert error["code"] == "invalid_video" and error["param"] == "messages[0].content[0].video_url", error
+        assert error["code"] == "invalid_video" and error["param"] == "messages[0].content[0].video_url", (
+            error
+        )
         assert words[name].lower() in error["message"].lower(), (name, error)
         assert seconds < 30, name
     for response, _ in results[len(urls) :]:

@@ -59,17 +59,27 @@ BAD_CHAT_FIELDS = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
-     "messages[0].content[0].type"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        "messages[0].content[0].type",
+    ),
     ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
-     "messages[0].content[0]"),
+    (
+        {
+            "messages": [
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+            ]
+        },
+        "messages[0].content[0]",
+    ),
     ({"max_tiles_per_image": 0}, "max_tiles_per_image"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("fields", "param"), BAD_CHAT_FIELDS, ids=[str(i) for i in range(len(BAD_CHAT_FIELDS))])
+@pytest.mark.parametrize(
+    ("fields", "param"), BAD_CHAT_FIELDS, ids=[str(i) for i in range(len(BAD_CHAT_FIELDS))]
+)
 def test_bad_chat_fields_are_400_naming_the_field(client, fields, param):
     body = {"model": "fake-model", "messages": TEXT, **fields}
     error = assert_error(client.post("/v1/chat/completions", json=body), 400, "__any__")
@@ -106,8 +116,9 @@ BAD_IMAGES = [
 @pytest.mark.parametrize(("url", "words"), BAD_IMAGES, ids=[str(i) for i in range(len(BAD_IMAGES))])
 def test_bad_images_are_400_naming_the_part(client, url, words):
     body = {"messages": [image_message(url)], "max_tokens": 1}
-    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "messages[0].content[1].image_url",
-                         words)  # fmt: skip
+    error = assert_error(
+        client.post("/v1/chat/completions", json=body), 400, "messages[0].content[1].image_url", words
+    )
     assert error["code"] == "invalid_image"
     assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
 
@@ -116,7 +127,9 @@ def test_too_many_images(make_client):
     client = make_client(max_images_per_request=2)
     url = data_url(image_bytes())
     messages = [image_message(url), image_message(url), image_message(url)]
-    assert_error(client.post("/v1/chat/completions", json={"messages": messages}), 400, "messages", "at most 2")
+    assert_error(
+        client.post("/v1/chat/completions", json={"messages": messages}), 400, "messages", "at most 2"
+    )
 
 
 def test_tiles_above_the_server_cap(make_client):
@@ -144,7 +157,9 @@ def test_prompt_longer_than_the_context(client, fake_engine):
 
 
 def test_invalid_json_is_400(client):
-    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_error(response, 400, None, "JSON")
     assert_error(client.post("/v1/chat/completions"), 400)
 
@@ -206,7 +221,9 @@ def test_engine_failure_mid_stream_is_an_error_event(client, fake_engine):
     fake_engine.fail_with, fake_engine.fail_from_step = "CUDA error: secret detail", 2
     stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True, "max_tokens": 8})
     assert stream.status_code == 200
-    assert '"error"' in stream.text and "secret" not in stream.text and stream.text.endswith("data: [DONE]\n\n")
+    assert (
+        '"error"' in stream.text and "secret" not in stream.text and stream.text.endswith("data: [DONE]\n\n")
+    )
     assert '"finish_reason":"stop"' not in stream.text and '"finish_reason":"length"' not in stream.text
 
 
@@ -221,8 +238,9 @@ def test_temperature_follows_openai_range(client, fake_engine, route):
     """OpenAI's temperature is 0..2: above is a 400 naming it; 2 itself reaches the engine."""
     body = {"messages": TEXT} if route == "/v1/chat/completions" else {"prompt": "hi"}
     for value in (2.01, 5):
-        error = assert_error(client.post(route, json={**body, "max_tokens": 1, "temperature": value}), 400,
-                             "temperature", "2")  # fmt: skip
+        error = assert_error(
+            client.post(route, json={**body, "max_tokens": 1, "temperature": value}), 400, "temperature", "2"
+        )
         assert error["type"] == "invalid_request_error"
     assert client.post(route, json={**body, "max_tokens": 1, "temperature": 2}).status_code == 200
     _, params = list(fake_engine.requests.values())[-1]
@@ -255,7 +273,7 @@ def test_tiles_above_the_compat_default_when_the_flag_is_unset(make_client, fake
 
 
 def test_tile_cap_follows_the_checkpoint_and_the_flag(make_client, fake_engine):
-    from server.chat import max_tiles
+    from server.chat_inputs import max_tiles
     from server.errors import APIError
 
     client = make_client(with_image_processor(fake_engine, compat="transformers", config_max_patches=6))
@@ -264,17 +282,29 @@ def test_tile_cap_follows_the_checkpoint_and_the_flag(make_client, fake_engine):
     assert max_tiles(state, 3) == 3
     with pytest.raises(APIError, match="at most 6"):
         max_tiles(state, 7)
-    flagged = make_client(with_image_processor(fake_engine, compat="ovis"), max_tiles_per_image=16).app.state.server
+    flagged = make_client(
+        with_image_processor(fake_engine, compat="ovis"), max_tiles_per_image=16
+    ).app.state.server
     assert max_tiles(flagged, None) == 16 and max_tiles(flagged, 16) == 16  # the operator may raise it
 
 
 MALFORMED_PARTS = [
     # (content part, param, words the message must hold)
-    ({"type": "image_url", "image_url": "https://example.com/a.png"}, "messages[0].content[0].image_url",
-     '{"url": '),
-    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "ultra"}},
-     "messages[0].content[0].image_url.detail", "'auto', 'low' or 'high'"),
-    ({"type": "image_url", "image_url": {"detail": "low"}}, "messages[0].content[0].image_url.url", "required"),
+    (
+        {"type": "image_url", "image_url": "https://example.com/a.png"},
+        "messages[0].content[0].image_url",
+        '{"url": ',
+    ),
+    (
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "ultra"}},
+        "messages[0].content[0].image_url.detail",
+        "'auto', 'low' or 'high'",
+    ),
+    (
+        {"type": "image_url", "image_url": {"detail": "low"}},
+        "messages[0].content[0].image_url.url",
+        "required",
+    ),
     ({"type": "image", "image": "https://example.com/a.png"}, "messages[0].content[0].type", "'image_url'"),
     ({"type": "text"}, "messages[0].content[0].text", "required"),
     ({"type": "text", "text": 5}, "messages[0].content[0].text", "valid string"),
@@ -282,10 +312,12 @@ MALFORMED_PARTS = [
     ({"text": "hi"}, "messages[0].content[0].type", "required"),
     ({"type": ["text"], "text": "hi"}, "messages[0].content[0].type", "valid string"),
     ("hi", "messages[0].content[0]", "object"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("part", "param", "words"), MALFORMED_PARTS, ids=[str(i) for i in range(len(MALFORMED_PARTS))])
+@pytest.mark.parametrize(
+    ("part", "param", "words"), MALFORMED_PARTS, ids=[str(i) for i in range(len(MALFORMED_PARTS))]
+)
 def test_malformed_content_parts_name_the_part_and_field(client, part, param, words):
     """The error is the one of the part's own type: not 'content: Input should be a valid string (and 1 more)'."""
     body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
@@ -295,7 +327,9 @@ def test_malformed_content_parts_name_the_part_and_field(client, part, param, wo
     assert "ImageURL" not in error["message"] and "Part" not in error["message"], error
 
 
-@pytest.mark.parametrize(("content", "words"), [(5, "string or a list"), ({"type": "text", "text": "hi"}, "list")])
+@pytest.mark.parametrize(
+    ("content", "words"), [(5, "string or a list"), ({"type": "text", "text": "hi"}, "list")]
+)
 def test_content_that_is_neither_text_nor_parts(client, content, words):
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
     error = assert_error(client.post("/v1/chat/completions", json=body), 400, "messages[0].content", words)
@@ -304,15 +338,28 @@ def test_content_that_is_neither_text_nor_parts(client, content, words):
 
 def test_plain_string_content_and_parts_still_work(client, fake_engine):
     url = data_url(image_bytes())
-    for content in ("hi", [{"type": "text", "text": "hi"}], [{"type": "image_url", "image_url": {"url": url}}]):
+    for content in (
+        "hi",
+        [{"type": "text", "text": "hi"}],
+        [{"type": "image_url", "image_url": {"url": url}}],
+    ):
         body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
-@pytest.mark.parametrize(("fields", "param"), [({"stream": True, "stream_options": "yes"}, "stream_options"),
-                                               ({"response_format": "json"}, "response_format"),
-                                               ({"messages": ["hi"]}, "messages[0]")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream": True, "stream_options": "yes"}, "stream_options"),
+        ({"response_format": "json"}, "response_format"),
+        ({"messages": ["hi"]}, "messages[0]"),
+    ],
+)
 def test_a_value_that_should_be_an_object_says_so_without_class_names(client, fields, param):
-    error = assert_error(client.post("/v1/chat/completions", json={"messages": TEXT, **fields}), 400, param,
-                         "should be a JSON object")  # fmt: skip
+    error = assert_error(
+        client.post("/v1/chat/completions", json={"messages": TEXT, **fields}),
+        400,
+        param,
+        "should be a JSON object",
+    )
     assert "instance of" not in error["message"], error

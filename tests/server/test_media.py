@@ -76,19 +76,37 @@ def test_refuses_other_formats_bombs_and_corrupt_files():
 
 
 def test_data_url_rules():
-    assert load("data:image/jpeg;base64," + data_url(image_bytes("JPEG"))[len("data:image/png;base64,"):]).size
+    assert load(
+        "data:image/jpeg;base64," + data_url(image_bytes("JPEG"))[len("data:image/png;base64,") :]
+    ).size
     refused("data:image/svg+xml;base64,PHN2Zz4=", "svg")
     refused("data:image/png;base64," + "A" * 2000, "longer than", max_image_bytes=1000)
 
 
 @pytest.mark.parametrize(
     ("address", "problem"),
-    [("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"), ("::ffff:169.254.169.254", "metadata"),
-     ("127.0.0.1", "private"), ("::1", "private"), ("10.0.0.1", "private"), ("192.168.1.1", "private"),
-     ("172.16.0.1", "private"), ("169.254.1.1", "private"), ("fe80::1", "private"), ("fc00::1", "private"), ("fec0::1", "private"),
-     ("100.64.0.1", "non-global"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
-     ("2002:a00:1::", "private"), ("240.0.0.1", "address"), ("8.8.8.8", None), ("2606:4700::1111", None)],
-)  # fmt: skip
+    [
+        ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"),
+        ("::ffff:169.254.169.254", "metadata"),
+        ("127.0.0.1", "private"),
+        ("::1", "private"),
+        ("10.0.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("172.16.0.1", "private"),
+        ("169.254.1.1", "private"),
+        ("fe80::1", "private"),
+        ("fc00::1", "private"),
+        ("fec0::1", "private"),
+        ("100.64.0.1", "non-global"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("2002:a00:1::", "private"),
+        ("240.0.0.1", "address"),
+        ("8.8.8.8", None),
+        ("2606:4700::1111", None),
+    ],
+)
 def test_address_rules(address, problem):
     found = address_problem(ipaddress.ip_address(address), MediaPolicy())
     assert (found is None) if problem is None else (problem in found)
@@ -189,7 +207,9 @@ def test_https_connects_to_the_checked_ip_with_sni():
     seen = {}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.update(url=str(request.url), host=request.headers["host"], sni=request.extensions.get("sni_hostname"))
+        seen.update(
+            url=str(request.url), host=request.headers["host"], sni=request.extensions.get("sni_hostname")
+        )
         return httpx.Response(200, content=image_bytes())
 
     loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL), transport=httpx.MockTransport(handler))
@@ -206,8 +226,9 @@ def test_compressed_responses_are_refused_not_inflated():
         seen["accept-encoding"] = request.headers.get("accept-encoding")
         return httpx.Response(200, stream=httpx.ByteStream(bomb), headers={"Content-Encoding": "gzip, gzip"})
 
-    loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL, max_image_bytes=1000),
-                         transport=httpx.MockTransport(handler))  # fmt: skip
+    loader = ImageLoader(
+        MediaPolicy(allowed_networks=LOCAL, max_image_bytes=1000), transport=httpx.MockTransport(handler)
+    )
     with pytest.raises(MediaError, match="Content-Encoding"):
         asyncio.run(loader.load("http://127.0.0.1/a.png"))
     assert seen["accept-encoding"] == "identity"
@@ -215,8 +236,11 @@ def test_compressed_responses_are_refused_not_inflated():
     def plain(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=image_bytes(), headers={"Content-Encoding": "identity"})
 
-    assert asyncio.run(ImageLoader(MediaPolicy(allowed_networks=LOCAL), transport=httpx.MockTransport(plain))
-                       .load("http://127.0.0.1/a.png")).size == (32, 24)  # fmt: skip
+    assert asyncio.run(
+        ImageLoader(MediaPolicy(allowed_networks=LOCAL), transport=httpx.MockTransport(plain)).load(
+            "http://127.0.0.1/a.png"
+        )
+    ).size == (32, 24)
 
 
 def test_file_urls_only_inside_the_allowed_directory(tmp_path: Path):

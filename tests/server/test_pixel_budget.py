@@ -32,10 +32,14 @@ def test_requests_beyond_the_budget_wait_their_turn_in_order():
     async def scenario():
         budget, log = PixelBudget(100), []
         releases = {name: asyncio.Event() for name in "abc"}
-        tasks = [asyncio.create_task(_enter(budget, pixels, log, name, releases[name]))
-                 for name, pixels in (("a", 60), ("b", 50), ("c", 10))]  # fmt: skip
+        tasks = [
+            asyncio.create_task(_enter(budget, pixels, log, name, releases[name]))
+            for name, pixels in (("a", 60), ("b", 50), ("c", 10))
+        ]
         await _settle()
-        assert log == ["a"] and budget.in_use == 60 and budget.num_waiting == 2  # c would fit, but b came first
+        assert (
+            log == ["a"] and budget.in_use == 60 and budget.num_waiting == 2
+        )  # c would fit, but b came first
         releases["a"].set()
         await _settle()
         assert log == ["a", "b", "c"] and budget.in_use == 60
@@ -101,7 +105,12 @@ def test_loader_holds_decoded_images_within_the_budget():
         return log, loader.budget.in_use
 
     log, left = asyncio.run(scenario())
-    assert log == [("first", "in", 1_000_000), ("first", "out"), ("second", "in", 1_000_000), ("second", "out")]
+    assert log == [
+        ("first", "in", 1_000_000),
+        ("first", "out"),
+        ("second", "in", 1_000_000),
+        ("second", "out"),
+    ]
     assert left == 0
 
 
@@ -121,7 +130,9 @@ def test_loader_refuses_a_request_whose_images_exceed_the_budget():
 
 def test_server_answers_400_and_keeps_serving(make_client):
     client = make_client(max_image_pixels=5000, max_image_pixels_in_flight=5000)
-    each = data_url(image_bytes(size=(60, 50)))  # 3000 pixels: each image is allowed, the two together are not
+    each = data_url(
+        image_bytes(size=(60, 50))
+    )  # 3000 pixels: each image is allowed, the two together are not
     two = {"role": "user", "content": [*image_message(each)["content"], image_message(each)["content"][1]]}
     response = client.post("/v1/chat/completions", json={"messages": [two], "max_tokens": 2})
     assert response.status_code == 400, response.text

@@ -10,9 +10,17 @@ from openai import OpenAI
 
 from tests.server.conftest import data_url, image_bytes
 
-EVENTS = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-          "response.output_text.delta", "response.output_text.done", "response.content_part.done",
-          "response.output_item.done", "response.completed"]  # fmt: skip
+EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
 
 
 def respond(client, **fields):
@@ -25,30 +33,53 @@ def chat_text(client, messages, **fields) -> str:
 
 
 def test_a_response_holds_the_chat_answer_and_its_usage(client, fake_engine):
-    body = respond(client, instructions="Be brief.", max_output_tokens=50, temperature=0, metadata={"k": "v"}).json()
+    body = respond(
+        client, instructions="Be brief.", max_output_tokens=50, temperature=0, metadata={"k": "v"}
+    ).json()
     assert body["object"] == "response" and body["id"].startswith("resp_") and body["status"] == "completed"
     message = body["output"][0]
-    assert message["type"] == "message" and message["role"] == "assistant" and message["id"].startswith("msg_")
+    assert (
+        message["type"] == "message" and message["role"] == "assistant" and message["id"].startswith("msg_")
+    )
     assert message["content"][0]["type"] == "output_text" and message["content"][0]["annotations"] == []
-    expected = chat_text(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}],
-                         max_tokens=50, temperature=0)  # fmt: skip
+    expected = chat_text(
+        client,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}],
+        max_tokens=50,
+        temperature=0,
+    )
     assert message["content"][0]["text"] == expected
     usage = body["usage"]
     inputs, params = list(fake_engine.requests.values())[0]
     assert usage["input_tokens"] == len(inputs.prompt_token_ids) and usage["output_tokens"] == 11
-    assert usage["total_tokens"] == usage["input_tokens"] + 11 and usage["output_tokens_details"]["reasoning_tokens"] == 0
+    assert (
+        usage["total_tokens"] == usage["input_tokens"] + 11
+        and usage["output_tokens_details"]["reasoning_tokens"] == 0
+    )
     assert (params.max_tokens, params.temperature) == (50, 0.0) and body["metadata"] == {"k": "v"}
     assert fake_engine.processor.calls[0][0][0] == {"role": "system", "content": "Be brief."}
 
 
 def test_messages_with_text_and_image_parts_become_chat_parts(client, fake_engine):
     url = data_url(image_bytes())
-    body = respond(client, input=[
-        {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
-                                     {"type": "input_image", "image_url": url, "detail": "low"}]},
-        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A square."}]},
-        {"role": "user", "content": "And its colour?"},
-    ]).json()  # fmt: skip
+    body = respond(
+        client,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {"type": "input_image", "image_url": url, "detail": "low"},
+                ],
+            },
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "A square."}],
+            },
+            {"role": "user", "content": "And its colour?"},
+        ],
+    ).json()
     assert body["status"] == "completed", body
     messages, _ = fake_engine.processor.calls[0]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
@@ -77,7 +108,7 @@ def stream_events(response) -> list[tuple[str, dict]]:
     for block in response.text.split("\n\n"):
         if block:
             event_line, data_line = block.split("\n")
-            events.append((event_line[len("event: "):], json.loads(data_line[len("data: "):])))
+            events.append((event_line[len("event: ") :], json.loads(data_line[len("data: ") :])))
     return events
 
 
@@ -104,26 +135,50 @@ def test_the_official_client_reads_responses_and_their_stream(client):
     assert events[-1].type == "response.completed" and events[-1].response.output_text == response.output_text
 
 
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"store": True}, "store"),
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"reasoning": {"effort": "low"}}, "reasoning"),
-    ({"background": True}, "background"),
-    ({"truncation": "auto"}, "truncation"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
-    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0].type"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
-     "input[0].content[0].image_url"),
-    ({"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": "https://a.b/c.png"}]}]},
-     "input[0].content[0]"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "ftp://a.b/c.png"}]}],
-      "instructions": "x"}, "input[0].content[0].image_url"),
-    ({"max_output_tokens": 100000}, "max_output_tokens"),
-    ({"text": {"format": {"type": "json_schema", "name": "A"}}}, "text.format"),
-    ({"unknown_field": 1}, "unknown_field"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"store": True}, "store"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"background": True}, "background"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+            "input[0].content[0].type",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+            "input[0].content[0].image_url",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "input_image", "image_url": "https://a.b/c.png"}],
+                    }
+                ]
+            },
+            "input[0].content[0]",
+        ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "ftp://a.b/c.png"}]}
+                ],
+                "instructions": "x",
+            },
+            "input[0].content[0].image_url",
+        ),
+        ({"max_output_tokens": 100000}, "max_output_tokens"),
+        ({"text": {"format": {"type": "json_schema", "name": "A"}}}, "text.format"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
 def test_what_the_stateless_server_cannot_do_is_a_400_naming_the_field(client, fields, param):
     response = respond(client, **fields)
     assert response.status_code == 400, response.text

@@ -12,8 +12,14 @@ TEXT = [{"role": "user", "content": "hi"}]
 def test_api_key_guards_inference_routes(make_client):
     client = make_client(api_key="s3cret")
     body = {"messages": TEXT, "max_tokens": 1}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"},
-                    {"Authorization": "Bearer s3cret2"}, {"Authorization": "Bearer"}):  # fmt: skip
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret"},
+        {"Authorization": "Basic s3cret"},
+        {"Authorization": "Bearer s3cret2"},
+        {"Authorization": "Bearer"},
+    ):
         response = client.post("/v1/chat/completions", json=body, headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
@@ -34,9 +40,14 @@ def test_auth_is_checked_before_the_body(make_client):
 
 def test_cors(make_client):
     client = make_client(cors_origins=["https://app.example.com"])
-    preflight = client.options("/v1/chat/completions", headers={
-        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+    preflight = client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
     other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
@@ -92,10 +103,19 @@ def test_metrics(client):
     assert metric(text, "ovis2_image_tokens_total") == 259
     assert metric(text, "ovis2_images_total") == 1
     assert metric(text, "ovis2_prompt_tokens_total") > 259
-    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_preprocess_seconds"):
+    for histogram in (
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_preprocess_seconds",
+    ):
         assert metric(text, f"ovis2_{histogram}_count") == 2
     assert metric(text, "ovis2_inter_token_latency_seconds_count") == 2 + 10
-    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio", "kv_cache_free_blocks"):
+    for gauge in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_ratio",
+        "kv_cache_free_blocks",
+    ):
         metric(text, f"ovis2_{gauge}")
     assert "ovis2_request_queue_time_seconds" in text
 
@@ -116,8 +136,10 @@ def test_tokenize_messages_counts_image_tokens(client, fake_engine):
 
 
 def test_completions(client, fake_engine):
-    body = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Once", "temperature": 0,
-                                                "max_tokens": 3, "logprobs": 1}).json()  # fmt: skip
+    body = client.post(
+        "/v1/completions",
+        json={"model": "fake-model", "prompt": "Once", "temperature": 0, "max_tokens": 3, "logprobs": 1},
+    ).json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     choice = body["choices"][0]
     assert choice["text"] == "Hello there," and choice["finish_reason"] == "length"
@@ -136,8 +158,16 @@ def test_completions_defaults_to_16_tokens_and_echo(client, fake_engine):
 
 
 def test_completions_stream(client):
-    response = client.post("/v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 2, "temperature": 0,
-                                                    "stream_options": {"include_usage": True}})  # fmt: skip
+    response = client.post(
+        "/v1/completions",
+        json={
+            "prompt": "x",
+            "stream": True,
+            "max_tokens": 2,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        },
+    )
     events = [e for e in response.text.split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
@@ -149,12 +179,21 @@ def test_completions_stream(client):
 def test_completions_token_ids_and_bad_prompts(client):
     assert client.post("/v1/completions", json={"prompt": [9707, 1879], "max_tokens": 1}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": [[9707]], "max_tokens": 1}).status_code == 200
-    for prompt, words in [("a <IMG_ATOM> b", "image tokens"), ([151665], "image tokens"), (["a", "b"], "one prompt"),
-                          ([10**9], "outside"), ("", "empty")]:  # fmt: skip
+    for prompt, words in [
+        ("a <IMG_ATOM> b", "image tokens"),
+        ([151665], "image tokens"),
+        (["a", "b"], "one prompt"),
+        ([10**9], "outside"),
+        ("", "empty"),
+    ]:
         response = client.post("/v1/completions", json={"prompt": prompt})
         assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
         assert response.json()["error"]["param"] == "prompt"
-    for fields, param in [({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
-                          ({"echo": True, "logprobs": 1}, "echo"), ({"max_tokens": 5000}, "max_tokens")]:  # fmt: skip
+    for fields, param in [
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"max_tokens": 5000}, "max_tokens"),
+    ]:
         response = client.post("/v1/completions", json={"prompt": "x", **fields})
         assert response.status_code == 400 and response.json()["error"]["param"] == param

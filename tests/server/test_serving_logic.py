@@ -95,7 +95,9 @@ def test_finished_requests_are_not_aborted(fake_engine):
     state = state_for(fake_engine)
 
     async def run():
-        return await collect_final(generate(state, EngineInputs([1]), SamplingParams(max_tokens=2), "r3", 0.0))
+        return await collect_final(
+            generate(state, EngineInputs([1]), SamplingParams(max_tokens=2), "r3", 0.0)
+        )
 
     assert asyncio.run(run()).finished
     assert fake_engine.aborted == [] and fake_engine.finished == ["r3"]
@@ -126,9 +128,22 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
         assert f"OVIS2_{name.upper()}" in help_text
     monkeypatch.setenv("OVIS2_MAX_NUM_SEQS", "7")
     monkeypatch.setenv("OVIS2_ALLOWED_MEDIA_NETWORKS", "127.0.0.1,10.0.0.0/8")
-    settings = load_settings(["--port", "9001", "--api-key", "sekrit-key", "--no-enable-prefix-caching",
-                              "--cors-origins", "https://a.example,https://b.example"])  # fmt: skip
-    assert settings.max_num_seqs == 7 and settings.port == 9001 and settings.api_key.get_secret_value() == "sekrit-key"
+    settings = load_settings(
+        [
+            "--port",
+            "9001",
+            "--api-key",
+            "sekrit-key",
+            "--no-enable-prefix-caching",
+            "--cors-origins",
+            "https://a.example,https://b.example",
+        ]
+    )
+    assert (
+        settings.max_num_seqs == 7
+        and settings.port == 9001
+        and settings.api_key.get_secret_value() == "sekrit-key"
+    )
     assert settings.allowed_media_networks == ["127.0.0.1", "10.0.0.0/8"]
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
     assert not settings.enable_prefix_caching
@@ -156,8 +171,13 @@ def test_engine_args_from_settings():
 
 
 def test_cli_help_runs():
-    result = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=60,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert result.returncode == 0 and "--max-images-per-request" in result.stdout
 
 
@@ -166,9 +186,13 @@ def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_plac
     from server.protocol import ChatCompletionRequest
     from tests.server.conftest import data_url, image_bytes, image_message
 
-    state = create_app(ServerSettings(_env_file=None, max_image_pixels=10_000, max_image_pixels_in_flight=10_000), fake_engine).state.server
+    state = create_app(
+        ServerSettings(_env_file=None, max_image_pixels=10_000, max_image_pixels_in_flight=10_000),
+        fake_engine,
+    ).state.server
     request = ChatCompletionRequest.model_validate(
-        {"messages": [image_message(data_url(image_bytes(size=(100, 60))))], "max_tokens": 2})
+        {"messages": [image_message(data_url(image_bytes(size=(100, 60))))], "max_tokens": 2}
+    )
 
     class LeavesSoon:
         def __init__(self) -> None:
@@ -215,7 +239,7 @@ def test_a_check_across_settings_names_its_flags(capsys):
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert info.value.code == 2 and line.startswith("ovis2-serve: error: "), err
-    message = line[len("ovis2-serve: error: "):]
+    message = line[len("ovis2-serve: error: ") :]
     assert "--:" not in message and "Value error" not in message, message
     assert "--max-image-pixels-in-flight (999)" in message and "--max-image-pixels (1000)" in message, message
     assert "max_image_pixels" not in message, message
@@ -237,8 +261,15 @@ def test_the_engine_flags_are_engine_args_fields_with_their_defaults_and_rules()
 
 def test_a_hub_id_that_cannot_be_fetched_is_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "server", "--model", "no-such-org/no-such-model", "--port", "0"],
-                            capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--model", "no-such-org/no-such-model", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
-    assert "could not fetch 'no-such-org/no-such-model'" in lines[0] and lines[0].startswith("ovis2-serve: error:")
+    assert "could not fetch 'no-such-org/no-such-model'" in lines[0] and lines[0].startswith(
+        "ovis2-serve: error:"
+    )

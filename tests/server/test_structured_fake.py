@@ -17,20 +17,31 @@ def constraint_of(fake_engine) -> StructuredOutputsParams | None:
     return params.structured_outputs
 
 
-@pytest.mark.parametrize(("fields", "kind", "value"), [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "A", "schema": SCHEMA, "strict": True}}},
-     "json", SCHEMA),
-    ({"response_format": {"type": "json_object"}}, "json_object", True),
-    ({"structured_outputs": {"json": SCHEMA}}, "json", SCHEMA),
-    ({"structured_outputs": {"regex": r"\d+"}}, "regex", r"\d+"),
-    ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", ["yes", "no"]),
-    ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", 'root ::= "a"'),
-    ({"structured_outputs": {"json_object": True}}, "json_object", True),
-    ({"guided_json": SCHEMA}, "json", SCHEMA),
-    ({"guided_regex": "a|b"}, "regex", "a|b"),
-    ({"guided_choice": ["x"]}, "choice", ["x"]),
-    ({"guided_grammar": 'root ::= "b"'}, "grammar", 'root ::= "b"'),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fields", "kind", "value"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "A", "schema": SCHEMA, "strict": True},
+                }
+            },
+            "json",
+            SCHEMA,
+        ),
+        ({"response_format": {"type": "json_object"}}, "json_object", True),
+        ({"structured_outputs": {"json": SCHEMA}}, "json", SCHEMA),
+        ({"structured_outputs": {"regex": r"\d+"}}, "regex", r"\d+"),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", ["yes", "no"]),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", 'root ::= "a"'),
+        ({"structured_outputs": {"json_object": True}}, "json_object", True),
+        ({"guided_json": SCHEMA}, "json", SCHEMA),
+        ({"guided_regex": "a|b"}, "regex", "a|b"),
+        ({"guided_choice": ["x"]}, "choice", ["x"]),
+        ({"guided_grammar": 'root ::= "b"'}, "grammar", 'root ::= "b"'),
+    ],
+)
 def test_every_wire_form_reaches_the_engine_as_one_constraint(client, fake_engine, fields, kind, value):
     response = client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 4, **fields})
     assert response.status_code == 200, response.text
@@ -51,14 +62,24 @@ def test_completions_take_the_same_fields(client, fake_engine):
     assert constraint_of(fake_engine).choice == ["a", "b"]
 
 
-@pytest.mark.parametrize(("route", "fields", "param"), [
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "A", "schema": SCHEMA}}},
-     "response_format.json_schema.schema"),
-    ("/v1/chat/completions", {"structured_outputs": {"regex": "(a"}}, "structured_outputs.regex"),
-    ("/v1/completions", {"guided_grammar": "root ::= b"}, "guided_grammar"),
-])  # fmt: skip
-def test_a_constraint_the_engine_cannot_compile_is_a_400_naming_its_field(client, fake_engine, route, fields, param):
-    fake_engine.crash_with = StructuredOutputError("the regex cannot be compiled: The parenthesis is not closed.")
+@pytest.mark.parametrize(
+    ("route", "fields", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "A", "schema": SCHEMA}}},
+            "response_format.json_schema.schema",
+        ),
+        ("/v1/chat/completions", {"structured_outputs": {"regex": "(a"}}, "structured_outputs.regex"),
+        ("/v1/completions", {"guided_grammar": "root ::= b"}, "guided_grammar"),
+    ],
+)
+def test_a_constraint_the_engine_cannot_compile_is_a_400_naming_its_field(
+    client, fake_engine, route, fields, param
+):
+    fake_engine.crash_with = StructuredOutputError(
+        "the regex cannot be compiled: The parenthesis is not closed."
+    )
     body = {"messages": TEXT} if "chat" in route else {"prompt": "x"}
     for stream in (False, True):
         response = client.post(route, json={**body, "max_tokens": 4, "stream": stream, **fields})

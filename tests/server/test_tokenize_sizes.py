@@ -28,8 +28,13 @@ def test_tokenize_counts_from_sizes_without_decoding(make_client, fake_engine, m
     data = oriented_image(fmt, 1200, 500, orientation)
     with Image.open(io.BytesIO(data)) as decoded:  # what chat completions would build, from the decoded image
         upright = media_image.decode_pixels(decoded)
-        message = {"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
-                                               {"type": "image", "image": upright}]}  # fmt: skip
+        message = {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image", "image": upright},
+            ],
+        }
         expected = processor.prepare_chat([message])
 
     def no_pixels(*args, **kwargs):

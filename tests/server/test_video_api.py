@@ -36,14 +36,29 @@ def test_a_data_url_video_reaches_the_processor_as_its_sampled_frames(client, fa
     response = chat(client, [video_message(mp4_url(videos.h264))])
     assert response.status_code == 200, response.text
     (frames,) = sent_frames(fake_engine)
-    assert [frame_index(f) for f in frames] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]  # 12 of 24, midpoints
+    assert [frame_index(f) for f in frames] == [
+        1,
+        3,
+        5,
+        7,
+        9,
+        11,
+        13,
+        15,
+        17,
+        19,
+        21,
+        23,
+    ]  # 12 of 24, midpoints
     usage = response.json()["usage"]
     assert usage["prompt_tokens_details"]["image_tokens"] == 12 * 259
     inputs, _ = next(iter(fake_engine.requests.values()))
     assert inputs.num_video_frames == 12
 
 
-@pytest.mark.parametrize("mime, name", [("video/webm", "vp9"), ("video/quicktime", "h264"), ("video/x-matroska", "h264_mkv")])
+@pytest.mark.parametrize(
+    "mime, name", [("video/webm", "vp9"), ("video/quicktime", "h264"), ("video/x-matroska", "h264_mkv")]
+)
 def test_data_url_types(client, fake_engine, videos, mime, name):
     assert chat(client, [video_message(data_url(getattr(videos, name), mime))]).status_code == 200
     assert len(sent_frames(fake_engine)[0]) == 12
@@ -55,8 +70,12 @@ def test_an_http_video_from_an_allowed_host(make_client, fake_engine, videos, im
     assert chat(client, [video_message(image_server.url("/clip.webm"))]).status_code == 200
     assert image_server.requests[-1][1].get("Accept") == "video/*"
     refused = make_client()  # loopback refused by default, as for images
-    assert_error(chat(refused, [video_message(image_server.url("/clip.webm"))]), 400, "messages[0].content[0].video_url",
-                 "private")  # fmt: skip
+    assert_error(
+        chat(refused, [video_message(image_server.url("/clip.webm"))]),
+        400,
+        "messages[0].content[0].video_url",
+        "private",
+    )
 
 
 def test_frames_per_video_and_fps(make_client, fake_engine, videos):
@@ -67,17 +86,26 @@ def test_frames_per_video_and_fps(make_client, fake_engine, videos):
     assert len(sent_frames(fake_engine)[0]) == 5  # 2.4 s at 2 frames a second
     assert chat(client, [video_message(mp4_url(videos.h264))], video_fps=100.0).status_code == 200
     assert len(sent_frames(fake_engine)[0]) == 14  # capped by --max-video-frames
-    assert_error(chat(client, [video_message(mp4_url(videos.h264))], num_video_frames=15), 400, "num_video_frames",
-                 "at most 14")  # fmt: skip
-    assert_error(chat(client, [video_message(mp4_url(videos.h264))], num_video_frames=0), 400, "num_video_frames")
+    assert_error(
+        chat(client, [video_message(mp4_url(videos.h264))], num_video_frames=15),
+        400,
+        "num_video_frames",
+        "at most 14",
+    )
+    assert_error(
+        chat(client, [video_message(mp4_url(videos.h264))], num_video_frames=0), 400, "num_video_frames"
+    )
     assert_error(chat(client, [video_message(mp4_url(videos.h264))], video_fps=-1), 400, "video_fps")
 
 
 def test_several_videos_mixed_with_images_and_in_earlier_turns(make_client, fake_engine, videos):
     client = make_client(max_images_per_request=1)
     image = {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}
-    messages = [video_message(mp4_url(videos.h264), image), {"role": "assistant", "content": "Gray."},
-                video_message(mp4_url(videos.one_frame))]  # fmt: skip
+    messages = [
+        video_message(mp4_url(videos.h264), image),
+        {"role": "assistant", "content": "Gray."},
+        video_message(mp4_url(videos.one_frame)),
+    ]
     response = chat(client, messages, num_video_frames=4)
     assert response.status_code == 200, response.text  # 5 frames and 1 image: frames are not images
     assert [len(frames) for frames in sent_frames(fake_engine)] == [4, 1]
@@ -87,8 +115,12 @@ def test_several_videos_mixed_with_images_and_in_earlier_turns(make_client, fake
 def test_request_limits_on_videos_and_frames(make_client, videos):
     client = make_client(max_videos_per_request=2, max_video_frames_per_request=20)
     url = mp4_url(videos.h264)
-    assert_error(chat(client, [video_message(url), video_message(url), video_message(url)]), 400, "messages",
-                 "at most 2 are allowed")  # fmt: skip
+    assert_error(
+        chat(client, [video_message(url), video_message(url), video_message(url)]),
+        400,
+        "messages",
+        "at most 2 are allowed",
+    )
     error = assert_error(chat(client, [video_message(url), video_message(url)]), 400, "messages", "24 frames")
     assert error["code"] == "invalid_video"
     assert chat(client, [video_message(url), video_message(mp4_url(videos.one_frame))]).status_code == 200
@@ -96,8 +128,12 @@ def test_request_limits_on_videos_and_frames(make_client, videos):
 
 @pytest.mark.parametrize("name", sorted(BAD_VIDEOS))
 def test_bad_videos_are_400_naming_the_part(client, videos, name):
-    error = assert_error(chat(client, [video_message(mp4_url(getattr(videos, name)))]), 400,
-                         "messages[0].content[0].video_url", BAD_VIDEOS[name].replace("\\", ""))  # fmt: skip
+    error = assert_error(
+        chat(client, [video_message(mp4_url(getattr(videos, name)))]),
+        400,
+        "messages[0].content[0].video_url",
+        BAD_VIDEOS[name].replace("\\", ""),
+    )
     assert error["code"] == "invalid_video"
 
 
@@ -116,31 +152,49 @@ def test_bad_video_urls(client, url, words):
 
 def test_video_limits_from_the_flags(make_client, videos):
     url = mp4_url(videos.h264)
-    for flags, words in [({"max_video_bytes": 1000}, "base64 video is longer than 1336 characters"),
-                         ({"max_video_seconds": 1.0}, "2.4s long"),
-                         ({"max_video_stream_frames": 10}, "more than 10 frames"),
-                         ({"max_video_frame_pixels": 3000, "max_image_pixels_in_flight": 40_000_000}, "64x48"),
-                         ({"video_decode_timeout": 1e-9}, "took longer")]:  # fmt: skip
-        assert_error(chat(make_client(**flags), [video_message(url)]), 400, "messages[0].content[0].video_url", words)
+    for flags, words in [
+        ({"max_video_bytes": 1000}, "base64 video is longer than 1336 characters"),
+        ({"max_video_seconds": 1.0}, "2.4s long"),
+        ({"max_video_stream_frames": 10}, "more than 10 frames"),
+        ({"max_video_frame_pixels": 3000, "max_image_pixels_in_flight": 40_000_000}, "64x48"),
+        ({"video_decode_timeout": 1e-9}, "took longer"),
+    ]:
+        assert_error(
+            chat(make_client(**flags), [video_message(url)]), 400, "messages[0].content[0].video_url", words
+        )
 
 
 def test_the_pixel_budget_counts_the_frames(make_client, videos):
-    client = make_client(max_image_pixels=100, max_video_frames=2, max_video_frame_pixels=64 * 48,
-                         max_image_pixels_in_flight=2 * 64 * 48)  # fmt: skip
+    client = make_client(
+        max_image_pixels=100,
+        max_video_frames=2,
+        max_video_frame_pixels=64 * 48,
+        max_image_pixels_in_flight=2 * 64 * 48,
+    )
     url = mp4_url(videos.h264)
     assert chat(client, [video_message(url)]).status_code == 200  # 2 frames of 64x48: exactly the budget
     one_pixel = {"type": "image_url", "image_url": {"url": data_url(image_bytes(size=(1, 1)))}}
-    assert_error(chat(client, [video_message(url, one_pixel)]), 400, "messages", "more than the limit of 6144")
+    assert_error(
+        chat(client, [video_message(url, one_pixel)]), 400, "messages", "more than the limit of 6144"
+    )
     three = make_client(max_image_pixels=100, max_video_frames=3, max_image_pixels_in_flight=2 * 64 * 48)
-    assert_error(chat(three, [video_message(url)], num_video_frames=3), 400, "messages", "9216 pixels in total")
+    assert_error(
+        chat(three, [video_message(url)], num_video_frames=3), 400, "messages", "9216 pixels in total"
+    )
 
 
 def test_videos_only_in_user_messages_and_parts_are_objects(client):
     part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
-    assert_error(chat(client, [{"role": "assistant", "content": [part]}]), 400, "messages[0].content[0]", "videos")
+    assert_error(
+        chat(client, [{"role": "assistant", "content": [part]}]), 400, "messages[0].content[0]", "videos"
+    )
     bad = {"type": "video_url", "video_url": "https://example.com/a.mp4"}
-    assert_error(chat(client, [{"role": "user", "content": [bad]}]), 400, "messages[0].content[0].video_url",
-                 "must be an object")  # fmt: skip
+    assert_error(
+        chat(client, [{"role": "user", "content": [bad]}]),
+        400,
+        "messages[0].content[0].video_url",
+        "must be an object",
+    )
 
 
 def test_tokenize_counts_frames_without_decoding(client, fake_engine, videos):

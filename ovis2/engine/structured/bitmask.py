@@ -29,5 +29,10 @@ def apply_grammar_bitmask(logits: torch.Tensor, matchers: list) -> None:
     from xgrammar import apply_token_bitmask_inplace
 
     backend = "cpu" if logits.device.type == "cpu" else "torch_native"
-    apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=logits.shape[-1],
-                                indices=masked, backend=backend)  # fmt: skip
+    apply_token_bitmask_inplace(
+        logits,
+        bitmask.to(logits.device, non_blocking=True),
+        vocab_size=logits.shape[-1],
+        indices=masked,
+        backend=backend,
+    )

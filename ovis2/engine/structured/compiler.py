@@ -24,8 +24,13 @@ from .params import StructuredOutputsParams
 from .schema_support import unenforced_feature
 from .vocabulary import grammar_vocabulary, json_vocabulary
 
-WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
-        "grammar": "grammar"}  # fmt: skip
+WHAT = {
+    "json": "JSON schema",
+    "json_object": "JSON object grammar",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
 MAX_CACHE_BYTES = 512 * 2**20  # the cache also stops at this many bytes of compiled grammars (0.1-3 MB each)
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
@@ -39,8 +44,14 @@ class GrammarStats:
 
 
 class GrammarCompiler:
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], cache_size: int = 128,
-                 num_threads: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        stop_token_ids: Sequence[int],
+        cache_size: int = 128,
+        num_threads: int | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
@@ -101,7 +112,9 @@ class GrammarCompiler:
         if self._cache_size <= 0:
             return
         self._cache[key] = grammar
-        while len(self._cache) > self._cache_size or (len(self._cache) > 1 and self.cache_bytes > MAX_CACHE_BYTES):
+        while len(self._cache) > self._cache_size or (
+            len(self._cache) > 1 and self.cache_bytes > MAX_CACHE_BYTES
+        ):
             self._cache.popitem(last=False)
 
     @property
@@ -114,13 +127,16 @@ class GrammarCompiler:
             if table not in self._backends:
                 import xgrammar as xgr
 
-                self._backends[table] = xgr.GrammarCompiler(self._vocabulary(table), max_threads=self._num_threads,
-                                                            cache_enabled=False)  # fmt: skip
+                self._backends[table] = xgr.GrammarCompiler(
+                    self._vocabulary(table), max_threads=self._num_threads, cache_enabled=False
+                )
             return self._backends[table]
 
     def _vocabulary(self, table: str):
         if "text" not in self._vocabularies:
-            self._vocabularies["text"] = grammar_vocabulary(self._tokenizer, self._vocab_size, self._stop_token_ids)
+            self._vocabularies["text"] = grammar_vocabulary(
+                self._tokenizer, self._vocab_size, self._stop_token_ids
+            )
         if table not in self._vocabularies:
             self._vocabularies[table] = json_vocabulary(self._vocabularies["text"])
         return self._vocabularies[table]
@@ -134,8 +150,9 @@ def _compile_with(backend, params: StructuredOutputsParams):
             raise StructuredOutputError(f"the JSON schema at {problem}")
     try:
         if kind in ("json", "json_object"):  # compact JSON: no free whitespace a model could pad forever
-            return backend.compile_json_schema(params.source, any_whitespace=False, separators=(",", ":"),
-                                               strict_mode=kind == "json")  # fmt: skip
+            return backend.compile_json_schema(
+                params.source, any_whitespace=False, separators=(",", ":"), strict_mode=kind == "json"
+            )
         if kind == "regex":
             return backend.compile_regex(params.regex)
         return backend.compile_grammar(choice_grammar(params.choice) if kind == "choice" else params.grammar)

@@ -50,8 +50,13 @@ class StructuredOutputsParams:
         return self.kind, self.source
 
     def _given(self) -> list[str]:
-        values = {"json": self.json is not None, "json_object": self.json_object, "regex": self.regex is not None,
-                  "choice": self.choice is not None, "grammar": self.grammar is not None}  # fmt: skip
+        values = {
+            "json": self.json is not None,
+            "json_object": self.json_object,
+            "regex": self.regex is not None,
+            "choice": self.choice is not None,
+            "grammar": self.grammar is not None,
+        }
         return [kind for kind in KINDS if values[kind]]
 
     def _render(self) -> str:
@@ -68,7 +73,9 @@ class StructuredOutputsParams:
         given = self._given()
         if len(given) != 1:
             found = ", ".join(given) or "none"
-            raise StructuredOutputError(f"structured outputs take exactly one of {', '.join(KINDS)}; got {found}")
+            raise StructuredOutputError(
+                f"structured outputs take exactly one of {', '.join(KINDS)}; got {found}"
+            )
         problem = _problem(given[0], getattr(self, given[0]))
         if problem is None and len(self.source) > MAX_CONSTRAINT_CHARS:
             problem = f"is {len(self.source)} characters; at most {MAX_CONSTRAINT_CHARS} are allowed"

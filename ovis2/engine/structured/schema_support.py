@@ -25,7 +25,13 @@ UNENFORCED = {
     "$recursiveRef": "recursive references",
 }
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+SCHEMA_VALUES = (
+    "items",
+    "additionalProperties",
+    "propertyNames",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+)
 SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
 
 
@@ -47,7 +53,9 @@ def _own_problem(schema: dict) -> str | None:
     for keyword, what in UNENFORCED.items():
         if keyword in schema and not (keyword == "uniqueItems" and schema[keyword] is False):
             return f"{what} ('{keyword}')"
-    if "multipleOf" in schema and not (schema.get("type") == "integer" and isinstance(schema["multipleOf"], int)):
+    if "multipleOf" in schema and not (
+        schema.get("type") == "integer" and isinstance(schema["multipleOf"], int)
+    ):
         return "'multipleOf' other than an integer step on an integer"
     if len(schema.get("allOf") or ()) > 1:
         return "'allOf' with more than one schema"

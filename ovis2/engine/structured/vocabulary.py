@@ -18,14 +18,21 @@ def grammar_vocabulary(tokenizer, vocab_size: int, stop_token_ids: Sequence[int]
     """-> xgrammar.TokenizerInfo over `vocab_size` ids; `stop_token_ids` are its default stop tokens."""
     import xgrammar as xgr
 
-    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+    detected = xgr.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
+    )
     special = {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
     encoded = [""] * vocab_size
     for token, token_id in tokenizer.get_vocab().items():
         if token_id < vocab_size and token_id not in special:
             encoded[token_id] = token
-    return xgr.TokenizerInfo(encoded, detected.vocab_type, vocab_size=vocab_size,
-                             stop_token_ids=list(stop_token_ids), add_prefix_space=detected.add_prefix_space)  # fmt: skip
+    return xgr.TokenizerInfo(
+        encoded,
+        detected.vocab_type,
+        vocab_size=vocab_size,
+        stop_token_ids=list(stop_token_ids),
+        add_prefix_space=detected.add_prefix_space,
+    )
 
 
 def json_vocabulary(vocabulary):
@@ -33,5 +40,10 @@ def json_vocabulary(vocabulary):
     import xgrammar as xgr
 
     decoded = [b"" if any(byte < 0x20 for byte in token) else token for token in vocabulary.decoded_vocab]
-    return xgr.TokenizerInfo(decoded, xgr.VocabType.RAW, vocab_size=vocabulary.vocab_size,
-                             stop_token_ids=vocabulary.stop_token_ids, add_prefix_space=False)  # fmt: skip
+    return xgr.TokenizerInfo(
+        decoded,
+        xgr.VocabType.RAW,
+        vocab_size=vocabulary.vocab_size,
+        stop_token_ids=vocabulary.stop_token_ids,
+        add_prefix_space=False,
+    )

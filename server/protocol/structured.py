@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .protocol_base import RequestModel
+from .base import RequestModel
 
 JSONSchema = dict[str, Any] | bool
 

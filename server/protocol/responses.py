@@ -9,14 +9,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 
-from .protocol_base import RequestModel, ResponseModel
-from .protocol_structured import JSONSchema
+from .base import RequestModel, ResponseModel
+from .structured import JSONSchema
 
 # ------------------------------------------------------------------------------------------------ request
 
 
 class InputText(RequestModel):
-    type: Literal["input_text", "output_text"]  # output_text: an earlier answer sent back in an assistant message
+    type: Literal[
+        "input_text", "output_text"
+    ]  # output_text: an earlier answer sent back in an assistant message
     text: str
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
@@ -42,7 +44,9 @@ def _part_kind(value: Any) -> str:
 
 
 InputPart = Annotated[
-    Annotated[InputText, Tag("text")] | Annotated[InputImage, Tag("image")] | Annotated[OtherPart, Tag("other")],
+    Annotated[InputText, Tag("text")]
+    | Annotated[InputImage, Tag("image")]
+    | Annotated[OtherPart, Tag("other")],
     Discriminator(_part_kind),
 ]
 

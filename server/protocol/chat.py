@@ -1,4 +1,4 @@
-"""Wire models: the OpenAI request and response shapes, fields in the order of the OpenAI reference.
+"""Wire models of /v1/chat/completions: the OpenAI request and response shapes, fields in the order of the OpenAI reference.
 
 Requests forbid unknown fields, so a field this server does not implement is a 400 that names it instead
 of being silently ignored. Fields that exist in OpenAI's API but would change the answer here (tools,
@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from .protocol_base import RequestModel, ResponseModel, now, random_id  # noqa: F401 - the wire models' names
-from .protocol_structured import ResponseFormat, StructuredOutputsExtensions
+from .base import RequestModel
+from .structured import ResponseFormat, StructuredOutputsExtensions
 
 # ---------------------------------------------------------------------------------------------- chat: request
 
@@ -35,8 +35,10 @@ class ImagePart(RequestModel):
     @classmethod
     def _an_object(cls, value: Any) -> Any:
         if isinstance(value, str):
-            raise ValueError('image_url must be an object, {"url": "https://..." or "data:image/...;base64,..."}, '
-                             "not a string")  # fmt: skip
+            raise ValueError(
+                'image_url must be an object, {"url": "https://..." or "data:image/...;base64,..."}, '
+                "not a string"
+            )
         return value
 
 
@@ -54,8 +56,10 @@ class VideoPart(RequestModel):
     @classmethod
     def _an_object(cls, value: Any) -> Any:
         if isinstance(value, str):
-            raise ValueError('video_url must be an object, {"url": "https://..." or "data:video/mp4;base64,..."}, '
-                             "not a string")  # fmt: skip
+            raise ValueError(
+                'video_url must be an object, {"url": "https://..." or "data:video/mp4;base64,..."}, '
+                "not a string"
+            )
         return value
 
 
@@ -90,11 +94,18 @@ def _part_kind(value: Any) -> str | None:
 
 
 ContentPart = Annotated[
-    Annotated[TextPart, Tag("part[text]")] | Annotated[ImagePart, Tag("part[image_url]")]
-    | Annotated[VideoPart, Tag("part[video_url]")] | Annotated[UnsupportedPart, Tag("part[other]")],
-    Discriminator(_part_kind, custom_error_type="content_part", custom_error_message=(
-        'a content part must be an object with a type, e.g. {"type": "text", "text": "..."}')),
-]  # fmt: skip
+    Annotated[TextPart, Tag("part[text]")]
+    | Annotated[ImagePart, Tag("part[image_url]")]
+    | Annotated[VideoPart, Tag("part[video_url]")]
+    | Annotated[UnsupportedPart, Tag("part[other]")],
+    Discriminator(
+        _part_kind,
+        custom_error_type="content_part",
+        custom_error_message=(
+            'a content part must be an object with a type, e.g. {"type": "text", "text": "..."}'
+        ),
+    ),
+]
 
 
 def _content_kind(value: Any) -> str | None:
@@ -103,9 +114,12 @@ def _content_kind(value: Any) -> str | None:
 
 MessageContent = Annotated[
     Annotated[str, Tag("str")] | Annotated[list[ContentPart], Tag("list[parts]")],
-    Discriminator(_content_kind, custom_error_type="message_content",
-                  custom_error_message="content must be a string or a list of content parts"),
-]  # fmt: skip
+    Discriminator(
+        _content_kind,
+        custom_error_type="message_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
+]
 
 
 class ChatMessage(RequestModel):
@@ -233,189 +247,7 @@ def _unsupported_in_message(message: ChatMessage, where: str) -> tuple[str, str]
     return None
 
 
-# --------------------------------------------------------------------------------------------- chat: response
-
-
-class TopLogprob(ResponseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatTokenLogprob(ResponseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(ResponseModel):
-    content: list[ChatTokenLogprob] | None = None
-    refusal: list[ChatTokenLogprob] | None = None
-
-
-class AssistantMessage(ResponseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    refusal: str | None = None
-
-
-class ChatChoice(ResponseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class PromptTokensDetails(ResponseModel):
-    cached_tokens: int = 0
-    image_tokens: int = 0
-
-
-class Usage(ResponseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class ChatCompletionResponse(ResponseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChoice]
-    usage: Usage
-    service_tier: str | None = None
-
-
-class DeltaMessage(ResponseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(ResponseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(ResponseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-# ------------------------------------------------------------------------------------------------ completions
-
-
-class CompletionRequest(SamplingExtensions):
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    echo: bool | None = False
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(None, ge=0)
-    max_tokens: int | None = 16
-    n: int | None = 1
-    presence_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    response_format: ResponseFormat | None = None  # vLLM's extension of the completions API
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
-    top_p: float | None = None
-    user: str | None = None
-
-
 def _check_stream_options(request):
     if request.stream_options is not None and not request.stream:
         raise ValueError("stream_options is only allowed with stream set to true")
     return request
-
-
-class CompletionLogprobs(ResponseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(ResponseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(ResponseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-# ----------------------------------------------------------------------------------------- models, tokenizer
-
-
-class ModelCard(ResponseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "ovis2-serve"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(ResponseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeRequest(RequestModel):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
-    max_tiles_per_image: int | None = Field(None, ge=1)
-    num_video_frames: int | None = Field(None, ge=1)
-    video_fps: float | None = Field(None, gt=0.0, le=1000.0)
-
-    @model_validator(mode="after")
-    def _one_of(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
-        return self
-
-
-class TokenizeResponse(ResponseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-    image_tokens: int = 0
-
-
-class DetokenizeRequest(RequestModel):
-    model: str | None = None
-    tokens: list[int]
-
-
-class DetokenizeResponse(ResponseModel):
-    prompt: str
