@@ -147,11 +147,11 @@ async def resolve_checked(host: str, port: int, policy: MediaPolicy) -> IPAddres
 
 
 def _unreachable(host: str) -> MediaError:
-    return MediaError(f"image host '{host}' does not resolve to a public address this server may fetch from")
+    return MediaError(f"media host '{host}' does not resolve to a public address this server may fetch from")
 
 
 def _checked(ip: IPAddress, policy: MediaPolicy) -> IPAddress:
     problem = address_problem(ip, policy)
     if problem is not None:
-        raise MediaError(f"image URL points to {problem}; refused")
+        raise MediaError(f"the media URL points to {problem}; refused")
     return ip

@@ -94,7 +94,7 @@ class VideoLoader:
         """Fetched and its packets read: the timestamps of the frames to decode."""
         try:
             data = await MediaFetcher(self.policy, self.transport, VIDEO).read_bytes(url)
-            probed = await self._run(probe_video, data, self.limits)
+            probed = await self.in_pool(probe_video, data, self.limits)
             count = (
                 frames.num_frames
                 if frames.fps is None
@@ -110,7 +110,7 @@ class VideoLoader:
     async def decode(self, opened: OpenedVideo, param: str | None = None) -> list[Image.Image]:
         try:
             started = time.monotonic()
-            sampled = await self._run(
+            sampled = await self.in_pool(
                 decode_video_frames, opened.data, opened.probed, opened.timestamps, self.limits
             )
         except Ovis2Error as exc:
@@ -119,7 +119,7 @@ class VideoLoader:
             self.on_decoded(time.monotonic() - started, len(sampled.frames))
         return sampled.frames
 
-    async def _run(self, function, *args):
+    async def in_pool(self, function, *args):
         """function(*args, stop=event) in the pool. A cancelled caller sets the event, and waits for a running
         thread to stop (a queued one never starts)."""
         stop = threading.Event()

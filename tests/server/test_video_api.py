@@ -209,3 +209,34 @@ def test_tokenize_counts_frames_without_decoding(client, fake_engine, videos):
     assert after["ovis2_videos_total"] == 1 and after["ovis2_video_frames_total"] == 5
     assert after["ovis2_video_decode_seconds_count"] == 1 and after["ovis2_video_decode_seconds_sum"] > 0
     assert after.get("ovis2_images_total", 0) == 0  # frames are not counted as images
+
+
+def test_a_cancelled_caller_stops_its_decoding_thread_and_waits_for_it():
+    import asyncio
+    import threading
+
+    from server.media.video import VideoLoader
+
+    loader = VideoLoader(workers=1)
+    started, stopped, ran = threading.Event(), threading.Event(), []
+
+    def decoding(stop):
+        started.set()
+        while not stop.wait(0.01):  # what ovis2/video.py's deadline checks between packets
+            pass
+        stopped.set()
+
+    async def scenario():
+        running = asyncio.ensure_future(loader.in_pool(decoding))
+        queued = asyncio.ensure_future(loader.in_pool(lambda stop: ran.append(1)))
+        await asyncio.to_thread(started.wait, 5)
+        queued.cancel()
+        running.cancel()
+        for task in (running, queued):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert stopped.is_set()  # the running thread was told to stop, and waited for
+
+    asyncio.run(scenario())
+    loader.close()
+    assert ran == []  # the queued one never started
