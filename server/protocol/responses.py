@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from .base import RequestModel, ResponseModel
 from .structured import JSONSchema
@@ -38,23 +38,41 @@ class OtherPart(RequestModel):
     type: str
 
 
+# The unions below pick their member by the value's shape, so a malformed value gets the errors of the member it
+# meant to be; their tags look like pydantic's own branch labels ('list[...]'), which errors.py leaves out of param.
 def _part_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return {"input_text": "text", "output_text": "text", "input_image": "image"}.get(kind, "other")
+    return {"input_text": "part[text]", "output_text": "part[text]", "input_image": "part[image]"}.get(
+        kind, "part[other]"
+    )
 
 
 InputPart = Annotated[
-    Annotated[InputText, Tag("text")]
-    | Annotated[InputImage, Tag("image")]
-    | Annotated[OtherPart, Tag("other")],
+    Annotated[InputText, Tag("part[text]")]
+    | Annotated[InputImage, Tag("part[image]")]
+    | Annotated[OtherPart, Tag("part[other]")],
     Discriminator(_part_kind),
+]
+
+
+def _text_or_list(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list[items]" if isinstance(value, list) else None
+
+
+MessageContent = Annotated[
+    Annotated[str, Tag("str")] | Annotated[list[InputPart], Tag("list[items]")],
+    Discriminator(
+        _text_or_list,
+        custom_error_type="message_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
 ]
 
 
 class InputMessage(RequestModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputPart]
+    content: MessageContent
     id: str | None = None  # an earlier output item sent back as it came
     status: str | None = None
     phase: str | None = None
@@ -69,11 +87,20 @@ class OtherItem(RequestModel):
 
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
-    return "message" if kind == "message" else "other"
+    return "item[message]" if kind == "message" else "item[other]"
 
 
 InputItem = Annotated[
-    Annotated[InputMessage, Tag("message")] | Annotated[OtherItem, Tag("other")], Discriminator(_item_kind)
+    Annotated[InputMessage, Tag("item[message]")] | Annotated[OtherItem, Tag("item[other]")],
+    Discriminator(_item_kind),
+]
+Input = Annotated[
+    Annotated[str, Tag("str")] | Annotated[list[InputItem], Tag("list[items]")],
+    Discriminator(
+        _text_or_list,
+        custom_error_type="input",
+        custom_error_message="input must be a string or a list of messages",
+    ),
 ]
 
 
@@ -100,7 +127,7 @@ class ResponsesRequest(RequestModel):
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
     include: list[str] | None = None
-    input: str | list[InputItem]
+    input: Input
     instructions: str | None = None
     max_output_tokens: int | None = None
     max_tool_calls: int | None = None
@@ -124,6 +151,13 @@ class ResponsesRequest(RequestModel):
     top_p: float | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: Any) -> Any:
+        if value == []:
+            raise ValueError("input is an empty list; send a string or at least one message")
+        return value
 
 
 # ------------------------------------------------------------------------------------------------ response

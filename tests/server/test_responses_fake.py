@@ -177,6 +177,10 @@ def test_the_official_client_reads_responses_and_their_stream(client):
         ({"max_output_tokens": 100000}, "max_output_tokens"),
         ({"text": {"format": {"type": "json_schema", "name": "A"}}}, "text.format"),
         ({"unknown_field": 1}, "unknown_field"),
+        ({"input": []}, "input"),
+        ({"input": [1]}, "input[0]"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
     ],
 )
 def test_what_the_stateless_server_cannot_do_is_a_400_naming_the_field(client, fields, param):
