@@ -68,6 +68,8 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
+        if self.engine is not None:
+            self.engine.input_processor.close()
         self._fail_all(EngineDeadError("the engine is shut down"))
 
     # --- the public interface

@@ -51,6 +51,7 @@ class InputProcessor:
         self._tokenizer = tokenizer
         self._processor = processor
         self._grammars = grammars
+        self._owns_grammars = grammars is None  # a compiler handed in (shared by engines) is not closed here
 
     @property
     def tokenizer(self):
@@ -72,6 +73,11 @@ class InputProcessor:
                 self.tokenizer, self.vocab_size, DEFAULT_EOS_IDS, self.args.grammar_cache_size
             )
         return self._grammars
+
+    def close(self) -> None:
+        """Stop the threads of the grammar compiler this built (a compile under way finishes on its own)."""
+        if self._grammars is not None and self._owns_grammars:
+            self._grammars.close()
 
     @property
     def grammar_stats(self) -> GrammarStats:
