@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_linear import Linear
+
 
 class RMSNorm(nn.Module):
     """Normalizes in fp32, casts back to the input dtype, then scales by the weight."""
@@ -30,9 +32,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -225,23 +227,6 @@ def _sdpa_gqa(q, k, v, mask):
     grouped = k.shape[1] != q.shape[1]
     k, v = k.to(q.dtype), v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped)
-
-
-def project_rows(x: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """x @ weight.T for x: [rows, K], weight: [N, K]; the vocabulary projection of a decode batch.
-
-    On CPU, torch's MKL sgemm takes 2-4x longer for 2-48 rows against a [N, K] weight than the same product
-    computed as weight @ x.T (measured with torch 2.13 on AMD EPYC, K = 64 and 1536; bench/RESULTS.md), so
-    there it runs that way, in row chunks of the weight that keep the transpose back to [rows, N] in cache.
-    """
-    rows = x.shape[0]
-    if x.device.type != "cpu" or x.dim() != 2 or not 1 < rows <= 48:
-        return F.linear(x, weight)
-    out = x.new_empty(rows, weight.shape[0])
-    columns = x.t()
-    for start in range(0, weight.shape[0], chunk):
-        out[:, start : start + chunk].copy_((weight[start : start + chunk] @ columns).t())
-    return out
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

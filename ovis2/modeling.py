@@ -15,6 +15,7 @@ from torch import nn
 
 from .compat import check_compat
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
+from .cpu_linear import Linear, linear
 from .errors import Ovis2Error
 from .layers import (
     PaddedAttentionMetadata,
@@ -27,7 +28,6 @@ from .layers import (
     default_position_ids,
     padded_attention,
     paged_attention,
-    project_rows,
 )
 
 AttentionMetadata = PaddedAttentionMetadata | PagedAttentionMetadata
@@ -55,10 +55,10 @@ class Ovis2VisionAttention(nn.Module):
         super().__init__()
         dim, bias = config.hidden_size, config.qkv_bias
         self.num_heads = config.num_attention_heads
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
-        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.q_proj = Linear(dim, dim, bias=bias)
+        self.k_proj = Linear(dim, dim, bias=bias)
+        self.v_proj = Linear(dim, dim, bias=bias)
+        self.out_proj = Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, tokens, dim = x.shape
@@ -125,7 +125,7 @@ class Ovis2VisionModel(nn.Module):
         self.transformer = Ovis2VisionTransformer(config)
         merged = config.hidden_size * config.hidden_stride**2
         visual_words = config.vocab_size - config.num_visual_indicator_tokens
-        self.head_linear = nn.Linear(merged, visual_words, bias=False)
+        self.head_linear = Linear(merged, visual_words, bias=False)
         self.head_norm = nn.LayerNorm(visual_words)
 
     def forward(self, pixel_values: torch.Tensor, compat: str = "ovis") -> torch.Tensor:
@@ -150,10 +150,10 @@ class Qwen2Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         lead = x.shape[:-1]  # [B, T] (padded) or [T] (paged)
@@ -261,7 +261,7 @@ class Ovis2ForConditionalGeneration(nn.Module):
         self.config = config
         self.compat = check_compat(compat)
         self.model = Ovis2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
     def from_pretrained(
@@ -319,7 +319,7 @@ class Ovis2ForConditionalGeneration(nn.Module):
         return self.model.language_model(inputs_embeds, positions, meta)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return project_rows(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight).float()
 
     @property
     def num_kv_layers(self) -> int:

@@ -18,6 +18,8 @@ from .errors import Ovis2Error
 logger = logging.getLogger(__name__)
 PROGRESS_BAR_BYTES = 1 << 30
 
+ALIGNMENT = 64  # bytes: a cache line, and what torch's CPU allocator gives
+
 
 def infer_device() -> str:
     """ "cuda" when a GPU is visible, else "cpu" (as transformers' helper of that name answers)."""
@@ -170,7 +172,7 @@ def _read_state_dict(directory, config, expected, dtype, device) -> dict[str, to
             elif tuple(tensor.shape) != tuple(expected[key]):
                 misshaped.append(f"{key} {tuple(tensor.shape)} != {tuple(expected[key])}")
             else:
-                loaded[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                loaded[key] = _aligned(tensor.to(dtype) if tensor.is_floating_point() else tensor)
     if unexpected:
         raise Ovis2Error(
             f"checkpoint {directory} has unexpected tensors: {', '.join(sorted(unexpected)[:10])}"
@@ -180,6 +182,15 @@ def _read_state_dict(directory, config, expected, dtype, device) -> dict[str, to
             f"checkpoint {directory} has tensors of the wrong shape: {'; '.join(misshaped[:10])}"
         )
     return loaded
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor read from a safetensors file on CPU lies at the file's offset, often off a 64-byte boundary: a
+    fresh copy is aligned, so matmul kernels take their aligned path (and the same summation order, hence the
+    same results, for every copy of a checkpoint)."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT:
+        return tensor.clone()
+    return tensor
 
 
 def _check_no_meta(model) -> None:

@@ -1,0 +1,78 @@
+"""ovis2.cpu_linear against F.linear: every path its dispatch takes (one row, the transposed product, oneDNN, bf16
+widened to fp32), with bias, leading dimensions and the vocabulary projection's block edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovis2 import cpu_linear
+from ovis2.cpu_linear import Linear, linear
+
+
+def reordered_product_bound(x: torch.Tensor, weight: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """How far a correct x @ weight.T may be from another one, per element: a float32 sum of K products taken in
+    another order moves by at most K ulps of sum |x * w| (the classic bound); a bfloat16 result adds one rounding
+    of the output."""
+    magnitude = x.float().abs() @ weight.float().abs().t()
+    bound = x.shape[-1] * torch.finfo(torch.float32).eps * magnitude
+    if x.dtype != torch.float32:
+        bound = bound + torch.finfo(x.dtype).eps * expected.abs()
+    return bound
+
+
+def check(x, weight, bias=None):
+    out = linear(x, weight, bias)
+    assert out.shape == (*x.shape[:-1], weight.shape[0]) and out.dtype == x.dtype and out.is_contiguous()
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    flat_x = x.reshape(-1, x.shape[-1])
+    bound = reordered_product_bound(flat_x, weight, expected.reshape(flat_x.shape[0], -1).float())
+    error = (out.double() - expected).reshape(bound.shape).abs()
+    final_rounding = torch.finfo(torch.float32).eps * expected.reshape(bound.shape).abs()  # adding the bias
+    assert (error <= bound.double() + final_rounding).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 32, 33, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_reference(rows, dtype, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(300, 96, generator=generator).to(dtype)
+    bias = torch.randn(300, generator=generator).to(dtype) if with_bias else None
+    check(torch.randn(rows, 96, generator=generator).to(dtype), weight, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widened_path_matches_reference(monkeypatch, dtype):
+    """bf16 on a CPU without bf16 instructions: forced here, whatever this CPU has; blocks smaller than the weight."""
+    monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu_linear, "WIDEN_BLOCK_BYTES", 4 * 96 * 7)  # 7 rows a block: 300 is not a multiple
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, 96, generator=generator).to(dtype)
+    bias = torch.randn(300, generator=generator).to(dtype)
+    for rows in (2, 40):
+        check(torch.randn(rows, 96, generator=generator).to(dtype), weight, bias)
+
+
+def test_transposed_blocks_cover_the_weight(monkeypatch):
+    """The vocabulary projection's shape: more weight rows than one block, not a multiple of it."""
+    monkeypatch.setattr(cpu_linear, "TRANSPOSED_BLOCK_ROWS", 4096)
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(20000, 64, generator=generator)
+    check(torch.randn(16, 64, generator=generator), weight)
+
+
+def test_leading_dimensions_and_module():
+    generator = torch.Generator().manual_seed(2)
+    layer = Linear(48, 40)
+    x = torch.randn(3, 17, 48, generator=generator)  # 51 rows: the oneDNN path
+    check(x, layer.weight.detach(), layer.bias.detach())
+    assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_without_onednn_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "onednn_fp32_available", lambda: False)
+    generator = torch.Generator().manual_seed(3)
+    check(torch.randn(64, 32, generator=generator), torch.randn(50, 32, generator=generator))
