@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from ovis2.cpu_linear import linear
 
 SHAPES = {  # name: (out features, in features, row counts)
-    "llm q/o 896x896": (896, 896, (1, 4, 16, 32, 64)),
+    "llm q/o 896x896": (896, 896, (1, 4, 8, 16, 32, 64)),
     "llm k/v 128x896": (128, 896, (1, 16)),
-    "llm gate/up 4864x896": (4864, 896, (1, 4, 16, 32, 64, 256)),
+    "llm gate/up 4864x896": (4864, 896, (1, 2, 4, 8, 12, 16, 32, 64, 256)),
     "llm down 896x4864": (896, 4864, (1, 16, 64)),
-    "vocabulary 151936x896": (151936, 896, (1, 16)),
+    "vocabulary 151936x896": (151936, 896, (1, 4, 16)),
     "vision qkv 1024x1024": (1024, 1024, (1024,)),
     "vision fc1 2816x1024": (2816, 1024, (1024,)),
     "vision fc2 1024x2816": (1024, 2816, (1024,)),

@@ -1,12 +1,13 @@
 """Linear layers on CPU, each product computed the way torch runs it fastest for its number of rows.
 
-`F.linear` on CPU is MKL's sgemm. Measured with torch 2.13 on AMD EPYC (Zen 3, AVX2, 2 cores), the same fp32
-product runs 2-3x faster for 2-32 rows as `weight @ x.T`, and oneDNN's inner product streams a one-row product
-(a decode step's GEMV) at 1.3-1.7x MKL's bandwidth and is 1.3-1.9x faster from 64 rows on (prefill, the vision
-tower). A CPU without bf16 instructions (AVX2 only) runs a bf16 product of more than one row at ~16 GFLOP/s;
-there the weight is widened to fp32 a cache-sized block of rows at a time and the fp32 path runs (accumulating in
-fp32, as a native bf16 kernel does). `python -m bench.bench_cpu_linear` prints the ratios on the machine at hand.
-CUDA tensors, and any dtype but fp32/bf16, take `F.linear`.
+`F.linear` on CPU is MKL's sgemm. Measured with torch 2.13 on AMD EPYC (Zen 3, AVX2, 2 cores), on the Ovis2-1B
+shapes, the same fp32 product runs 1.3-3.5x faster for 2-7 rows computed as `weight @ x.T`, and oneDNN's inner
+product is faster than both for one row (a decode step's GEMV streams at 1.3-2x MKL's bandwidth) and from 8 rows
+on (1.2-2.8x: decode batches, prefill, the vision tower). A CPU without bf16 instructions (AVX2 only) runs a bf16
+product of more than one row at ~16 GFLOP/s; there the weight is widened to fp32 a cache-sized block of rows at a
+time and the fp32 path runs (accumulating in fp32, as a native bf16 kernel does). `python -m
+bench.bench_cpu_linear` prints the ratios on the machine at hand. CUDA tensors, and any dtype but fp32/bf16, take
+`F.linear`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRANSPOSED_MAX_ROWS = 32  # fp32, 2..32 rows: weight @ x.T; 1 row or more than 32: oneDNN
+TRANSPOSED_MAX_ROWS = 7  # fp32, 2..7 rows: weight @ x.T; one row or 8 and more: oneDNN
+SMALL_GEMV_BYTES = 1 << 20  # one row against a weight this small: F.linear (oneDNN's call costs more)
 TRANSPOSED_BLOCK_ROWS = 8192  # weight rows per block of the transposed product
 WIDEN_BLOCK_BYTES = 2 << 20  # fp32 bytes of one widened weight block: stays in L2/L3
 
@@ -57,6 +59,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.shape[0] == 1 and weight.numel() * 4 < SMALL_GEMV_BYTES:
+        return F.linear(x, weight, bias)
     if 1 < x.shape[0] <= TRANSPOSED_MAX_ROWS:
         return _transposed(x, weight, bias)
     if onednn_fp32_available():

@@ -33,7 +33,7 @@ def check(x, weight, bias=None):
     assert (error <= bound.double() + final_rounding).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 16, 32, 33, 100])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 16, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_reference(rows, dtype, with_bias):
@@ -51,16 +51,19 @@ def test_widened_path_matches_reference(monkeypatch, dtype):
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(300, 96, generator=generator).to(dtype)
     bias = torch.randn(300, generator=generator).to(dtype)
-    for rows in (2, 40):
+    for rows in (1, 2, 40):
         check(torch.randn(rows, 96, generator=generator).to(dtype), weight, bias)
 
 
-def test_transposed_blocks_cover_the_weight(monkeypatch):
-    """The vocabulary projection's shape: more weight rows than one block, not a multiple of it."""
+def test_large_weights(monkeypatch):
+    """The vocabulary projection's shape (5 MB here): one row through oneDNN, a few rows in transposed blocks
+    (more weight rows than one block, not a multiple of it), many rows through oneDNN."""
     monkeypatch.setattr(cpu_linear, "TRANSPOSED_BLOCK_ROWS", 4096)
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(20000, 64, generator=generator)
-    check(torch.randn(16, 64, generator=generator), weight)
+    assert weight.numel() * 4 >= cpu_linear.SMALL_GEMV_BYTES
+    for rows in (1, 4, 16):
+        check(torch.randn(rows, 64, generator=generator), weight)
 
 
 def test_leading_dimensions_and_module():
