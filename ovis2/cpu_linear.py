@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TRANSPOSED_MAX_ROWS = 7  # fp32, 2..7 rows: weight @ x.T; one row or 8 and more: oneDNN
-SMALL_GEMV_BYTES = 1 << 20  # one row against a weight this small: F.linear (oneDNN's call costs more)
+SMALL_WEIGHT_BYTES = 1 << 20  # a weight this small (Qwen2's k/v): F.linear, oneDNN's call costs more
 TRANSPOSED_BLOCK_ROWS = 8192  # weight rows per block of the transposed product
 WIDEN_BLOCK_BYTES = 2 << 20  # fp32 bytes of one widened weight block: stays in L2/L3
 
@@ -59,7 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.shape[0] == 1 and weight.numel() * 4 < SMALL_GEMV_BYTES:
+    if weight.numel() * 4 < SMALL_WEIGHT_BYTES:
         return F.linear(x, weight, bias)
     if 1 < x.shape[0] <= TRANSPOSED_MAX_ROWS:
         return _transposed(x, weight, bias)

@@ -38,8 +38,8 @@ def check(x, weight, bias=None):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_reference(rows, dtype, with_bias):
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(300, 96, generator=generator).to(dtype)
-    bias = torch.randn(300, generator=generator).to(dtype) if with_bias else None
+    weight = torch.randn(2800, 96, generator=generator).to(dtype)
+    bias = torch.randn(2800, generator=generator).to(dtype) if with_bias else None
     check(torch.randn(rows, 96, generator=generator).to(dtype), weight, bias)
 
 
@@ -47,10 +47,12 @@ def test_linear_matches_reference(rows, dtype, with_bias):
 def test_widened_path_matches_reference(monkeypatch, dtype):
     """bf16 on a CPU without bf16 instructions: forced here, whatever this CPU has; blocks smaller than the weight."""
     monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: False)
-    monkeypatch.setattr(cpu_linear, "WIDEN_BLOCK_BYTES", 4 * 96 * 7)  # 7 rows a block: 300 is not a multiple
+    monkeypatch.setattr(
+        cpu_linear, "WIDEN_BLOCK_BYTES", 4 * 96 * 3000
+    )  # 2730 rows a block: 2800 is not a multiple
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(300, 96, generator=generator).to(dtype)
-    bias = torch.randn(300, generator=generator).to(dtype)
+    weight = torch.randn(2800, 96, generator=generator).to(dtype)
+    bias = torch.randn(2800, generator=generator).to(dtype)
     for rows in (1, 2, 40):
         check(torch.randn(rows, 96, generator=generator).to(dtype), weight, bias)
 
@@ -61,15 +63,15 @@ def test_large_weights(monkeypatch):
     monkeypatch.setattr(cpu_linear, "TRANSPOSED_BLOCK_ROWS", 4096)
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(20000, 64, generator=generator)
-    assert weight.numel() * 4 >= cpu_linear.SMALL_GEMV_BYTES
+    assert weight.numel() * 4 >= cpu_linear.SMALL_WEIGHT_BYTES
     for rows in (1, 4, 16):
         check(torch.randn(rows, 64, generator=generator), weight)
 
 
 def test_leading_dimensions_and_module():
     generator = torch.Generator().manual_seed(2)
-    layer = Linear(48, 40)
-    x = torch.randn(3, 17, 48, generator=generator)  # 51 rows: the oneDNN path
+    layer = Linear(96, 2800)
+    x = torch.randn(3, 17, 96, generator=generator)  # 51 rows: the oneDNN path
     check(x, layer.weight.detach(), layer.bias.detach())
     assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
     assert set(layer.state_dict()) == {"weight", "bias"}
@@ -78,4 +80,13 @@ def test_leading_dimensions_and_module():
 def test_without_onednn_falls_back(monkeypatch):
     monkeypatch.setattr(cpu_linear, "onednn_fp32_available", lambda: False)
     generator = torch.Generator().manual_seed(3)
-    check(torch.randn(64, 32, generator=generator), torch.randn(50, 32, generator=generator))
+    check(torch.randn(64, 96, generator=generator), torch.randn(2800, 96, generator=generator))
+
+
+def test_small_weights_take_f_linear():
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(128, 96, generator=generator)
+    assert weight.numel() * 4 < cpu_linear.SMALL_WEIGHT_BYTES
+    for rows in (1, 4, 16):
+        x = torch.randn(rows, 96, generator=generator)
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
