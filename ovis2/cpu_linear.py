@@ -46,7 +46,7 @@ def _onednn_works(dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), any leading dimensions."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+    if not _dispatchable(x, weight, bias):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.dtype == torch.bfloat16 and (rows <= 1 or native_bf16_matmul()):
@@ -56,6 +56,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     else:
         flat = _fp32_rows(x.reshape(rows, -1), weight, bias)
     return flat.view(*x.shape[:-1], weight.shape[0])
+
+
+def _dispatchable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """CPU, fp32 or bf16, a contiguous weight, and nothing to differentiate (oneDNN's op has no gradient)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    return weight.is_contiguous()
 
 
 def _fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

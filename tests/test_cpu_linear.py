@@ -90,3 +90,23 @@ def test_small_weights_take_f_linear():
     for rows in (1, 4, 16):
         x = torch.randn(rows, 96, generator=generator)
         assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_gradients_flow_where_grad_is_enabled():
+    """Training or a forward outside no_grad keeps autograd: F.linear, with the same values."""
+    generator = torch.Generator().manual_seed(6)
+    layer = Linear(96, 2800)
+    x = torch.randn(16, 96, generator=generator, requires_grad=True)
+    out = layer(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():
+        check(x.detach(), layer.weight.detach(), layer.bias.detach())
+
+
+def test_transposed_weight_view_is_served():
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, 2800, generator=generator).t()  # not contiguous
+    with torch.no_grad():
+        check(torch.randn(16, 96, generator=generator), weight)
