@@ -11,12 +11,13 @@ projection; vision shapes: AIMv2-large's qkv, fc1/fc2 at the 1024 patches of one
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ovis2.cpu_linear import linear
+
+from .machine_floor import best_seconds
 
 SHAPES = {  # name: (out features, in features, row counts)
     "llm q/o 896x896": (896, 896, (1, 4, 8, 16, 32, 64)),
@@ -29,16 +30,6 @@ SHAPES = {  # name: (out features, in features, row counts)
     "vision fc2 1024x2816": (1024, 2816, (1024,)),
 }
 MIN_BYTES = 256 << 20
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure(out_features, in_features, rows, dtype, repeats) -> tuple[float, float]:

@@ -21,7 +21,7 @@ import time
 import torch
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -35,7 +35,7 @@ def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     """GB/s (1e9 bytes) moved by a copy, counting the read and the write."""
     src = torch.ones(mib << 20, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    seconds = _best_seconds(lambda: dst.copy_(src), repeats)
+    seconds = best_seconds(lambda: dst.copy_(src), repeats)
     return 2 * src.numel() / seconds / 1e9
 
 
@@ -43,7 +43,7 @@ def gemv_bandwidth(rows: int = 8192, cols: int = 8192, repeats: int = 10, dtype=
     """GB/s of weight bytes read by a matrix-vector product (batch-1 decode's operation)."""
     weight = torch.randn(rows, cols).to(dtype)
     vector = torch.randn(1, cols).to(dtype)
-    seconds = _best_seconds(lambda: torch.nn.functional.linear(vector, weight), repeats)
+    seconds = best_seconds(lambda: torch.nn.functional.linear(vector, weight), repeats)
     return weight.numel() * weight.element_size() / seconds / 1e9
 
 
@@ -58,7 +58,7 @@ def matmul_peak(shapes=MATMUL_SHAPES, repeats: int = 2, dtype=torch.bfloat16) ->
     for m, k, n in shapes:
         a = torch.randn(m, k).to(dtype)
         b = torch.randn(k, n).to(dtype)
-        seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
+        seconds = best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
         per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds / 1e12
     return {"per_shape_tflops": per_shape, "peak_tflops": max(per_shape.values())}
 
