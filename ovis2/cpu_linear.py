@@ -39,7 +39,7 @@ def _onednn_works(dtype: torch.dtype) -> bool:
     try:
         x, w = torch.ones(2, 8, dtype=dtype), torch.ones(4, 8, dtype=dtype)
         out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError):  # absent, unsupported, or another signature
         return False
     return bool(torch.equal(out.float(), torch.full((2, 4), 8.0)))
 
