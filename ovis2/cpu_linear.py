@@ -46,15 +46,16 @@ def _onednn_works(dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), any leading dimensions."""
-    if not _dispatchable(x, weight, bias):
+    rows = x.shape[:-1].numel()
+    if rows == 0 or not _dispatchable(x, weight, bias):
         return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.dtype == torch.bfloat16 and (rows <= 1 or native_bf16_matmul()):
+    flat_x = x.reshape(rows, x.shape[-1])
+    if x.dtype == torch.float32:
+        flat = _fp32_rows(flat_x, weight, bias)
+    elif rows > 1 and not native_bf16_matmul():
+        flat = _widened(flat_x, weight, bias)
+    else:  # bf16: one row streams half the bytes of a widened one; or the CPU computes bf16 itself
         return F.linear(x, weight, bias)
-    if x.dtype == torch.bfloat16:
-        flat = _widened(x.reshape(rows, -1), weight, bias)
-    else:
-        flat = _fp32_rows(x.reshape(rows, -1), weight, bias)
     return flat.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -110,3 +110,9 @@ def test_transposed_weight_view_is_served():
     weight = torch.randn(96, 2800, generator=generator).t()  # not contiguous
     with torch.no_grad():
         check(torch.randn(16, 96, generator=generator), weight)
+
+
+@pytest.mark.parametrize("shape", [(0, 96), (2, 0, 96)])
+def test_no_rows(shape):
+    weight = torch.randn(2800, 96)
+    assert linear(torch.empty(shape), weight).shape == (*shape[:-1], 2800)
