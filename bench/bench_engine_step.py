@@ -11,6 +11,7 @@ a crop is one 448x448 crop's vision tower + visual tokenizer + embedding lookup.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -62,6 +63,16 @@ def crop_seconds(model) -> float:
     return time.perf_counter() - start
 
 
+def best_of_alternating(measure, rounds: int) -> dict[bool, float]:
+    """{plain F.linear?: best of `rounds` calls of measure()}, the dispatch and F.linear taking turns."""
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(rounds):
+        for plain in (False, True):
+            with plain_linear(plain):
+                best[plain] = min(best[plain], measure())
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -84,25 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     decode_step_ms(engine, 1, 4, seed=-1)  # warm-up
     print(f"{args.dtype}, {torch.get_num_threads()} threads; best of {args.rounds} alternating rounds")
-    seed = 0
+    seeds = itertools.count(1)
     for batch in batches:
-        best = {False: float("inf"), True: float("inf")}
-        for _ in range(args.rounds):
-            for plain in (False, True):
-                seed += 1
-                with plain_linear(plain):
-                    best[plain] = min(best[plain], decode_step_ms(engine, batch, args.output_tokens, seed))
+        best = best_of_alternating(
+            lambda batch=batch: decode_step_ms(engine, batch, args.output_tokens, next(seeds)), args.rounds
+        )
         print(
             f"decode step, batch {batch:3d}: dispatch {best[False]:7.1f} ms  F.linear {best[True]:7.1f} ms"
             f"  ratio {best[True] / best[False]:.2f}x"
         )
     if not args.no_crop:
         model = engine.core.runner.model
-        best = {False: float("inf"), True: float("inf")}
-        for _ in range(args.rounds):
-            for plain in (False, True):
-                with plain_linear(plain):
-                    best[plain] = min(best[plain], crop_seconds(model))
+        best = best_of_alternating(lambda: crop_seconds(model), args.rounds)
         print(
             f"one 448x448 crop:       dispatch {best[False]:7.2f} s   F.linear {best[True]:7.2f} s"
             f"   ratio {best[True] / best[False]:.2f}x"
