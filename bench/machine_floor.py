@@ -4,6 +4,7 @@
     python -m bench.machine_floor --size 2B --model <-hf checkpoint>  # also our engine's measured batch-1 step
 
 - copy bandwidth: bytes read + bytes written per second by `dst.copy_(src)` over 512 MiB (best of N);
+- read bandwidth: bytes read per second by a sum over 512 MiB (a decode step reads its weights, writes little);
 - GEMV: an [8192, 8192] weight times one vector, weight bytes per second (what batch-1 decode does);
 - matmul peak: the best TFLOP/s of square and vision-tower-shaped products, bf16 and float32;
 - batch-1 decode step floor = bytes of LLM weights one step reads (the tied embedding is read again as the
@@ -37,6 +38,14 @@ def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     dst = torch.empty_like(src)
     seconds = best_seconds(lambda: dst.copy_(src), repeats)
     return 2 * src.numel() / seconds / 1e9
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """GB/s read by a sum over `mib` MiB of float32: what a decode step only does with its weights (a copy's
+    figure counts its writes too; on a 2-core Zen 5 a copy moved 39-57 GB/s and a sum read 41-45)."""
+    values = torch.ones((mib << 20) // 4, dtype=torch.float32)
+    seconds = best_seconds(values.sum, repeats)
+    return values.numel() * 4 / seconds / 1e9
 
 
 def gemv_bandwidth(rows: int = 8192, cols: int = 8192, repeats: int = 10, dtype=torch.bfloat16) -> float:
@@ -98,6 +107,7 @@ def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
 
     config = config_for_size(size)
     bandwidth = copy_bandwidth(repeats=repeats)
+    reads = read_bandwidth(repeats=repeats)
     gemv = gemv_bandwidth(dtype=DTYPES[dtype])
     # the other dtype once, on one shape: emulated bf16 can run at well under 1 GFLOP/s
     peaks = {
@@ -113,10 +123,12 @@ def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
         "torch_threads": torch.get_num_threads(),
         "matmul_peak_tflops_by_dtype": {name: p["peak_tflops"] for name, p in peaks.items()},
         "copy_bandwidth_gb_s": bandwidth,
+        "read_bandwidth_gb_s": reads,
         "gemv_bandwidth_gb_s": gemv,
         "matmul": peak,
         "decode_weight_bytes": weight_bytes,
         "batch1_step_floor_ms": weight_bytes / (bandwidth * 1e9) * 1e3,
+        "batch1_step_floor_read_ms": weight_bytes / (reads * 1e9) * 1e3,
         "batch1_step_floor_gemv_ms": weight_bytes / (gemv * 1e9) * 1e3,
         "crop_tflop": flops / 1e12,
         "crop_floor_ms": flops / (peak["peak_tflops"] * 1e12) * 1e3,
@@ -161,6 +173,7 @@ def format_floors(result: dict) -> str:
     lines = [
         f"machine floors ({result['torch_threads']} torch threads), Ovis2-{result['size']} shapes, {result['dtype']}:",
         f"  copy bandwidth           {result['copy_bandwidth_gb_s']:8.1f} GB/s (read + write)",
+        f"  read bandwidth           {result['read_bandwidth_gb_s']:8.1f} GB/s (a sum over 512 MiB)",
         f"  GEMV bandwidth           {result['gemv_bandwidth_gb_s']:8.1f} GB/s (weight bytes read)",
         "  matmul peak              "
         + ", ".join(
@@ -169,6 +182,7 @@ def format_floors(result: dict) -> str:
         + " GFLOP/s",
         f"  batch-1 step floor       {result['batch1_step_floor_ms']:8.1f} ms "
         f"({result['decode_weight_bytes'] / 1e9:.2f} GB / copy bandwidth; "
+        f"{result['batch1_step_floor_read_ms']:.1f} ms at the read bandwidth, "
         f"{result['batch1_step_floor_gemv_ms']:.1f} ms at the GEMV bandwidth)",
         f"  448x448 crop floor       {result['crop_floor_ms']:8.0f} ms ({result['crop_tflop']:.2f} TFLOP / matmul peak)",
     ]

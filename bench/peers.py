@@ -201,10 +201,14 @@ def step_floor_lines(floor: dict | None, results: dict) -> list[str]:
         best = ((server.get("loads") or {}).get("text-c1") or {}).get("best")
         if best and best.get("completed"):
             step = best["p50_tpot_ms"]
-            lines.append(
+            line = (
                 f"{name}: batch-1 step {step:.1f} ms (p50 TPOT, text-c1) = "
                 f"{step / floor['batch1_step_floor_ms']:.1f}x the {floor['batch1_step_floor_ms']:.1f} ms floor"
             )
+            if floor.get("batch1_step_floor_read_ms"):
+                read_floor = floor["batch1_step_floor_read_ms"]
+                line += f" ({step / read_floor:.2f}x the {read_floor:.1f} ms read-bandwidth floor)"
+            lines.append(line)
     return lines
 
 
@@ -234,7 +238,9 @@ def markdown_block(document: dict) -> str:
         f = document["floor"]
         peaks = ", ".join(f"{n} {v * 1e3:.0f}" for n, v in f["matmul_peak_tflops_by_dtype"].items())
         lines.append(
-            f"**Floors ({f['dtype']}):** copy bandwidth {f['copy_bandwidth_gb_s']:.1f} GB/s, GEMV "
+            f"**Floors ({f['dtype']}):** copy bandwidth {f['copy_bandwidth_gb_s']:.1f} GB/s, "
+            + (f"read {f['read_bandwidth_gb_s']:.1f} GB/s, " if f.get("read_bandwidth_gb_s") else "")
+            + "GEMV "
             f"{f['gemv_bandwidth_gb_s']:.1f} GB/s, matmul peak {peaks} "
             f"GFLOP/s; batch-1 step floor {f['batch1_step_floor_ms']:.1f} ms "
             f"({f['decode_weight_bytes'] / 1e9:.2f} GB read per step); 448x448 crop floor "

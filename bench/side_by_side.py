@@ -185,12 +185,12 @@ def format_comparison(name: str, ours: dict, theirs: dict, ratio: dict) -> str:
 
 
 def resolve_model_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
-    import torch
-
+    from ovis2.dtypes import dtype_name, resolve_dtype
     from ovis2.random_checkpoint import demo_checkpoint_dir
+    from ovis2.weights import resolve_device
 
     model = str(demo_checkpoint_dir()) if args.model == "demo" else args.model
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = args.dtype if args.dtype != "auto" else dtype_name(resolve_dtype("auto", resolve_device("auto")))
     return model, dtype
 
 
@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.side_by_side", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="checkpoint directory (-hf layout) or 'demo'")
     parser.add_argument(
-        "--dtype", default="auto", help="both servers: auto = bfloat16 on CUDA, float32 on CPU"
+        "--dtype",
+        default="auto",
+        help="both servers (auto: as ovis2-serve resolves it, then the same for both)",
     )
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)

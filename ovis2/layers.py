@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_linear import Linear
+from .cpu_linear import DECODE_ROWS_HINT, Linear
+from .fused_linear import FusedLinears, fuse, in_use
 
 
 class RMSNorm(nn.Module):
-    """Normalizes in fp32, casts back to the input dtype, then scales by the weight."""
+    """Normalizes in fp32, casts back to the input dtype, then scales by the weight (as transformers' Qwen2 and
+    AIMv2 norms do). F.rms_norm does the first two in one pass: the same values, and a 448x448 crop 0.99 -> 0.72 s
+    in bf16 on a 2-core Xeon, where the separate fp32 intermediates of 49 norms cost a quarter of the crop."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -21,14 +24,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))"""
+    """down(silu(gate(x)) * up(x)); gate and up as one product once `fuse_projections` packed them."""
+
+    fused_gate_up: FusedLinears | None = None
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -37,7 +39,16 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if in_use(self.fused_gate_up):
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse_projections(self, dtypes=None, rows_hint: int | None = DECODE_ROWS_HINT) -> bool:
+        if not in_use(self.fused_gate_up):
+            self.fused_gate_up = fuse([self.gate_proj, self.up_proj], dtypes, rows_hint)
+        return self.fused_gate_up is not None
 
 
 class RotaryEmbedding(nn.Module):
@@ -213,12 +224,14 @@ def _decode_attention(q, k_cache, v_cache, meta: PagedAttentionMetadata) -> torc
 
 
 def _gather_context(k_cache, v_cache, meta: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's keys and values from its blocks, padded to the longest: [B, S, kvh, d] each."""
+    """Each sequence's keys and values from its blocks, padded to the longest: [B, S, kvh, d] each.
+    index_select over the flat block list, not `cache[tables]`: 9x faster on CPU (118 -> 13 us for 8 sequences of
+    28 blocks), where advanced indexing copies element by element."""
     num_seqs, max_s = meta.num_seqs, meta.max_seq_len
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    tables = meta.block_tables[:, : (max_s + block_size - 1) // block_size]
-    keys = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
-    values = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+    blocks = meta.block_tables[:, : (max_s + block_size - 1) // block_size].reshape(-1)
+    keys = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
+    values = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
     return keys, values
 
 

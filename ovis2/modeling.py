@@ -15,8 +15,9 @@ from torch import nn
 
 from .compat import check_compat
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
-from .cpu_linear import Linear, linear
+from .cpu_linear import DECODE_ROWS_HINT, Linear, pack_linears
 from .errors import Ovis2Error
+from .fused_linear import FusedLinears, fuse, in_use
 from .layers import (
     PaddedAttentionMetadata,
     PagedAttentionMetadata,
@@ -155,12 +156,29 @@ class Qwen2Attention(nn.Module):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
+    fused_qkv: FusedLinears | None = None
+
+    def fuse_projections(self, dtypes=None, rows_hint: int | None = DECODE_ROWS_HINT) -> bool:
+        """q, k and v as one packed product (fused_linear), where packing helps; False when not fused."""
+        if not in_use(self.fused_qkv):
+            self.fused_qkv = fuse([self.q_proj, self.k_proj, self.v_proj], dtypes, rows_hint)
+        return self.fused_qkv is not None
+
+    def _rotated_qkv(self, x: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (both rotated) and v: [*lead, heads, head_dim] each."""
+        lead, heads, kv_heads = x.shape[:-1], self.num_heads, self.num_kv_heads
+        if in_use(self.fused_qkv):
+            qkv = self.fused_qkv(x).view(*lead, heads + 2 * kv_heads, self.head_dim)
+            qk = apply_rotary(qkv[..., : heads + kv_heads, :], *rotary)  # one RoPE for q and k
+            return qk[..., :heads, :], qk[..., heads:, :], qkv[..., heads + kv_heads :, :]
+        q = self.q_proj(x).view(*lead, heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, kv_heads, self.head_dim)
+        return apply_rotary(q, *rotary), apply_rotary(k, *rotary), v
+
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         lead = x.shape[:-1]  # [B, T] (padded) or [T] (paged)
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k, v = self._rotated_qkv(x, rotary)
         if isinstance(meta, PagedAttentionMetadata):
             out = paged_attention(q, k, v, meta, self.layer_index)  # [T, h, d]
         else:
@@ -276,6 +294,7 @@ class Ovis2ForConditionalGeneration(nn.Module):
         **unused,
     ):
         """A local directory, "demo", or a hub id; `torch_dtype`/`device_map` are accepted as transformers spells them.
+        `dtype` None is "auto" (ovis2.dtypes.resolve_dtype): bf16 on CUDA and on CPUs with bf16 instructions.
 
         On CUDA, refuses with a clear error when the weights exceed `memory_fraction` of the card."""
         from .weights import load_model
@@ -299,6 +318,19 @@ class Ovis2ForConditionalGeneration(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def pack_cpu_weights(self) -> int:
+        """Linear weights packed for oneDNN where that helps (cpu_linear.packs_weights): the language model's q/k/v
+        and gate/up each as one product (fused_linear) and the rest for decode steps, the vision tower's for its
+        1024-row products. Returns how many packed weights that made."""
+        language = self.model.language_model
+        fused = sum(
+            module.fuse_projections()
+            for module in language.modules()
+            if isinstance(module, Qwen2Attention | SwiGLU)
+        )
+        vision = pack_linears(self.model.vision_tower, rows_hint=None)
+        return fused + vision + pack_linears(self)
+
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.config.tie_word_embeddings = True
@@ -319,7 +351,7 @@ class Ovis2ForConditionalGeneration(nn.Module):
         return self.model.language_model(inputs_embeds, positions, meta)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     @property
     def num_kv_layers(self) -> int:

@@ -12,6 +12,7 @@ import typing
 
 from pydantic import ValidationError
 
+from .malloc_policy import limit_malloc_arenas
 from .settings import ServerSettings
 
 DESCRIPTION = """OpenAI-compatible server for Ovis2 vision-language models.
@@ -102,6 +103,7 @@ def find_checkpoint(settings: ServerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
+    limit_malloc_arenas(settings.malloc_arena_max)
     find_checkpoint(settings)
     import uvicorn
 

@@ -82,6 +82,12 @@ class ServerSettings(EngineSettings):
         ge=0.0,
         description="Seconds between log lines with throughput, queue and KV cache use while busy (0: off).",
     )
+    malloc_arena_max: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="Heaps glibc's malloc may keep (0: glibc's default, 8 per core; a MALLOC_ARENA_MAX in the environment wins); fewer keep the RSS steady between bursts.",
+    )
 
     # Images: limits (with --max-images-per-request and --max-tiles-per-image).
     max_image_bytes: int = Field(

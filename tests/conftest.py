@@ -16,6 +16,15 @@ def _offline_hub():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _float32_unless_asked():
+    """`dtype="auto"` means bf16 on CPUs with AMX or AVX512-BF16: pinned to float32 here, so a test's numbers do
+    not depend on the CI machine's CPU (tests/test_dtypes.py checks the rule itself; LiveServer passes --dtype)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ovis2.dtypes.cpu_computes_bf16", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict:
     """name -> directory, for every shape in tests.checkpoints.SHAPES."""

@@ -60,6 +60,9 @@ class LiveServer:
             "4096",
             "--log-level",
             "warning",
+            *(
+                [] if "--dtype" in extra_args else ["--dtype", "float32"]
+            ),  # the same on every CI machine's CPU
             *extra_args,
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}

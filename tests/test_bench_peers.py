@@ -233,6 +233,8 @@ def test_markdown_block_names_the_machine_load_and_floor():
         "dtype": "bfloat16",
         "matmul_peak_tflops_by_dtype": {"bfloat16": 0.5, "float32": 0.1},
         "batch1_step_floor_ms": 49.4,
+        "read_bandwidth_gb_s": 30.0,
+        "batch1_step_floor_read_ms": 32.9,
         "decode_weight_bytes": 988065536,
         "crop_floor_ms": 1746.0,
         "crop_tflop": 0.87,
@@ -261,7 +263,11 @@ def test_markdown_block_names_the_machine_load_and_floor():
         and "before the run 3.50" in block
         and "during ours 3.0 (min 2.0, max 4.0)" in block
     )
-    assert "ours: batch-1 step 100.0 ms (p50 TPOT, text-c1) = 2.0x the 49.4 ms floor" in block
+    assert (
+        "ours: batch-1 step 100.0 ms (p50 TPOT, text-c1) = 2.0x the 49.4 ms floor"
+        " (3.04x the 32.9 ms read-bandwidth floor)" in block
+    )
+    assert "copy bandwidth 20.0 GB/s, read 30.0 GB/s, GEMV 15.0 GB/s" in block
 
 
 def test_floor_arithmetic_for_the_1b_shapes():

@@ -10,27 +10,20 @@ import torch.nn.functional as F
 from ovis2 import cpu_linear
 from ovis2.cpu_linear import Linear, linear
 
+from .linear_bounds import assert_near_reference
 
-def reordered_product_bound(x: torch.Tensor, weight: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """How far a correct x @ weight.T may be from another one, per element: a float32 sum of K products taken in
-    another order moves by at most K ulps of sum |x * w| (the classic bound); a bfloat16 result adds one rounding
-    of the output."""
-    magnitude = x.float().abs() @ weight.float().abs().t()
-    bound = x.shape[-1] * torch.finfo(torch.float32).eps * magnitude
-    if x.dtype != torch.float32:
-        bound = bound + torch.finfo(x.dtype).eps * expected.abs()
-    return bound
+
+@pytest.fixture(autouse=True)
+def _every_path(monkeypatch):
+    """The AMD rule (oneDNN for one row, the transposed product for 2-7) on every CPU, so each path is checked
+    wherever the tests run; Intel's F.linear for few rows has its own test."""
+    monkeypatch.setattr(cpu_linear, "mkl_handles_few_rows", lambda: False)
 
 
 def check(x, weight, bias=None):
     out = linear(x, weight, bias)
     assert out.shape == (*x.shape[:-1], weight.shape[0]) and out.dtype == x.dtype and out.is_contiguous()
-    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-    flat_x = x.reshape(-1, x.shape[-1])
-    bound = reordered_product_bound(flat_x, weight, expected.reshape(flat_x.shape[0], -1).float())
-    error = (out.double() - expected).reshape(bound.shape).abs()
-    final_rounding = torch.finfo(torch.float32).eps * expected.reshape(bound.shape).abs()  # adding the bias
-    assert (error <= bound.double() + final_rounding).all()
+    assert_near_reference(out, x, weight, bias)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 16, 100])
@@ -116,3 +109,18 @@ def test_transposed_weight_view_is_served():
 def test_no_rows(shape):
     weight = torch.randn(2800, 96)
     assert linear(torch.empty(shape), weight).shape == (*shape[:-1], 2800)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_few_rows_take_f_linear_where_mkl_handles_them(monkeypatch, rows):
+    monkeypatch.setattr(cpu_linear, "mkl_handles_few_rows", lambda: True)
+    generator = torch.Generator().manual_seed(rows)
+    weight, x = torch.randn(2800, 96, generator=generator), torch.randn(rows, 96, generator=generator)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_the_cpu_vendor_is_read(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+    assert cpu_linear._cpu_vendor(cpuinfo) == "GenuineIntel"
+    assert cpu_linear._cpu_vendor(tmp_path / "absent") == ""

@@ -1,11 +1,11 @@
-"""Layer helpers against plain references: the engine's paged attention (both paths)."""
+"""Layer helpers against plain references: the engine's paged attention (both paths), RMSNorm."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ovis2.layers import PagedAttentionMetadata, paged_attention
+from ovis2.layers import PagedAttentionMetadata, RMSNorm, paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
@@ -66,3 +66,22 @@ def test_prefill_of_uneven_sequences_matches_reference(starts_at_zero):
     assert torch.equal(
         k_cache.flatten(0, 1)[BLOCK : BLOCK + lengths[0]], k[: lengths[0]]
     )  # written to the pool
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_reference_recipe(dtype):
+    """transformers' Qwen2RMSNorm: upcast to fp32, x * rsqrt(mean(x^2) + eps), cast back, times the weight. A
+    reordered fp32 mean may move the fp32 value by a few ulps, so a bf16 result by at most one rounding."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 896) * 4).to(dtype)
+    norm = RMSNorm(896, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(896) + 0.5)
+    norm = norm.to(dtype)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    with torch.no_grad():
+        got = norm(x)
+    assert got.dtype == expected.dtype
+    tolerance = (8 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps) * 2
+    assert ((got.float() - expected.float()).abs() <= tolerance * expected.float().abs()).all()

@@ -49,13 +49,15 @@ class EngineStats:
 def load_model(args: EngineArgs):
     from ..modeling import Ovis2ForConditionalGeneration
 
-    return Ovis2ForConditionalGeneration.from_pretrained(
+    model = Ovis2ForConditionalGeneration.from_pretrained(
         args.model,
         dtype=args.dtype,
         device=args.device,
         compat=args.compat,
         memory_fraction=args.gpu_memory_utilization,
     )
+    model.pack_cpu_weights()  # CPU bf16 on a CPU that computes bf16 (AMX, AVX512-BF16); nothing elsewhere
+    return model
 
 
 class EngineCore:
@@ -156,7 +158,8 @@ class EngineCore:
         self.counters["num_preemptions"] += len(sched.preempted)
         if sched.is_empty:
             return CoreStepOutput()
-        failed = self._prepare_requests(_groups_of(sched.scheduled))
+        groups = _groups_of(sched.scheduled)  # alive through the step, which may retire some of them
+        failed = self._prepare_requests(groups)
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
         items, logits = execute_isolating_failures(self.runner, items, failed)
         self.scheduler.update_computed(items)

@@ -55,7 +55,9 @@ class EngineArgs:
         _one_of(COMPAT_MODES),
     )
     dtype: DtypeName | torch.dtype = _arg(
-        "auto", "Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).", _dtype_rule
+        "auto",
+        "Weights and activations dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32).",
+        _dtype_rule,
     )
     device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.")
     max_model_len: int | None = _arg(

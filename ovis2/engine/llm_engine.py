@@ -6,6 +6,7 @@ into RequestOutputs (ending in the core the choices whose stop strings matched);
 
 from __future__ import annotations
 
+from ..dtypes import dtype_name
 from ..errors import Ovis2Error
 from ..inputs import EngineInputs
 from .core import EngineCore, EngineStats
@@ -37,6 +38,11 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as resolved (`auto` depends on the device and the CPU): "bfloat16", "float32", ..."""
+        return dtype_name(self.core.model.dtype)
 
     @property
     def has_unfinished_requests(self) -> bool:

@@ -1,10 +1,13 @@
 """AsyncEngine: streaming, cancellation, failure isolation, overload and health."""
 
 import asyncio
+import threading
+import time
 
 import pytest
 
 from ovis2.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.errors import Ovis2Error
 from tests.engine.prompts import chat_prompt, random_image, text_ids
@@ -165,3 +168,114 @@ def test_a_slow_consumer_gets_one_merged_output_not_one_per_step(make_engine):
     assert sum((o.outputs[0].delta_token_ids for o in outputs), []) == final.token_ids
     assert "".join(o.outputs[0].delta_text for o in outputs) == final.text
     assert sum((o.outputs[0].delta_logprobs for o in outputs), []) == final.logprobs
+
+
+class RecordingEngine:
+    """Stands in for LLMEngine: records the thread that built it and the threads that step it."""
+
+    threads: list[str] = []
+
+    def __init__(self, args, processor=None) -> None:
+        RecordingEngine.threads.append(("built", threading.current_thread().name))
+        self.input_processor = self
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        RecordingEngine.threads.append(("stepped", threading.current_thread().name))
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_model_is_built_and_stepped_on_one_thread(monkeypatch):
+    """One thread owns the model's compute: libgomp gives each calling thread its own OpenMP team, and two
+    teams on few cores slow every op (async_engine.AsyncEngine.start)."""
+    from ovis2.engine import async_engine
+
+    monkeypatch.setattr(async_engine, "LLMEngine", RecordingEngine)
+    RecordingEngine.threads = []
+
+    async def run():
+        engine = AsyncEngine(EngineArgs(model="demo"))
+        await engine.start()
+        await asyncio.sleep(0.05)
+        await engine.shutdown()
+
+    asyncio.run(run())
+    kinds = {kind for kind, _ in RecordingEngine.threads}
+    names = {name for _, name in RecordingEngine.threads}
+    assert kinds == {"built", "stepped"} and names == {"ovis2-engine"}
+
+
+def test_a_model_that_cannot_load_fails_start(monkeypatch):
+    from ovis2.engine import async_engine
+
+    def broken(args, processor=None):
+        raise Ovis2Error("no such checkpoint")
+
+    monkeypatch.setattr(async_engine, "LLMEngine", broken)
+
+    async def run():
+        engine = AsyncEngine(EngineArgs(model="demo"))
+        with pytest.raises(Ovis2Error, match="no such checkpoint"):
+            await engine.start()
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+
+    asyncio.run(run())
+
+
+def test_idle_hook_runs_once_per_busy_spell_and_a_failing_one_harms_nothing(make_engine):
+    calls = []
+
+    def hook():
+        calls.append(threading.current_thread().name)
+        raise RuntimeError("the hook's own failure")
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+        engine.set_idle_hook(hook)
+        params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+        done = []
+        for spell in range(2):
+            await asyncio.gather(
+                *[collect(engine, f"i{spell}{i}", chat_prompt(text_ids(i, 8)), params) for i in range(3)]
+            )
+            for _ in range(200):
+                if len(calls) > spell:
+                    break
+                await asyncio.sleep(0.01)
+            done.append(len(calls))
+        await asyncio.sleep(0.1)  # idle: no further calls
+        engine.check_health()
+        await engine.shutdown()
+        return done
+
+    assert run(main()) == [1, 2] and calls == ["ovis2-engine", "ovis2-engine"]
+
+
+def test_idle_hook_waits_for_its_quiet_time_and_work_within_it_postpones_it(make_engine):
+    quiet = 0.4
+    calls = []
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+        engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+        params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
+        await collect(engine, "first", chat_prompt(text_ids(1, 8)), params)
+        await asyncio.sleep(quiet / 4)
+        calls_between = len(calls)
+        await collect(engine, "second", chat_prompt(text_ids(2, 8)), params)
+        second_done = time.monotonic()
+        while not calls and time.monotonic() - second_done < quiet + 5:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(quiet)  # no second call for the same spell
+        await engine.shutdown()
+        return calls_between, second_done
+
+    calls_between, second_done = run(main())
+    assert calls_between == 0 and len(calls) == 1, calls
+    assert calls[0] - second_done >= quiet * 0.5, (calls[0] - second_done, quiet)

@@ -46,7 +46,9 @@ def test_llm_applies_max_tiles_per_image(engine_checkpoint):
 
 def test_dtype_may_be_a_torch_dtype_or_any_name_from_pretrained_takes(engine_checkpoint):
     llm = LLM(model=str(engine_checkpoint), dtype=torch.float32, device="cpu", kv_cache_memory=KV)
-    assert llm.engine.core.model.dtype == torch.float32
+    assert llm.engine.core.model.dtype == torch.float32 and llm.engine.dtype_name == "float32"
+    bf16 = LLM(model=str(engine_checkpoint), dtype="bf16", device="cpu", kv_cache_memory=KV)
+    assert bf16.engine.dtype_name == "bfloat16"  # what the server's start-up line reports
     assert EngineArgs(dtype="half").dtype == "half"
     with pytest.raises(Ovis2Error, match="dtype"):
         EngineArgs(dtype=torch.int8)

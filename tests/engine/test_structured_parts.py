@@ -190,7 +190,7 @@ def test_a_compile_in_its_thread_leaves_the_caller_running(grammars):
     compiler = fresh_compiler(grammars)
     schema = {
         "type": "object",
-        "properties": {f"field_{i}": {"type": ["string", "integer", "array"]} for i in range(40)},
+        "properties": {f"field_{i}": {"type": ["string", "integer", "array"]} for i in range(160)},
     }
     future = compiler.submit(StructuredOutputsParams(json=schema))
     ticks = 0

@@ -16,7 +16,7 @@ from tests.reliability.conftest import async_client, run, stream_chat, text_mess
 MAX_RUNNING = 2
 MAX_WAITING = 4
 GRACE_SECONDS = 20
-TOKENS = 48  # long enough that the burst arrives while the first requests still run
+TOKENS = 96  # long enough that the whole burst is answered or refused while the first requests still run
 SIGTERM_TOKENS = 160  # ~1.5 s a batch on 2 CPU cores: the whole queue is in flight when SIGTERM comes
 
 
@@ -82,8 +82,9 @@ def test_past_the_waiting_queue_requests_get_503_at_once_and_the_rest_complete(s
             completed.append(seconds)
     assert rejected, "nothing was refused"
     assert len(completed) >= MAX_WAITING, (len(completed), len(rejected))  # the queue, at least, was served
-    assert max(rejected) < 1.0, rejected  # at once, not after queueing
-    assert max(rejected) < max(completed) / 2, (rejected, completed)
+    # At once, not after queueing: a refusal that had waited for a slot would come after an admitted request ended.
+    # (Held against the server's own speed: on a fast CPU the admitted requests end in ~0.6 s.)
+    assert max(rejected) < min(completed), (rejected, completed)
     m = server.wait_idle()
     assert m["ovis2_kv_cache_free_blocks"] == m["ovis2_kv_cache_total_blocks"]
     # Once the queue drains, the server takes requests again.

@@ -102,6 +102,7 @@ def _with_frames(parts: list[dict]) -> list[dict]:
 class FakeEngine:
     tokenizer: object
     max_model_len: int = 4096
+    dtype_name: str = "float32"
     model_name: str = "fake-model"
     words: list[str] = field(default_factory=lambda: list(WORDS))  # the answer, one token each; then EOS
     step_delay: float = 0.0

@@ -1,0 +1,52 @@
+"""What `dtype="auto"` resolves to (ovis2.dtypes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.machine_load import cpu_flags
+from ovis2.cpu_linear import packs_weights
+from ovis2.dtypes import cpu_computes_bf16 as computes_bf16  # the real rule: bound before the session pins it
+from ovis2.dtypes import resolve_dtype
+from ovis2.errors import Ovis2Error
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("name", ["auto", None])
+def test_auto_is_bf16_where_the_device_computes_it_and_float32_on_other_cpus(monkeypatch, name):
+    monkeypatch.setattr("ovis2.dtypes.cpu_computes_bf16", lambda: True)
+    assert resolve_dtype(name, CPU) == torch.bfloat16
+    assert resolve_dtype(name, CUDA) == torch.bfloat16
+    monkeypatch.setattr("ovis2.dtypes.cpu_computes_bf16", lambda: False)
+    assert resolve_dtype(name, CPU) == torch.float32
+    assert resolve_dtype(name, CUDA) == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_named_dtype_is_kept_whatever_the_cpu(monkeypatch, native):
+    monkeypatch.setattr("ovis2.dtypes.cpu_computes_bf16", lambda: native)
+    assert resolve_dtype("float32", CPU) == torch.float32
+    assert resolve_dtype("bf16", CPU) == torch.bfloat16
+    assert resolve_dtype(torch.float16, CUDA) == torch.float16
+    with pytest.raises(Ovis2Error, match="unknown dtype"):
+        resolve_dtype("int8", CPU)
+
+
+def test_bf16_counts_as_native_only_where_the_cpu_has_its_instructions(monkeypatch):
+    """oneDNN also runs bf16 on plain AVX-512 (emulated): that alone must not make auto bf16."""
+    monkeypatch.setattr("ovis2.dtypes.packs_weights", lambda dtype: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not computes_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert computes_bf16()
+    monkeypatch.setattr("ovis2.dtypes.packs_weights", lambda dtype: False)
+    assert not computes_bf16()
+
+
+def test_on_this_machine_the_rule_follows_the_cpu_flags():
+    flags = cpu_flags()
+    has_instructions = bool(set(flags) & {"avx512_bf16", "amx_tile"})
+    assert computes_bf16() == (has_instructions and packs_weights(torch.bfloat16)), flags
