@@ -76,7 +76,7 @@ class BlockManager:
             start, end = len(chain) * bs, (len(chain) + 1) * bs
             assert end <= seq.num_tokens, "only full blocks have a hash"
             images = (
-                seq.group.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
+                seq.request.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
             )
             chain.append(block_hash(chain[-1] if chain else None, tuple(seq.token_ids[start:end]), images))
         return chain[index]

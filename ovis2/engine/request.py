@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,3 +49,14 @@ class EngineRequest:
             start += image.num_atoms
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         return cls(request_id, inputs, params, arrival, atom_positions, spans, grammar)
+
+    def atoms_before(self, position: int) -> int:
+        """How many image atoms sit at prompt positions < position."""
+        return bisect.bisect_left(self.atom_positions, position)
+
+    def image_hashes_in(self, start: int, end: int) -> tuple[str, ...]:
+        """Content hashes of the images owning the atoms at positions [start, end), in order."""
+        first, last = self.atoms_before(start), self.atoms_before(end)
+        if first == last:
+            return ()
+        return tuple(s.content_hash for s in self.image_spans if s.atom_start < last and s.atom_end > first)
