@@ -6,8 +6,9 @@ engine thread, the image-decoding threads and the event loop all allocate and fr
 freed in one heap is not reused by another: with the default, the RSS after a burst of 256 streams (half with
 images) wandered by up to ~300 MB from one identical burst to the next. Two heaps steadied a server alone; after
 the hostile-input and fault tests had run on it the same check still failed 1 time in 4 (~290 MB), until
-`malloc_trim` ran each time the engine went idle: then four of four runs moved by under 10 MB (bench/RESULTS.md,
-"Server memory"). A trim takes ~1.5 ms between two requests of a 1B model, ~30 ms after a 256-stream burst.
+`malloc_trim` ran when the engine went idle. The trim waits until the engine has been idle for a second
+(`server.app.IDLE_TRIM_QUIET_SECONDS`): run at the last step it came before the finished requests were freed
+(bench/RESULTS.md, "Server memory"). A trim takes ~1.5 ms on a 1B model's server, ~30 ms after a 256-stream burst.
 """
 
 from __future__ import annotations
