@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_gemv import OneRowProduct, one_row_product
+
 TRANSPOSED_MAX_ROWS = 7  # fp32, 2..7 rows: weight @ x.T; 1 or >= 8: oneDNN (Intel: F.linear below 8)
 SMALL_WEIGHT_BYTES = 1 << 20  # a weight this small (Qwen2's k/v): F.linear, oneDNN's call costs more
 TRANSPOSED_BLOCK_ROWS = 8192  # weight rows per block of the transposed product
@@ -167,6 +169,7 @@ class Linear(nn.Linear):
     packed once for oneDNN (`pack`). A packed module's state dict still holds the plain weight."""
 
     packed_weight: torch.Tensor | None = None
+    one_row: OneRowProduct | None = None  # the compiled one-row product over packed_weight, where it runs
     fused_into = None  # the fused_linear.FusedLinears holding this weight's rows (its own weight then freed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +188,7 @@ class Linear(nn.Linear):
             return False
         with torch.no_grad():
             self.packed_weight = reordered_weight(weight.detach(), rows_hint)
+            self.one_row = one_row_product(self.packed_weight, weight.detach())
             if not keep_dense:
                 self.weight.data = weight.new_empty(0)
         return True
@@ -197,7 +201,7 @@ class Linear(nn.Linear):
             return
         if self.weight.numel() == 0:
             self.weight.data = self.packed_weight.to_dense()
-        self.packed_weight = None
+        self.packed_weight = self.one_row = None
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight
@@ -208,7 +212,7 @@ class Linear(nn.Linear):
             or _autograd_sees(x, self.weight, self.bias)
         ):
             return F.linear(x, self.weight if self.weight.numel() else packed.to_dense(), self.bias)
-        return packed_product(x, packed, self.bias, self.out_features)
+        return packed_product(x, packed, self.bias, self.out_features, self.one_row)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -227,9 +231,16 @@ class Linear(nn.Linear):
 
 
 def packed_product(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    one_row: OneRowProduct | None = None,
 ) -> torch.Tensor:
-    """x @ weight.T + bias with a weight packed by `reordered_weight`, any leading dimensions."""
+    """x @ weight.T + bias with a weight packed by `reordered_weight`, any leading dimensions; one row through
+    `one_row` where given (`packed_gemv.one_row_product`)."""
+    if one_row is not None and one_row.accepts(x, bias):
+        return one_row(x, bias).view(*x.shape[:-1], out_features)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out_features)

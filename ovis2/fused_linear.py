@@ -19,6 +19,7 @@ from .cpu_linear import (
     packs_weights,
     reordered_weight,
 )
+from .packed_gemv import OneRowProduct, one_row_product
 
 
 class FusedLinears:
@@ -27,8 +28,14 @@ class FusedLinears:
     loaded, a `.to()`, `unpack`), `release` gives every member its own and drops the packed weight: `active` is
     then False and the owner calls the members one by one again."""
 
-    def __init__(self, members: list[Linear], packed: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.members, self.packed, self.bias = members, packed, bias
+    def __init__(
+        self,
+        members: list[Linear],
+        packed: torch.Tensor,
+        bias: torch.Tensor | None,
+        one_row: OneRowProduct | None = None,
+    ) -> None:
+        self.members, self.packed, self.bias, self.one_row = members, packed, bias, one_row
         self.out_features = sum(member.out_features for member in members)
 
     @property
@@ -36,7 +43,7 @@ class FusedLinears:
         return self.packed is not None and all(member.fused_into is self for member in self.members)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_product(x, self.packed, self.bias, self.out_features)
+        return packed_product(x, self.packed, self.bias, self.out_features, self.one_row)
 
     def rows_of(self, member: Linear) -> torch.Tensor:
         """`member`'s own weight, read back from the packed one (a fresh tensor)."""
@@ -51,7 +58,7 @@ class FusedLinears:
                 if member.fused_into is self:
                     member.weight.data = rows.clone()
                     member.fused_into = None
-        self.packed = self.bias = None
+        self.packed = self.bias = self.one_row = None
 
     def _split(self, dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return dense.split([member.out_features for member in self.members])
@@ -75,7 +82,8 @@ def fuse(members: list[Linear], dtypes=None, rows_hint: int | None = DECODE_ROWS
         weight = torch.cat([member.weight.detach() for member in members])
         with_bias = members[0].bias is not None
         bias = torch.cat([member.bias.detach() for member in members]) if with_bias else None
-        fused = FusedLinears(members, reordered_weight(weight, rows_hint), bias)
+        packed = reordered_weight(weight, rows_hint)
+        fused = FusedLinears(members, packed, bias, one_row_product(packed, weight))
         for member in members:
             member.fused_into = fused
             member.weight.data = member.weight.new_empty(0)
