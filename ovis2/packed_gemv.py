@@ -102,17 +102,22 @@ def kernel_library() -> ctypes.CDLL | None:
     if not torch.cpu._is_avx512_bf16_supported():
         return None
     try:
-        library = ctypes.CDLL(str(_compiled()))
+        library = loaded(_compiled())
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("one-row bf16 kernel unavailable, oneDNN computes every product: %s", error)
         return None
+    if not agrees_with_onednn(library):
+        logger.warning("one-row bf16 kernel disagrees with oneDNN here; oneDNN computes every product")
+        return None
+    return library
+
+
+def loaded(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
     for block in BLOCKS:
         function = _kernel(library, block)
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         function.restype = None
-    if not _agrees_with_onednn(library):
-        logger.warning("one-row bf16 kernel disagrees with oneDNN here; oneDNN computes every product")
-        return None
     return library
 
 
@@ -138,7 +143,7 @@ def _compiled() -> Path:
     return target
 
 
-def _agrees_with_onednn(library: ctypes.CDLL) -> bool:
+def agrees_with_onednn(library: ctypes.CDLL) -> bool:
     """Both layouts, with and without a bias, on a product small enough to check in a millisecond."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(128, 96, generator=generator).to(torch.bfloat16)
