@@ -73,6 +73,17 @@ def test_kernel_matches_the_product_on_decode_shapes(shape, rows_hint, with_bias
     assert (out != onednn).float().mean() < 0.01  # a sum in another order may round the other way, rarely
 
 
+def test_an_input_at_any_offset_and_leading_dimensions():
+    kernel_runs()
+    weight, bias = bf16(256, 896, seed=12), bf16(256, seed=13)
+    product = packed_gemv.one_row_product(reordered_weight(weight, 16), weight)
+    x = bf16(1, 1, 897, seed=14)[..., 1:]  # a view one element into its storage: odd 2-byte alignment
+    assert x.is_contiguous() and x.data_ptr() % 4 == 2
+    assert product.accepts(x, bias) and not product.accepts(bf16(2, 896), bias)
+    out = product(x, bias)
+    assert_near_reference(out, x.reshape(1, 896), weight, bias)
+
+
 def test_layout_check_takes_only_the_packed_weight_it_was_given():
     packs_bf16()
     weight = bf16(256, 896, seed=4)

@@ -4,6 +4,13 @@
 // nearest even. Compiled at run time by ovis2/packed_gemv.py with -mavx512bf16 -fopenmp.
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
+
+static inline __m512bh broadcast_pair(const uint16_t* pair) {  // x may sit at any 2-byte offset
+  int32_t bits;
+  memcpy(&bits, pair, sizeof bits);
+  return (__m512bh)_mm512_set1_epi32(bits);
+}
 
 static inline __m512 widen(const uint16_t* bf16) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void*)bf16)), 16));
@@ -19,10 +26,9 @@ static inline __m512 widen(const uint16_t* bf16) {
       for (int r = 0; r < B / 16; r++) even[r] = odd[r] = _mm512_setzero_ps();                                \
       const uint16_t* block = w + nb * k_blocks * 32 * B;                                                     \
       for (int64_t kb = 0; kb < k_blocks; kb++, block += 32 * B) {                                            \
-        const uint32_t* pairs = (const uint32_t*)(x + kb * 32);                                               \
+        const uint16_t* pairs = x + kb * 32;                                                                  \
         for (int j = 0; j < 16; j += 2) {                                                                     \
-          __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)pairs[j]);                                          \
-          __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)pairs[j + 1]);                                      \
+          __m512bh x0 = broadcast_pair(pairs + 2 * j), x1 = broadcast_pair(pairs + 2 * j + 2);                \
           for (int r = 0; r < B / 16; r++) {                                                                  \
             even[r] = _mm512_dpbf16_ps(even[r], (__m512bh)_mm512_loadu_si512(block + (j * B + r * 16) * 2), x0); \
             odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)_mm512_loadu_si512(block + ((j + 1) * B + r * 16) * 2), x1); \
