@@ -73,9 +73,16 @@ def one_row_product(packed: torch.Tensor, weight: torch.Tensor) -> OneRowProduct
 
 def packed_block(packed: torch.Tensor, weight: torch.Tensor) -> int | None:
     """B where `packed` holds `weight` as blocks [N/B][K/32] of [16][B][2] values; None otherwise."""
-    rows, columns = weight.shape
-    if packed.layout != torch._mkldnn or columns % INPUT_BLOCK:
+    if packed.layout != torch._mkldnn or weight.shape[1] % INPUT_BLOCK:
         return None
+    try:
+        return _matching_block(packed, weight)
+    except (AttributeError, RuntimeError):  # a torch without oneDNN's buffer accessors
+        return None
+
+
+def _matching_block(packed: torch.Tensor, weight: torch.Tensor) -> int | None:
+    rows, columns = weight.shape
     if torch.ops.mkldnn._nbytes(packed) != weight.numel() * weight.element_size():
         return None  # padded
     raw = _raw_values(packed, weight.numel())
@@ -99,7 +106,8 @@ def kernel_library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot or should not run here (logged once)."""
     if os.environ.get("OVIS2_NATIVE_GEMV", "1") == "0":
         return None
-    if not torch.cpu._is_avx512_bf16_supported():
+    bf16_instructions = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if bf16_instructions is None or not bf16_instructions():
         return None
     try:
         library = loaded(_compiled())
