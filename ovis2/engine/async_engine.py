@@ -23,6 +23,7 @@ from .core import EngineStats
 from .engine_args import EngineArgs
 from .input_processor import load_processor
 from .llm_engine import LLMEngine
+from .output_stream import OutputStream
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import SequenceGroup
@@ -262,37 +263,6 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for queue in self._queues.values():
             queue.put_nowait(error)
-
-
-class OutputStream:
-    """One request's outputs on their way to its consumer. Outputs are cumulative except for their deltas, so
-    those a slow consumer has not read yet merge into the newest: it holds one pending output, not one per step."""
-
-    def __init__(self) -> None:
-        self._items: deque[RequestOutput | BaseException] = deque()
-        self._ready = asyncio.Event()
-
-    def put_nowait(self, item: RequestOutput | BaseException) -> None:
-        if self._items and isinstance(item, RequestOutput) and isinstance(self._items[-1], RequestOutput):
-            item = _merge(self._items.pop(), item)
-        self._items.append(item)
-        self._ready.set()
-
-    async def get(self) -> RequestOutput | BaseException:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._items.popleft()
-
-
-def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
-    """newer, with older's deltas in front of its own."""
-    for before, after in zip(older.outputs, newer.outputs, strict=True):
-        after.delta_text = before.delta_text + after.delta_text
-        after.delta_token_ids = before.delta_token_ids + after.delta_token_ids
-        if after.delta_logprobs is not None:
-            after.delta_logprobs = before.delta_logprobs + after.delta_logprobs
-    return newer
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
