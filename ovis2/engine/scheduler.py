@@ -56,8 +56,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # each held sequence's group, with how many of its sequences are unfinished here
-        self._groups: dict[SequenceGroup, int] = {}
+        self._groups: set[SequenceGroup] = set()  # each held sequence's group: sequences hold theirs weakly
 
     # --- derived state
     @property
@@ -71,23 +70,19 @@ class Scheduler:
     # --- requests in and out
     def add(self, group: SequenceGroup) -> None:
         self.waiting.extend(group.seqs)
-        self._groups[group] = len(group.seqs)
+        self._groups.add(group)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and return its blocks."""
-        if seq.status is not SequenceStatus.FINISHED:
-            self._let_go(seq.group)
+        group = seq.group
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
-
-    def _let_go(self, group: SequenceGroup) -> None:
-        left = self._groups.pop(group, 0) - 1
-        if left > 0:
-            self._groups[group] = left
+        if group.is_finished:
+            self._groups.discard(group)
 
     # --- the step
     def schedule(self) -> SchedulerOutput:
