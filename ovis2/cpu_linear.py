@@ -189,7 +189,8 @@ class Linear(nn.Linear):
             return False
         with torch.no_grad():
             self.packed_weight = reordered_weight(weight.detach(), rows_hint)
-            self.one_row = one_row_product(self.packed_weight, weight.detach())
+            if rows_hint is not None:  # None: packed for many rows (the vision tower's 1024), never one
+                self.one_row = one_row_product(self.packed_weight, weight.detach())
             if not keep_dense:
                 self.weight.data = weight.new_empty(0)
         return True

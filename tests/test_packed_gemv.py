@@ -120,6 +120,7 @@ def test_packed_linear_takes_the_kernel_for_one_row_only():
     assert len(calls) == 1
     module.unpack()
     assert module.one_row is None and torch.equal(module.weight, weight)
+    assert module.pack(rows_hint=None) and module.one_row is None  # packed for many rows: no one-row product
 
 
 def test_fused_group_takes_the_kernel_and_drops_it_on_release():
