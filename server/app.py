@@ -70,8 +70,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
             lambda: (state.engine.processor, state.engine.tokenizer)
         )  # load them off the loop
         freeze_startup_objects()
-        if hasattr(state.engine, "set_idle_hook"):
-            state.engine.set_idle_hook(release_free_memory, IDLE_TRIM_QUIET_SECONDS)
+        state.engine.set_idle_hook(release_free_memory, IDLE_TRIM_QUIET_SECONDS)
         engine = state.engine
         logger.info(
             "serving %s (%s, max_model_len %s)", state.model_id, engine.dtype_name, engine.max_model_len

@@ -128,6 +128,9 @@ class FakeEngine:
     async def shutdown(self) -> None:
         self.stopped = True
 
+    def set_idle_hook(self, hook, quiet_seconds: float = 0.0) -> None:
+        self.idle_hook = hook  # no loop thread here: never called
+
     def check_health(self) -> None:
         if self.dead:
             raise EngineDeadError("the fake loop died")
