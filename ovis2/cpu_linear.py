@@ -189,8 +189,7 @@ class Linear(nn.Linear):
             return False
         with torch.no_grad():
             self.packed_weight = reordered_weight(weight.detach(), rows_hint)
-            if rows_hint is not None:  # None: packed for many rows (the vision tower's 1024), never one
-                self.one_row = one_row_product(self.packed_weight, weight.detach())
+            self.one_row = one_row_for(self.packed_weight, weight.detach(), rows_hint)
             if not keep_dense:
                 self.weight.data = weight.new_empty(0)
         return True
@@ -246,6 +245,12 @@ def packed_product(
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out_features)
+
+
+def one_row_for(packed: torch.Tensor, weight: torch.Tensor, rows_hint: int | None) -> OneRowProduct | None:
+    """The one-row product over a weight packed for decode; None for one packed for many rows (rows_hint None:
+    the vision tower's 1024, never one) or where the kernel cannot read it."""
+    return one_row_product(packed, weight) if rows_hint is not None else None
 
 
 def reordered_weight(weight: torch.Tensor, rows_hint: int | None) -> torch.Tensor:

@@ -14,12 +14,13 @@ import torch
 from .cpu_linear import (
     DECODE_ROWS_HINT,
     Linear,
+    one_row_for,
     onednn_packing_available,
     packed_product,
     packs_weights,
     reordered_weight,
 )
-from .packed_gemv import OneRowProduct, one_row_product
+from .packed_gemv import OneRowProduct
 
 
 class FusedLinears:
@@ -83,7 +84,7 @@ def fuse(members: list[Linear], dtypes=None, rows_hint: int | None = DECODE_ROWS
         with_bias = members[0].bias is not None
         bias = torch.cat([member.bias.detach() for member in members]) if with_bias else None
         packed = reordered_weight(weight, rows_hint)
-        fused = FusedLinears(members, packed, bias, one_row_product(packed, weight))
+        fused = FusedLinears(members, packed, bias, one_row_for(packed, weight, rows_hint))
         for member in members:
             member.fused_into = fused
             member.weight.data = member.weight.new_empty(0)
