@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_pointwise
 from .compat import check_compat
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
 from .cpu_linear import DECODE_ROWS_HINT, Linear, pack_linears
@@ -131,11 +132,11 @@ class Ovis2VisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, compat: str = "ovis") -> torch.Tensor:
         features = self.transformer(pixel_values, apply_final_norm=compat == "transformers")
-        logits = self.head_norm(self.head_linear(merge_hidden_stride(features, self.config.hidden_stride)))
+        logits = self.head_linear(merge_hidden_stride(features, self.config.hidden_stride))
         return self._tokenize(logits)  # [n, tokens_per_crop, V - 5]
 
     def _tokenize(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = logits.softmax(dim=-1)
+        probs = fused_pointwise.layer_norm_softmax(logits, self.head_norm)
         if self.config.tokenize_function == "softmax":
             return probs
         # st_argmax and gumbel_argmax are deterministic one-hot choices at inference.

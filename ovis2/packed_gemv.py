@@ -12,24 +12,21 @@ not know, or when its self-test disagrees with oneDNN, products stay oneDNN's.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from .demo import cache_root
+from . import native_build
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "packed_gemv.c"
+SOURCE = native_build.KERNELS / "packed_gemv.c"
 BLOCKS = (32, 64)  # output columns per block of the layouts the kernel reads (AB16b32a2b, AB16b64a2b)
 INPUT_BLOCK = 32
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
 
 
 class OneRowProduct:
@@ -106,8 +103,7 @@ def kernel_library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot or should not run here (logged once)."""
     if os.environ.get("OVIS2_NATIVE_GEMV", "1") == "0":
         return None
-    bf16_instructions = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if bf16_instructions is None or not bf16_instructions():
+    if not native_build.has_avx512_bf16():
         return None
     try:
         library = loaded(_compiled())
@@ -134,21 +130,7 @@ def _kernel(library: ctypes.CDLL, block: int):
 
 
 def _compiled() -> Path:
-    compiler = os.environ.get("CC", "cc")
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"packed_gemv-{tag}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise subprocess.SubprocessError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: processes compiling at once each install a whole file
-    return target
+    return native_build.compiled(SOURCE)
 
 
 def agrees_with_onednn(library: ctypes.CDLL) -> bool:

@@ -1,0 +1,196 @@
+"""RMSNorm, SiLU-and-multiply and the visual head's LayerNorm + softmax as one pass each over bf16 rows.
+
+PyTorch runs each as several ops on CPU, every one a full pass with a fresh fp32 or bf16 intermediate: in a
+448x448 crop of Ovis2-1B's vision tower they took as long as half its matrix products (bench/RESULTS.md).
+`kernels/pointwise.c` does each in one pass, rounding to bf16 where the composite does, so results match it up
+to fp32 summation order and exp's last bits (one bf16 step per rounding; tests/test_fused_pointwise.py). It is
+built like the one-row kernel (ovis2/native_build.py). The functions here take any input: the kernel computes where it
+can (bf16 on a CPU with AVX512-BF16, no autograd, a compiler, `OVIS2_NATIVE_POINTWISE` not 0, its self-test
+passed), the PyTorch composite everywhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from . import native_build
+
+logger = logging.getLogger(__name__)
+
+SOURCE = native_build.KERNELS / "pointwise.c"
+_POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {
+    "rms_norm_bf16": [_POINTER] * 3 + [_INT64, _INT64, _FLOAT, _INT],
+    "silu_mul_bf16": [_POINTER] * 3 + [_INT64, _INT64, _INT64, _INT],
+    "layer_norm_softmax_bf16": [_POINTER] * 4 + [_INT64, _INT64, _FLOAT, _INT],
+}
+
+
+# ------------------------------------------------------------------------------------------- the composites
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalized in fp32, cast back to x's dtype, then scaled by the weight (transformers' Qwen2/AIMv2 norms)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def reference_layer_norm_softmax(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).softmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    library = _library_for(x, weight)
+    if library is None:
+        return reference_rms_norm(x, weight, eps)
+    return _kernel_rms_norm(library, x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; gate and up may be the two halves of one product's columns."""
+    library = _library_for(gate, up)
+    stride = _row_stride(gate)
+    if library is None or gate.shape != up.shape or stride is None or _row_stride(up) != stride:
+        return reference_silu_mul(gate, up)
+    return _kernel_silu_mul(library, gate, up)
+
+
+def layer_norm_softmax(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """softmax(norm(x)) over the last dimension, `norm` a LayerNorm over it."""
+    weight, bias = norm.weight, norm.bias
+    library = _library_for(x, weight, bias) if weight is not None and bias is not None else None
+    if library is None:
+        return reference_layer_norm_softmax(x, weight, bias, norm.eps)
+    return _kernel_layer_norm_softmax(library, x, weight, bias, norm.eps)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+def _kernel_rms_norm(library, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+    weight = weight.contiguous()
+    library.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps, _threads(rows))
+    return out
+
+
+def _kernel_silu_mul(library, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    cols = gate.shape[-1]
+    rows = gate.numel() // cols
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    stride = _row_stride(gate)
+    library.silu_mul_bf16(gate.data_ptr(), up.data_ptr(), out.data_ptr(), rows, cols, stride, _threads(rows))
+    return out
+
+
+def _kernel_layer_norm_softmax(library, x, weight, bias, eps: float) -> torch.Tensor:
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    out = torch.empty_like(x)
+    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    library.layer_norm_softmax_bf16(
+        x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, cols, eps, _threads(rows)
+    )
+    return out
+
+
+def _library_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library where every tensor is a CPU bf16 tensor autograd does not watch, else None."""
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.numel() == 0 for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return kernel_library()
+
+
+def _row_stride(t: torch.Tensor) -> int | None:
+    """How far apart t's rows (every index but the last) lie, when each row is contiguous and the rows evenly
+    spaced (a contiguous tensor, or one half of a product's columns); None otherwise."""
+    if t.stride(-1) != 1:
+        return None
+    if t.dim() == 1:
+        return t.shape[-1]
+    expected = t.stride(-2) * t.shape[-2]
+    for size, stride in zip(reversed(t.shape[:-2]), reversed(t.stride()[:-2]), strict=True):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return t.stride(-2)
+
+
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+@cache
+def kernel_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot or should not run here (logged once)."""
+    if os.environ.get("OVIS2_NATIVE_POINTWISE", "1") == "0" or not native_build.has_avx512_bf16():
+        return None
+    try:
+        library = loaded(native_build.compiled(SOURCE))
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.info("pointwise bf16 kernels unavailable, PyTorch computes norms and activations: %s", error)
+        return None
+    if not agrees_with_pytorch(library):
+        logger.warning("pointwise bf16 kernels disagree with PyTorch here; PyTorch computes them")
+        return None
+    return library
+
+
+def loaded(path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
+    return library
+
+
+def agrees_with_pytorch(library: ctypes.CDLL) -> bool:
+    """Each kernel against its composite on rows with a tail (sizes not a multiple of 16), within the bounds below
+    (RMSNorm and SiLU-and-multiply round twice)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+
+    x, weight, bias = bf16(3, 200, scale=4.0), bf16(200), bf16(200)
+    gate, up = bf16(3, 2, 200, scale=4.0).unbind(1)
+    logits = F.layer_norm(x.float(), (200,), weight.float(), bias.float(), 1e-5)
+    return (
+        within_bf16_roundings(_kernel_rms_norm(library, x, weight, 1e-6), reference_rms_norm(x, weight, 1e-6))
+        and within_bf16_roundings(_kernel_silu_mul(library, gate, up), reference_silu_mul(gate, up))
+        and within_logit_rounding(
+            _kernel_layer_norm_softmax(library, x, weight, bias, 1e-5),
+            reference_layer_norm_softmax(x, weight, bias, 1e-5),
+            logits,
+        )
+    )
+
+
+def within_bf16_roundings(got: torch.Tensor, expected: torch.Tensor, roundings: int = 2) -> bool:
+    """|got - expected| at most one bf16 spacing (2^-7 relative) of expected per rounding on the way, element by
+    element: a reordered fp32 sum or an exp off in its last bits can move each rounding by one step, and the
+    product of a moved value moves by the same fraction."""
+    got, expected = got.float(), expected.float()
+    step = expected.abs().clamp_min(torch.finfo(torch.float32).tiny) * 2**-7
+    return bool(((got - expected).abs() <= roundings * step).all())
+
+
+def within_logit_rounding(got: torch.Tensor, expected: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Two softmaxes over bf16-rounded logits, when a logit z may round one step (2^-7 |z|) apart in each: every
+    log-probability within 2^-7 (|z_i| + 2 max|z|) of the other's, plus both outputs' own rounding."""
+    tiny = torch.finfo(torch.float32).tiny
+    size = logits.float().abs()
+    slack = 2**-7 * (size + 2 * size.amax(-1, keepdim=True)) + 2**-7
+    gap = got.float().clamp_min(tiny).log() - expected.float().clamp_min(tiny).log()
+    return bool((gap.abs() <= slack).all())

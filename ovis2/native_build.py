@@ -1,0 +1,47 @@
+"""Compiling the package's small C kernels (ovis2/kernels/*.c) once, at first use, into the cache directory.
+
+A kernel is built with the system's C compiler (`cc`, or `$CC`) and kept under `cache_root()/kernels`, named by
+a hash of its source, the compiler and the flags, so a changed kernel or compiler builds anew and processes
+compiling at once each install a whole file. Callers load the result with ctypes and fall back to PyTorch where
+building fails (OSError: no compiler; subprocess.SubprocessError: it refused the source or the flags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .demo import cache_root
+
+KERNELS = Path(__file__).with_name("kernels")
+BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+
+
+def compiled(source: Path, flags: tuple[str, ...] = BF16_FLAGS) -> Path:
+    """The shared library built from `source` with `flags`, compiling it if the cache has none."""
+    compiler = os.environ.get("CC", "cc")
+    text = source.read_bytes()
+    tag = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{source.stem}-{tag}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *flags, str(source), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has the AVX512-BF16 instructions the bf16 kernels are built for."""
+    supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return supported is not None and bool(supported())

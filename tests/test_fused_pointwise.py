@@ -1,0 +1,149 @@
+"""The one-pass bf16 kernels for RMSNorm, SiLU-and-multiply and the visual head's LayerNorm + softmax
+(ovis2.fused_pointwise): the PyTorch composites' values within the rounding they may differ by, on the shapes the
+models use (rows with tails, one row, the halves of a fused gate/up product), and the composites wherever the
+kernels cannot or should not run.
+
+The kernels need a CPU with AVX512-BF16 and a C compiler; the fallbacks are checked everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovis2 import fused_pointwise
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """kernel_library() decided anew, compiling into an empty cache; the session's decision restored after."""
+    monkeypatch.setenv("OVIS2_CACHE", str(tmp_path))
+    fused_pointwise.kernel_library.cache_clear()
+    yield monkeypatch
+    fused_pointwise.kernel_library.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def library():
+    found = fused_pointwise.kernel_library()
+    if found is None:
+        pytest.skip("the pointwise kernels need AVX512-BF16 and a C compiler")
+    return found
+
+
+def bf16(*shape, scale=1.0, seed=0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.bfloat16)
+
+
+def head_norm(width: int, seed: int = 0) -> torch.nn.LayerNorm:
+    norm = torch.nn.LayerNorm(width).to(torch.bfloat16).requires_grad_(False)
+    norm.weight.copy_(bf16(width, seed=seed) * 0.5 + 1)
+    norm.bias.copy_(bf16(width, seed=seed + 1) * 0.5)
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(2, 1024, 1024), (1, 1536), (3, 7, 200), (5, 17)])
+def test_rms_norm_is_the_composite_within_its_two_roundings(library, shape):
+    x, weight = bf16(*shape, scale=3.0, seed=1), bf16(shape[-1], seed=2)
+    with torch.inference_mode():
+        got = fused_pointwise.rms_norm(x, weight, 1e-6)
+        expected = fused_pointwise.reference_rms_norm(x, weight, 1e-6)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert fused_pointwise.within_bf16_roundings(got, expected)
+    assert (got == expected).float().mean() > 0.99  # the same roundings, bar a reordered sum's rare flip
+
+
+@pytest.mark.parametrize("shape", [(2, 1024, 2816), (1, 8960), (3, 5, 200), (37,)])
+def test_silu_mul_is_the_composite_within_its_two_roundings(library, shape):
+    gate, up = bf16(*shape, scale=4.0, seed=3), bf16(*shape, scale=2.0, seed=4)
+    with torch.inference_mode():
+        got = fused_pointwise.silu_mul(gate, up)
+        expected = fused_pointwise.reference_silu_mul(gate, up)
+    assert got.shape == expected.shape
+    assert fused_pointwise.within_bf16_roundings(got, expected)
+    assert (got == expected).float().mean() > 0.99
+
+
+def test_silu_mul_reads_the_two_halves_of_a_fused_product_in_place(library):
+    fused = bf16(2, 9, 2 * 200, scale=4.0, seed=5)
+    gate, up = fused.chunk(2, dim=-1)
+    with torch.inference_mode():
+        got = fused_pointwise.silu_mul(gate, up)
+        expected = fused_pointwise.reference_silu_mul(gate.contiguous(), up.contiguous())
+    assert got.is_contiguous() and fused_pointwise.within_bf16_roundings(got, expected)
+
+
+def test_silu_mul_of_extreme_values_is_the_composite(library):
+    """exp overflows and underflows where PyTorch's does: silu(-100) is -0, silu(100) is 100."""
+    gate = torch.tensor([-1e4, -100.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.0, 100.0, 1e4] * 2).to(
+        torch.bfloat16
+    )
+    up = torch.ones_like(gate)
+    with torch.inference_mode():
+        got = fused_pointwise.silu_mul(gate, up)
+    assert fused_pointwise.within_bf16_roundings(got, fused_pointwise.reference_silu_mul(gate, up))
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 65531), (1, 1, 37), (3, 200)])
+def test_layer_norm_softmax_is_the_composite_within_logit_rounding(library, shape):
+    x, norm = bf16(*shape, scale=2.0, seed=6), head_norm(shape[-1], seed=7)
+    with torch.inference_mode():
+        got = fused_pointwise.layer_norm_softmax(x, norm)
+        expected = fused_pointwise.reference_layer_norm_softmax(x, norm.weight, norm.bias, norm.eps)
+        logits = F.layer_norm(x.float(), (shape[-1],), norm.weight.float(), norm.bias.float(), norm.eps)
+    assert got.shape == expected.shape
+    assert fused_pointwise.within_logit_rounding(got, expected, logits)
+    sums = got.float().sum(-1)
+    assert ((sums - 1).abs() <= 2**-7).all()  # each of its roundings is relative: the sum is one within 2^-8
+
+
+def test_the_logit_bound_catches_a_missing_bias(library):
+    x, norm = bf16(4, 300, scale=2.0, seed=8), head_norm(300, seed=9)
+    with torch.inference_mode():
+        got = fused_pointwise.layer_norm_softmax(x, norm)
+        unbiased = fused_pointwise.reference_layer_norm_softmax(x, norm.weight, None, norm.eps)
+        logits = F.layer_norm(x.float(), (300,), norm.weight.float(), None, norm.eps)
+    assert not fused_pointwise.within_logit_rounding(got, unbiased, logits)
+
+
+def test_the_self_test_passes_wherever_the_kernels_compile(library):
+    assert fused_pointwise.agrees_with_pytorch(library)
+
+
+def test_float32_and_autograd_take_the_composite():
+    x, weight = torch.randn(4, 64), torch.randn(64, requires_grad=True)
+    out = fused_pointwise.rms_norm(x, weight, 1e-6)
+    assert torch.equal(out, fused_pointwise.reference_rms_norm(x, weight, 1e-6))
+    out.sum().backward()  # the composite kept the graph
+    assert weight.grad is not None
+    gate = bf16(3, 64, seed=10).requires_grad_(True)
+    product = fused_pointwise.silu_mul(gate, bf16(3, 64, seed=11))
+    assert product.grad_fn is not None
+
+
+def test_rows_the_kernel_cannot_walk_take_the_composite():
+    """A transposed gate: each row strided, so the composite, with the same values."""
+    gate, up = bf16(64, 3, seed=12).t(), bf16(3, 64, seed=13)
+    with torch.inference_mode():
+        got = fused_pointwise.silu_mul(gate, up)
+    assert torch.equal(got, fused_pointwise.reference_silu_mul(gate, up))
+
+
+def test_switched_off_means_no_kernel_and_the_composites_run(fresh_library):
+    fresh_library.setenv("OVIS2_NATIVE_POINTWISE", "0")
+    assert fused_pointwise.kernel_library() is None
+    x, weight = bf16(3, 64, seed=14), bf16(64, seed=15)
+    with torch.inference_mode():
+        assert torch.equal(
+            fused_pointwise.rms_norm(x, weight, 1e-6), fused_pointwise.reference_rms_norm(x, weight, 1e-6)
+        )
+
+
+def test_no_compiler_means_no_kernel(fresh_library, tmp_path):
+    fresh_library.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert fused_pointwise.kernel_library() is None
+    x, norm = bf16(2, 40, seed=16), head_norm(40)
+    with torch.inference_mode():
+        got = fused_pointwise.layer_norm_softmax(x, norm)
+    assert torch.equal(got, fused_pointwise.reference_layer_norm_softmax(x, norm.weight, norm.bias, norm.eps))
