@@ -12,9 +12,6 @@ passed), the PyTorch composite everywhere else.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import subprocess
 from functools import cache
 
 import torch
@@ -22,14 +19,12 @@ import torch.nn.functional as F
 
 from . import native_build
 
-logger = logging.getLogger(__name__)
-
 SOURCE = native_build.KERNELS / "pointwise.c"
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    "rms_norm_bf16": [_POINTER] * 3 + [_INT64, _INT64, _FLOAT, _INT],
-    "silu_mul_bf16": [_POINTER] * 3 + [_INT64, _INT64, _INT64, _INT],
-    "layer_norm_softmax_bf16": [_POINTER] * 4 + [_INT64, _INT64, _FLOAT, _INT],
+    "rms_norm_bf16": ([_POINTER] * 3 + [_INT64, _INT64, _FLOAT, _INT], None),
+    "silu_mul_bf16": ([_POINTER] * 3 + [_INT64, _INT64, _INT64, _INT], None),
+    "layer_norm_softmax_bf16": ([_POINTER] * 4 + [_INT64, _INT64, _FLOAT, _INT], None),
 }
 
 
@@ -133,26 +128,10 @@ def _threads(rows: int) -> int:
 # ------------------------------------------------------------------------------------------------ loading
 @cache
 def kernel_library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot or should not run here (logged once)."""
-    if os.environ.get("OVIS2_NATIVE_POINTWISE", "1") == "0" or not native_build.has_avx512_bf16():
-        return None
-    try:
-        library = loaded(native_build.compiled(SOURCE))
-    except (OSError, subprocess.SubprocessError) as error:
-        logger.info("pointwise bf16 kernels unavailable, PyTorch computes norms and activations: %s", error)
-        return None
-    if not agrees_with_pytorch(library):
-        logger.warning("pointwise bf16 kernels disagree with PyTorch here; PyTorch computes them")
-        return None
-    return library
-
-
-def loaded(path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
-    for name, argtypes in SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
-    return library
+    """The compiled kernels, or None where they cannot or should not run here (native_build.checked_library)."""
+    return native_build.checked_library(
+        SOURCE, SIGNATURES, agrees_with_pytorch, "OVIS2_NATIVE_POINTWISE", "pointwise bf16 kernels"
+    )
 
 
 def agrees_with_pytorch(library: ctypes.CDLL) -> bool:

