@@ -73,6 +73,23 @@ def crop_seconds(model, crops: int = 2) -> float:
     return (time.perf_counter() - start) / crops
 
 
+def warm_engine(model: str, dtype: str, max_batch: int) -> LLMEngine:
+    """A CPU engine for batches up to `max_batch` (no prefix caching: every request prefills), after one short
+    request."""
+    engine = LLMEngine(
+        EngineArgs(
+            model=model,
+            dtype=dtype,
+            device="cpu",
+            max_num_seqs=max_batch,
+            kv_cache_memory=1 << 30,
+            enable_prefix_caching=False,
+        )
+    )
+    decode_step_ms(engine, 1, 4, seed=-1)
+    return engine
+
+
 def best_of_alternating(model, measure, rounds: int) -> dict[bool, float]:
     """{plain F.linear?: best of `rounds` calls of measure()}, the engine's linears and F.linear taking turns."""
     best = {False: float("inf"), True: float("inf")}
@@ -93,17 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-crop", action="store_true")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = LLMEngine(
-        EngineArgs(
-            model=args.model,
-            dtype=args.dtype,
-            device="cpu",
-            max_num_seqs=max(batches),
-            kv_cache_memory=1 << 30,
-            enable_prefix_caching=False,
-        )
-    )
-    decode_step_ms(engine, 1, 4, seed=-1)  # warm-up
+    engine = warm_engine(args.model, args.dtype, max(batches))
     print(f"{args.dtype}, {torch.get_num_threads()} threads; best of {args.rounds} alternating rounds")
     model = engine.core.runner.model
     packed = sum(m.packed_weight is not None for m in model.modules() if isinstance(m, cpu_linear.Linear))

@@ -19,10 +19,8 @@ from contextlib import contextmanager
 import torch
 
 from ovis2 import decode_attention, fused_pointwise
-from ovis2.engine.engine_args import EngineArgs
-from ovis2.engine.llm_engine import LLMEngine
 
-from .bench_engine_step import crop_seconds, decode_step_ms
+from .bench_engine_step import crop_seconds, decode_step_ms, warm_engine
 
 
 @contextmanager
@@ -69,17 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the kernels do not load here (they need AVX512-BF16 and a C compiler): nothing to compare")
         return 1
     batches = [int(b) for b in args.batches.split(",")]
-    engine = LLMEngine(
-        EngineArgs(
-            model=args.model,
-            dtype="bfloat16",
-            device="cpu",
-            max_num_seqs=max(batches),
-            kv_cache_memory=1 << 30,
-            enable_prefix_caching=False,
-        )
-    )
-    decode_step_ms(engine, 1, 4, seed=-1)  # warm-up
+    engine = warm_engine(args.model, "bfloat16", max(batches))
     print(f"bf16, {torch.get_num_threads()} threads; {args.rounds} alternating rounds")
     seeds = itertools.count(1)
     for batch in batches:

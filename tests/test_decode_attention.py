@@ -12,23 +12,20 @@ import torch
 from ovis2 import decode_attention, layers
 from ovis2.layers import PagedAttentionMetadata, paged_attention
 
+from .native_kernels import decided_anew, loaded_or_skip
+
 BLOCK = 16
 
 
 @pytest.fixture(scope="module")
 def library():
-    found = decode_attention.kernel_library()
-    if found is None:
-        pytest.skip("the decode attention kernel needs AVX512-BF16 and a C compiler")
-    return found
+    return loaded_or_skip(decode_attention, "the decode attention kernel")
 
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    monkeypatch.setenv("OVIS2_CACHE", str(tmp_path))
-    decode_attention.kernel_library.cache_clear()
-    yield monkeypatch
-    decode_attention.kernel_library.cache_clear()
+    with decided_anew(decode_attention, monkeypatch, tmp_path):
+        yield monkeypatch
 
 
 def paged_case(lengths, heads, kv_heads, dim, seed=0, dtype=torch.bfloat16):

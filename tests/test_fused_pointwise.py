@@ -13,22 +13,18 @@ import torch.nn.functional as F
 
 from ovis2 import fused_pointwise
 
+from .native_kernels import decided_anew, loaded_or_skip
+
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """kernel_library() decided anew, compiling into an empty cache; the session's decision restored after."""
-    monkeypatch.setenv("OVIS2_CACHE", str(tmp_path))
-    fused_pointwise.kernel_library.cache_clear()
-    yield monkeypatch
-    fused_pointwise.kernel_library.cache_clear()
+    with decided_anew(fused_pointwise, monkeypatch, tmp_path):
+        yield monkeypatch
 
 
 @pytest.fixture(scope="module")
 def library():
-    found = fused_pointwise.kernel_library()
-    if found is None:
-        pytest.skip("the pointwise kernels need AVX512-BF16 and a C compiler")
-    return found
+    return loaded_or_skip(fused_pointwise, "the pointwise kernels")
 
 
 def bf16(*shape, scale=1.0, seed=0) -> torch.Tensor:

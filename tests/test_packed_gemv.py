@@ -15,17 +15,15 @@ from ovis2.cpu_linear import Linear, onednn_packing_available, reordered_weight
 from ovis2.fused_linear import fuse
 
 from .linear_bounds import assert_near_reference
+from .native_kernels import decided_anew
 
 DECODE_SHAPES = [(1152, 896), (896, 4864), (4096, 896)]  # Ovis2-1B's qkv, down and a slice of gate/up
 
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """kernel_library() decided anew, compiling into an empty cache; the session's decision restored after."""
-    monkeypatch.setenv("OVIS2_CACHE", str(tmp_path))
-    packed_gemv.kernel_library.cache_clear()
-    yield monkeypatch
-    packed_gemv.kernel_library.cache_clear()
+    with decided_anew(packed_gemv, monkeypatch, tmp_path):
+        yield monkeypatch
 
 
 def packs_bf16() -> None:
