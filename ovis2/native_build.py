@@ -61,14 +61,20 @@ def checked_library(
     if os.environ.get(switch, "1") == "0" or not has_avx512_bf16():
         return None
     try:
-        library = ctypes.CDLL(str(compiled(source)))
+        library = load(compiled(source), signatures)
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("%s unavailable, PyTorch computes them: %s", what, error)
         return None
-    for name, (argtypes, restype) in signatures.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, restype
     if not agrees(library):
         logger.warning("%s disagree with PyTorch on this machine; PyTorch computes them", what)
         return None
+    return library
+
+
+def load(path: Path, signatures: dict) -> ctypes.CDLL:
+    """The shared library at `path`, its functions given their ctypes {name: (argtypes, restype)}."""
+    library = ctypes.CDLL(str(path))
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, restype
     return library

@@ -12,21 +12,22 @@ not know, or when its self-test disagrees with oneDNN, products stay oneDNN's.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import subprocess
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from . import native_build
 
-logger = logging.getLogger(__name__)
-
 SOURCE = native_build.KERNELS / "packed_gemv.c"
 BLOCKS = (32, 64)  # output columns per block of the layouts the kernel reads (AB16b32a2b, AB16b64a2b)
 INPUT_BLOCK = 32
+SIGNATURES = {
+    f"packed_gemv_bf16_{block}": (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int],
+        None,
+    )
+    for block in BLOCKS
+}
 
 
 class OneRowProduct:
@@ -100,37 +101,14 @@ def _raw_values(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 @cache
 def kernel_library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot or should not run here (logged once)."""
-    if os.environ.get("OVIS2_NATIVE_GEMV", "1") == "0":
-        return None
-    if not native_build.has_avx512_bf16():
-        return None
-    try:
-        library = loaded(_compiled())
-    except (OSError, subprocess.SubprocessError) as error:
-        logger.info("one-row bf16 kernel unavailable, oneDNN computes every product: %s", error)
-        return None
-    if not agrees_with_onednn(library):
-        logger.warning("one-row bf16 kernel disagrees with oneDNN here; oneDNN computes every product")
-        return None
-    return library
-
-
-def loaded(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
-    for block in BLOCKS:
-        function = _kernel(library, block)
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        function.restype = None
-    return library
+    """The compiled kernel, or None where it cannot or should not run here (native_build.checked_library)."""
+    return native_build.checked_library(
+        SOURCE, SIGNATURES, agrees_with_onednn, "OVIS2_NATIVE_GEMV", "the one-row bf16 kernel"
+    )
 
 
 def _kernel(library: ctypes.CDLL, block: int):
     return getattr(library, f"packed_gemv_bf16_{block}")
-
-
-def _compiled() -> Path:
-    return native_build.compiled(SOURCE)
 
 
 def agrees_with_onednn(library: ctypes.CDLL) -> bool:

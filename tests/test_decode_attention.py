@@ -28,16 +28,16 @@ def fresh_library(monkeypatch, tmp_path):
         yield monkeypatch
 
 
-def paged_case(lengths, heads, kv_heads, dim, seed=0, dtype=torch.bfloat16):
+def paged_case(lengths, heads, kv_heads, dim, seed=0, dtype=torch.bfloat16, block=BLOCK):
     """Caches holding each sequence's keys in shuffled blocks (block 0 unused, as the engine's padding entry)."""
     generator = torch.Generator().manual_seed(seed)
-    counts = [(n + BLOCK - 1) // BLOCK for n in lengths]
+    counts = [(n + block - 1) // block for n in lengths]
     order = (torch.randperm(sum(counts), generator=generator) + 1).tolist()
     tables, taken = [], 0
     for count in counts:
         tables.append(order[taken : taken + count] + [0] * (max(counts) - count))
         taken += count
-    shape = (sum(counts) + 1, BLOCK, kv_heads, dim)
+    shape = (sum(counts) + 1, block, kv_heads, dim)
     k_cache = torch.randn(shape, generator=generator).to(dtype)
     v_cache = torch.randn(shape, generator=generator).to(dtype)
     q = torch.randn(len(lengths), heads, dim, generator=generator).to(dtype)
@@ -57,13 +57,14 @@ def assert_rounded_from(got: torch.Tensor, truth: torch.Tensor, values: torch.Te
     assert ((got.double() - truth).abs() <= allowed).all(), (got.double() - truth).abs().max()
 
 
-# Ovis2-1B's language model (14 query heads on 2 KV heads of 64), 2B-34B's (head_dim 128), plain multi-head.
-LAYOUTS = [(14, 2, 64), (12, 2, 128), (4, 4, 16)]
+# Ovis2-1B's language model (14 query heads on 2 KV heads of 64), 2B-34B's (head_dim 128), plain multi-head,
+# the kernel's limits (16 query heads a KV head, head_dim 256), with the engine's block size and others.
+LAYOUTS = [(14, 2, 64, 16), (12, 2, 128, 16), (4, 4, 16, 16), (32, 2, 256, 7), (16, 1, 256, 1), (8, 8, 16, 5)]
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", LAYOUTS)
-def test_the_kernel_is_attention_over_the_context_rounded_once(library, heads, kv_heads, dim):
-    case = paged_case([1, 16, 17, 300, 5], heads, kv_heads, dim)
+@pytest.mark.parametrize("heads, kv_heads, dim, block", LAYOUTS)
+def test_the_kernel_is_attention_over_the_context_rounded_once(library, heads, kv_heads, dim, block):
+    case = paged_case([1, 16, 17, 300, 5], heads, kv_heads, dim, block=block)
     got = decode_attention.decode_attention(*case)
     assert got is not None and got.shape == case[0].shape and got.dtype == torch.bfloat16
     assert_rounded_from(got, exact(*case), case[2])
@@ -124,6 +125,25 @@ def test_shapes_and_dtypes_the_kernel_does_not_take_fall_back():
     assert (
         decode_attention.decode_attention(*paged_case([4], 34, 2, 16)) is None
     )  # 17 query heads per KV head
+
+
+def test_tables_that_point_outside_the_cache_are_refused_not_read(library):
+    q, k_cache, v_cache, tables, lens = paged_case([20], 4, 2, 16)
+    assert (
+        decode_attention.decode_attention(q, k_cache, v_cache, tables, torch.tensor([40])) is None
+    )  # > 2 blocks
+    assert decode_attention.decode_attention(q, k_cache, v_cache, tables, torch.tensor([0])) is None
+    far = tables.clone()
+    far[0, 1] = k_cache.shape[0]
+    assert decode_attention.decode_attention(q, k_cache, v_cache, far, lens) is None
+    two_tables = tables.repeat(2, 1)  # for one query
+    assert decode_attention.decode_attention(q, k_cache, v_cache, two_tables, lens) is None
+    assert decode_attention.decode_attention(q, k_cache, v_cache, tables, lens) is not None
+
+
+def test_autograd_takes_sdpa():
+    q, k_cache, v_cache, tables, lens = paged_case([4], 4, 2, 16)
+    assert decode_attention.decode_attention(q.requires_grad_(True), k_cache, v_cache, tables, lens) is None
 
 
 def test_switched_off_means_no_kernel(fresh_library):

@@ -91,7 +91,7 @@ def test_layer_norm_softmax_is_the_composite_within_logit_rounding(library, shap
     assert got.shape == expected.shape
     assert fused_pointwise.within_logit_rounding(got, expected, logits)
     sums = got.float().sum(-1)
-    assert ((sums - 1).abs() <= 2**-7).all()  # each of its roundings is relative: the sum is one within 2^-8
+    assert ((sums - 1).abs() <= 2**-7).all()  # each value rounded by at most 2^-8 of itself, twice over
 
 
 def test_the_logit_bound_catches_a_missing_bias(library):
@@ -108,14 +108,35 @@ def test_the_self_test_passes_wherever_the_kernels_compile(library):
 
 
 def test_float32_and_autograd_take_the_composite():
-    x, weight = torch.randn(4, 64), torch.randn(64, requires_grad=True)
-    out = fused_pointwise.rms_norm(x, weight, 1e-6)
-    assert torch.equal(out, fused_pointwise.reference_rms_norm(x, weight, 1e-6))
-    out.sum().backward()  # the composite kept the graph
-    assert weight.grad is not None
+    x, weight = torch.randn(4, 64), torch.randn(64)
+    assert torch.equal(
+        fused_pointwise.rms_norm(x, weight, 1e-6), fused_pointwise.reference_rms_norm(x, weight, 1e-6)
+    )
+    watched = bf16(64, seed=9).requires_grad_(True)
+    out = fused_pointwise.rms_norm(bf16(4, 64, seed=8), watched, 1e-6)
+    out.float().sum().backward()  # the composite kept the graph
+    assert watched.grad is not None
     gate = bf16(3, 64, seed=10).requires_grad_(True)
     product = fused_pointwise.silu_mul(gate, bf16(3, 64, seed=11))
     assert product.grad_fn is not None
+    scalar = torch.tensor(1.5)
+    assert torch.equal(
+        fused_pointwise.silu_mul(scalar, scalar), fused_pointwise.reference_silu_mul(scalar, scalar)
+    )
+
+
+def test_parameters_that_do_not_fit_take_the_composite():
+    """The kernels read one parameter value per column: a weight of one value is the composite's (RMSNorm
+    broadcasts it; LayerNorm refuses it with its own error), never read past its end."""
+    x, weight = bf16(4, 64, seed=12), bf16(1, seed=13)
+    norm = torch.nn.LayerNorm(64).to(torch.bfloat16).requires_grad_(False)
+    norm.weight = torch.nn.Parameter(weight, requires_grad=False)
+    with torch.inference_mode():
+        assert torch.equal(
+            fused_pointwise.rms_norm(x, weight, 1e-6), fused_pointwise.reference_rms_norm(x, weight, 1e-6)
+        )
+        with pytest.raises(RuntimeError):
+            fused_pointwise.layer_norm_softmax(x, norm)
 
 
 def test_rows_the_kernel_cannot_walk_take_the_composite():

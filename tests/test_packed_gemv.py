@@ -7,10 +7,12 @@ packs bf16."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
-from ovis2 import packed_gemv
+from ovis2 import native_build, packed_gemv
 from ovis2.cpu_linear import Linear, onednn_packing_available, reordered_weight
 from ovis2.fused_linear import fuse
 
@@ -47,8 +49,8 @@ def test_the_kernel_agrees_with_onednn_wherever_it_compiles(fresh_library):
     if not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("the one-row kernel needs AVX512-BF16")
     try:
-        library = packed_gemv.loaded(packed_gemv._compiled())
-    except (OSError, packed_gemv.subprocess.SubprocessError) as error:
+        library = native_build.load(native_build.compiled(packed_gemv.SOURCE), packed_gemv.SIGNATURES)
+    except (OSError, subprocess.SubprocessError) as error:
         pytest.skip(f"no C compiler for the one-row kernel: {error}")
     assert packed_gemv.agrees_with_onednn(library)
 
@@ -144,7 +146,7 @@ def test_no_compiler_means_no_kernel_and_the_products_still_run(fresh_library, t
     packs_bf16()
     fresh_library.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(OSError):
-        packed_gemv._compiled()
+        native_build.compiled(packed_gemv.SOURCE)
     assert packed_gemv.kernel_library() is None
     torch.manual_seed(10)
     module = Linear(896, 1152).to(torch.bfloat16).requires_grad_(False)
@@ -159,14 +161,14 @@ def test_a_failing_compile_is_reported_not_raised(fresh_library, tmp_path):
     compiler.write_text("#!/bin/sh\necho 'unknown option -mavx512bf16' >&2\nexit 1\n")
     compiler.chmod(0o755)
     fresh_library.setenv("CC", str(compiler))
-    with pytest.raises(packed_gemv.subprocess.SubprocessError, match="unknown option"):
-        packed_gemv._compiled()
+    with pytest.raises(subprocess.SubprocessError, match="unknown option"):
+        native_build.compiled(packed_gemv.SOURCE)
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
 def test_the_compiled_kernel_is_reused_from_the_cache(fresh_library, tmp_path):
     kernel_runs()
-    first = packed_gemv._compiled()
+    first = native_build.compiled(packed_gemv.SOURCE)
     assert first.parent == tmp_path / "kernels"
     stamp = first.stat().st_mtime_ns
-    assert packed_gemv._compiled() == first and first.stat().st_mtime_ns == stamp
+    assert native_build.compiled(packed_gemv.SOURCE) == first and first.stat().st_mtime_ns == stamp

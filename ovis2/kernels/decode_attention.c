@@ -77,13 +77,28 @@ static void attend(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v
   }
 }
 
-// Returns 0, or -1 (nothing written) for a shape beyond the fixed limits above.
+// Whether every sequence has 1 .. max_blocks * block_size keys, all in blocks 0 .. num_blocks - 1.
+static int valid_tables(const int64_t* tables, const int64_t* lens, int64_t seqs, int64_t block_size,
+                        int64_t max_blocks, int64_t num_blocks) {
+  for (int64_t s = 0; s < seqs; s++) {
+    if (lens[s] < 1 || lens[s] > max_blocks * block_size) return 0;
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; b++) {
+      const int64_t block = tables[s * max_blocks + b];
+      if (block < 0 || block >= num_blocks) return 0;
+    }
+  }
+  return 1;
+}
+
+// Returns 0, or -1 (nothing written) for a shape beyond the fixed limits above or a table or length that points
+// outside the cache.
 int paged_decode_attention_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                                 const int64_t* tables, const int64_t* lens, uint16_t* out, int64_t seqs,
                                 int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                                int64_t max_blocks, float scale, int threads) {
+                                int64_t max_blocks, int64_t num_blocks, float scale, int threads) {
   const int64_t group = heads / kv_heads;
   if (group > MAX_GROUP || group * kv_heads != heads || dim % 16 || dim / 16 > MAX_VECTORS) return -1;
+  if (!valid_tables(tables, lens, seqs, block_size, max_blocks, num_blocks)) return -1;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
   for (int64_t s = 0; s < seqs; s++) {
     for (int64_t h = 0; h < kv_heads; h++) {

@@ -1,8 +1,9 @@
 // Row-wise bf16 passes that PyTorch runs as several ops with fp32 intermediates: RMSNorm with its weight, SiLU
 // times the up projection, and the visual head's LayerNorm followed by softmax. Each computes in fp32 and rounds
 // to bf16 (nearest even) wherever the PyTorch composite it replaces does, so the results are the composite's up
-// to fp32 summation order and exp's last bits. Compiled at run time by ovis2/fused_pointwise.py with -mavx512bf16
-// -fopenmp; rows are split over `threads` OpenMP threads.
+// to fp32 summation order and exp's last bits, except that results below 2^-126 (fp32's normal range) become 0:
+// the bf16 conversion instruction flushes them. Compiled at run time by ovis2/fused_pointwise.py with
+// -mavx512bf16 -fopenmp; rows are split over `threads` OpenMP threads.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
