@@ -21,6 +21,8 @@ from . import native_build
 
 SOURCE = native_build.KERNELS / "pointwise.c"
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# One row of Ovis2-1B's 4864: 20 vs 7 us; 16 rows 49 vs 44 us; 2048 rows of 2816 (two crops) 1.7 vs 2.6 ms.
+SILU_KERNEL_MIN_VALUES = 1 << 18
 SIGNATURES = {
     "rms_norm_bf16": ([_POINTER] * 3 + [_INT64, _INT64, _FLOAT, _INT], None),
     "silu_mul_bf16": ([_POINTER] * 3 + [_INT64, _INT64, _INT64, _INT], None),
@@ -51,11 +53,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up; gate and up may be the two halves of one product's columns."""
-    library = _library_for(gate, up) if gate.dim() >= 1 and gate.shape == up.shape else None
-    if library is None or _row_stride(gate) is None or _row_stride(up) != _row_stride(gate):
+    """silu(gate) * up; gate and up may be the two halves of one product's columns. Decode-sized inputs stay
+    PyTorch's: below SILU_KERNEL_MIN_VALUES the call costs more than the pass saves."""
+    fits = gate.dim() >= 1 and gate.shape == up.shape and gate.numel() >= SILU_KERNEL_MIN_VALUES
+    library = _library_for(gate, up) if fits else None
+    stride = _row_stride(gate) if library is not None else None
+    if stride is None or _row_stride(up) != stride:
         return reference_silu_mul(gate, up)
-    return _kernel_silu_mul(library, gate, up)
+    return _kernel_silu_mul(library, gate, up, stride)
 
 
 def layer_norm_softmax(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
@@ -78,11 +83,10 @@ def _kernel_rms_norm(library, x: torch.Tensor, weight: torch.Tensor, eps: float)
     return out
 
 
-def _kernel_silu_mul(library, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _kernel_silu_mul(library, gate: torch.Tensor, up: torch.Tensor, stride: int) -> torch.Tensor:
     cols = gate.shape[-1]
     rows = gate.numel() // cols
     out = torch.empty(gate.shape, dtype=gate.dtype)
-    stride = _row_stride(gate)
     library.silu_mul_bf16(gate.data_ptr(), up.data_ptr(), out.data_ptr(), rows, cols, stride, _threads(rows))
     return out
 
@@ -152,7 +156,7 @@ def agrees_with_pytorch(library: ctypes.CDLL) -> bool:
     logits = F.layer_norm(x.float(), (200,), weight.float(), bias.float(), 1e-5)
     return (
         within_bf16_roundings(_kernel_rms_norm(library, x, weight, 1e-6), reference_rms_norm(x, weight, 1e-6))
-        and within_bf16_roundings(_kernel_silu_mul(library, gate, up), reference_silu_mul(gate, up))
+        and within_bf16_roundings(_kernel_silu_mul(library, gate, up, 400), reference_silu_mul(gate, up))
         and within_logit_rounding(
             _kernel_layer_norm_softmax(library, x, weight, bias, 1e-5),
             reference_layer_norm_softmax(x, weight, bias, 1e-5),

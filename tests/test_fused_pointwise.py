@@ -49,11 +49,16 @@ def test_rms_norm_is_the_composite_within_its_two_roundings(library, shape):
     assert (got == expected).float().mean() > 0.99  # the same roundings, bar a reordered sum's rare flip
 
 
+def kernel_silu_mul(library, gate, up):
+    """The kernel itself, below the size where silu_mul() would hand it the inputs."""
+    return fused_pointwise._kernel_silu_mul(library, gate, up, fused_pointwise._row_stride(gate))
+
+
 @pytest.mark.parametrize("shape", [(2, 1024, 2816), (1, 8960), (3, 5, 200), (37,)])
 def test_silu_mul_is_the_composite_within_its_two_roundings(library, shape):
     gate, up = bf16(*shape, scale=4.0, seed=3), bf16(*shape, scale=2.0, seed=4)
     with torch.inference_mode():
-        got = fused_pointwise.silu_mul(gate, up)
+        got = kernel_silu_mul(library, gate, up)
         expected = fused_pointwise.reference_silu_mul(gate, up)
     assert got.shape == expected.shape
     assert fused_pointwise.within_bf16_roundings(got, expected)
@@ -64,7 +69,7 @@ def test_silu_mul_reads_the_two_halves_of_a_fused_product_in_place(library):
     fused = bf16(2, 9, 2 * 200, scale=4.0, seed=5)
     gate, up = fused.chunk(2, dim=-1)
     with torch.inference_mode():
-        got = fused_pointwise.silu_mul(gate, up)
+        got = kernel_silu_mul(library, gate, up)
         expected = fused_pointwise.reference_silu_mul(gate.contiguous(), up.contiguous())
     assert got.is_contiguous() and fused_pointwise.within_bf16_roundings(got, expected)
 
@@ -76,9 +81,31 @@ def test_silu_mul_of_extreme_values_is_the_composite(library):
     )
     up = torch.ones_like(gate)
     with torch.inference_mode():
-        got = fused_pointwise.silu_mul(gate, up)
+        got = kernel_silu_mul(library, gate, up)
     assert fused_pointwise.within_bf16_roundings(got, fused_pointwise.reference_silu_mul(gate, up))
     assert torch.isfinite(got).all()
+
+
+class RecordingLibrary:
+    def __init__(self):
+        self.calls = []
+
+    def silu_mul_bf16(self, *args):
+        self.calls.append(args[3:5])  # rows, cols
+
+
+def test_silu_mul_hands_the_kernel_large_inputs_only(monkeypatch):
+    """Decode-sized inputs cost more through the kernel's call than they save: PyTorch's ops take them."""
+    fake = RecordingLibrary()
+    monkeypatch.setattr(fused_pointwise, "kernel_library", lambda: fake)
+    small = bf16(16, 4864, seed=20)
+    large = bf16(64, fused_pointwise.SILU_KERNEL_MIN_VALUES // 64, seed=21)
+    with torch.inference_mode():
+        assert torch.equal(
+            fused_pointwise.silu_mul(small, small), fused_pointwise.reference_silu_mul(small, small)
+        )
+        fused_pointwise.silu_mul(large, large)
+    assert fake.calls == [(64, large.shape[1])]
 
 
 @pytest.mark.parametrize("shape", [(2, 256, 65531), (1, 1, 37), (3, 200)])
@@ -116,8 +143,8 @@ def test_float32_and_autograd_take_the_composite():
     out = fused_pointwise.rms_norm(bf16(4, 64, seed=8), watched, 1e-6)
     out.float().sum().backward()  # the composite kept the graph
     assert watched.grad is not None
-    gate = bf16(3, 64, seed=10).requires_grad_(True)
-    product = fused_pointwise.silu_mul(gate, bf16(3, 64, seed=11))
+    gate = bf16(64, 4096, seed=10).requires_grad_(True)  # large enough for the kernel
+    product = fused_pointwise.silu_mul(gate, bf16(64, 4096, seed=11))
     assert product.grad_fn is not None
     scalar = torch.tensor(1.5)
     assert torch.equal(
@@ -141,7 +168,7 @@ def test_parameters_that_do_not_fit_take_the_composite():
 
 def test_rows_the_kernel_cannot_walk_take_the_composite():
     """A transposed gate: each row strided, so the composite, with the same values."""
-    gate, up = bf16(64, 3, seed=12).t(), bf16(3, 64, seed=13)
+    gate, up = bf16(4096, 64, seed=12).t(), bf16(64, 4096, seed=13)  # large enough for the kernel
     with torch.inference_mode():
         got = fused_pointwise.silu_mul(gate, up)
     assert torch.equal(got, fused_pointwise.reference_silu_mul(gate, up))
