@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import decode_attention, fused_pointwise
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
@@ -57,7 +58,16 @@ def load_model(args: EngineArgs):
         memory_fraction=args.gpu_memory_utilization,
     )
     model.pack_cpu_weights()  # CPU bf16 on a CPU that computes bf16 (AMX, AVX512-BF16); nothing elsewhere
+    prepare_cpu_kernels(model)
     return model
+
+
+def prepare_cpu_kernels(model) -> None:
+    """The bf16 pointwise and decode-attention kernels built (about a second, once per machine) and self-tested
+    at start-up, not inside the first request; each decides once whether it runs here."""
+    if model.device.type == "cpu" and model.dtype == torch.bfloat16:
+        fused_pointwise.kernel_library()
+        decode_attention.kernel_library()
 
 
 class EngineCore:
