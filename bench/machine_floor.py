@@ -138,7 +138,7 @@ def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
     }
 
 
-def engine_batch1_step_ms(model: str, output_tokens: int = 48, dtype: str = "bfloat16") -> dict:
+def engine_figures(model: str, output_tokens: int = 48, dtype: str = "bfloat16") -> dict:
     """Our engine decoding one text request alone: the median time of its decode steps (prefill excluded), and
     its vision tower's time per 448x448 crop (two crops a call, as bench_engine_step measures it)."""
     from ovis2.engine.engine_args import EngineArgs
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = floors(args.size, args.dtype)
     if args.model:
-        result["engine"] = engine_batch1_step_ms(args.model, dtype=args.dtype)
+        result["engine"] = engine_figures(args.model, dtype=args.dtype)
     print(format_floors(result))
     if args.output_json:
         from pathlib import Path

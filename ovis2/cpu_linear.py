@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .native_build import autograd_sees
 from .packed_gemv import OneRowProduct, one_row_product
 
 TRANSPOSED_MAX_ROWS = 7  # fp32, 2..7 rows: weight @ x.T; 1 or >= 8: oneDNN (Intel: F.linear below 8)
@@ -92,7 +93,7 @@ def _dispatchable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """CPU, fp32 or bf16, a contiguous weight, and nothing to differentiate (oneDNN's op has no gradient)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    return not _autograd_sees(x, weight, bias) and weight.is_contiguous()
+    return not autograd_sees(x, weight, bias) and weight.is_contiguous()
 
 
 def _fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -210,7 +211,7 @@ class Linear(nn.Linear):
             x.device.type != "cpu"
             or x.dtype != packed.dtype
             or x.shape[:-1].numel() == 0
-            or _autograd_sees(x, self.weight, self.bias)
+            or autograd_sees(x, self.weight, self.bias)
         ):
             return F.linear(x, self.weight if self.weight.numel() else packed.to_dense(), self.bias)
         return packed_product(x, packed, self.bias, self.out_features, self.one_row)
@@ -257,8 +258,3 @@ def reordered_weight(weight: torch.Tensor, rows_hint: int | None) -> torch.Tenso
     if rows_hint is None:
         return torch.ops.mkldnn._reorder_linear_weight(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
-
-
-def _autograd_sees(*tensors: torch.Tensor | None) -> bool:
-    """oneDNN's op has no gradient: anything autograd must see takes F.linear."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -48,11 +48,8 @@ def decode_attention(
 
 
 def _applies(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
-    tensors = (q, k_cache, v_cache)
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+    if not native_build.kernel_may_take(q, k_cache, v_cache):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the kernel leaves no graph
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or q.dim() != 3 or k_cache.dim() != 4:
         return False
     tables_fit = block_tables.dim() == 2 and block_tables.shape[0] == q.shape[0] == seq_lens.numel()
@@ -92,7 +89,7 @@ def _run(library, q, k_cache, v_cache, block_tables, seq_lens) -> torch.Tensor |
         tables.shape[1],
         k_cache.shape[0],
         dim**-0.5,
-        max(1, min(torch.get_num_threads(), seqs * kv_heads)),
+        native_build.threads_for(seqs * kv_heads),
     )
     return None if refused else out
 

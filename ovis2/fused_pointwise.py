@@ -4,9 +4,9 @@ PyTorch runs each as several ops on CPU, every one a full pass with a fresh fp32
 448x448 crop of Ovis2-1B's vision tower they took as long as half its matrix products (bench/RESULTS.md).
 `kernels/pointwise.c` does each in one pass, rounding to bf16 where the composite does, so results match it up
 to fp32 summation order and exp's last bits (one bf16 step per rounding; tests/test_fused_pointwise.py). It is
-built like the one-row kernel (ovis2/native_build.py). The functions here take any input: the kernel computes where it
-can (bf16 on a CPU with AVX512-BF16, no autograd, a compiler, `OVIS2_NATIVE_POINTWISE` not 0, its self-test
-passed), the PyTorch composite everywhere else.
+built like the one-row kernel (ovis2/native_build.py). The functions here take any input: the kernel computes
+where it can (bf16 on a CPU with AVX512-BF16, no autograd, a compiler, `OVIS2_NATIVE_POINTWISE` not 0, its
+self-test passed), the PyTorch composite everywhere else.
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ def _kernel_rms_norm(library, x: torch.Tensor, weight: torch.Tensor, eps: float)
     out = torch.empty_like(x)
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
     weight = weight.contiguous()
-    library.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps, _threads(rows))
+    library.rms_norm_bf16(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps, native_build.threads_for(rows)
+    )
     return out
 
 
@@ -87,7 +89,9 @@ def _kernel_silu_mul(library, gate: torch.Tensor, up: torch.Tensor, stride: int)
     cols = gate.shape[-1]
     rows = gate.numel() // cols
     out = torch.empty(gate.shape, dtype=gate.dtype)
-    library.silu_mul_bf16(gate.data_ptr(), up.data_ptr(), out.data_ptr(), rows, cols, stride, _threads(rows))
+    library.silu_mul_bf16(
+        gate.data_ptr(), up.data_ptr(), out.data_ptr(), rows, cols, stride, native_build.threads_for(rows)
+    )
     return out
 
 
@@ -96,16 +100,21 @@ def _kernel_layer_norm_softmax(library, x, weight, bias, eps: float) -> torch.Te
     out = torch.empty_like(x)
     rows, cols = x.numel() // x.shape[-1], x.shape[-1]
     library.layer_norm_softmax_bf16(
-        x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, cols, eps, _threads(rows)
+        x.data_ptr(),
+        weight.data_ptr(),
+        bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        cols,
+        eps,
+        native_build.threads_for(rows),
     )
     return out
 
 
 def _library_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The kernel library where every tensor is a CPU bf16 tensor autograd does not watch, else None."""
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.numel() == 0 for t in tensors):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    """The kernel library where every tensor is a non-empty CPU bf16 tensor autograd does not watch, else None."""
+    if not native_build.kernel_may_take(*tensors) or any(t.numel() == 0 for t in tensors):
         return None
     return kernel_library()
 
@@ -128,10 +137,6 @@ def _row_stride(t: torch.Tensor) -> int | None:
             return None
         expected *= size
     return t.stride(-2)
-
-
-def _threads(rows: int) -> int:
-    return max(1, min(torch.get_num_threads(), rows))
 
 
 # ------------------------------------------------------------------------------------------------ loading

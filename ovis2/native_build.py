@@ -46,6 +46,23 @@ def compiled(source: Path, flags: tuple[str, ...] = BF16_FLAGS) -> Path:
     return target
 
 
+def autograd_sees(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on these: oneDNN's ops and the compiled kernels leave no graph, so
+    PyTorch's own ops must compute it."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def kernel_may_take(*tensors: torch.Tensor) -> bool:
+    """Every tensor a CPU bf16 tensor autograd does not watch: what the bf16 kernels compute on."""
+    plain = all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+    return plain and not autograd_sees(*tensors)
+
+
+def threads_for(work_items: int) -> int:
+    """OpenMP threads for a kernel call splitting `work_items` (rows, sequences): torch's, at most one per item."""
+    return max(1, min(torch.get_num_threads(), work_items))
+
+
 def has_avx512_bf16() -> bool:
     """Whether this CPU has the AVX512-BF16 instructions the bf16 kernels are built for."""
     supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
