@@ -74,6 +74,25 @@ def _onednn_works(dtype: torch.dtype, packed: bool = False) -> bool:
     return bool(torch.equal(out.float(), torch.full((2, 4), 8.0)))
 
 
+def emulates_bf16(t: torch.Tensor) -> bool:
+    """A CPU bf16 tensor on a CPU without bf16 units: there torch's own bf16 products (matmul, conv, SDPA's
+    blocks) run at ~1 GFLOP/s (AMD Zen 3: a 448x448 crop's visual-table product took 36 s, in fp32 0.2 s)."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16 and not native_bf16_matmul()
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a: [..., K], b: [K, N]. Where bf16 is emulated, computed in fp32 over cache-sized blocks of K and
+    rounded to bf16 once, as a native bf16 product accumulates."""
+    if not emulates_bf16(b) or a.dtype != b.dtype or b.dim() != 2 or autograd_sees(a, b):
+        return a @ b
+    flat = a.reshape(-1, a.shape[-1])
+    out = torch.zeros(flat.shape[0], b.shape[1], dtype=torch.float32)
+    block = max(1, WIDEN_BLOCK_BYTES // (4 * b.shape[1]))
+    for start in range(0, b.shape[0], block):
+        out.addmm_(flat[:, start : start + block].float(), b[start : start + block].float())
+    return out.to(b.dtype).view(*a.shape[:-1], b.shape[1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), any leading dimensions."""
     rows = x.shape[:-1].numel()

@@ -16,7 +16,7 @@ from torch import nn
 from . import fused_pointwise
 from .compat import check_compat
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
-from .cpu_linear import DECODE_ROWS_HINT, Linear, pack_linears
+from .cpu_linear import DECODE_ROWS_HINT, Linear, emulates_bf16, matmul, pack_linears
 from .errors import Ovis2Error
 from .fused_linear import FusedLinears, fuse, in_use
 from .layers import (
@@ -47,9 +47,16 @@ class Ovis2VisionEmbeddings(nn.Module):
         self.rms_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [n, D, 32, 32]
+        patches = self._patches(pixel_values.to(self.patch_embedding.weight.dtype))  # [n, D, 32, 32]
         patches = self.rms_norm(patches.flatten(2).transpose(1, 2))  # [n, 1024, D]
         return patches + self.position_embedding.weight
+
+    def _patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        conv = self.patch_embedding
+        if not emulates_bf16(conv.weight):
+            return conv(pixel_values)
+        bias = conv.bias.float() if conv.bias is not None else None
+        return F.conv2d(pixel_values.float(), conv.weight.float(), bias, conv.stride).to(conv.weight.dtype)
 
 
 class Ovis2VisionAttention(nn.Module):
@@ -239,7 +246,7 @@ class Ovis2Model(nn.Module):
         probs = self.vision_tower(pixel_values, compat)
         table = self.visual_embeddings_table.weight
         words = probs.shape[-1]  # the 5 indicator columns are zero: skip them
-        return probs.to(table.dtype) @ table[:words]
+        return matmul(probs.to(table.dtype), table[:words])
 
     def indicator_embeddings(self) -> torch.Tensor:
         count = self.config.vision_config.num_visual_indicator_tokens

@@ -124,3 +124,25 @@ def test_the_cpu_vendor_is_read(tmp_path):
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
     assert cpu_linear._cpu_vendor(cpuinfo) == "GenuineIntel"
     assert cpu_linear._cpu_vendor(tmp_path / "absent") == ""
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+def test_matmul_matches_reference(monkeypatch, emulated):
+    """a @ b with b: [K, N] (the visual table's soft lookup): where bf16 is emulated (forced here), fp32 blocks of K,
+    3 of them and a partial one; the result is the float64 product within the reordered-sum bound."""
+    monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: not emulated)
+    monkeypatch.setattr(cpu_linear, "WIDEN_BLOCK_BYTES", 4 * 48 * 100)  # 100 rows of b a block; K = 350
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 350, generator=generator).to(torch.bfloat16)
+    b = torch.randn(350, 48, generator=generator).to(torch.bfloat16)
+    out = cpu_linear.matmul(a, b)
+    assert out.shape == (2, 5, 48) and out.dtype == torch.bfloat16
+    assert_near_reference(out, a, b.t())
+
+
+def test_emulates_bf16_only_for_cpu_bf16(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: False)
+    assert cpu_linear.emulates_bf16(torch.ones(2, dtype=torch.bfloat16))
+    assert not cpu_linear.emulates_bf16(torch.ones(2))
+    monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: True)
+    assert not cpu_linear.emulates_bf16(torch.ones(2, dtype=torch.bfloat16))
