@@ -4,8 +4,9 @@
 shapes, the same fp32 product runs 1.3-3.5x faster for 2-7 rows computed as `weight @ x.T`, and oneDNN's inner
 product is faster than both for one row (a decode step's GEMV streams at 1.3-2x MKL's bandwidth) and from 8 rows
 on (1.2-2.8x: decode batches, prefill, the vision tower). A CPU without bf16 instructions (AVX2 only) runs a bf16
-product of more than one row at ~16 GFLOP/s; there the weight is widened to fp32 a cache-sized block of rows at a
-time and the fp32 path runs (accumulating in fp32, as a native bf16 kernel does). `python -m
+product of more than one row at ~16 GFLOP/s; there decode's 1-16 rows take `bf16_rows`' compiled kernel (the
+bf16 weight read once, fp32 sums), and more rows, or no kernel, widen the weight to fp32 a cache-sized block of
+rows at a time for the fp32 path (accumulating in fp32, as a native bf16 kernel does). `python -m
 bench.bench_cpu_linear` prints the ratios on the machine at hand. CUDA tensors, and any dtype but fp32/bf16, take
 `F.linear`.
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bf16_rows
 from .native_build import autograd_sees
 from .packed_gemv import OneRowProduct, one_row_product
 
@@ -101,9 +103,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     flat_x = x.reshape(rows, x.shape[-1])
     if x.dtype == torch.float32:
         flat = _fp32_rows(flat_x, weight, bias)
-    elif rows > 1 and not native_bf16_matmul():
+    elif native_bf16_matmul():
+        return F.linear(x, weight, bias)
+    elif bf16_rows.takes(flat_x, weight, bias):
+        flat = bf16_rows.product(flat_x, weight, bias)
+    elif rows > 1:
         flat = _widened(flat_x, weight, bias)
-    else:  # bf16: one row streams half the bytes of a widened one; or the CPU computes bf16 itself
+    else:  # one bf16 row streams half the bytes of a widened one
         return F.linear(x, weight, bias)
     return flat.view(*x.shape[:-1], weight.shape[0])
 

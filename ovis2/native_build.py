@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
 BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
 def compiled(source: Path, flags: tuple[str, ...] = BF16_FLAGS) -> Path:
@@ -69,16 +70,28 @@ def has_avx512_bf16() -> bool:
     return supported is not None and bool(supported())
 
 
+def has_avx2() -> bool:
+    """Whether this CPU has AVX2 and FMA (torch's AVX2 capability requires both), or more."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def checked_library(
-    source: Path, signatures: dict, agrees: Callable[[ctypes.CDLL], bool], switch: str, what: str
+    source: Path,
+    signatures: dict,
+    agrees: Callable[[ctypes.CDLL], bool],
+    switch: str,
+    what: str,
+    cpu_has: Callable[[], bool] = has_avx512_bf16,
+    flags: tuple[str, ...] = BF16_FLAGS,
 ) -> ctypes.CDLL | None:
-    """`source` built and loaded with its functions' ctypes `signatures` ({name: (argtypes, restype)}), or None
-    where it should not or cannot run: the environment variable `switch` is 0, the CPU lacks AVX512-BF16, the
-    build fails, or `agrees(library)` (its self-test against PyTorch) is false. Logged once per caller."""
-    if os.environ.get(switch, "1") == "0" or not has_avx512_bf16():
+    """`source` built with `flags` and loaded with its functions' ctypes `signatures` ({name: (argtypes,
+    restype)}), or None where it should not or cannot run: the environment variable `switch` is 0, `cpu_has()`
+    (the instructions it is built for) is false, the build fails, or `agrees(library)` (its self-test against
+    PyTorch) is false. Logged once per caller."""
+    if os.environ.get(switch, "1") == "0" or not cpu_has():
         return None
     try:
-        library = load(compiled(source), signatures)
+        library = load(compiled(source, flags), signatures)
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("%s unavailable, PyTorch computes them: %s", what, error)
         return None

@@ -28,6 +28,8 @@ def test_patch_convolution_matches_float64(monkeypatch, emulated):
     expected = F.conv2d(pixels.double(), conv.weight.double(), conv.bias.double(), stride)
     magnitude = F.conv2d(pixels.double().abs(), conv.weight.double().abs(), conv.bias.double().abs(), stride)
     terms = conv.weight[0].numel() + 1
-    bound = terms * torch.finfo(torch.float32).eps * magnitude + torch.finfo(torch.bfloat16).eps * expected.abs()
+    bound = (
+        terms * torch.finfo(torch.float32).eps * magnitude + torch.finfo(torch.bfloat16).eps * expected.abs()
+    )
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape
     assert ((out.double() - expected).abs() <= bound).all()

@@ -1,0 +1,77 @@
+"""The few-row bf16 kernel for CPUs without bf16 instructions (ovis2/bf16_rows.py) against the float64 product:
+every row count it takes, the weight's edges (out % 4, in % 8), a bias, NaN, and cpu_linear's dispatch to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovis2 import bf16_rows, cpu_linear
+
+from .linear_bounds import assert_near_reference
+
+pytestmark = pytest.mark.skipif(
+    bf16_rows.kernel_library() is None, reason="no C compiler or no AVX2 here: the kernel cannot run"
+)
+
+
+@pytest.mark.parametrize("rows", range(1, bf16_rows.MAX_ROWS + 1))
+@pytest.mark.parametrize("shape", [(64, 96), (67, 101), (3, 9)])
+def test_matches_float64(rows, shape):
+    generator = torch.Generator().manual_seed(rows * 1000 + shape[0])
+    weight = torch.randn(*shape, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(shape[0], generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, shape[1], generator=generator).to(torch.bfloat16)
+    assert bf16_rows.takes(x, weight, bias)
+    for b in (None, bias):
+        out = bf16_rows.product(x, weight, b)
+        assert out.shape == (rows, shape[0]) and out.dtype == torch.bfloat16
+        assert_near_reference(out, x, weight, b)
+
+
+def test_one_rounding_not_two():
+    """64 + 64 * 0.25 = 80 in fp32 sums rounded once; summed in bf16 each 64 + 0.25 would tie back to 64."""
+    weight = torch.full((4, 65), 0.25, dtype=torch.bfloat16)
+    weight[:, 0] = 64.0
+    x = torch.ones(1, 65, dtype=torch.bfloat16)
+    assert bf16_rows.product(x, weight, None).float().eq(80.0).all()
+
+
+def test_nan_and_infinity_propagate():
+    weight = torch.ones(8, 16, dtype=torch.bfloat16)
+    x = torch.ones(2, 16, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    out = bf16_rows.product(x, weight, None)
+    assert out[0].isnan().all() and out[1].isposinf().all()
+
+
+def test_rounds_to_nearest_even():
+    """1 + 2^-8 lies halfway between bf16's 1 and 1 + 2^-7: nearest even gives 1; 1 + 3 * 2^-8 gives 1 + 2^-6."""
+    weight = torch.ones(4, 2, dtype=torch.bfloat16)
+    x = torch.tensor([[1.0, 2**-8], [1.0, 3 * 2**-8]], dtype=torch.bfloat16)
+    out = bf16_rows.product(x, weight, None).float()
+    assert out[0].eq(1.0).all() and out[1].eq(1 + 2**-6).all()
+
+
+def test_refuses_what_it_does_not_compute():
+    weight = torch.randn(8, 16).to(torch.bfloat16)
+    many = torch.randn(bf16_rows.MAX_ROWS + 1, 16).to(torch.bfloat16)
+    assert not bf16_rows.takes(many, weight, None)
+    assert not bf16_rows.takes(many[:2].float(), weight.float(), None)
+    assert not bf16_rows.takes(many[:2], weight.t().contiguous().t(), None)
+    assert not bf16_rows.takes(many[:2], weight.requires_grad_(), None)
+
+
+def test_dispatch_takes_the_kernel_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: False)
+    calls = []
+    real = bf16_rows.product
+    monkeypatch.setattr(bf16_rows, "product", lambda *args: calls.append(1) or real(*args))
+    generator = torch.Generator().manual_seed(9)
+    weight = torch.randn(600, 96, generator=generator).to(torch.bfloat16)
+    for rows, expected_calls in ((1, 1), (16, 2), (17, 2)):
+        x = torch.randn(2, rows, 96, generator=generator).to(torch.bfloat16)
+        out = cpu_linear.linear(x[0], weight)
+        assert_near_reference(out, x[0], weight)
+        assert len(calls) == expected_calls
