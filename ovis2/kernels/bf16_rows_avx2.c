@@ -17,6 +17,10 @@
 #define BLOCK 512      // inputs of one widened weight block (4 x 512 fp32 = 8 KiB)
 #define STRIDE (BLOCK + 16)  // its rows apart by more than 2 KiB, off the 4 KiB alias of each other
 #define MAX_ROWS 16
+// Weight values prefetched ahead of the direct path's reads (8 KiB: the next group's rows when rows are short).
+// The hardware prefetchers alone lose 4 interleaved 1.8 KiB rows (Zen 3, k = 896: one row read 18-20 -> 22-24
+// GB/s with it; 4864-long rows gained nothing).
+#define AHEAD 4096
 #ifndef WIDEN_FROM
 #define WIDEN_FROM 12  // input rows from which a widened block pays (Zen 3: equal at 8, 1.2-1.5x at 16)
 #endif
@@ -57,6 +61,8 @@ static inline __attribute__((always_inline)) void multiply(const uint16_t* w16, 
     for (int j = 0; j < rows; j++) sum[r][j] = acc[r][first + j];
   for (int64_t i = 0; i < len; i += 8) {
     __m256 wv[GROUP];
+    if (w16 && (i & 31) == 0)  // once a cache line
+      for (int r = 0; r < GROUP; r++) _mm_prefetch((const char*)(w16 + r * ld + i + AHEAD), _MM_HINT_T0);
     for (int r = 0; r < GROUP; r++) wv[r] = w16 ? widen8(w16 + r * ld + i) : _mm256_load_ps(w32 + r * STRIDE + i);
     for (int j = 0; j < rows; j++) {
       __m256 xv = _mm256_loadu_ps(x + j * k + i);
