@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .client import Endpoint
@@ -84,6 +85,7 @@ def resolve_specs(args, pair, root: Path, log=print) -> tuple[list[ServerSpec], 
         threads=args.vllm_threads,
     )
     specs = [ours_spec(Path(sys.executable), pair.hf, settings, shlex.split(args.ours_args))]
+    settings = replace(settings, dtype=args.peer_dtype or args.dtype)
     errors: dict[str, str] = {}
     if "vllm" in args.peers:
         env = vllm_env(root)
@@ -182,13 +184,19 @@ def runs_of(load: Load, args) -> int:
     return args.image_runs if load.image_size and load.turns == 1 and args.image_runs else args.runs
 
 
-def bf16_note(machine: dict, dtype: str) -> str | None:
-    """bf16 without AVX-512-BF16 or AMX is emulated: matmuls run several times slower than in float32."""
-    if dtype != "bfloat16" or any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16")):
+def bf16_note(machine: dict, peer_dtype: str) -> str | None:
+    """bf16 without AVX-512-BF16 or AMX: torch's matmuls emulate it, several times slower than float32. Ours
+    computes its bf16 weights in fp32 there (ovis2.bf16_rows, widened blocks); a peer in bf16 runs the emulation."""
+    if any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16")):
         return None
+    if peer_dtype == "bfloat16":
+        return (
+            "this CPU has no AVX-512-BF16 or AMX: the peers' bf16 matmuls are emulated (several times slower than "
+            "float32), so their bf16 figures measure the emulation (--peer-dtype float32 runs them at their best)"
+        )
     return (
-        "this CPU has no AVX-512-BF16 or AMX: bf16 matmuls are emulated (several times slower than float32), "
-        "so bf16 figures here measure the emulation"
+        f"this CPU has no AVX-512-BF16 or AMX: the peers ran in {peer_dtype}, their fastest dtype here; ours "
+        "keeps --dtype's weights and computes bf16 products in fp32"
     )
 
 
@@ -291,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bfloat16", "float32"),
         help="every server's compute dtype (the checkpoints are bf16 on disk either way)",
     )
+    parser.add_argument(
+        "--peer-dtype",
+        choices=("bfloat16", "float32"),
+        help="the peers' compute dtype where it should differ from ours (default: --dtype); on a CPU without "
+        "bf16 instructions vLLM and transformers emulate bf16, so float32 is their fastest there",
+    )
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument(
         "--kv-cache-gib", type=int, default=2, help="KV cache for every server that takes a size"
@@ -343,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "-m", "bench.peers", *(sys.argv[1:] if argv is None else argv)])
     loads = select_loads(args)
-    note = bf16_note(machine_description(), args.dtype)
+    note = bf16_note(machine_description(), args.peer_dtype or args.dtype)
     if note:
         print("NOTE", note, flush=True)
     root = args.cache_dir or peers_cache_root()
@@ -370,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "machine": machine,
             "partial": partial,
-            "notes": [n for n in [bf16_note(machine, args.dtype)] if n],
+            "notes": [n for n in [bf16_note(machine, args.peer_dtype or args.dtype)] if n],
             "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
             "checkpoints": {
                 "size": args.size,

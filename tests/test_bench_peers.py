@@ -15,7 +15,7 @@ from bench import peers
 from bench.aidc_layout import IMAGE_TOKENS, original_config, original_key, write_original_layout
 from bench.machine_floor import crop_flops, decode_weight_bytes
 from bench.machine_load import summarize_loads
-from bench.peer_install import requirements_from_metadata
+from bench.peer_install import PeerEnv, requirements_from_metadata
 from bench.peer_loads import Load, best_run, build_turns, run_seed, standard_loads
 from bench.peer_report import failure_lines, format_markdown, format_text, ratio, table_rows
 from bench.peer_servers import ServerSettings, ours_spec, transformers_spec, vllm_spec
@@ -109,6 +109,26 @@ def test_command_lines_for_each_server(tmp_path):
     assert (
         config["min_new_tokens"] == config["max_new_tokens"] == 32 and "ignore_eos" not in theirs.extra_body
     )
+
+
+def test_peers_take_their_own_dtype(monkeypatch, tmp_path):
+    """--peer-dtype float32: vLLM computes in float32 while ours keeps --dtype bfloat16; without it, both alike."""
+    monkeypatch.setattr(peers, "vllm_env", lambda root: PeerEnv("vllm", tmp_path / "venv"))
+    monkeypatch.setattr(peers, "installed_version", lambda env: "0.32.0")
+    pair = argparse.Namespace(hf=tmp_path / "hf", aidc=tmp_path / "aidc")
+    for peer_dtype, expected in ((None, "bfloat16"), ("float32", "float32")):
+        args = peers.build_parser().parse_args(["--dtype", "bfloat16", "--peers", "vllm"])
+        args.peer_dtype = peer_dtype
+        specs, errors = peers.resolve_specs(args, pair, tmp_path)
+        dtypes = {spec.name: spec.argv[spec.argv.index("--dtype") + 1] for spec in specs}
+        assert not errors and dtypes == {"ours": "bfloat16", "vllm": expected}
+
+
+def test_bf16_note_names_who_emulates():
+    avx2 = {"cpu_flags": ["avx2", "fma"]}
+    assert "emulated" in peers.bf16_note(avx2, "bfloat16")
+    assert "ran in float32" in peers.bf16_note(avx2, "float32")
+    assert peers.bf16_note({"cpu_flags": ["avx512_bf16"]}, "bfloat16") is None
 
 
 def test_parse_peers():
