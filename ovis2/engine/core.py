@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import decode_attention, fused_pointwise
+from .. import bf16_rows, decode_attention, fused_pointwise
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
@@ -63,11 +63,13 @@ def load_model(args: EngineArgs):
 
 
 def prepare_cpu_kernels(model) -> None:
-    """The bf16 pointwise and decode-attention kernels built (about a second, once per machine) and self-tested
-    at start-up, not inside the first request; each decides once whether it runs here."""
+    """The bf16 pointwise, decode-attention and (for CPUs without bf16 instructions) few-row product kernels
+    built (about a second each, once per machine) and self-tested at start-up, not inside the first request; each
+    decides once whether it runs here."""
     if model.device.type == "cpu" and model.dtype == torch.bfloat16:
         fused_pointwise.kernel_library()
         decode_attention.kernel_library()
+        bf16_rows.kernel_library()
 
 
 class EngineCore:

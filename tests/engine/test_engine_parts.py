@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovis2 import LLM, Ovis2Processor, decode_attention, fused_pointwise
+from ovis2 import LLM, Ovis2Processor, bf16_rows, decode_attention, fused_pointwise
 from ovis2.checkpoint import resolve_checkpoint
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.sampling_params import SamplingParams
@@ -174,7 +174,8 @@ def test_an_aborted_request_reports_its_cached_prompt_tokens(make_engine):
 
 def test_a_bf16_cpu_engine_decides_its_kernels_at_start_up(engine_checkpoint):
     """Built (or found unavailable) while the engine loads, so no request waits for a compiler."""
-    for module in (fused_pointwise, decode_attention):
+    kernels = (fused_pointwise, decode_attention, bf16_rows)
+    for module in kernels:
         module.kernel_library.cache_clear()
     LLM(model=str(engine_checkpoint), dtype="bf16", device="cpu", kv_cache_memory=KV)
-    assert all(m.kernel_library.cache_info().currsize == 1 for m in (fused_pointwise, decode_attention))
+    assert all(m.kernel_library.cache_info().currsize == 1 for m in kernels)
