@@ -46,10 +46,11 @@ def test_widened_path_matches_reference(monkeypatch, dtype):
     monkeypatch.setattr(
         cpu_linear, "WIDEN_BLOCK_BYTES", 4 * 96 * 3000
     )  # 2730 rows a block: 2800 is not a multiple
+    monkeypatch.setattr(cpu_linear, "MANY_ROWS_WIDEN_BLOCK_BYTES", 4 * 96 * 1000)  # 1000 rows a block
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(2800, 96, generator=generator).to(dtype)
     bias = torch.randn(2800, generator=generator).to(dtype)
-    for rows in (1, 2, 40):
+    for rows in (1, 2, 40, cpu_linear.MANY_ROWS):
         check(torch.randn(rows, 96, generator=generator).to(dtype), weight, bias)
 
 
