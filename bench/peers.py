@@ -184,10 +184,11 @@ def runs_of(load: Load, args) -> int:
     return args.image_runs if load.image_size and load.turns == 1 and args.image_runs else args.runs
 
 
-def bf16_note(machine: dict, peer_dtype: str) -> str | None:
+def bf16_note(machine: dict, dtype: str, peer_dtype: str) -> str | None:
     """bf16 without AVX-512-BF16 or AMX: torch's matmuls emulate it, several times slower than float32. Ours
     computes its bf16 weights in fp32 there (ovis2.bf16_rows, widened blocks); a peer in bf16 runs the emulation."""
-    if any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16")):
+    native = any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16"))
+    if native or dtype == peer_dtype == "float32":
         return None
     if peer_dtype == "bfloat16":
         return (
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "-m", "bench.peers", *(sys.argv[1:] if argv is None else argv)])
     loads = select_loads(args)
-    note = bf16_note(machine_description(), args.peer_dtype or args.dtype)
+    note = bf16_note(machine_description(), args.dtype, args.peer_dtype or args.dtype)
     if note:
         print("NOTE", note, flush=True)
     root = args.cache_dir or peers_cache_root()
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "machine": machine,
             "partial": partial,
-            "notes": [n for n in [bf16_note(machine, args.peer_dtype or args.dtype)] if n],
+            "notes": [n for n in [bf16_note(machine, args.dtype, args.peer_dtype or args.dtype)] if n],
             "load_average": {"before": before, "whole_run": sampler.window(0, time.time())},
             "checkpoints": {
                 "size": args.size,

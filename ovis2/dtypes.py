@@ -6,7 +6,8 @@ from typing import Literal, get_args
 
 import torch
 
-from .cpu_linear import packs_weights
+from . import bf16_rows
+from .cpu_linear import native_bf16_matmul, packs_weights
 from .errors import Ovis2Error
 
 DtypeName = Literal["auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"]
@@ -37,13 +38,13 @@ def check_dtype(dtype) -> str | torch.dtype:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """auto (or None): the checkpoints' own bfloat16 on CUDA and on CPUs that compute bf16 natively; float32 on
-    other CPUs."""
+    """auto (or None): the checkpoints' own bfloat16 on CUDA and on CPUs where it is the faster dtype
+    (`cpu_prefers_bf16`); float32 on other CPUs."""
     dtype = check_dtype(dtype)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_prefers_bf16())
         return torch.bfloat16 if native else torch.float32
     return DTYPES[dtype]
 
@@ -53,10 +54,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16) and the engine packs bf16 weights for oneDNN:
-    there bf16 is the faster dtype (a 2-core Xeon with AMX: a 448x448 crop ~0.7-1.6 s against a 4.5 s fp32 floor,
-    a batch-16 decode step ~1.8x). Elsewhere bf16 is emulated: oneDNN runs it on plain AVX-512 too, unmeasured
-    here, and on AVX2 one crop took 131 s against 8.6 s in fp32."""
-    instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return instructions and packs_weights(torch.bfloat16)
+def cpu_prefers_bf16() -> bool:
+    """Whether bf16 is the faster dtype on this CPU. With bf16 instructions (AMX or AVX512-BF16) where the engine
+    packs bf16 weights for oneDNN (a 2-core Xeon with AMX: a 448x448 crop ~0.7-1.6 s against a 4.5 s fp32 floor,
+    a batch-16 decode step ~1.8x). Without them, where oneDNN does not compute bf16 itself and the few-row kernel
+    (`bf16_rows`, AVX2) runs: the bf16 weights are read at half fp32's bytes and computed in fp32 (AMD Zen 3, over
+    HTTP: output tok/s 1.2-1.3x fp32's on text and the cache-hit chat, level on images, p99 TTFT up to ~1.1x).
+    Elsewhere (plain AVX-512: oneDNN emulates bf16, unmeasured; no compiler) float32."""
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return packs_weights(torch.bfloat16)
+    return not native_bf16_matmul() and bf16_rows.kernel_library() is not None

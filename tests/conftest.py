@@ -18,10 +18,10 @@ def _offline_hub():
 
 @pytest.fixture(scope="session", autouse=True)
 def _float32_unless_asked():
-    """`dtype="auto"` means bf16 on CPUs with AMX or AVX512-BF16: pinned to float32 here, so a test's numbers do
+    """`dtype="auto"` means bf16 on CPUs with AMX or AVX512-BF16, or AVX2 and a compiler: pinned to float32 here, so a test's numbers do
     not depend on the CI machine's CPU (tests/test_dtypes.py checks the rule itself; LiveServer passes --dtype)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("ovis2.dtypes.cpu_computes_bf16", lambda: False)
+        patch.setattr("ovis2.dtypes.cpu_prefers_bf16", lambda: False)
         yield
 
 

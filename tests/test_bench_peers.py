@@ -126,9 +126,10 @@ def test_peers_take_their_own_dtype(monkeypatch, tmp_path):
 
 def test_bf16_note_names_who_emulates():
     avx2 = {"cpu_flags": ["avx2", "fma"]}
-    assert "emulated" in peers.bf16_note(avx2, "bfloat16")
-    assert "ran in float32" in peers.bf16_note(avx2, "float32")
-    assert peers.bf16_note({"cpu_flags": ["avx512_bf16"]}, "bfloat16") is None
+    assert "emulated" in peers.bf16_note(avx2, "bfloat16", "bfloat16")
+    assert "ran in float32" in peers.bf16_note(avx2, "bfloat16", "float32")
+    assert peers.bf16_note(avx2, "float32", "float32") is None
+    assert peers.bf16_note({"cpu_flags": ["avx512_bf16"]}, "bfloat16", "bfloat16") is None
 
 
 def test_parse_peers():

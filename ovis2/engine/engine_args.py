@@ -56,7 +56,8 @@ class EngineArgs:
     )
     dtype: DtypeName | torch.dtype = _arg(
         "auto",
-        "Weights and activations dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32).",
+        "Weights and activations dtype (auto: bfloat16 on CUDA, on CPUs with AMX or AVX512-BF16 and on AVX2 CPUs "
+        "where the few-row bf16 kernel builds; else float32).",
         _dtype_rule,
     )
     device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.")
