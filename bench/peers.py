@@ -197,7 +197,7 @@ def bf16_note(machine: dict, dtype: str, peer_dtype: str) -> str | None:
         )
     return (
         f"this CPU has no AVX-512-BF16 or AMX: the peers ran in {peer_dtype}, their fastest dtype here; ours "
-        "keeps --dtype's weights and computes bf16 products in fp32"
+        "keeps --dtype's weights and computes bf16 products in fp32 (where its AVX2 kernel builds)"
     )
 
 

@@ -1,6 +1,6 @@
 """Products of a few bf16 rows (decode steps: 1-16) on CPUs without bf16 instructions (AVX2 and FMA only).
 
-There torch's bf16 products are emulated (~1 GFLOP/s for more than one row) and the fp32 path needs the weight
+There torch's bf16 products are emulated (~16 GFLOP/s for more than one row) and the fp32 path needs the weight
 widened to fp32 on every call: measured on AMD Zen 3 with the Ovis2-1B shapes, a 16-row decode step took 477 ms
 in bf16 against 258 ms in fp32. `kernels/bf16_rows_avx2.c` reads the plain bf16 weight once for all the rows and
 sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's arithmetic at 16. Compiled once with
@@ -25,26 +25,45 @@ SIGNATURES = {
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernel computes x @ weight.T + bias: 1..MAX_ROWS bf16 rows, a contiguous 2-d bf16 weight."""
+    """Whether the kernel computes x @ weight.T + bias: 1..MAX_ROWS CPU bf16 rows of the weight's width, a
+    contiguous non-empty 2-d bf16 weight, a bias of one value per output or none; anything else is F.linear's."""
     rows = x.shape[:-1].numel()
-    if not 1 <= rows <= MAX_ROWS or weight.dim() != 2 or not weight.is_contiguous():
+    if not 1 <= rows <= MAX_ROWS or not _plain_weight(weight) or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and bias.shape != weight.shape[:1]:
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return native_build.kernel_may_take(*tensors) and kernel_library() is not None
 
 
+def _plain_weight(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.is_contiguous() and weight.numel() > 0
+
+
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias, [rows, in] -> [rows, out] bf16; the caller checked `takes`."""
+    """x @ weight.T + bias, [rows, in] -> [rows, out] bf16, for what `takes` accepts (ValueError otherwise)."""
     return _run(kernel_library(), x, weight, bias)
 
 
 def _run(library: ctypes.CDLL, x, weight, bias) -> torch.Tensor:
+    """The kernel reads raw pointers: everything it is handed is checked here, so a wrong call raises."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) or not _plain_weight(
+        weight
+    ):
+        raise ValueError(
+            "the few-row bf16 kernel takes CPU bf16 tensors and a contiguous non-empty 2-d weight"
+        )
     rows, (out_features, in_features) = x.shape[:-1].numel(), weight.shape
+    if not 1 <= rows <= MAX_ROWS or x.shape[-1] != in_features:
+        raise ValueError(
+            f"the few-row bf16 kernel takes 1-{MAX_ROWS} rows of {in_features}, not {tuple(x.shape)}"
+        )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} outputs")
     x = x.reshape(rows, in_features).contiguous()
     bias = bias.contiguous() if bias is not None else None
-    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16, device="cpu")
     status = library.bf16_rows_product(
         weight.data_ptr(),
         x.data_ptr(),
@@ -75,12 +94,13 @@ def kernel_library() -> ctypes.CDLL | None:
 
 
 def agrees_with_float64(library: ctypes.CDLL) -> bool:
-    """1, 2, 3 and 7 rows, with and without a bias, over a weight whose shape has both edges (n % 4, k % 8)."""
+    """Rows through registers (1, 2, 3, 7) and through the widened buffer (12, 16), with and without a bias, over a
+    weight with both edges (n % 4, k % 8) and more than one block of inputs (k > 512)."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(130, 101, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(130, 1101, generator=generator).to(torch.bfloat16)
     bias = torch.randn(130, generator=generator).to(torch.bfloat16)
-    for rows in (1, 2, 3, 7):
-        x = torch.randn(rows, 101, generator=generator).to(torch.bfloat16)
+    for rows in (1, 2, 3, 7, 12, MAX_ROWS):
+        x = torch.randn(rows, 1101, generator=generator).to(torch.bfloat16)
         for b in (None, bias):
             if not within_product_bound(_run(library, x, weight, b), x, weight, b):
                 return False

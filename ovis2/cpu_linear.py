@@ -5,8 +5,9 @@ shapes, the same fp32 product runs 1.3-3.5x faster for 2-7 rows computed as `wei
 product is faster than both for one row (a decode step's GEMV streams at 1.3-2x MKL's bandwidth) and from 8 rows
 on (1.2-2.8x: decode batches, prefill, the vision tower). A CPU without bf16 instructions (AVX2 only) runs a bf16
 product of more than one row at ~16 GFLOP/s; there decode's 1-16 rows take `bf16_rows`' compiled kernel (the
-bf16 weight read once, fp32 sums), and more rows, or no kernel, widen the weight to fp32 a cache-sized block of
-rows at a time for the fp32 path (accumulating in fp32, as a native bf16 kernel does). `python -m
+bf16 weight read once, fp32 sums), and more rows (or 2-16 without the kernel) widen the weight to fp32 a block of
+rows at a time for the fp32 path (accumulating in fp32, as a native bf16 kernel does); one row without the
+kernel stays torch's bf16 GEMV, which streams the bf16 weight well. `python -m
 bench.bench_cpu_linear` prints the ratios on the machine at hand. CUDA tensors, and any dtype but fp32/bf16, take
 `F.linear`.
 
@@ -81,18 +82,21 @@ def _onednn_works(dtype: torch.dtype, packed: bool = False) -> bool:
 
 
 def emulates_bf16(t: torch.Tensor) -> bool:
-    """A CPU bf16 tensor on a CPU without bf16 units: there torch's own bf16 products (matmul, conv, SDPA's
-    blocks) run at ~1 GFLOP/s (AMD Zen 3: a 448x448 crop's visual-table product took 36 s, in fp32 0.2 s)."""
+    """A CPU bf16 tensor on a CPU without bf16 units: there torch's own bf16 matmul and convolution run at ~1
+    GFLOP/s (AMD Zen 3: a 448x448 crop's visual-table product took 36 s, in fp32 0.2 s). (Its bf16 SDPA is not
+    affected: 0.8 s of that crop, as in fp32.)"""
     return t.device.type == "cpu" and t.dtype == torch.bfloat16 and not native_bf16_matmul()
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a: [..., K], b: [K, N]. Where bf16 is emulated, computed in fp32 over cache-sized blocks of K and
     rounded to bf16 once, as a native bf16 product accumulates."""
-    if not emulates_bf16(b) or a.dtype != b.dtype or b.dim() != 2 or autograd_sees(a, b):
+    if not emulates_bf16(b) or a.dtype != b.dtype or b.dim() != 2 or a.shape[-1] != b.shape[0]:
+        return a @ b  # (a shape mismatch raises there)
+    if autograd_sees(a, b):
         return a @ b
     flat = a.reshape(-1, a.shape[-1])
-    out = torch.zeros(flat.shape[0], b.shape[1], dtype=torch.float32)
+    out = torch.zeros(flat.shape[0], b.shape[1], dtype=torch.float32, device="cpu")
     block = max(1, widen_block_bytes(flat.shape[0]) // (4 * b.shape[1]))
     for start in range(0, b.shape[0], block):
         out.addmm_(flat[:, start : start + block].float(), b[start : start + block].float())

@@ -56,7 +56,7 @@ class Ovis2VisionEmbeddings(nn.Module):
         if not emulates_bf16(conv.weight):
             return conv(pixel_values)
         bias = conv.bias.float() if conv.bias is not None else None
-        return F.conv2d(pixel_values.float(), conv.weight.float(), bias, conv.stride).to(conv.weight.dtype)
+        return conv._conv_forward(pixel_values.float(), conv.weight.float(), bias).to(conv.weight.dtype)
 
 
 class Ovis2VisionAttention(nn.Module):
@@ -302,7 +302,7 @@ class Ovis2ForConditionalGeneration(nn.Module):
         **unused,
     ):
         """A local directory, "demo", or a hub id; `torch_dtype`/`device_map` are accepted as transformers spells them.
-        `dtype` None is "auto" (ovis2.dtypes.resolve_dtype): bf16 on CUDA and on CPUs with bf16 instructions.
+        `dtype` None is "auto" (ovis2.dtypes.resolve_dtype): bf16 on CUDA and on CPUs where it is the faster dtype.
 
         On CUDA, refuses with a clear error when the weights exceed `memory_fraction` of the card."""
         from .weights import load_model

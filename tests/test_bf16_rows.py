@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("rows", range(1, bf16_rows.MAX_ROWS + 1))
-@pytest.mark.parametrize("shape", [(64, 96), (67, 101), (3, 9)])
+@pytest.mark.parametrize(
+    "shape", [(64, 96), (67, 101), (3, 9), (67, 1100), (64, 1024)]
+)  # k > 512: several blocks
 def test_matches_float64(rows, shape):
     generator = torch.Generator().manual_seed(rows * 1000 + shape[0])
     weight = torch.randn(*shape, generator=generator).to(torch.bfloat16)
@@ -57,10 +59,60 @@ def test_rounds_to_nearest_even():
 def test_refuses_what_it_does_not_compute():
     weight = torch.randn(8, 16).to(torch.bfloat16)
     many = torch.randn(bf16_rows.MAX_ROWS + 1, 16).to(torch.bfloat16)
+    assert bf16_rows.takes(many[:2], weight, torch.zeros(8, dtype=torch.bfloat16))
     assert not bf16_rows.takes(many, weight, None)
     assert not bf16_rows.takes(many[:2].float(), weight.float(), None)
     assert not bf16_rows.takes(many[:2], weight.t().contiguous().t(), None)
+    assert not bf16_rows.takes(many[:2, :15], weight, None)  # F.linear raises its own shape error
+    assert not bf16_rows.takes(
+        many[:2], weight, torch.zeros(1, dtype=torch.bfloat16)
+    )  # broadcast: F.linear's
+    assert not bf16_rows.takes(many[:2, :0], weight[:, :0].contiguous(), None)
     assert not bf16_rows.takes(many[:2], weight.requires_grad_(), None)
+
+
+def test_a_wrong_call_raises_instead_of_reading_wild_pointers():
+    weight = torch.randn(8, 16).to(torch.bfloat16)
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    for args in (
+        (x.float(), weight, None),
+        (x, weight.float(), None),
+        (x[:, :15], weight, None),
+        (x, weight.t(), None),
+        (torch.randn(bf16_rows.MAX_ROWS + 1, 16).to(torch.bfloat16), weight, None),
+        (x, weight, torch.zeros(7, dtype=torch.bfloat16)),
+    ):
+        with pytest.raises(ValueError):
+            bf16_rows.product(*args)
+
+
+def test_switched_off_or_built_for_the_wrong_cpu_it_is_not_used(monkeypatch):
+    """OVIS2_NATIVE_BF16_ROWS=0 and a CPU without AVX2: no kernel, cpu_linear's own paths. Where it builds, it is
+    built with the AVX2 flags (AVX-512 ones would die with SIGILL on an AVX2-only CPU)."""
+    flags_used = []
+    real_compiled = bf16_rows.native_build.compiled
+    monkeypatch.setattr(
+        bf16_rows.native_build,
+        "compiled",
+        lambda source, flags: flags_used.append(flags) or real_compiled(source, flags),
+    )
+    try:
+        bf16_rows.kernel_library.cache_clear()
+        assert bf16_rows.kernel_library() is not None and flags_used == [bf16_rows.native_build.AVX2_FLAGS]
+        monkeypatch.setenv("OVIS2_NATIVE_BF16_ROWS", "0")
+        bf16_rows.kernel_library.cache_clear()
+        assert bf16_rows.kernel_library() is None
+        monkeypatch.delenv("OVIS2_NATIVE_BF16_ROWS")
+        monkeypatch.setattr(bf16_rows.native_build, "has_avx2", lambda: False)
+        bf16_rows.kernel_library.cache_clear()
+        assert bf16_rows.kernel_library() is None
+        x, weight = torch.randn(3, 16).to(torch.bfloat16), torch.randn(8, 16).to(torch.bfloat16)
+        assert not bf16_rows.takes(x, weight, None)
+        monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: False)
+        assert_near_reference(cpu_linear.linear(x, weight), x, weight)
+    finally:
+        monkeypatch.undo()
+        bf16_rows.kernel_library.cache_clear()
 
 
 def test_dispatch_takes_the_kernel_where_bf16_is_emulated(monkeypatch):

@@ -139,9 +139,15 @@ def test_matmul_matches_reference(monkeypatch, emulated):
     generator = torch.Generator().manual_seed(3)
     a = torch.randn(2, 5, 350, generator=generator).to(torch.bfloat16)
     b = torch.randn(350, 48, generator=generator).to(torch.bfloat16)
+    blocked = []
+    real = cpu_linear.widen_block_bytes
+    monkeypatch.setattr(cpu_linear, "widen_block_bytes", lambda rows: blocked.append(rows) or real(rows))
     out = cpu_linear.matmul(a, b)
     assert out.shape == (2, 5, 48) and out.dtype == torch.bfloat16
     assert_near_reference(out, a, b.t())
+    assert blocked == ([10] if emulated else [])  # the fp32 blocks only where bf16 is emulated
+    with pytest.raises(RuntimeError):  # a K mismatch is a@b's error, not a silently dropped column
+        cpu_linear.matmul(a[..., :349], b)
 
 
 def test_emulates_bf16_only_for_cpu_bf16(monkeypatch):

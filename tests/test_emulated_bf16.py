@@ -3,6 +3,8 @@ convolution is computed in fp32 and rounded once, and agrees with the float64 co
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,17 @@ def test_patch_convolution_matches_float64(monkeypatch, emulated):
     embeddings = Ovis2VisionEmbeddings(config).to(torch.bfloat16)
     pixels = torch.randn(2, 3, 56, 56).to(torch.bfloat16)
     conv = embeddings.patch_embedding
+    seen = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, *args: seen.append(x.dtype) or real_conv2d(x, *args))
     with torch.inference_mode():
         out = embeddings._patches(pixels)
-    stride = conv.stride
-    expected = F.conv2d(pixels.double(), conv.weight.double(), conv.bias.double(), stride)
-    magnitude = F.conv2d(pixels.double().abs(), conv.weight.double().abs(), conv.bias.double().abs(), stride)
+    assert seen == [torch.float32 if emulated else torch.bfloat16]
+    reference = copy.deepcopy(conv).double()
+    monkeypatch.undo()
+    with torch.inference_mode():
+        expected = reference(pixels.double())
+        magnitude = F.conv2d(pixels.double().abs(), reference.weight.abs(), reference.bias.abs(), conv.stride)
     terms = conv.weight[0].numel() + 1
     bound = (
         terms * torch.finfo(torch.float32).eps * magnitude + torch.finfo(torch.bfloat16).eps * expected.abs()

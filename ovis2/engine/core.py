@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import bf16_rows, decode_attention, fused_pointwise
+from ..cpu_linear import native_bf16_matmul
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
@@ -69,7 +70,8 @@ def prepare_cpu_kernels(model) -> None:
     if model.device.type == "cpu" and model.dtype == torch.bfloat16:
         fused_pointwise.kernel_library()
         decode_attention.kernel_library()
-        bf16_rows.kernel_library()
+        if not native_bf16_matmul():  # the few-row kernel serves only CPUs that emulate bf16
+            bf16_rows.kernel_library()
 
 
 class EngineCore:

@@ -2,9 +2,9 @@
 // but no bf16 instructions: the weight is read once, at its bf16 size, for all the rows, widened to fp32 (a
 // 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even once (NaN -> the
 // quiet NaN PyTorch gives).
-// A thread owns groups of 4 weight rows. For 1-3 input rows each weight vector is widened in registers and used
-// at once; for more, a block of the group's weights (4 x 512 values) is widened into an L1-sized buffer once and
-// every 3 input rows run over it, so the widening is paid once for all the rows. Sums stay fp32 vectors until
+// A thread owns groups of 4 weight rows, taken 512 inputs at a time. For 1-11 input rows each weight vector is
+// widened in registers and used by every 3 input rows in turn (the block stays in L1); from 12 rows the block
+// (4 x 512 values) is widened once into an L1-sized buffer that all the rows read. Sums stay fp32 vectors until
 // the group is done.
 // Compiled at run time by ovis2/bf16_rows.py with -mavx2 -mfma -fopenmp.
 #include <immintrin.h>

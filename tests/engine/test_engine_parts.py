@@ -8,6 +8,7 @@ from PIL import Image
 
 from ovis2 import LLM, Ovis2Processor, bf16_rows, decode_attention, fused_pointwise
 from ovis2.checkpoint import resolve_checkpoint
+from ovis2.cpu_linear import native_bf16_matmul
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.token_bytes import TokenBytes
@@ -174,7 +175,7 @@ def test_an_aborted_request_reports_its_cached_prompt_tokens(make_engine):
 
 def test_a_bf16_cpu_engine_decides_its_kernels_at_start_up(engine_checkpoint):
     """Built (or found unavailable) while the engine loads, so no request waits for a compiler."""
-    kernels = (fused_pointwise, decode_attention, bf16_rows)
+    kernels = (fused_pointwise, decode_attention) + (() if native_bf16_matmul() else (bf16_rows,))
     for module in kernels:
         module.kernel_library.cache_clear()
     LLM(model=str(engine_checkpoint), dtype="bf16", device="cpu", kv_cache_memory=KV)
