@@ -102,24 +102,28 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def floors(size: str = "1B", dtype: str = "bfloat16", repeats: int = 5) -> dict:
     """The floors for `size` computing in `dtype` (weights read per step at that dtype's width); the matmul peak
-    is measured in both dtypes, since a CPU without bf16 units emulates bf16 far below its float32 peak."""
+    is measured in both dtypes, since a CPU without bf16 units emulates bf16 far below its float32 peak. There
+    the engine computes bf16 products in fp32 (ovis2.cpu_linear), so the crop floor takes the fp32 peak."""
     from ovis2.configuration import config_for_size
+    from ovis2.cpu_linear import native_bf16_matmul
 
     config = config_for_size(size)
+    products = "float32" if dtype == "bfloat16" and not native_bf16_matmul() else dtype
     bandwidth = copy_bandwidth(repeats=repeats)
     reads = read_bandwidth(repeats=repeats)
     gemv = gemv_bandwidth(dtype=DTYPES[dtype])
     # the other dtype once, on one shape: emulated bf16 can run at well under 1 GFLOP/s
     peaks = {
-        name: matmul_peak(dtype=value) if name == dtype else matmul_peak(MATMUL_SHAPES[:1], 1, value)
+        name: matmul_peak(dtype=value) if name == products else matmul_peak(MATMUL_SHAPES[:1], 1, value)
         for name, value in DTYPES.items()
     }
-    peak = peaks[dtype]
+    peak = peaks[products]
     weight_bytes = decode_weight_bytes(config, torch.empty(0, dtype=DTYPES[dtype]).element_size())
     flops = crop_flops(config)
     return {
         "size": size,
         "dtype": dtype,
+        "products_dtype": products,
         "torch_threads": torch.get_num_threads(),
         "matmul_peak_tflops_by_dtype": {name: p["peak_tflops"] for name, p in peaks.items()},
         "copy_bandwidth_gb_s": bandwidth,
@@ -188,7 +192,7 @@ def format_floors(result: dict) -> str:
         f"({result['decode_weight_bytes'] / 1e9:.2f} GB / copy bandwidth; "
         f"{result['batch1_step_floor_read_ms']:.1f} ms at the read bandwidth, "
         f"{result['batch1_step_floor_gemv_ms']:.1f} ms at the GEMV bandwidth)",
-        f"  448x448 crop floor       {result['crop_floor_ms']:8.0f} ms ({result['crop_tflop']:.2f} TFLOP / matmul peak)",
+        f"  448x448 crop floor       {result['crop_floor_ms']:8.0f} ms ({result['crop_tflop']:.2f} TFLOP / {result.get('products_dtype', result['dtype'])} matmul peak)",
     ]
     if "engine" in result:
         engine = result["engine"]
