@@ -49,6 +49,44 @@ def test_rms_norm_is_the_composite_within_its_two_roundings(library, shape):
     assert (got == expected).float().mean() > 0.99  # the same roundings, bar a reordered sum's rare flip
 
 
+@pytest.fixture(scope="module")
+def avx2_library():
+    library = fused_pointwise.avx2_rms_norm_library()
+    if library is None:
+        pytest.skip("the AVX2 RMSNorm kernel needs AVX2 and a C compiler")
+    return library
+
+
+@pytest.mark.parametrize("shape", [(2, 1024, 1024), (1, 1536), (3, 7, 203), (5, 17), (2, 5)])
+def test_the_avx2_rms_norm_is_the_composite_within_its_two_roundings(avx2_library, shape):
+    x, weight = bf16(*shape, scale=3.0, seed=1), bf16(shape[-1], seed=2)
+    if x.numel() > x.shape[-1]:
+        x.view(-1, shape[-1])[0, 0] = float("nan")  # that row is NaN in both
+    with torch.inference_mode():
+        got = fused_pointwise._kernel_rms_norm(avx2_library, x, weight, 1e-6)
+        expected = fused_pointwise.reference_rms_norm(x, weight, 1e-6)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert fused_pointwise.within_bf16_roundings(got[finite], expected[finite])
+    assert (got[finite] == expected[finite]).float().mean() > 0.99
+
+
+def test_without_avx512_bf16_rms_norm_takes_the_avx2_kernel(avx2_library, monkeypatch):
+    monkeypatch.setattr(fused_pointwise, "kernel_library", lambda: None)
+    calls = []
+    real = fused_pointwise._kernel_rms_norm
+    monkeypatch.setattr(
+        fused_pointwise, "_kernel_rms_norm", lambda *args: calls.append(args[0]) or real(*args)
+    )
+    x, weight = bf16(4, 96, seed=6), bf16(96, seed=7)
+    with torch.inference_mode():
+        got = fused_pointwise.rms_norm(x, weight, 1e-6)
+        fused_pointwise.rms_norm(x.float(), weight.float(), 1e-6)  # fp32: the composite
+    assert calls == [avx2_library]
+    assert fused_pointwise.within_bf16_roundings(got, fused_pointwise.reference_rms_norm(x, weight, 1e-6))
+
+
 def kernel_silu_mul(library, gate, up):
     """The kernel itself, below the size where silu_mul() would hand it the inputs."""
     return fused_pointwise._kernel_silu_mul(library, gate, up, fused_pointwise._row_stride(gate))
