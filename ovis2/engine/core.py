@@ -64,11 +64,12 @@ def load_model(args: EngineArgs):
 
 
 def prepare_cpu_kernels(model) -> None:
-    """The bf16 pointwise, decode-attention and (for CPUs without bf16 instructions) few-row product kernels
-    built (about a second each, once per machine) and self-tested at start-up, not inside the first request; each
-    decides once whether it runs here."""
+    """The bf16 pointwise and decode-attention kernels (on CPUs without bf16 instructions: the few-row product and
+    RMSNorm kernels) built (about a second each, once per machine) and self-tested at start-up, not inside the
+    first request; each decides once whether it runs here."""
     if model.device.type == "cpu" and model.dtype == torch.bfloat16:
-        fused_pointwise.kernel_library()
+        if fused_pointwise.kernel_library() is None:
+            fused_pointwise.avx2_rms_norm_library()
         decode_attention.kernel_library()
         if not native_bf16_matmul():  # the few-row kernel serves only CPUs that emulate bf16
             bf16_rows.kernel_library()
