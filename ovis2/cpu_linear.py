@@ -168,6 +168,12 @@ def _widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return out
 
 
+def fuses_plain(dtype: torch.dtype) -> bool:
+    """Whether linears reading one input (q/k/v, gate/up) are worth one plain concatenated weight here: bf16 on a
+    CPU that emulates it, where `bf16_rows`' kernel computes decode rows (one call and one OpenMP team a group)."""
+    return dtype == torch.bfloat16 and not native_bf16_matmul() and bf16_rows.kernel_library() is not None
+
+
 def packs_weights(dtype: torch.dtype) -> bool:
     """Whether `pack_linears` packs weights of this dtype here: bf16 where oneDNN computes bf16 itself.
 

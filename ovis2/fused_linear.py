@@ -1,4 +1,5 @@
-"""Linears that read the same input (q/k/v, gate/up) computed as one packed oneDNN product on CPU.
+"""Linears that read the same input (q/k/v, gate/up) computed as one packed oneDNN product on CPU (or, on CPUs
+that emulate bf16, as one plain concatenated weight for the few-row kernel: `cpu_linear.fuses_plain`).
 
 A decode step of Ovis2-1B calls ~170 products; q, k and v (896 -> 896, 128, 128) and gate and up (896 -> 4864
 twice) each read the same row. One packed weight per group makes 96 calls of 24 layers out of 168 products, and
@@ -14,6 +15,8 @@ import torch
 from .cpu_linear import (
     DECODE_ROWS_HINT,
     Linear,
+    fuses_plain,
+    linear,
     one_row_for,
     onednn_packing_available,
     packed_product,
@@ -44,6 +47,8 @@ class FusedLinears:
         return self.packed is not None and all(member.fused_into is self for member in self.members)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed.layout == torch.strided:  # a plain concatenated weight (fuses_plain)
+            return linear(x, self.packed, self.bias)
         return packed_product(x, self.packed, self.bias, self.out_features, self.one_row)
 
     def rows_of(self, member: Linear) -> torch.Tensor:
@@ -77,29 +82,37 @@ def fuse(members: list[Linear], dtypes=None, rows_hint: int | None = DECODE_ROWS
     """Pack `members` (same input size, dtype and device, all with a bias or none) as one weight and free their
     plain weights; None, changing nothing, where that cannot or should not happen. `dtypes`: the weight dtypes
     to fuse (default: those `cpu_linear.packs_weights` says help here)."""
-    if not _fusable(members, dtypes):
+    kind = _fusion(members, dtypes)
+    if kind is None:
         return None
     with torch.no_grad():
         weight = torch.cat([member.weight.detach() for member in members])
         with_bias = members[0].bias is not None
         bias = torch.cat([member.bias.detach() for member in members]) if with_bias else None
-        packed = reordered_weight(weight, rows_hint)
-        fused = FusedLinears(members, packed, bias, one_row_for(packed, weight, rows_hint))
+        if kind == "plain":
+            fused = FusedLinears(members, weight, bias)
+        else:
+            packed = reordered_weight(weight, rows_hint)
+            fused = FusedLinears(members, packed, bias, one_row_for(packed, weight, rows_hint))
         for member in members:
             member.fused_into = fused
             member.weight.data = member.weight.new_empty(0)
     return fused
 
 
-def _fusable(members: list[Linear], dtypes) -> bool:
+def _fusion(members: list[Linear], dtypes) -> str | None:
+    """ "packed" (one oneDNN-packed weight), "plain" (one concatenated plain weight, `cpu_linear.fuses_plain`), or
+    None where the members cannot or should not be fused."""
     first = members[0].weight
     for member in members:
         weight = member.weight
         if member.packed_weight is not None or member.fused_into is not None or weight.numel() == 0:
-            return False
+            return None
         if weight.device.type != "cpu" or weight.dtype != first.dtype or not weight.is_contiguous():
-            return False
+            return None
         if weight.shape[1] != first.shape[1] or (member.bias is None) != (members[0].bias is None):
-            return False
+            return None
     wanted = first.dtype in dtypes if dtypes is not None else packs_weights(first.dtype)
-    return wanted and onednn_packing_available(first.dtype)
+    if wanted and onednn_packing_available(first.dtype):
+        return "packed"
+    return "plain" if dtypes is None and fuses_plain(first.dtype) else None

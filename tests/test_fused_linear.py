@@ -107,7 +107,32 @@ def test_default_policy_fuses_only_where_bf16_is_packed(monkeypatch):
 
     assert fuse(members()) is None  # fp32: the engine keeps cpu_linear's dispatch
     monkeypatch.setattr(fused_linear, "packs_weights", lambda dtype: False)
+    monkeypatch.setattr(fused_linear, "fuses_plain", lambda dtype: False)
     assert fuse([m.to(torch.bfloat16) for m in members()]) is None
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_where_bf16_is_emulated_the_group_is_one_plain_weight(monkeypatch, rows):
+    """fuses_plain (forced here): the members' rows concatenated as they are, computed by cpu_linear.linear; the
+    state dict unchanged and release giving each member its rows back."""
+    from ovis2 import fused_linear
+
+    monkeypatch.setattr(fused_linear, "packs_weights", lambda dtype: False)
+    monkeypatch.setattr(fused_linear, "fuses_plain", lambda dtype: dtype == torch.bfloat16)
+    group = [m.to(torch.bfloat16) for m in members(seed=rows)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in group]
+    fused = fuse(group)
+    assert fused is not None and fused.active and all(m.weight.numel() == 0 for m in group)
+    assert fused.packed.layout == torch.strided and fused.packed.is_contiguous()
+    x = torch.randn(2, rows, 48).to(torch.bfloat16)
+    for out, saved in zip(fused(x).split([64, 16, 16], dim=-1), before, strict=True):
+        assert_near_reference(out, x, saved["weight"], saved["bias"])
+    for module, saved in zip(group, before, strict=True):
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in saved.items())
+    fused.release()
+    assert not fused.active and all(
+        torch.equal(m.weight, s["weight"]) for m, s in zip(group, before, strict=True)
+    )
 
 
 def test_swiglu_fused_matches_unfused_and_fusing_again_keeps_the_group():

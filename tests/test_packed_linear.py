@@ -125,7 +125,8 @@ def test_default_policy_packs_only_native_bf16(monkeypatch):
 
 def test_engine_model_packed_where_it_helps(tiny_checkpoint):
     """The engine's own load packs every Linear when bf16 runs natively here (the language model's q/k/v and
-    gate/up fused into one packed product each), none otherwise; the logits of a packed model match the
+    gate/up fused into one packed product each), where bf16 is emulated fuses those groups as plain weights,
+    none otherwise; the logits of a packed model match the
     unpacked one."""
     from ovis2.engine.core import load_model
     from ovis2.engine.engine_args import EngineArgs
@@ -139,6 +140,9 @@ def test_engine_model_packed_where_it_helps(tiny_checkpoint):
     if cpu_linear.packs_weights(torch.bfloat16):
         assert len(packed) + len(fused) == len(linears)
         assert fused and all(any(m is owned for owned in language) for m in fused)
+    elif cpu_linear.fuses_plain(torch.bfloat16):  # bf16 emulated: q/k/v and gate/up as plain groups, no packing
+        assert not packed and fused and all(any(m is owned for owned in language) for m in fused)
+        assert all(m.fused_into.packed.layout == torch.strided for m in fused)
     else:
         assert not packed and not fused
     reference = load_model(args)
