@@ -140,7 +140,7 @@ def test_engine_model_packed_where_it_helps(tiny_checkpoint):
     if cpu_linear.packs_weights(torch.bfloat16):
         assert len(packed) + len(fused) == len(linears)
         assert fused and all(any(m is owned for owned in language) for m in fused)
-    elif cpu_linear.fuses_plain(torch.bfloat16):  # bf16 emulated: q/k/v and gate/up as plain groups, no packing
+    elif cpu_linear.fuses_plain(torch.bfloat16):  # bf16 emulated: q/k/v and gate/up as plain groups
         assert not packed and fused and all(any(m is owned for owned in language) for m in fused)
         assert all(m.fused_into.packed.layout == torch.strided for m in fused)
     else:
