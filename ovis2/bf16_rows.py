@@ -3,9 +3,9 @@
 There torch's bf16 products are emulated (~16 GFLOP/s for more than one row) and the fp32 path needs the weight
 widened to fp32 on every call: measured on AMD Zen 3 with the Ovis2-1B shapes, a 16-row decode step took 477 ms
 in bf16 against 258 ms in fp32 (196-208 ms with this kernel). `kernels/bf16_rows_avx2.c` reads the plain bf16
-weight once for all the rows and
-sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's arithmetic at 16. Compiled once with
-the system's C compiler (native_build), loaded with ctypes; without a compiler or AVX2, with
+weight once for all the rows and sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's
+arithmetic at 16. Compiled once with the system's C compiler (native_build), loaded with ctypes; without a
+compiler or AVX2, with
 `OVIS2_NATIVE_BF16_ROWS=0`, or when its self-test disagrees with float64, `cpu_linear` keeps its own paths.
 """
 
@@ -19,7 +19,9 @@ import torch
 from . import native_build
 
 SOURCE = native_build.KERNELS / "bf16_rows_avx2.c"
-MAX_ROWS = 16  # decode batches; more rows (prefill, the vision tower) take oneDNN's fp32 product over widened blocks
+MAX_ROWS = (
+    16  # decode batches; more rows (prefill, the vision tower) take oneDNN's fp32 product over widened blocks
+)
 SIGNATURES = {
     "bf16_rows_product": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
 }
