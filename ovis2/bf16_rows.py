@@ -19,9 +19,8 @@ import torch
 from . import native_build
 
 SOURCE = native_build.KERNELS / "bf16_rows_avx2.c"
-MAX_ROWS = (
-    16  # decode batches; more rows (prefill, the vision tower) take oneDNN's fp32 product over widened blocks
-)
+# Decode batches; more rows (prefill, the vision tower) take oneDNN's fp32 product over widened blocks.
+MAX_ROWS = 16
 SIGNATURES = {
     "bf16_rows_product": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
 }
