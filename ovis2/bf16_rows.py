@@ -5,8 +5,8 @@ widened to fp32 on every call: measured on AMD Zen 3 with the Ovis2-1B shapes, a
 in bf16 against 258 ms in fp32 (196-208 ms with this kernel). `kernels/bf16_rows_avx2.c` reads the plain bf16
 weight once for all the rows and sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's
 arithmetic at 16. Compiled once with the system's C compiler (native_build), loaded with ctypes; without a
-compiler or AVX2, with
-`OVIS2_NATIVE_BF16_ROWS=0`, or when its self-test disagrees with float64, `cpu_linear` keeps its own paths.
+compiler or AVX2, with `OVIS2_NATIVE_BF16_ROWS=0`, or when its self-test disagrees with float64, `cpu_linear`
+keeps its own paths.
 """
 
 from __future__ import annotations
@@ -28,18 +28,17 @@ SIGNATURES = {
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernel computes x @ weight.T + bias: 1..MAX_ROWS CPU bf16 rows of the weight's width, a
-    contiguous non-empty 2-d bf16 weight, a bias of one value per output or none; anything else is F.linear's."""
-    rows = x.shape[:-1].numel()
-    if not 1 <= rows <= MAX_ROWS or not _plain_weight(weight) or x.shape[-1] != weight.shape[1]:
+    contiguous non-empty 2-d bf16 weight, a bias of one value per output or none, nothing autograd watches, and
+    the kernel built here; anything else is F.linear's."""
+    if _refusal(x, weight, bias) is not None or native_build.autograd_sees(x, weight, bias):
         return False
-    if bias is not None and bias.shape != weight.shape[:1]:
-        return False
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return native_build.kernel_may_take(*tensors) and kernel_library() is not None
+    return kernel_library() is not None
 
 
-def _plain_weight(weight: torch.Tensor) -> bool:
-    return weight.dim() == 2 and weight.is_contiguous() and weight.numel() > 0
+def computed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ weight.T + bias, [rows, in] -> [rows, out] bf16, where `takes` is true; None elsewhere (the dispatch's
+    one call: the checks run once)."""
+    return _compute(kernel_library(), x, weight, bias) if takes(x, weight, bias) else None
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -47,22 +46,30 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return _run(kernel_library(), x, weight, bias)
 
 
-def _run(library: ctypes.CDLL, x, weight, bias) -> torch.Tensor:
-    """The kernel reads raw pointers: everything it is handed is checked here, so a wrong call raises."""
+def _refusal(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the kernel, which reads raw pointers, cannot be handed these; None when it can."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) or not _plain_weight(
-        weight
-    ):
-        raise ValueError(
-            "the few-row bf16 kernel takes CPU bf16 tensors and a contiguous non-empty 2-d weight"
-        )
+    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
+        return "the few-row bf16 kernel takes CPU bf16 tensors"
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.numel() == 0:
+        return "the few-row bf16 kernel takes a contiguous non-empty 2-d weight"
+    if not 1 <= x.shape[:-1].numel() <= MAX_ROWS or x.shape[-1] != weight.shape[1]:
+        return f"the few-row bf16 kernel takes 1-{MAX_ROWS} rows of {weight.shape[1]}, not {tuple(x.shape)}"
+    if bias is not None and bias.shape != weight.shape[:1]:
+        return f"bias of shape {tuple(bias.shape)} for {weight.shape[0]} outputs"
+    return None
+
+
+def _run(library: ctypes.CDLL, x, weight, bias) -> torch.Tensor:
+    refusal = _refusal(x, weight, bias)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return _compute(library, x, weight, bias)
+
+
+def _compute(library: ctypes.CDLL, x, weight, bias) -> torch.Tensor:
+    """The kernel's call, for inputs `_refusal` passed."""
     rows, (out_features, in_features) = x.shape[:-1].numel(), weight.shape
-    if not 1 <= rows <= MAX_ROWS or x.shape[-1] != in_features:
-        raise ValueError(
-            f"the few-row bf16 kernel takes 1-{MAX_ROWS} rows of {in_features}, not {tuple(x.shape)}"
-        )
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} outputs")
     x = x.reshape(rows, in_features).contiguous()
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty(rows, out_features, dtype=torch.bfloat16, device="cpu")

@@ -91,10 +91,9 @@ def emulates_bf16(t: torch.Tensor) -> bool:
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a: [..., K], b: [K, N]. Where bf16 is emulated, computed in fp32 over cache-sized blocks of K and
     rounded to bf16 once, as a native bf16 product accumulates."""
-    if not emulates_bf16(b) or a.dtype != b.dtype or b.dim() != 2 or a.shape[-1] != b.shape[0]:
+    plain = emulates_bf16(b) and a.dtype == b.dtype and b.dim() == 2 and a.shape[-1] == b.shape[0]
+    if not plain or autograd_sees(a, b):
         return a @ b  # (a shape mismatch raises there)
-    if autograd_sees(a, b):
-        return a @ b
     flat = a.reshape(-1, a.shape[-1])
     out = torch.zeros(flat.shape[0], b.shape[1], dtype=torch.float32, device="cpu")
     block = max(1, widen_block_bytes(flat.shape[0]) // (4 * b.shape[1]))
@@ -113,12 +112,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         flat = _fp32_rows(flat_x, weight, bias)
     elif native_bf16_matmul():
         return F.linear(x, weight, bias)
-    elif bf16_rows.takes(flat_x, weight, bias):
-        flat = bf16_rows.product(flat_x, weight, bias)
-    elif rows > 1:
+    elif (flat := bf16_rows.computed(flat_x, weight, bias)) is None:
+        if rows == 1:  # one bf16 row streams half the bytes of a widened one
+            return F.linear(x, weight, bias)
         flat = _widened(flat_x, weight, bias)
-    else:  # one bf16 row streams half the bytes of a widened one
-        return F.linear(x, weight, bias)
     return flat.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -168,10 +165,16 @@ def _widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return out
 
 
+def bf16_rows_serve() -> bool:
+    """Whether bf16 decode rows are `bf16_rows`' kernel's here: oneDNN emulates bf16 on this CPU and the kernel
+    built (the first call builds it)."""
+    return not native_bf16_matmul() and bf16_rows.kernel_library() is not None
+
+
 def fuses_plain(dtype: torch.dtype) -> bool:
-    """Whether linears reading one input (q/k/v, gate/up) are worth one plain concatenated weight here: bf16 on a
-    CPU that emulates it, where `bf16_rows`' kernel computes decode rows (one call and one OpenMP team a group)."""
-    return dtype == torch.bfloat16 and not native_bf16_matmul() and bf16_rows.kernel_library() is not None
+    """Whether linears reading one input (q/k/v, gate/up) are worth one plain concatenated weight here: bf16 where
+    `bf16_rows` serves (one kernel call and one OpenMP team a group)."""
+    return dtype == torch.bfloat16 and bf16_rows_serve()
 
 
 def packs_weights(dtype: torch.dtype) -> bool:

@@ -6,8 +6,7 @@ from typing import Literal, get_args
 
 import torch
 
-from . import bf16_rows
-from .cpu_linear import native_bf16_matmul, packs_weights
+from .cpu_linear import bf16_rows_serve, packs_weights
 from .errors import Ovis2Error
 
 DtypeName = Literal["auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"]
@@ -63,4 +62,4 @@ def cpu_prefers_bf16() -> bool:
     Elsewhere (plain AVX-512: oneDNN emulates bf16, unmeasured; no compiler) float32."""
     if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
         return packs_weights(torch.bfloat16)
-    return not native_bf16_matmul() and bf16_rows.kernel_library() is not None
+    return bf16_rows_serve()

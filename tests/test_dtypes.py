@@ -40,7 +40,7 @@ def test_a_named_dtype_is_kept_whatever_the_cpu(monkeypatch, native):
 def test_bf16_counts_as_native_only_where_the_cpu_has_its_instructions(monkeypatch):
     """oneDNN also runs bf16 on plain AVX-512 (emulated): that alone must not make auto bf16."""
     monkeypatch.setattr("ovis2.dtypes.packs_weights", lambda dtype: True)
-    monkeypatch.setattr("ovis2.dtypes.native_bf16_matmul", lambda: True)
+    monkeypatch.setattr("ovis2.cpu_linear.native_bf16_matmul", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert not prefers_bf16()
@@ -54,8 +54,8 @@ def test_bf16_counts_as_native_only_where_the_cpu_has_its_instructions(monkeypat
 def test_without_bf16_instructions_bf16_where_the_few_row_kernel_runs(monkeypatch, kernel):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr("ovis2.dtypes.native_bf16_matmul", lambda: False)
-    monkeypatch.setattr("ovis2.dtypes.bf16_rows.kernel_library", lambda: object() if kernel else None)
+    monkeypatch.setattr("ovis2.cpu_linear.native_bf16_matmul", lambda: False)
+    monkeypatch.setattr("ovis2.bf16_rows.kernel_library", lambda: object() if kernel else None)
     assert prefers_bf16() == kernel
 
 

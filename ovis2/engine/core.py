@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import bf16_rows, decode_attention, fused_pointwise
-from ..cpu_linear import native_bf16_matmul
+from .. import decode_attention, fused_pointwise
+from ..cpu_linear import bf16_rows_serve
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
@@ -71,8 +71,7 @@ def prepare_cpu_kernels(model) -> None:
         if fused_pointwise.kernel_library() is None:
             fused_pointwise.avx2_rms_norm_library()
         decode_attention.kernel_library()
-        if not native_bf16_matmul():  # the few-row kernel serves only CPUs that emulate bf16
-            bf16_rows.kernel_library()
+        bf16_rows_serve()  # builds the few-row kernel where oneDNN emulates bf16
 
 
 class EngineCore:
