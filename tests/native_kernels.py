@@ -24,5 +24,5 @@ def decided_anew(module, monkeypatch, tmp_path) -> Iterator[None]:
 def loaded_or_skip(module, what: str):
     library = module.kernel_library()
     if library is None:
-        pytest.skip(f"{what} need AVX512-BF16 and a C compiler")
+        pytest.skip(f"{what}: no C compiler here, or not the instructions they are built for")
     return library

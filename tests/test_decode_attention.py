@@ -2,7 +2,8 @@
 values over the gathered context within bf16 rounding, on the Ovis2 head layouts, uneven lengths and shuffled
 blocks; the engine's decode path takes it; SDPA wherever it cannot run.
 
-The kernel needs a CPU with AVX512-BF16 and a C compiler; the fallbacks are checked everywhere."""
+The kernel needs a C compiler and a CPU with AVX512-BF16 or AVX2 (built for each); the fallbacks are checked
+everywhere."""
 
 from __future__ import annotations
 
@@ -150,3 +151,35 @@ def test_switched_off_means_no_kernel(fresh_library):
     fresh_library.setenv("OVIS2_NATIVE_ATTENTION", "0")
     assert decode_attention.kernel_library() is None
     assert decode_attention.decode_attention(*paged_case([4], 4, 2, 16)) is None
+
+
+def test_built_for_the_instructions_this_cpu_has(fresh_library):
+    """AVX512-BF16 flags where the CPU has them, AVX2's where it has only those (an AVX-512 build would die with
+    SIGILL there), nothing where it has neither."""
+    native_build = decode_attention.native_build
+    flags_used = []
+
+    def refusing_compiled(source, flags):
+        flags_used.append(flags)
+        raise OSError("not built in this test")
+
+    fresh_library.setattr(native_build, "compiled", refusing_compiled)
+    for avx512_bf16, avx2, expected in [
+        (True, True, [native_build.BF16_FLAGS]),
+        (False, True, [native_build.AVX2_FLAGS]),
+        (False, False, []),
+    ]:
+        flags_used.clear()
+        fresh_library.setattr(native_build, "has_avx512_bf16", lambda value=avx512_bf16: value)
+        fresh_library.setattr(native_build, "has_avx2", lambda value=avx2: value)
+        decode_attention.kernel_library.cache_clear()
+        assert decode_attention.kernel_library() is None and flags_used == expected
+
+
+def test_a_nan_key_makes_its_heads_output_nan_as_sdpa_does(library):
+    """A NaN among the attended keys poisons the scores of the query heads reading it, as in SDPA: the kernel's
+    own exponential keeps NaN NaN (it does not clamp it away with the scores below e^-87)."""
+    q, k_cache, v_cache, tables, lens = paged_case([40], 4, 2, 16, seed=3)
+    k_cache[tables[0, 1], 3, 1] = float("nan")  # key 19 of KV head 1
+    got = decode_attention.decode_attention(q, k_cache, v_cache, tables, lens)
+    assert got[0, 2:].isnan().all() and not got[0, :2].isnan().any()
