@@ -15,7 +15,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("rows", range(1, bf16_rows.MAX_ROWS + 1))
+# Every register layout (1-11 streamed, 12-16 widened), the 3-row tiles' leftovers, and the largest counts.
+ROW_COUNTS = [*range(1, 17), 17, 31, 32, 33, 64, bf16_rows.MAX_ROWS - 1, bf16_rows.MAX_ROWS]
+
+
+@pytest.mark.parametrize("rows", ROW_COUNTS)
 @pytest.mark.parametrize(
     "shape", [(64, 96), (67, 101), (3, 9), (67, 1100), (64, 1024)]
 )  # k > 512: several blocks
@@ -123,7 +127,8 @@ def test_dispatch_takes_the_kernel_where_bf16_is_emulated(monkeypatch):
     monkeypatch.setattr(bf16_rows, "_compute", lambda *args: calls.append(1) or real(*args))
     generator = torch.Generator().manual_seed(9)
     weight = torch.randn(600, 96, generator=generator).to(torch.bfloat16)
-    for rows, expected_calls in ((1, 1), (16, 2), (17, 2)):
+    top = bf16_rows.MAX_ROWS
+    for rows, expected_calls in ((1, 1), (16, 2), (top, 3), (top + 1, 3)):
         x = torch.randn(2, rows, 96, generator=generator).to(torch.bfloat16)
         out = cpu_linear.linear(x[0], weight)
         assert_near_reference(out, x[0], weight)
