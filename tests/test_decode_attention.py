@@ -154,8 +154,8 @@ def test_switched_off_means_no_kernel(fresh_library):
 
 
 def test_built_for_the_instructions_this_cpu_has(fresh_library):
-    """AVX512-BF16 flags where the CPU has them, AVX2's where it has only those (an AVX-512 build would die with
-    SIGILL there), nothing where it has neither."""
+    """AVX512-BF16 flags where the CPU has them, then AVX2's if that build fails; AVX2's alone where the CPU has only
+    those (an AVX-512 build would die with SIGILL there); nothing where it has neither."""
     native_build = decode_attention.native_build
     flags_used = []
 
@@ -165,7 +165,7 @@ def test_built_for_the_instructions_this_cpu_has(fresh_library):
 
     fresh_library.setattr(native_build, "compiled", refusing_compiled)
     for avx512_bf16, avx2, expected in [
-        (True, True, [native_build.BF16_FLAGS]),
+        (True, True, [native_build.BF16_FLAGS, native_build.AVX2_FLAGS]),
         (False, True, [native_build.AVX2_FLAGS]),
         (False, False, []),
     ]:
@@ -183,3 +183,17 @@ def test_a_nan_key_makes_its_heads_output_nan_as_sdpa_does(library):
     k_cache[tables[0, 1], 3, 1] = float("nan")  # key 19 of KV head 1
     got = decode_attention.decode_attention(q, k_cache, v_cache, tables, lens)
     assert got[0, 2:].isnan().all() and not got[0, :2].isnan().any()
+
+
+def test_scores_far_below_the_top_weigh_nothing(library):
+    """A key scoring 100 below the best gets weight e^-100 ~ 4e-44: nothing, as in SDPA, even beside a value of 3e38
+    (a floor of e^-87 ~ 1.6e-38 on the weights would have added ~5 to the output)."""
+    q, k_cache, v_cache, tables, lens = paged_case([20], 1, 1, 16, seed=4)
+    q[:] = 1.0
+    block = tables[0, 0]
+    k_cache[block, :, 0] = 0.0
+    k_cache[block, 0, 0] = 25.0  # key 0: score 25 * 16 / 4 = 100 above the others
+    v_cache[block, 1, 0] = 3e38  # key 1, weighing e^-100
+    got = decode_attention.decode_attention(q, k_cache, v_cache, tables, lens)[0, 0].float()
+    expected = v_cache[block, 0, 0].float()  # key 0's value: all the weight is its
+    assert ((got - expected).abs() <= 2**-7 * expected.abs() + 1e-30).all()

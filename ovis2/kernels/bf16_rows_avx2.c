@@ -1,9 +1,9 @@
 // 1-128 rows (decode steps, short prompts' prefill) times a bf16 weight [n][k] in its plain row-major layout, for CPUs with AVX2 and FMA
 // but no bf16 instructions: the weight is read once, at its bf16 size, for all the rows, widened to fp32 (a
-// 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even once (NaN -> the
-// quiet NaN PyTorch gives).
+// 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even once (NaN -> a
+// quiet NaN, 0x7fc0).
 // Up to 11 input rows, a thread reads its weight rows front to back, one at a time, each by up to 4 input rows in
-// registers (more rows read it again, from L1): one sequential stream per thread, which the memory system serves
+// registers (more rows read it again, from L1, or L2 past ~8K inputs): one sequential stream per thread, which the memory system serves
 // fastest. From 12 rows the arithmetic dominates: a thread takes 4 weight rows at a time, widens 512 inputs of
 // them into an L1-sized buffer once, and multiplies them by 3 input rows at a time.
 // Compiled at run time by ovis2/bf16_rows.py with -mavx2 -mfma -fopenmp.
@@ -81,10 +81,8 @@ static inline void multiply_rows(const float* w32, const float* x, int64_t k, in
     const float* xj = x + j * k;
     if (rows == 3)
       multiply(w32, xj, k, len, 3, acc, (int)j);
-    else if (rows == 2)
+    else  // 2: from 12 rows on no lone row is left
       multiply(w32, xj, k, len, 2, acc, (int)j);
-    else
-      multiply(w32, xj, k, len, 1, acc, (int)j);
   }
 }
 

@@ -30,6 +30,9 @@ static inline void store_bf16(uint16_t* p, vec v) { _mm256_storeu_si256((void*)p
 static inline vec load_lanes(const float* p) { return _mm512_loadu_ps(p); }
 static inline void store_lanes(float* p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec above(vec floor, vec x) { return _mm512_max_ps(floor, x); }  // x where x is NaN
+static inline vec zero_below(vec value, vec x, float limit) {  // 0 where x < limit; NaN x keeps value
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_NLT_UQ), value);
+}
 static inline vec nearest(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vec power_of_two(vec n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
@@ -50,7 +53,7 @@ static inline float total_of(vec v) {
   half = _mm_add_ps(half, _mm_movehl_ps(half, half));
   return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
-static inline uint16_t to_bf16(float value) {  // nearest even; NaN -> the quiet NaN PyTorch gives
+static inline uint16_t to_bf16(float value) {  // nearest even; NaN -> a quiet NaN (0x7fc0)
   uint32_t bits;
   memcpy(&bits, &value, sizeof bits);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
@@ -64,16 +67,20 @@ static inline void store_bf16(uint16_t* p, vec v) {
 static inline vec load_lanes(const float* p) { return _mm256_loadu_ps(p); }
 static inline void store_lanes(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec above(vec floor, vec x) { return _mm256_max_ps(floor, x); }  // x where x is NaN
+static inline vec zero_below(vec value, vec x, float limit) {  // 0 where x < limit; NaN x keeps value
+  return _mm256_and_ps(value, _mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_NLT_UQ));
+}
 static inline vec nearest(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vec power_of_two(vec n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 #endif
 
-// e^x for x <= 0, within ~2 fp32 ulps: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7 / 7!
-// (error < 2^-25), times 2^n. Below -87 (e^x < 2^-125) it gives e^-87; NaN stays NaN.
-static inline vec exp_of(vec x) {
-  x = above(splat(-87.0f), x);
+// e^x for x <= 0, within 1 fp32 ulp (checked against double over every float in [-87, 0]): x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by its Taylor series to r^7 / 7! (error ~2^-27), times 2^n. Below -87 (e^x < 2^-125) it
+// gives 0, as the keys a -inf score weighs; NaN stays NaN.
+static inline vec exp_of(vec input) {
+  const vec x = above(splat(-87.0f), input);
   const vec n = nearest(mul(x, splat(1.44269504088896341f)));
   vec r = fmadd(n, splat(-0.693359375f), x);  // ln2 in two parts: n * the first is exact
   r = fmadd(n, splat(2.12194440e-4f), r);
@@ -85,10 +92,11 @@ static inline vec exp_of(vec x) {
   p = fmadd(p, r, splat(0.5f));
   p = fmadd(p, r, splat(1.0f));
   p = fmadd(p, r, splat(1.0f));
-  return mul(p, power_of_two(n));
+  return zero_below(mul(p, power_of_two(n)), input, -87.0f);
 }
 
 #define MAX_VECTORS (MAX_DIM / LANES)
+_Static_assert(CHUNK % LANES == 0 && MAX_DIM % LANES == 0, "whole vectors of keys and of a head");
 
 // One KV head's attention for its `group` query heads; `vectors` (dim / LANES) a constant after inlining, so the
 // loops over a head's vectors unroll (2-2.5x faster at head_dim 64 on Zen 3 than a run-time count).
