@@ -54,16 +54,27 @@ static inline float sum8(__m256 v) {
   return _mm_cvtss_f32(half);
 }
 
-// acc[r][j] += w row r . x row j over `len` inputs (a multiple of 8) of the widened block `w32` (row stride
-// STRIDE), for `rows` (a constant after inlining) input rows.
-static inline __attribute__((always_inline)) void multiply(const float* w32, const float* x, int64_t k, int64_t len,
-                                                           int rows, __m256 acc[GROUP][MAX_ROWS], int first) {
+// acc[r][j] += w row r . x row j over `len` inputs (a multiple of 8), for `rows` (a constant after inlining) input
+// rows, the weight read from the widened block `w32` (row stride STRIDE), or, given `w16` (bf16, row stride `k`),
+// widened from it into `w32` on the way: the first input rows pay for the widening inside their own loop.
+static inline __attribute__((always_inline)) void multiply(const uint16_t* w16, float* w32, const float* x, int64_t k,
+                                                           int64_t len, int rows, __m256 acc[GROUP][MAX_ROWS],
+                                                           int first) {
   __m256 sum[GROUP][CHUNK];
   for (int r = 0; r < GROUP; r++)
     for (int j = 0; j < rows; j++) sum[r][j] = acc[r][first + j];
   for (int64_t i = 0; i < len; i += 8) {
     __m256 wv[GROUP];
-    for (int r = 0; r < GROUP; r++) wv[r] = _mm256_load_ps(w32 + r * STRIDE + i);
+    if (w16) {
+      if ((i & 31) == 0)  // once a cache line
+        for (int r = 0; r < GROUP; r++) _mm_prefetch((const char*)(w16 + r * k + i + WIDEN_AHEAD), _MM_HINT_T0);
+      for (int r = 0; r < GROUP; r++) {
+        wv[r] = widen8(w16 + r * k + i);
+        _mm256_store_ps(w32 + r * STRIDE + i, wv[r]);
+      }
+    } else {
+      for (int r = 0; r < GROUP; r++) wv[r] = _mm256_load_ps(w32 + r * STRIDE + i);
+    }
     for (int j = 0; j < rows; j++) {
       __m256 xv = _mm256_loadu_ps(x + j * k + i);
       for (int r = 0; r < GROUP; r++) sum[r][j] = _mm256_fmadd_ps(wv[r], xv, sum[r][j]);
@@ -73,16 +84,17 @@ static inline __attribute__((always_inline)) void multiply(const float* w32, con
     for (int j = 0; j < rows; j++) acc[r][first + j] = sum[r][j];
 }
 
-static inline void multiply_rows(const float* w32, const float* x, int64_t k, int64_t len, int64_t m,
+// Input rows `from` .. m-1 through the widened block, CHUNK at a time.
+static inline void multiply_rows(float* w32, const float* x, int64_t k, int64_t len, int64_t from, int64_t m,
                                  __m256 acc[GROUP][MAX_ROWS]) {
-  for (int64_t j = 0, rows; j < m; j += rows) {
+  for (int64_t j = from, rows; j < m; j += rows) {
     const int64_t left = m - j;
     rows = left == CHUNK + 1 ? 2 : (left < CHUNK ? left : CHUNK);  // 4 rows as 2 + 2, not 3 + a lone 1
     const float* xj = x + j * k;
     if (rows == 3)
-      multiply(w32, xj, k, len, 3, acc, (int)j);
+      multiply(NULL, w32, xj, k, len, 3, acc, (int)j);
     else  // 2: from 12 rows on no lone row is left
-      multiply(w32, xj, k, len, 2, acc, (int)j);
+      multiply(NULL, w32, xj, k, len, 2, acc, (int)j);
   }
 }
 
@@ -140,12 +152,8 @@ static void group(const uint16_t* w, const float* x, int64_t m, int64_t k, float
   const int64_t body = k / 8 * 8;
   for (int64_t start = 0; start < body; start += BLOCK) {
     const int64_t len = body - start < BLOCK ? body - start : BLOCK;
-    for (int r = 0; r < GROUP; r++)
-      for (int64_t i = 0; i < len; i += 8) {
-        if ((i & 31) == 0) _mm_prefetch((const char*)(w + r * k + start + i + WIDEN_AHEAD), _MM_HINT_T0);
-        _mm256_store_ps(widened + r * STRIDE + i, widen8(w + r * k + start + i));
-      }
-    multiply_rows(widened, x + start, k, len, m, acc);
+    multiply(w + start, widened, x + start, k, len, CHUNK, acc, 0);  // m >= WIDEN_FROM > CHUNK
+    multiply_rows(widened, x + start, k, len, CHUNK, m, acc);
   }
   for (int r = 0; r < GROUP; r++)
     for (int j = 0; j < m; j++) {
