@@ -3,9 +3,10 @@
 // 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even once (NaN -> a
 // quiet NaN, 0x7fc0).
 // Up to 11 input rows, a thread reads its weight rows front to back, one at a time, each by up to 4 input rows in
-// registers (more rows read it again, from L1, or L2 past ~8K inputs): one sequential stream per thread, which the memory system serves
-// fastest. From 12 rows the arithmetic dominates: a thread takes 4 weight rows at a time, widens 512 inputs of
-// them into an L1-sized buffer once, and multiplies them by 3 input rows at a time.
+// registers (more rows read it again, from L1, or L2 past ~8K inputs): one sequential stream per thread, which the
+// memory system serves fastest. From 12 rows the arithmetic dominates: a thread takes 4 weight rows at a time, 512
+// inputs of them at a time; the first 3 input rows widen that block into an L1-sized buffer as they go, and the
+// others read it from there, 3 rows at a time.
 // Compiled at run time by ovis2/bf16_rows.py with -mavx2 -mfma -fopenmp.
 #include <immintrin.h>
 #include <stdint.h>
