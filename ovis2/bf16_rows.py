@@ -105,7 +105,7 @@ def kernel_library() -> ctypes.CDLL | None:
 
 
 def agrees_with_float64(library: ctypes.CDLL) -> bool:
-    """Rows through registers (1, 2, 3, 7) and through the widened buffer (12, MAX_ROWS), with and without a bias, over a
+    """Rows streamed (1, 2, 3, 7) and through the widened buffer (12, MAX_ROWS), with and without a bias, over a
     weight with both edges (n % 4, k % 8) and more than one block of inputs (k > 512)."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(130, 1101, generator=generator).to(torch.bfloat16)
