@@ -48,9 +48,8 @@ def reference_layer_norm_softmax(x: torch.Tensor, weight, bias, eps: float) -> t
 
 # ----------------------------------------------------------------------------------------------- dispatch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    library = _library_for(x, weight) if _one_per_column(x, weight) else None
-    if library is None and _one_per_column(x, weight) and _may_take(x, weight):
-        library = avx2_rms_norm_library()  # no AVX512-BF16: RMSNorm alone, from the AVX2 kernel
+    fits = _one_per_column(x, weight) and _may_take(x, weight)
+    library = rms_norm_library() if fits else None
     if library is None:
         return reference_rms_norm(x, weight, eps)
     return _kernel_rms_norm(library, x, weight, eps)
@@ -152,6 +151,13 @@ def kernel_library() -> ctypes.CDLL | None:
     return native_build.checked_library(
         SOURCE, SIGNATURES, agrees_with_pytorch, "OVIS2_NATIVE_POINTWISE", "pointwise bf16 kernels"
     )
+
+
+def rms_norm_library() -> ctypes.CDLL | None:
+    """The library RMSNorm runs from here: the AVX512-BF16 one, else (no AVX512-BF16) the AVX2 one; None where
+    neither runs. The first call builds them."""
+    library = kernel_library()
+    return library if library is not None else avx2_rms_norm_library()
 
 
 @cache

@@ -68,8 +68,7 @@ def prepare_cpu_kernels(model) -> None:
     RMSNorm kernels) built (about a second each, once per machine) and self-tested at start-up, not inside the
     first request; each decides once whether it runs here."""
     if model.device.type == "cpu" and model.dtype == torch.bfloat16:
-        if fused_pointwise.kernel_library() is None:
-            fused_pointwise.avx2_rms_norm_library()
+        fused_pointwise.rms_norm_library()  # the AVX512-BF16 pointwise kernels, else AVX2's RMSNorm
         decode_attention.kernel_library()
         bf16_rows_serve()  # builds the few-row kernel where oneDNN emulates bf16
 
