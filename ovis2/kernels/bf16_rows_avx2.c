@@ -1,7 +1,7 @@
-// 1-128 rows (decode steps, short prompts' prefill) times a bf16 weight [n][k] in its plain row-major layout, for CPUs with AVX2 and FMA
-// but no bf16 instructions: the weight is read once, at its bf16 size, for all the rows, widened to fp32 (a
-// 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even once (NaN -> a
-// quiet NaN, 0x7fc0).
+// 1-128 rows (decode steps, short prompts' prefill) times a bf16 weight [n][k] in its plain row-major layout, for
+// CPUs with AVX2 and FMA but no bf16 instructions: the weight is read once, at its bf16 size, for all the rows,
+// widened to fp32 (a 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even
+// once (NaN -> a quiet NaN, 0x7fc0).
 // Up to 11 input rows, a thread reads its weight rows front to back, one at a time, each by up to 4 input rows in
 // registers (more rows read it again, from L1, or L2 past ~8K inputs): one sequential stream per thread, which the
 // memory system serves fastest. From 12 rows the arithmetic dominates: a thread takes 4 weight rows at a time, 512
@@ -118,7 +118,8 @@ static inline __attribute__((always_inline)) void streamed(const uint16_t* row, 
       }
   }
   for (; i + 8 <= k; i += 8)
-    for (int j = 0; j < rows; j++) acc[j][0] = _mm256_fmadd_ps(widen8(row + i), _mm256_loadu_ps(x + j * k + i), acc[j][0]);
+    for (int j = 0; j < rows; j++)
+      acc[j][0] = _mm256_fmadd_ps(widen8(row + i), _mm256_loadu_ps(x + j * k + i), acc[j][0]);
   for (int j = 0; j < rows; j++) {
     __m256 sum = _mm256_add_ps(acc[j][0], acc[j][1]);
     if (rows == 1) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[j][2], acc[j][3]));
@@ -168,14 +169,18 @@ static void store(uint16_t* y, int64_t n, int64_t row, int64_t column, float val
   y[row * n + column] = to_bf16(bias ? value + widen1(bias[column]) : value);
 }
 
+// Output column `column` (weight row `column`) for all `m` input rows, the weight row streamed.
+static void streamed_column(const uint16_t* w, const float* x, const uint16_t* bias, uint16_t* y, int64_t m,
+                            int64_t n, int64_t k, int64_t column) {
+  float sums[MAX_ROWS];
+  streamed_rows(w + column * k, x, m, k, sums);
+  for (int64_t j = 0; j < m; j++) store(y, n, j, column, sums[j], bias);
+}
+
 static void streamed_product(const uint16_t* w, const float* x, const uint16_t* bias, uint16_t* y, int64_t m,
                              int64_t n, int64_t k, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t column = 0; column < n; column++) {
-    float sums[MAX_ROWS];
-    streamed_rows(w + column * k, x, m, k, sums);
-    for (int64_t j = 0; j < m; j++) store(y, n, j, column, sums[j], bias);
-  }
+  for (int64_t column = 0; column < n; column++) streamed_column(w, x, bias, y, m, n, k, column);
 }
 
 static void widened_product(const uint16_t* w, const float* x, const uint16_t* bias, uint16_t* y, int64_t m,
@@ -188,11 +193,8 @@ static void widened_product(const uint16_t* w, const float* x, const uint16_t* b
     for (int r = 0; r < GROUP; r++)
       for (int j = 0; j < m; j++) store(y, n, j, g * GROUP + r, sums[r][j], bias);
   }
-  for (int64_t column = groups * GROUP; column < n; column++) {  // the last n % 4 weight rows
-    float sums[MAX_ROWS];
-    streamed_rows(w + column * k, x, m, k, sums);
-    for (int64_t j = 0; j < m; j++) store(y, n, j, column, sums[j], bias);
-  }
+  for (int64_t column = groups * GROUP; column < n; column++)  // the last n % 4 weight rows
+    streamed_column(w, x, bias, y, m, n, k, column);
 }
 
 // Returns 0, or -1 (nothing computed) for more than MAX_ROWS rows or no memory.
