@@ -1,8 +1,9 @@
 """Compiling the package's small C kernels (ovis2/kernels/*.c) once, at first use, into the cache directory.
 
 A kernel is built with the system's C compiler (`cc`, or `$CC`) and kept under `cache_root()/kernels`, named by
-a hash of its source, the compiler and the flags, so a changed kernel or compiler builds anew and processes
-compiling at once each install a whole file. Callers load the result with ctypes and fall back to PyTorch where
+a hash of its source, the package headers it includes (`#include "name.h"`, from the same folder), the compiler
+and the flags, so a changed kernel, header or compiler builds anew and processes compiling at once each install a
+whole file. Callers load the result with ctypes and fall back to PyTorch where
 building fails (OSError: no compiler; subprocess.SubprocessError: it refused the source or the flags).
 """
 
@@ -12,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -26,12 +28,13 @@ logger = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("kernels")
 BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def compiled(source: Path, flags: tuple[str, ...] = BF16_FLAGS) -> Path:
     """The shared library built from `source` with `flags`, compiling it if the cache has none."""
     compiler = os.environ.get("CC", "cc")
-    text = source.read_bytes()
+    text = source_text(source)
     tag = hashlib.sha256(text + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source.stem}-{tag}.so"
     if target.is_file():
@@ -45,6 +48,20 @@ def compiled(source: Path, flags: tuple[str, ...] = BF16_FLAGS) -> Path:
             raise subprocess.SubprocessError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)
     return target
+
+
+def source_text(source: Path) -> bytes:
+    """`source` followed by every package header it includes, directly or through another header (each once)."""
+    seen: list[Path] = []
+    pending = [source]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.append(path)
+        names = LOCAL_INCLUDE.findall(path.read_bytes())
+        pending.extend(path.parent / name.decode() for name in reversed(names))
+    return b"".join(path.read_bytes() for path in seen)
 
 
 def autograd_sees(*tensors: torch.Tensor | None) -> bool:

@@ -11,7 +11,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "avx2_bf16.h"
 
 #define GROUP 4        // weight rows a thread takes at a time when widening
 #define CHUNK 3        // input rows multiplied together from the widened block: GROUP x CHUNK sums in registers
@@ -28,32 +29,6 @@
 #ifndef WIDEN_FROM
 #define WIDEN_FROM 12  // input rows from which a widened block pays (Zen 3: 0.85-0.97x streamed at 9-11 rows)
 #endif
-
-static inline __m256 widen8(const uint16_t* bf16) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void*)bf16)), 16));
-}
-
-static inline float widen1(uint16_t bits) {
-  uint32_t wide = (uint32_t)bits << 16;
-  float value;
-  memcpy(&value, &wide, sizeof value);
-  return value;
-}
-
-static inline uint16_t to_bf16(float value) {
-  uint32_t bits;
-  memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
-
-static inline float sum8(__m256 v) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_add_ss(half, _mm_movehdup_ps(half));
-  return _mm_cvtss_f32(half);
-}
 
 // acc[r][j] += w row r . x row j over `len` inputs (a multiple of 8), for `rows` (a constant after inlining) input
 // rows, the weight read from the widened block `w32` (row stride STRIDE), or, given `w16` (bf16, row stride `k`),
