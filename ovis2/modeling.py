@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_pointwise
+from . import fused_pointwise, native_decode
 from .compat import check_compat
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
 from .cpu_linear import DECODE_ROWS_HINT, Linear, emulates_bf16, matmul, pack_linears
@@ -221,9 +221,13 @@ class Qwen2Model(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         rotary = self.rotary(positions, inputs_embeds.dtype)
-        x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, rotary, meta)
+        x = native_decode.decoded(
+            self.layers, inputs_embeds, rotary, meta
+        )  # a compiled decode step, where it runs
+        if x is None:
+            x = inputs_embeds
+            for layer in self.layers:
+                x = layer(x, rotary, meta)
         return self.norm(x)
 
 

@@ -14,7 +14,9 @@ def write_kernel(folder, header_body: str):
     (folder / "shared.h").write_text(f'#include "inner.h"\n{header_body}\n')
     (folder / "inner.h").write_text("static inline int inner(void) { return 1; }\n")
     source = folder / "kernel.c"
-    source.write_text('#include <stdint.h>\n#include "shared.h"\nint kernel(void) { return inner() + twice(); }\n')
+    source.write_text(
+        '#include <stdint.h>\n#include "shared.h"\nint kernel(void) { return inner() + twice(); }\n'
+    )
     return source
 
 

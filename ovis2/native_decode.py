@@ -1,0 +1,323 @@
+"""A decode step's decoder layers in one compiled call, where bf16 products are `bf16_rows`' kernel (CPUs with AVX2
+and FMA but no bf16 instructions, such as AMD Zen 3).
+
+There a batch-1 decode step of Ovis2-1B spent ~12 ms of ~45 outside its products (Zen 3): ~95 PyTorch ops and
+their Python per layer between the compiled products, RMSNorms and attention. `kernels/decode_layers.c` runs the
+whole stack of layers in one call: it calls those same kernels (through their function pointers) and does the
+steps between them itself (RoPE, the KV cache writes, the residual adds, SiLU-and-multiply), rounding to bf16 where
+PyTorch's ops round, so its outputs are the layer-by-layer path's up to SiLU's exp in fp32's last bit.
+It applies to decode steps of the engine's paged cache (one new token per sequence, 1-128 sequences) over weights
+`fused_linear` fused into plain q/k/v and gate/up products; `decoded` returns None everywhere else, and where
+`OVIS2_NATIVE_DECODE=0`, a kernel is missing, or the self-test disagrees.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from . import bf16_rows, decode_attention, fused_pointwise, native_build
+from .fused_linear import in_use
+from .layers import PagedAttentionMetadata, apply_rotary
+
+SOURCE = native_build.KERNELS / "decode_layers.c"
+MAX_SEQS = bf16_rows.MAX_ROWS
+_POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class Kernels(ctypes.Structure):
+    _fields_ = [("product", _POINTER), ("rms_norm", _POINTER), ("attention", _POINTER)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [
+        (name, _INT64)
+        for name in (
+            "hidden",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "intermediate",
+            "block_size",
+            "num_blocks",
+            "max_blocks",
+        )
+    ] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+WEIGHTS = (
+    "input_norm",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "o_bias",
+    "post_norm",
+    "gate_up",
+    "gate_up_bias",
+    "down",
+    "down_bias",
+)
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(name, _POINTER) for name in (*WEIGHTS, "k_cache", "v_cache")]
+
+
+SIGNATURES = {
+    "decode_layers_bf16": ([_POINTER] * 3 + [_INT64] + [_POINTER] * 6 + [_INT64, ctypes.c_int], ctypes.c_int)
+}
+
+
+@dataclass
+class Stack:
+    """The compiled call and the kernels it calls."""
+
+    library: ctypes.CDLL
+    kernels: Kernels
+
+
+def decoded(layers, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta) -> torch.Tensor | None:
+    """x [seqs, hidden] after every one of `layers` (Qwen2DecoderLayer) for a decode step over the paged cache in
+    `meta`, its keys and values written there; None where the compiled stack does not apply (nothing written)."""
+    if not _is_decode_step(x, rotary, meta):
+        return None
+    stack = compiled_stack()
+    if stack is None:
+        return None
+    k_cache, v_cache = meta.kv_caches[0]
+    dims = _dims(layers[0], x, k_cache, meta.block_tables)
+    weights = _layer_weights(layers, meta.kv_caches, dims) if dims is not None else None
+    if weights is None:
+        return None
+    return _run(stack, dims, weights, x, rotary, meta)
+
+
+def _is_decode_step(x, rotary, meta) -> bool:
+    if not isinstance(meta, PagedAttentionMetadata) or meta.kv_caches is None:
+        return False
+    if meta.max_query_len != 1 or meta.starts_at_zero or x.dim() != 2:
+        return False
+    if not 1 <= x.shape[0] <= MAX_SEQS or meta.num_seqs != x.shape[0]:
+        return False
+    if not native_build.kernel_may_take(x, *rotary) or rotary[0].shape != rotary[1].shape:
+        return False
+    indices = (meta.slot_mapping, meta.block_tables, meta.seq_lens)
+    return all(t.dtype == torch.int64 and t.device.type == "cpu" for t in indices)
+
+
+def _dims(layer, x, k_cache, block_tables) -> Dims | None:
+    attention, norm = layer.self_attn, layer.input_layernorm
+    if k_cache.dim() != 4 or tuple(k_cache.shape[2:]) != (attention.num_kv_heads, attention.head_dim):
+        return None
+    return Dims(
+        hidden=x.shape[1],
+        heads=attention.num_heads,
+        kv_heads=attention.num_kv_heads,
+        head_dim=attention.head_dim,
+        intermediate=layer.mlp.down_proj.in_features,
+        block_size=k_cache.shape[1],
+        num_blocks=k_cache.shape[0],
+        max_blocks=block_tables.shape[1] if block_tables.dim() == 2 else 0,
+        eps=norm.eps,
+        scale=attention.head_dim**-0.5,
+    )
+
+
+def _layer_weights(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
+    """Each layer's weight and cache pointers, or None where any is not what the kernel reads: plain contiguous
+    bf16 tensors of the expected shapes (q/k/v and gate/up fused into one plain weight each)."""
+    if len(kv_caches) != len(layers):
+        return None
+    table = (Layer * len(layers))()
+    for entry, layer, caches in zip(table, layers, kv_caches, strict=True):
+        tensors = _tensors(layer, dims)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if tensors is None or any(ctypes.c_float(norm.eps).value != dims.eps for norm in norms):
+            return None  # (the RMSNorm kernel takes eps in fp32 too)
+        cache_shape = (dims.num_blocks, dims.block_size, dims.kv_heads, dims.head_dim)
+        if not all(_plain(c, cache_shape) for c in caches):
+            return None
+        for name, tensor in zip(WEIGHTS, tensors, strict=True):
+            setattr(entry, name, None if tensor is None else tensor.data_ptr())
+        entry.k_cache, entry.v_cache = (c.data_ptr() for c in caches)
+    return table
+
+
+def _tensors(layer, dims: Dims) -> tuple | None:
+    attention, mlp = layer.self_attn, layer.mlp
+    if not (in_use(attention.fused_qkv) and in_use(mlp.fused_gate_up)):
+        return None
+    qkv, gate_up = attention.fused_qkv, mlp.fused_gate_up
+    o, down = attention.o_proj, mlp.down_proj
+    if o.packed_weight is not None or down.packed_weight is not None:
+        return None
+    hidden, inter = dims.hidden, dims.intermediate
+    attended = dims.heads * dims.head_dim
+    width = attended + 2 * dims.kv_heads * dims.head_dim
+    shapes = [
+        (layer.input_layernorm.weight, (hidden,)),
+        (qkv.packed, (width, hidden)),
+        (qkv.bias, (width,)),
+        (o.weight, (hidden, attended)),
+        (o.bias, (hidden,)),
+        (layer.post_attention_layernorm.weight, (hidden,)),
+        (gate_up.packed, (2 * inter, hidden)),
+        (gate_up.bias, (2 * inter,)),
+        (down.weight, (hidden, inter)),
+        (down.bias, (hidden,)),
+    ]
+    if not all(tensor is None or _plain(tensor, shape) for tensor, shape in shapes):
+        return None
+    if any(shapes[i][0] is None for i in (0, 1, 3, 5, 6, 8)):
+        return None
+    return tuple(tensor for tensor, _ in shapes)
+
+
+def _plain(tensor: torch.Tensor, shape: tuple) -> bool:
+    return (
+        tensor.layout == torch.strided
+        and tuple(tensor.shape) == shape
+        and tensor.is_contiguous()
+        and native_build.kernel_may_take(tensor)
+    )
+
+
+def _run(stack: Stack, dims: Dims, weights, x, rotary, meta) -> torch.Tensor | None:
+    out = x.clone(memory_format=torch.contiguous_format)
+    cos, sin = (t.contiguous() for t in rotary)
+    tables = meta.block_tables.contiguous()
+    slots, lens = meta.slot_mapping.contiguous(), meta.seq_lens.contiguous()
+    status = stack.library.decode_layers_bf16(
+        ctypes.byref(stack.kernels),
+        ctypes.byref(dims),
+        weights,
+        len(weights),
+        out.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        slots.data_ptr(),
+        tables.data_ptr(),
+        lens.data_ptr(),
+        x.shape[0],
+        torch.get_num_threads(),
+    )
+    return out if status == 0 else None
+
+
+@cache
+def compiled_stack() -> Stack | None:
+    """The compiled stack and the kernels it calls, or None where one of them does not run here."""
+    parts = (
+        bf16_rows.kernel_library(),
+        fused_pointwise.rms_norm_library(),
+        decode_attention.kernel_library(),
+    )
+    if any(part is None for part in parts):
+        return None
+    product, norm, attention = parts
+    kernels = Kernels(
+        _address(product.bf16_rows_product),
+        _address(norm.rms_norm_bf16),
+        _address(attention.paged_decode_attention_bf16),
+    )
+    library = native_build.checked_library(
+        SOURCE,
+        SIGNATURES,
+        lambda library: agrees_with_reference(Stack(library, kernels)),
+        "OVIS2_NATIVE_DECODE",
+        "the compiled decode layers",
+        cpu_has=native_build.has_avx2,
+        flags=native_build.AVX2_FLAGS,
+    )
+    return Stack(library, kernels) if library is not None else None
+
+
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+# ------------------------------------------------------------------------------------------- the reference
+def reference_layer(weights: dict, x, cos, sin, k_cache, v_cache, meta: PagedAttentionMetadata, dims: Dims):
+    """One decoder layer in PyTorch ops, each rounding to bf16 where the model's does, products and attention in
+    float64 then rounded: x [seqs, hidden] after the layer; the caches written."""
+    heads, kv_heads, dim = dims.heads, dims.kv_heads, dims.head_dim
+    normed = fused_pointwise.reference_rms_norm(x, weights["input_norm"], dims.eps)
+    qkv = _product(normed, weights["qkv"], weights["qkv_bias"]).view(-1, heads + 2 * kv_heads, dim)
+    qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
+    q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+    k_cache.view(-1, kv_heads, dim)[meta.slot_mapping] = k
+    v_cache.view(-1, kv_heads, dim)[meta.slot_mapping] = v
+    attended = decode_attention.reference(
+        q.double(), k_cache.double(), v_cache.double(), meta.block_tables, meta.seq_lens
+    ).to(x.dtype)
+    x = x + _product(attended.flatten(1), weights["o"], weights["o_bias"])
+    normed = fused_pointwise.reference_rms_norm(x, weights["post_norm"], dims.eps)
+    gate, up = _product(normed, weights["gate_up"], weights["gate_up_bias"]).chunk(2, dim=-1)
+    return x + _product(fused_pointwise.reference_silu_mul(gate, up), weights["down"], weights["down_bias"])
+
+
+def _product(x, weight, bias):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).to(x.dtype)
+
+
+def agrees_with_reference(stack: Stack) -> bool:
+    """Two layers over three sequences (5, 17 and 33 keys in shuffled blocks of 16; 6 query heads on 2 KV heads of
+    16, hidden 40, intermediate 52: row tails past a multiple of 8): the kernel's output and caches within 2^-6 of
+    their largest value of the reference's (`reference_layer`, layer by layer)."""
+    generator = torch.Generator().manual_seed(0)
+    dims = Dims(40, 6, 2, 16, 52, 16, 8, 3, 1e-6, 16**-0.5)
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+
+    layers = []
+    for _ in range(2):
+        width = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
+        layers.append(
+            dict(
+                input_norm=1 + bf16(40, scale=0.1),
+                qkv=bf16(width, 40, scale=0.3),
+                qkv_bias=bf16(width),
+                o=bf16(40, 96, scale=0.1),
+                o_bias=None,
+                post_norm=1 + bf16(40, scale=0.1),
+                gate_up=bf16(104, 40, scale=0.3),
+                gate_up_bias=None,
+                down=bf16(40, 52, scale=0.2),
+                down_bias=bf16(40),
+            )
+        )
+    caches = [[bf16(8, 16, 2, 16) for _ in range(2)] for _ in layers]
+    tables = torch.tensor([[3, 0, 0], [6, 1, 0], [2, 7, 5]])
+    lens = torch.tensor([5, 17, 33])
+    slots = torch.stack([tables[i, (n - 1) // 16] * 16 + (n - 1) % 16 for i, n in enumerate(lens.tolist())])
+    meta = PagedAttentionMetadata(slots, torch.arange(4), lens, tables, 1, 33, caches)
+    x = bf16(3, 40)
+    angles = (lens - 1).double()[:, None] * torch.rand(1, 8, generator=generator).double().repeat(1, 2)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    expected = x
+    expected_caches = [[c.clone() for c in pair] for pair in caches]
+    for weights, (k_cache, v_cache) in zip(layers, expected_caches, strict=True):
+        expected = reference_layer(weights, expected, cos, sin, k_cache, v_cache, meta, dims)
+    table = (Layer * 2)()
+    for entry, weights, pair in zip(table, layers, caches, strict=True):
+        for name in WEIGHTS:
+            setattr(entry, name, None if weights[name] is None else weights[name].data_ptr())
+        entry.k_cache, entry.v_cache = (c.data_ptr() for c in pair)
+    got = _run(stack, dims, table, x, (cos, sin), meta)
+    if got is None:
+        return False
+    pairs = [(got, expected)] + [
+        (c, e)
+        for pair, expected_pair in zip(caches, expected_caches, strict=True)
+        for c, e in zip(pair, expected_pair, strict=True)
+    ]
+    return all(_close(a, b) for a, b in pairs)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return bool((got.double() - expected.double()).abs().max() <= 2**-6 * expected.double().abs().max())
