@@ -68,7 +68,8 @@ class Layer(ctypes.Structure):
 
 
 SIGNATURES = {
-    "decode_layers_bf16": ([_POINTER] * 3 + [_INT64] + [_POINTER] * 6 + [_INT64, ctypes.c_int], ctypes.c_int)
+    "decode_layers_bf16": ([_POINTER] * 3 + [_INT64] + [_POINTER] * 6 + [_INT64, ctypes.c_int], ctypes.c_int),
+    "silu_mul_bf16": ([_POINTER] * 2 + [_INT64] * 2 + [ctypes.c_int], None),
 }
 
 
@@ -264,60 +265,95 @@ def _product(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).to(x.dtype)
 
 
-def agrees_with_reference(stack: Stack) -> bool:
-    """Two layers over three sequences (5, 17 and 33 keys in shuffled blocks of 16; 6 query heads on 2 KV heads of
-    16, hidden 40, intermediate 52: row tails past a multiple of 8): the kernel's output and caches within 2^-6 of
-    their largest value of the reference's (`reference_layer`, layer by layer)."""
-    generator = torch.Generator().manual_seed(0)
-    dims = Dims(40, 6, 2, 16, 52, 16, 8, 3, 1e-6, 16**-0.5)
+@dataclass
+class RandomCase:
+    """A decode step over random layers: their weights (by `WEIGHTS` name), per-layer caches, the step's metadata,
+    its input rows and RoPE's cos and sin."""
 
-    def bf16(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+    layers: list[dict]
+    caches: list[list[torch.Tensor]]
+    meta: PagedAttentionMetadata
+    x: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
 
-    layers = []
-    for _ in range(2):
-        width = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
-        layers.append(
-            dict(
-                input_norm=1 + bf16(40, scale=0.1),
-                qkv=bf16(width, 40, scale=0.3),
-                qkv_bias=bf16(width),
-                o=bf16(40, 96, scale=0.1),
-                o_bias=None,
-                post_norm=1 + bf16(40, scale=0.1),
-                gate_up=bf16(104, 40, scale=0.3),
-                gate_up_bias=None,
-                down=bf16(40, 52, scale=0.2),
-                down_bias=bf16(40),
-            )
+
+def random_case(dims: Dims, lens: list[int], num_layers: int, seed: int) -> RandomCase:
+    """Sequences of `lens` keys (the last one new) in shuffled blocks; dims.num_blocks and max_blocks must fit."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def bf16(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=generator) * scale + offset).to(torch.bfloat16)
+
+    hidden, inter, bs = dims.hidden, dims.intermediate, dims.block_size
+    width = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
+    layers = [
+        dict(
+            input_norm=bf16(hidden, scale=0.1, offset=1.0),
+            qkv=bf16(width, hidden, scale=hidden**-0.5 * 4),
+            qkv_bias=bf16(width),
+            o=bf16(hidden, dims.heads * dims.head_dim, scale=(dims.heads * dims.head_dim) ** -0.5),
+            o_bias=None,
+            post_norm=bf16(hidden, scale=0.1, offset=1.0),
+            gate_up=bf16(2 * inter, hidden, scale=hidden**-0.5 * 2),
+            gate_up_bias=None,
+            down=bf16(hidden, inter, scale=inter**-0.5),
+            down_bias=bf16(hidden, scale=0.1),
         )
-    caches = [[bf16(8, 16, 2, 16) for _ in range(2)] for _ in layers]
-    tables = torch.tensor([[3, 0, 0], [6, 1, 0], [2, 7, 5]])
-    lens = torch.tensor([5, 17, 33])
-    slots = torch.stack([tables[i, (n - 1) // 16] * 16 + (n - 1) % 16 for i, n in enumerate(lens.tolist())])
-    meta = PagedAttentionMetadata(slots, torch.arange(4), lens, tables, 1, 33, caches)
-    x = bf16(3, 40)
-    angles = (lens - 1).double()[:, None] * torch.rand(1, 8, generator=generator).double().repeat(1, 2)
-    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
-    expected = x
-    expected_caches = [[c.clone() for c in pair] for pair in caches]
-    for weights, (k_cache, v_cache) in zip(layers, expected_caches, strict=True):
-        expected = reference_layer(weights, expected, cos, sin, k_cache, v_cache, meta, dims)
-    table = (Layer * 2)()
-    for entry, weights, pair in zip(table, layers, caches, strict=True):
+        for _ in range(num_layers)
+    ]
+    cache_shape = (dims.num_blocks, bs, dims.kv_heads, dims.head_dim)
+    caches = [[bf16(*cache_shape) for _ in range(2)] for _ in layers]
+    order = torch.randperm(dims.num_blocks, generator=generator).tolist()
+    tables = torch.zeros(len(lens), dims.max_blocks, dtype=torch.int64)
+    for row, length in enumerate(lens):
+        count = (length + bs - 1) // bs
+        tables[row, :count] = torch.tensor(order[:count])
+        order = order[count:]
+    positions = torch.tensor(lens) - 1
+    slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+    meta = PagedAttentionMetadata(
+        slots, torch.arange(len(lens) + 1), torch.tensor(lens), tables, 1, max(lens), caches
+    )
+    frequencies = torch.rand(dims.head_dim // 2, generator=generator).double().repeat(2)
+    angles = positions.double()[:, None] * frequencies
+    rotary = (angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16))
+    return RandomCase(layers, caches, meta, bf16(len(lens), hidden), rotary)
+
+
+def reference_stack(case: RandomCase, dims: Dims) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """The case's output rows and caches by `reference_layer`, layer by layer (the case left as it was)."""
+    x, caches = case.x, [[c.clone() for c in pair] for pair in case.caches]
+    for weights, (k_cache, v_cache) in zip(case.layers, caches, strict=True):
+        x = reference_layer(weights, x, *case.rotary, k_cache, v_cache, case.meta, dims)
+    return x, caches
+
+
+def computed_stack(stack: Stack, case: RandomCase, dims: Dims) -> torch.Tensor | None:
+    """The case's output rows by the compiled stack (its caches written), or None where it refused."""
+    table = (Layer * len(case.layers))()
+    for entry, weights, pair in zip(table, case.layers, case.caches, strict=True):
         for name in WEIGHTS:
             setattr(entry, name, None if weights[name] is None else weights[name].data_ptr())
         entry.k_cache, entry.v_cache = (c.data_ptr() for c in pair)
-    got = _run(stack, dims, table, x, (cos, sin), meta)
+    return _run(stack, dims, table, case.x, case.rotary, case.meta)
+
+
+def agrees_with_reference(stack: Stack) -> bool:
+    """Two layers over three sequences (5, 17 and 33 keys in shuffled blocks of 16; 6 query heads on 2 KV heads of
+    16, hidden 40, intermediate 52: row tails past a multiple of 8): the output rows and the caches within 2^-6 of
+    their largest value of the reference's (`reference_stack`)."""
+    dims = Dims(40, 6, 2, 16, 52, 16, 8, 3, 1e-6, 16**-0.5)
+    case = random_case(dims, [5, 17, 33], 2, seed=0)
+    expected, expected_caches = reference_stack(case, dims)
+    got = computed_stack(stack, case, dims)
     if got is None:
         return False
-    pairs = [(got, expected)] + [
-        (c, e)
-        for pair, expected_pair in zip(caches, expected_caches, strict=True)
-        for c, e in zip(pair, expected_pair, strict=True)
-    ]
-    return all(_close(a, b) for a, b in pairs)
+    written = [c for pair in case.caches for c in pair]
+    wanted = [c for pair in expected_caches for c in pair]
+    return all(close_to(a, b) for a, b in zip([got, *written], [expected, *wanted], strict=True))
 
 
-def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    return bool((got.double() - expected.double()).abs().max() <= 2**-6 * expected.double().abs().max())
+def close_to(got: torch.Tensor, expected: torch.Tensor, steps: float = 2.0) -> bool:
+    """Within `steps` bf16 steps (2^-7) of the expected's largest value."""
+    scale = expected.double().abs().max()
+    return bool((got.double() - expected.double()).abs().max() <= steps * 2**-7 * scale)

@@ -1,0 +1,39 @@
+"""The engine's decode steps through the compiled decoder layers (ovis2.native_decode) where they run: the tokens
+of the layer-by-layer path."""
+
+from __future__ import annotations
+
+import pytest
+
+from ovis2 import native_decode
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.llm_engine import LLMEngine
+from tests.engine.conftest import mixed_requests, run_to_completion
+
+
+def test_the_engine_decodes_through_the_stack_with_the_layer_by_layer_tokens(
+    engine_checkpoint, tokenizer, monkeypatch
+):
+    """bf16 greedy decoding of text and image requests: every decode step of the engine in one compiled call, and
+    the same tokens as with the stack switched off."""
+    if native_decode.compiled_stack() is None:
+        pytest.skip(
+            "the compiled decode layers: no C compiler here, or not AVX2, or a kernel they call is missing"
+        )
+    args = EngineArgs(model=str(engine_checkpoint), dtype="bfloat16", device="cpu", kv_cache_memory=8 << 20)
+    engine = LLMEngine(args, tokenizer=tokenizer)
+    calls = {"native": 0, "declined": 0}
+    real = native_decode.decoded
+
+    def counted(*args):
+        out = real(*args)
+        calls["native" if out is not None else "declined"] += 1
+        return out
+
+    monkeypatch.setattr(native_decode, "decoded", counted)
+    native = run_to_completion(engine, mixed_requests())
+    assert calls["native"] > 10  # the decode steps; prefill steps decline
+    monkeypatch.setattr(native_decode, "decoded", lambda *args: None)
+    layer_by_layer = run_to_completion(engine, mixed_requests())
+    for request_id, output in native.items():
+        assert output.outputs[0].token_ids == layer_by_layer[request_id].outputs[0].token_ids, request_id
