@@ -1,11 +1,12 @@
-"""Products of 1-128 bf16 rows (decode steps, short prompts) on CPUs without bf16 instructions (AVX2 and FMA only).
+"""Products of bf16 rows (decode steps, prefill, the vision tower) on CPUs without bf16 instructions (AVX2 and FMA
+only).
 
 There torch's bf16 products are emulated (~16 GFLOP/s for more than one row) and the fp32 path needs the weight
 widened to fp32 on every call: measured on AMD Zen 3 with the Ovis2-1B shapes, a 16-row decode step took 477 ms
 in bf16 against 258 ms in fp32 (196-208 ms with this kernel). `kernels/bf16_rows_avx2.c` reads the plain bf16
-weight once for all the rows and sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's
-arithmetic from 12 rows on (~110-135 GFLOP/s on Zen 3 at 16-128 rows: 1.2-2.3x the widened oneDNN path, which
-wins from ~256 rows). Compiled once with the system's C compiler (native_build), loaded with ctypes; without a
+weight once for up to 128 rows and sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's
+arithmetic from 9 rows on (Zen 3: ~140 GFLOP/s at 16 rows, 150-170 from 51 rows, the fp32 FMA peak ~180; oneDNN's
+fp32 product over weight blocks widened in PyTorch 80-160: 1.05-1.9x at 64-2048 rows). Compiled once with the system's C compiler (native_build), loaded with ctypes; without a
 compiler or AVX2, with `OVIS2_NATIVE_BF16_ROWS=0`, or when its self-test disagrees with float64, `cpu_linear`
 keeps its own paths.
 """
@@ -20,16 +21,13 @@ import torch
 from . import native_build
 
 SOURCE = native_build.KERNELS / "bf16_rows_avx2.c"
-# Decode batches and short prefills; more rows (long prompts, the vision tower) take oneDNN's fp32 product over
-# widened blocks.
-MAX_ROWS = 128
 SIGNATURES = {
     "bf16_rows_product": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int),
 }
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernel computes x @ weight.T + bias: 1..MAX_ROWS CPU bf16 rows of the weight's width, a
+    """Whether the kernel computes x @ weight.T + bias: one or more CPU bf16 rows of the weight's width, a
     contiguous non-empty 2-d bf16 weight, a bias of one value per output or none, nothing autograd watches, and
     the kernel built here; anything else is F.linear's."""
     if _refusal(x, weight, bias) is not None or native_build.autograd_sees(x, weight, bias):
@@ -55,8 +53,8 @@ def _refusal(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         return "the few-row bf16 kernel takes CPU bf16 tensors"
     if weight.dim() != 2 or not weight.is_contiguous() or weight.numel() == 0:
         return "the few-row bf16 kernel takes a contiguous non-empty 2-d weight"
-    if not 1 <= x.shape[:-1].numel() <= MAX_ROWS or x.shape[-1] != weight.shape[1]:
-        return f"the few-row bf16 kernel takes 1-{MAX_ROWS} rows of {weight.shape[1]}, not {tuple(x.shape)}"
+    if x.shape[:-1].numel() < 1 or x.shape[-1] != weight.shape[1]:
+        return f"the few-row bf16 kernel takes rows of {weight.shape[1]}, not {tuple(x.shape)}"
     if bias is not None and bias.shape != weight.shape[:1]:
         return f"bias of shape {tuple(bias.shape)} for {weight.shape[0]} outputs"
     return None
@@ -86,7 +84,7 @@ def _compute(library: ctypes.CDLL, x, weight, bias) -> torch.Tensor:
         native_build.threads_for(out_features // 4 or 1),
     )
     if status != 0:
-        raise MemoryError(f"the few-row bf16 kernel could not take {rows} rows of {in_features}")
+        raise MemoryError(f"no memory for the bf16 kernel's {rows} rows of {in_features} in fp32")
     return out
 
 
@@ -105,12 +103,12 @@ def kernel_library() -> ctypes.CDLL | None:
 
 
 def agrees_with_float64(library: ctypes.CDLL) -> bool:
-    """Rows streamed (1, 2, 3, 7) and through the widened buffer (12, MAX_ROWS), with and without a bias, over a
-    weight with both edges (n % 4, k % 8) and more than one block of inputs (k > 512)."""
+    """Rows streamed (1, 2, 3, 8) and through transposed panels (9, 13, and 130: two blocks of rows), with and
+    without a bias, over a weight with both edges (n % 16, k % 8) and more than one block of inputs (k > 256)."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(130, 1101, generator=generator).to(torch.bfloat16)
     bias = torch.randn(130, generator=generator).to(torch.bfloat16)
-    for rows in (1, 2, 3, 7, 12, MAX_ROWS):
+    for rows in (1, 2, 3, 8, 9, 13, 130):
         x = torch.randn(rows, 1101, generator=generator).to(torch.bfloat16)
         for b in (None, bias):
             if not within_product_bound(_run(library, x, weight, b), x, weight, b):

@@ -4,10 +4,10 @@
 shapes, the same fp32 product runs 1.3-3.5x faster for 2-7 rows computed as `weight @ x.T`, and oneDNN's inner
 product is faster than both for one row (a decode step's GEMV streams at 1.3-2x MKL's bandwidth) and from 8 rows
 on (1.2-2.8x: decode batches, prefill, the vision tower). A CPU without bf16 instructions (AVX2 only) runs a bf16
-product of more than one row at ~16 GFLOP/s; there 1-128 rows (decode, short prefills) take `bf16_rows`'
-compiled kernel (the bf16 weight read once, fp32 sums), and more rows (or 2 and more without the kernel) widen the
-weight to fp32 a block of rows at a time for the fp32 path (accumulating in fp32, as a native bf16 kernel does);
-one row without the kernel stays torch's bf16 GEMV, which streams the bf16 weight well. `python -m
+product of more than one row at ~16 GFLOP/s; there every bf16 product takes `bf16_rows`' compiled kernel (the
+bf16 weight widened as it is read, fp32 sums), and without the kernel 2 and more rows widen the weight to fp32 a
+block of rows at a time for the fp32 path (accumulating in fp32, as a native bf16 kernel does); one row without
+the kernel stays torch's bf16 GEMV, which streams the bf16 weight well. `python -m
 bench.bench_cpu_linear` prints the ratios on the machine at hand. CUDA tensors, and any dtype but fp32/bf16, take
 `F.linear`.
 

@@ -1,5 +1,6 @@
-"""The few-row bf16 kernel for CPUs without bf16 instructions (ovis2/bf16_rows.py) against the float64 product:
-every row count it takes, the weight's edges (out % 4, in % 8), a bias, NaN, and cpu_linear's dispatch to it."""
+"""The bf16 rows kernel for CPUs without bf16 instructions (ovis2/bf16_rows.py) against the float64 product: every
+register layout and blocks of rows, the weight's edges (out % 16, in % 8), a bias, NaN, and cpu_linear's dispatch
+to it."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# Every register layout (1-11 streamed, 12-16 widened), the 3-row tiles' leftovers, and the largest counts.
-ROW_COUNTS = [*range(1, 17), 17, 31, 32, 33, 64, bf16_rows.MAX_ROWS - 1, bf16_rows.MAX_ROWS]
+# Every register layout (1-8 streamed, from 9 transposed panels met 6 rows at a time), the 6-row tiles' leftovers,
+# one block of rows (up to 128) and several (129: 65 + 64; 300: 100 x 3).
+ROW_COUNTS = [*range(1, 17), 17, 31, 32, 33, 64, 127, 128, 129, 300]
 
 
 @pytest.mark.parametrize("rows", ROW_COUNTS)
 @pytest.mark.parametrize(
     "shape", [(64, 96), (67, 101), (3, 9), (67, 1100), (64, 1024)]
-)  # k > 512: several blocks
+)  # n % 16, k % 8, k > 256: several blocks of inputs
 def test_matches_float64(rows, shape):
     generator = torch.Generator().manual_seed(rows * 1000 + shape[0])
     weight = torch.randn(*shape, generator=generator).to(torch.bfloat16)
@@ -62,9 +64,10 @@ def test_rounds_to_nearest_even():
 
 def test_refuses_what_it_does_not_compute():
     weight = torch.randn(8, 16).to(torch.bfloat16)
-    many = torch.randn(bf16_rows.MAX_ROWS + 1, 16).to(torch.bfloat16)
+    many = torch.randn(300, 16).to(torch.bfloat16)
     assert bf16_rows.takes(many[:2], weight, torch.zeros(8, dtype=torch.bfloat16))
-    assert not bf16_rows.takes(many, weight, None)
+    assert bf16_rows.takes(many, weight, None)
+    assert not bf16_rows.takes(many[:0], weight, None)
     assert not bf16_rows.takes(many[:2].float(), weight.float(), None)
     assert not bf16_rows.takes(many[:2], weight.t().contiguous().t(), None)
     assert not bf16_rows.takes(many[:2, :15], weight, None)  # F.linear raises its own shape error
@@ -83,7 +86,7 @@ def test_a_wrong_call_raises_instead_of_reading_wild_pointers():
         (x, weight.float(), None),
         (x[:, :15], weight, None),
         (x, weight.t(), None),
-        (torch.randn(bf16_rows.MAX_ROWS + 1, 16).to(torch.bfloat16), weight, None),
+        (x[:0], weight, None),
         (x, weight, torch.zeros(7, dtype=torch.bfloat16)),
     ):
         with pytest.raises(ValueError):
@@ -127,8 +130,7 @@ def test_dispatch_takes_the_kernel_where_bf16_is_emulated(monkeypatch):
     monkeypatch.setattr(bf16_rows, "_compute", lambda *args: calls.append(1) or real(*args))
     generator = torch.Generator().manual_seed(9)
     weight = torch.randn(600, 96, generator=generator).to(torch.bfloat16)
-    top = bf16_rows.MAX_ROWS
-    for rows, expected_calls in ((1, 1), (16, 2), (top, 3), (top + 1, 3)):
+    for rows, expected_calls in ((1, 1), (16, 2), (128, 3), (1024, 4)):
         x = torch.randn(2, rows, 96, generator=generator).to(torch.bfloat16)
         out = cpu_linear.linear(x[0], weight)
         assert_near_reference(out, x[0], weight)

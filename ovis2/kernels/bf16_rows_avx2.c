@@ -1,12 +1,12 @@
-// 1-128 rows (decode steps, short prompts' prefill) times a bf16 weight [n][k] in its plain row-major layout, for
-// CPUs with AVX2 and FMA but no bf16 instructions: the weight is read once, at its bf16 size, for all the rows,
-// widened to fp32 (a 16-bit shift) and multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even
-// once (NaN -> a quiet NaN, 0x7fc0).
-// Up to 11 input rows, a thread reads its weight rows front to back, one at a time, each by up to 4 input rows in
+// Rows (decode steps, prefill, the vision tower) times a bf16 weight [n][k] in its plain row-major layout, for
+// CPUs with AVX2 and FMA but no bf16 instructions: the weight is widened to fp32 (a 16-bit shift) as it is read and
+// multiplied into fp32 sums. y = bf16(x W^T + bias), rounded to nearest even once (NaN -> a quiet NaN, 0x7fc0).
+// Up to 8 input rows, a thread reads its weight rows front to back, one at a time, each by up to 4 input rows in
 // registers (more rows read it again, from L1, or L2 past ~8K inputs): one sequential stream per thread, which the
-// memory system serves fastest. From 12 rows the arithmetic dominates: a thread takes 4 weight rows at a time, 512
-// inputs of them at a time; the first 3 input rows widen that block into an L1-sized buffer as they go, and the
-// others read it from there, 3 rows at a time.
+// memory system serves fastest. From 9 rows the arithmetic dominates, and the product runs as an fp32 GEMM does:
+// a thread takes a panel of 16 weight rows, 256 inputs of it at a time, transposed and widened into an L1-sized
+// block [256][16]; 6 input rows at a time then meet it in registers (6 x 16 sums, each input broadcast), and the
+// panel's next block is prefetched as the current one is transposed.
 // Compiled at run time by ovis2/bf16_rows.py with -mavx2 -mfma -fopenmp.
 #include <immintrin.h>
 #include <stdint.h>
@@ -14,65 +14,20 @@
 
 #include "avx2_bf16.h"
 
-#define GROUP 4        // weight rows a thread takes at a time when widening
-#define CHUNK 3        // input rows multiplied together from the widened block: GROUP x CHUNK sums in registers
-#define BLOCK 512      // inputs of one widened weight block (4 x 512 fp32 = 8 KiB)
-#define STRIDE (BLOCK + 16)  // its rows apart by more than 2 KiB, off the 4 KiB alias of each other
-#define MAX_ROWS 128  // beyond, oneDNN's fp32 product over widened blocks is as fast (Zen 3: 0.8-0.93x at 256)
+#define BLOCK_ROWS 128  // input rows one pass over the weight takes (their sums on a thread's stack: 8 KiB)
 #define STREAMED 4     // input rows a streamed weight row meets at a time
 // Weight values prefetched ahead of a streamed read, into L2 (Zen 3, a 1B-shaped decode step's products at one
 // row: 0.84-0.88x the time without; 2 KiB ahead or more, or into L1, gained less).
 #define AHEAD 512
-// Ahead of the widening reads, into L1: 8 KiB, the next group's rows when rows are short (the hardware
-// prefetchers alone lose 4 interleaved 1.8 KiB rows: 16 rows 60 -> 69 GFLOP/s on Zen 3 at k = 896).
-#define WIDEN_AHEAD 4096
-#ifndef WIDEN_FROM
-#define WIDEN_FROM 12  // input rows from which a widened block pays (Zen 3: 0.85-0.97x streamed at 9-11 rows)
+#define PANEL 16   // weight rows transposed together: two vectors of outputs
+#define MR 6       // input rows meeting a block at a time: 6 x 2 sums + 2 weight vectors + 1 input in 16 registers
+#define DEPTH 256  // inputs of a transposed block: 256 x 16 fp32 = 16 KiB
+#ifndef PANEL_FROM
+// Input rows from which panels pay. Zen 3, 1B shapes: against the streamed rows 0.72-0.87x at 7-8 rows where k =
+// 896 (1.13-1.24x at k = 4864), 1.03-1.36x at 9, 1.3-1.6x at 10-11; against the 4-row groups widened in place they
+// replaced (12-128 rows), 1.02-1.12x at 12-51 rows and 1.19-1.33x at 128.
+#define PANEL_FROM 9
 #endif
-
-// acc[r][j] += w row r . x row j over `len` inputs (a multiple of 8), for `rows` (a constant after inlining) input
-// rows, the weight read from the widened block `w32` (row stride STRIDE), or, given `w16` (bf16, row stride `k`),
-// widened from it into `w32` on the way: the first input rows pay for the widening inside their own loop.
-static inline __attribute__((always_inline)) void multiply(const uint16_t* w16, float* w32, const float* x, int64_t k,
-                                                           int64_t len, int rows, __m256 acc[GROUP][MAX_ROWS],
-                                                           int first) {
-  __m256 sum[GROUP][CHUNK];
-  for (int r = 0; r < GROUP; r++)
-    for (int j = 0; j < rows; j++) sum[r][j] = acc[r][first + j];
-  for (int64_t i = 0; i < len; i += 8) {
-    __m256 wv[GROUP];
-    if (w16) {
-      if ((i & 31) == 0)  // once a cache line
-        for (int r = 0; r < GROUP; r++) _mm_prefetch((const char*)(w16 + r * k + i + WIDEN_AHEAD), _MM_HINT_T0);
-      for (int r = 0; r < GROUP; r++) {
-        wv[r] = widen8(w16 + r * k + i);
-        _mm256_store_ps(w32 + r * STRIDE + i, wv[r]);
-      }
-    } else {
-      for (int r = 0; r < GROUP; r++) wv[r] = _mm256_load_ps(w32 + r * STRIDE + i);
-    }
-    for (int j = 0; j < rows; j++) {
-      __m256 xv = _mm256_loadu_ps(x + j * k + i);
-      for (int r = 0; r < GROUP; r++) sum[r][j] = _mm256_fmadd_ps(wv[r], xv, sum[r][j]);
-    }
-  }
-  for (int r = 0; r < GROUP; r++)
-    for (int j = 0; j < rows; j++) acc[r][first + j] = sum[r][j];
-}
-
-// Input rows `from` .. m-1 through the widened block, CHUNK at a time.
-static inline void multiply_rows(float* w32, const float* x, int64_t k, int64_t len, int64_t from, int64_t m,
-                                 __m256 acc[GROUP][MAX_ROWS]) {
-  for (int64_t j = from, rows; j < m; j += rows) {
-    const int64_t left = m - j;
-    rows = left == CHUNK + 1 ? 2 : (left < CHUNK ? left : CHUNK);  // 4 rows as 2 + 2, not 3 + a lone 1
-    const float* xj = x + j * k;
-    if (rows == 3)
-      multiply(NULL, w32, xj, k, len, 3, acc, (int)j);
-    else  // 2: from 12 rows on no lone row is left
-      multiply(NULL, w32, xj, k, len, 2, acc, (int)j);
-  }
-}
 
 // out[j] = weight row `row` . x row j for `rows` (a constant after inlining, 1-4) input rows, the weight read front
 // to back once. Four independent sums per input row at one row, two from two rows (FMA latency).
@@ -105,7 +60,7 @@ static inline __attribute__((always_inline)) void streamed(const uint16_t* row, 
 }
 
 // Weight row `row` by all `m` input rows, up to STREAMED at a time.
-static void streamed_rows(const uint16_t* row, const float* x, int64_t m, int64_t k, float out[MAX_ROWS]) {
+static void streamed_rows(const uint16_t* row, const float* x, int64_t m, int64_t k, float out[BLOCK_ROWS]) {
   for (int64_t j = 0; j < m; j += STREAMED) {
     const int64_t left = m - j;
     const float* xj = x + j * k;
@@ -120,24 +75,83 @@ static void streamed_rows(const uint16_t* row, const float* x, int64_t m, int64_
   }
 }
 
-// One group of GROUP weight rows starting at `w`, widened a block at a time: out[r][j] = w row r . x row j (fp32).
-static void group(const uint16_t* w, const float* x, int64_t m, int64_t k, float out[GROUP][MAX_ROWS]) {
-  __m256 acc[GROUP][MAX_ROWS];
-  float widened[GROUP * STRIDE] __attribute__((aligned(32)));
-  for (int r = 0; r < GROUP; r++)
-    for (int j = 0; j < m; j++) acc[r][j] = _mm256_setzero_ps();
-  const int64_t body = k / 8 * 8;
-  for (int64_t start = 0; start < body; start += BLOCK) {
-    const int64_t len = body - start < BLOCK ? body - start : BLOCK;
-    multiply(w + start, widened, x + start, k, len, CHUNK, acc, 0);  // m >= WIDEN_FROM > CHUNK
-    multiply_rows(widened, x + start, k, len, CHUNK, m, acc);
+// 8 weight rows (row stride k) x 8 inputs, widened and transposed: p[i * PANEL + r] = w[r][i].
+static inline void transpose8(const uint16_t* w, int64_t k, float* p) {
+  __m256 r[8], t[8], s[8];
+  for (int i = 0; i < 8; i++) r[i] = widen8(w + i * k);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
   }
-  for (int r = 0; r < GROUP; r++)
-    for (int j = 0; j < m; j++) {
-      float total = sum8(acc[r][j]);
-      for (int64_t t = body; t < k; t++) total += widen1(w[r * k + t]) * x[j * k + t];
-      out[r][j] = total;
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; i++) {
+    _mm256_store_ps(p + i * PANEL, _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
+    _mm256_store_ps(p + (i + 4) * PANEL, _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+  }
+}
+
+// sums[r][0..15] += x row r [0 .. len) . block [0 .. len)[0..15] for `rows` (a constant after inlining) input rows.
+static inline __attribute__((always_inline)) void meet(const float* block, const float* x, int64_t k, int64_t len,
+                                                       int rows, float* sums) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < rows; r++) {
+    acc[r][0] = _mm256_load_ps(sums + r * PANEL);
+    acc[r][1] = _mm256_load_ps(sums + r * PANEL + 8);
+  }
+  for (int64_t i = 0; i < len; i++) {
+    const __m256 low = _mm256_load_ps(block + i * PANEL), high = _mm256_load_ps(block + i * PANEL + 8);
+    for (int r = 0; r < rows; r++) {
+      const __m256 input = _mm256_broadcast_ss(x + r * k + i);
+      acc[r][0] = _mm256_fmadd_ps(input, low, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(input, high, acc[r][1]);
     }
+  }
+  for (int r = 0; r < rows; r++) {
+    _mm256_store_ps(sums + r * PANEL, acc[r][0]);
+    _mm256_store_ps(sums + r * PANEL + 8, acc[r][1]);
+  }
+}
+
+// All m input rows by one transposed block, MR at a time.
+static void meet_rows(const float* block, const float* x, int64_t m, int64_t k, int64_t len, float* sums) {
+  for (int64_t r = 0; r < m; r += MR) {
+    const float* xr = x + r * k;
+    float* out = sums + r * PANEL;
+    switch (m - r < MR ? m - r : MR) {
+      case 1: meet(block, xr, k, len, 1, out); break;
+      case 2: meet(block, xr, k, len, 2, out); break;
+      case 3: meet(block, xr, k, len, 3, out); break;
+      case 4: meet(block, xr, k, len, 4, out); break;
+      case 5: meet(block, xr, k, len, 5, out); break;
+      default: meet(block, xr, k, len, 6, out); break;
+    }
+  }
+}
+
+// sums[r][c] = panel row c . x row r (fp32) for the PANEL weight rows at `w`, a block of DEPTH inputs at a time;
+// `next`, the following panel (or NULL), is prefetched into L1 a block ahead of its own transposes.
+static void panel_sums(const uint16_t* w, const uint16_t* next, const float* x, int64_t m, int64_t k, float* sums) {
+  float block[DEPTH * PANEL] __attribute__((aligned(32)));
+  for (int64_t i = 0; i < m * PANEL; i++) sums[i] = 0.0f;
+  const int64_t body = k / 8 * 8;
+  for (int64_t start = 0; start < body; start += DEPTH) {
+    const int64_t len = body - start < DEPTH ? body - start : DEPTH;
+    for (int64_t i = 0; i < len; i += 8) {
+      if (next && (i & 31) == 0)  // once a cache line of each row
+        for (int r = 0; r < PANEL; r++) _mm_prefetch((const char*)(next + r * k + start + i), _MM_HINT_T0);
+      transpose8(w + start + i, k, block + i * PANEL);
+      transpose8(w + 8 * k + start + i, k, block + i * PANEL + 8);
+    }
+    meet_rows(block, x + start, m, k, len, sums);
+  }
+  for (int64_t r = 0; r < m; r++)  // the last k % 8 inputs
+    for (int c = 0; c < PANEL; c++)
+      for (int64_t t = body; t < k; t++) sums[r * PANEL + c] += widen1(w[c * k + t]) * x[r * k + t];
 }
 
 static void store(uint16_t* y, int64_t n, int64_t row, int64_t column, float value, const uint16_t* bias) {
@@ -147,7 +161,7 @@ static void store(uint16_t* y, int64_t n, int64_t row, int64_t column, float val
 // Output column `column` (weight row `column`) for all `m` input rows, the weight row streamed.
 static void streamed_column(const uint16_t* w, const float* x, const uint16_t* bias, uint16_t* y, int64_t m,
                             int64_t n, int64_t k, int64_t column) {
-  float sums[MAX_ROWS];
+  float sums[BLOCK_ROWS];
   streamed_rows(w + column * k, x, m, k, sums);
   for (int64_t j = 0; j < m; j++) store(y, n, j, column, sums[j], bias);
 }
@@ -158,31 +172,35 @@ static void streamed_product(const uint16_t* w, const float* x, const uint16_t* 
   for (int64_t column = 0; column < n; column++) streamed_column(w, x, bias, y, m, n, k, column);
 }
 
-static void widened_product(const uint16_t* w, const float* x, const uint16_t* bias, uint16_t* y, int64_t m,
-                            int64_t n, int64_t k, int threads) {
-  const int64_t groups = n / GROUP;
+static void panel_product(const uint16_t* w, const float* x, const uint16_t* bias, uint16_t* y, int64_t m,
+                          int64_t n, int64_t k, int threads) {
+  const int64_t panels = n / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t g = 0; g < groups; g++) {
-    float sums[GROUP][MAX_ROWS];
-    group(w + g * GROUP * k, x, m, k, sums);
-    for (int r = 0; r < GROUP; r++)
-      for (int j = 0; j < m; j++) store(y, n, j, g * GROUP + r, sums[r][j], bias);
+  for (int64_t p = 0; p < panels; p++) {
+    float sums[BLOCK_ROWS * PANEL] __attribute__((aligned(32)));
+    const uint16_t* panel = w + p * PANEL * k;
+    panel_sums(panel, p + 1 < panels ? panel + PANEL * k : NULL, x, m, k, sums);
+    for (int64_t r = 0; r < m; r++)
+      for (int c = 0; c < PANEL; c++) store(y, n, r, p * PANEL + c, sums[r * PANEL + c], bias);
   }
-  for (int64_t column = groups * GROUP; column < n; column++)  // the last n % 4 weight rows
+  for (int64_t column = panels * PANEL; column < n; column++)  // the last n % 16 weight rows
     streamed_column(w, x, bias, y, m, n, k, column);
 }
 
-// Returns 0, or -1 (nothing computed) for more than MAX_ROWS rows or no memory.
+// Returns 0, or -1 (nothing computed) for no rows or no memory.
 int bf16_rows_product(const uint16_t* w, const uint16_t* x, const uint16_t* bias, uint16_t* y, int64_t m,
                       int64_t n, int64_t k, int threads) {
-  if (m < 1 || m > MAX_ROWS) return -1;
+  if (m < 1) return -1;
   float* x32 = malloc(sizeof(float) * m * k);
   if (!x32) return -1;
   for (int64_t i = 0; i < m * k; i++) x32[i] = widen1(x[i]);
-  if (m < WIDEN_FROM)
+  if (m < PANEL_FROM) {
     streamed_product(w, x32, bias, y, m, n, k, threads);
-  else
-    widened_product(w, x32, bias, y, m, n, k, threads);
+  } else {  // row blocks of equal size, at most BLOCK_ROWS each
+    const int64_t blocks = (m + BLOCK_ROWS - 1) / BLOCK_ROWS, rows = (m + blocks - 1) / blocks;
+    for (int64_t start = 0; start < m; start += rows)
+      panel_product(w, x32 + start * k, bias, y + start * n, m - start < rows ? m - start : rows, n, k, threads);
+  }
   free(x32);
   return 0;
 }

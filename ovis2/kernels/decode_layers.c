@@ -12,7 +12,6 @@
 
 #include "avx2_bf16.h"
 
-#define MAX_ROWS 128  // the few-row product's limit (bf16_rows_avx2.c)
 #define MAX_GROUP 16  // the attention kernel's limits (decode_attention.c)
 #define MAX_DIM 256
 #define PARALLEL_ROWS 8  // rows from which the steps between the kernels split over the threads
@@ -161,7 +160,7 @@ void silu_mul_bf16(const uint16_t* gate_up, uint16_t* act, int64_t seqs, int64_t
 // Whether the shapes are within the kernels' limits, every sequence's table and length point inside the cache, and
 // each new token's slot is its sequence's last position (the one attention reads it back from).
 static int valid(const dims* d, const int64_t* slots, const int64_t* tables, const int64_t* lens, int64_t seqs) {
-  if (seqs < 1 || seqs > MAX_ROWS || d->kv_heads < 1 || d->heads % d->kv_heads) return 0;
+  if (seqs < 1 || d->kv_heads < 1 || d->heads % d->kv_heads) return 0;
   if (d->heads / d->kv_heads > MAX_GROUP || d->head_dim % 16 || d->head_dim > MAX_DIM) return 0;
   const int64_t bs = d->block_size;
   for (int64_t s = 0; s < seqs; s++) {
