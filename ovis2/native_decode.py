@@ -88,9 +88,10 @@ def decoded(layers, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], 
     stack = compiled_stack()
     if stack is None:
         return None
-    k_cache, v_cache = meta.kv_caches[0]
-    dims = _dims(layers[0], x, k_cache, meta.block_tables)
-    weights = _layer_weights(layers, meta.kv_caches, dims) if dims is not None else None
+    dims = _dims(layers[0], x, meta.kv_caches[0][0], meta.block_tables)
+    if dims is None or not _shapes_fit(x, rotary, meta, dims):
+        return None
+    weights = _layer_weights(layers, meta.kv_caches, dims)
     if weights is None:
         return None
     return _run(stack, dims, weights, x, rotary, meta)
@@ -109,9 +110,20 @@ def _is_decode_step(x, rotary, meta) -> bool:
     return all(t.dtype == torch.int64 and t.device.type == "cpu" for t in indices)
 
 
+def _shapes_fit(x, rotary, meta, dims: Dims) -> bool:
+    """The step's rows as the kernel reads them: cos and sin [seqs, head_dim], one slot and one table row a
+    sequence (the caches are checked with the weights)."""
+    seqs = x.shape[0]
+    if any(tuple(t.shape) != (seqs, dims.head_dim) for t in rotary):
+        return False
+    return meta.slot_mapping.shape == (seqs,) and meta.block_tables.shape == (seqs, dims.max_blocks)
+
+
 def _dims(layer, x, k_cache, block_tables) -> Dims | None:
     attention, norm = layer.self_attn, layer.input_layernorm
     if k_cache.dim() != 4 or tuple(k_cache.shape[2:]) != (attention.num_kv_heads, attention.head_dim):
+        return None
+    if block_tables.dim() != 2:
         return None
     return Dims(
         hidden=x.shape[1],
@@ -121,7 +133,7 @@ def _dims(layer, x, k_cache, block_tables) -> Dims | None:
         intermediate=layer.mlp.down_proj.in_features,
         block_size=k_cache.shape[1],
         num_blocks=k_cache.shape[0],
-        max_blocks=block_tables.shape[1] if block_tables.dim() == 2 else 0,
+        max_blocks=block_tables.shape[1],
         eps=norm.eps,
         scale=attention.head_dim**-0.5,
     )
@@ -158,23 +170,23 @@ def _tensors(layer, dims: Dims) -> tuple | None:
     hidden, inter = dims.hidden, dims.intermediate
     attended = dims.heads * dims.head_dim
     width = attended + 2 * dims.kv_heads * dims.head_dim
-    shapes = [
-        (layer.input_layernorm.weight, (hidden,)),
-        (qkv.packed, (width, hidden)),
-        (qkv.bias, (width,)),
-        (o.weight, (hidden, attended)),
-        (o.bias, (hidden,)),
-        (layer.post_attention_layernorm.weight, (hidden,)),
-        (gate_up.packed, (2 * inter, hidden)),
-        (gate_up.bias, (2 * inter,)),
-        (down.weight, (hidden, inter)),
-        (down.bias, (hidden,)),
-    ]
-    if not all(tensor is None or _plain(tensor, shape) for tensor, shape in shapes):
-        return None
-    if any(shapes[i][0] is None for i in (0, 1, 3, 5, 6, 8)):
-        return None
-    return tuple(tensor for tensor, _ in shapes)
+    shapes = {  # in WEIGHTS' order
+        "input_norm": (layer.input_layernorm.weight, (hidden,)),
+        "qkv": (qkv.packed, (width, hidden)),
+        "qkv_bias": (qkv.bias, (width,)),
+        "o": (o.weight, (hidden, attended)),
+        "o_bias": (o.bias, (hidden,)),
+        "post_norm": (layer.post_attention_layernorm.weight, (hidden,)),
+        "gate_up": (gate_up.packed, (2 * inter, hidden)),
+        "gate_up_bias": (gate_up.bias, (2 * inter,)),
+        "down": (down.weight, (hidden, inter)),
+        "down_bias": (down.bias, (hidden,)),
+    }
+    for name, (tensor, shape) in shapes.items():
+        optional = name.endswith("_bias")
+        if (tensor is None and not optional) or (tensor is not None and not _plain(tensor, shape)):
+            return None
+    return tuple(tensor for tensor, _ in shapes.values())
 
 
 def _plain(tensor: torch.Tensor, shape: tuple) -> bool:

@@ -45,13 +45,14 @@ def test_one_rounding_not_two():
     assert bf16_rows.product(x, weight, None).float().eq(80.0).all()
 
 
-def test_nan_and_infinity_propagate():
-    weight = torch.ones(8, 16, dtype=torch.bfloat16)
-    x = torch.ones(2, 16, dtype=torch.bfloat16)
+@pytest.mark.parametrize("rows", [2, 16])  # streamed, panels
+def test_nan_and_infinity_propagate(rows):
+    weight = torch.ones(40, 16, dtype=torch.bfloat16)
+    x = torch.ones(rows, 16, dtype=torch.bfloat16)
     x[0, 3] = float("nan")
     x[1, 5] = float("inf")
     out = bf16_rows.product(x, weight, None)
-    assert out[0].isnan().all() and out[1].isposinf().all()
+    assert out[0].isnan().all() and out[1].isposinf().all() and out[2:].eq(16.0).all()
 
 
 def test_rounds_to_nearest_even():

@@ -5,8 +5,9 @@
 // registers (more rows read it again, from L1, or L2 past ~8K inputs): one sequential stream per thread, which the
 // memory system serves fastest. From 9 rows the arithmetic dominates, and the product runs as an fp32 GEMM does:
 // a thread takes a panel of 16 weight rows, 256 inputs of it at a time, transposed and widened into an L1-sized
-// block [256][16]; 6 input rows at a time then meet it in registers (6 x 16 sums, each input broadcast), and the
-// panel's next block is prefetched as the current one is transposed.
+// block [256][16]; 6 input rows at a time then meet it in registers (6 x 16 sums, each input broadcast). The next
+// panel's block is prefetched as the current one's is transposed. More than 128 rows run as blocks of rows, each
+// over the whole weight.
 // Compiled at run time by ovis2/bf16_rows.py with -mavx2 -mfma -fopenmp.
 #include <immintrin.h>
 #include <stdint.h>

@@ -37,3 +37,27 @@ def test_the_engine_decodes_through_the_stack_with_the_layer_by_layer_tokens(
     layer_by_layer = run_to_completion(engine, mixed_requests())
     for request_id, output in native.items():
         assert output.outputs[0].token_ids == layer_by_layer[request_id].outputs[0].token_ids, request_id
+
+
+def test_steps_the_stack_does_not_read_as_written_go_layer_by_layer(
+    engine_checkpoint, tokenizer, monkeypatch
+):
+    """A decode step's own arguments run the stack; the same step with RoPE broadcast over the sequences, or a
+    table row missing, is declined (None: the layer-by-layer path computes it) instead of read out of bounds."""
+    if native_decode.compiled_stack() is None:
+        pytest.skip(
+            "the compiled decode layers: no C compiler here, or not AVX2, or a kernel they call is missing"
+        )
+    args = EngineArgs(model=str(engine_checkpoint), dtype="bfloat16", device="cpu", kv_cache_memory=8 << 20)
+    engine = LLMEngine(args, tokenizer=tokenizer)
+    steps = []
+    real = native_decode.decoded
+    monkeypatch.setattr(native_decode, "decoded", lambda *a: steps.append(a) or real(*a))
+    requests = dict(list(mixed_requests().items())[:2])
+    run_to_completion(engine, requests)
+    layers, x, rotary, meta = next(s for s in steps if s[3].max_query_len == 1 and s[3].num_seqs > 1)
+    assert real(layers, x, rotary, meta) is not None
+    broadcast = tuple(t[:1] for t in rotary)
+    assert real(layers, x, broadcast, meta) is None
+    meta.block_tables = meta.block_tables[:1]
+    assert real(layers, x, rotary, meta) is None
