@@ -43,6 +43,20 @@ MANY_ROWS_WIDEN_BLOCK_BYTES = 32 << 20
 DECODE_ROWS_HINT = 16
 
 
+_weights_generation = 0  # see weights_generation
+
+
+def weights_generation() -> int:
+    """A count that moves whenever any `Linear` packs, unpacks, fuses or takes new weights (a state dict, `.to()`):
+    what a cache of weight addresses (native_decode's) keys on."""
+    return _weights_generation
+
+
+def weights_changed() -> None:
+    global _weights_generation
+    _weights_generation += 1
+
+
 @cache
 def mkl_handles_few_rows() -> bool:
     """Intel CPUs: there MKL's own kernels behind F.linear are the fastest for 1-7 fp32 rows (measured on a Xeon
@@ -234,6 +248,7 @@ class Linear(nn.Linear):
             return False
         if not onednn_packing_available(weight.dtype):
             return False
+        weights_changed()
         with torch.no_grad():
             self.packed_weight = reordered_weight(weight.detach(), rows_hint)
             self.one_row = one_row_for(self.packed_weight, weight.detach(), rows_hint)
@@ -243,6 +258,7 @@ class Linear(nn.Linear):
 
     def unpack(self) -> None:
         """The plain weight back (freed by `pack` or `fused_linear.fuse`), the packed one dropped."""
+        weights_changed()
         if self.fused_into is not None:
             self.fused_into.release()  # every member of the group takes its weight back
         if self.packed_weight is None:

@@ -22,6 +22,7 @@ from .cpu_linear import (
     packed_product,
     packs_weights,
     reordered_weight,
+    weights_changed,
 )
 from .packed_gemv import OneRowProduct
 
@@ -59,6 +60,7 @@ class FusedLinears:
         """Every member's plain weight back, the packed one dropped."""
         if self.packed is None:
             return
+        weights_changed()
         with torch.no_grad():
             for member, rows in zip(self.members, self._split(self.packed.to_dense()), strict=True):
                 if member.fused_into is self:
@@ -85,6 +87,7 @@ def fuse(members: list[Linear], dtypes=None, rows_hint: int | None = DECODE_ROWS
     kind = _fusion(members, dtypes)
     if kind is None:
         return None
+    weights_changed()
     with torch.no_grad():
         weight = torch.cat([member.weight.detach() for member in members])
         with_bias = members[0].bias is not None

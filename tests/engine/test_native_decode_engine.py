@@ -4,6 +4,7 @@ of the layer-by-layer path."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ovis2 import native_decode
 from ovis2.engine.engine_args import EngineArgs
@@ -56,8 +57,35 @@ def test_steps_the_stack_does_not_read_as_written_go_layer_by_layer(
     requests = dict(list(mixed_requests().items())[:2])
     run_to_completion(engine, requests)
     layers, x, rotary, meta = next(s for s in steps if s[3].max_query_len == 1 and s[3].num_seqs > 1)
-    assert real(layers, x, rotary, meta) is not None
-    broadcast = tuple(t[:1] for t in rotary)
-    assert real(layers, x, broadcast, meta) is None
-    meta.block_tables = meta.block_tables[:1]
-    assert real(layers, x, rotary, meta) is None
+    with torch.inference_mode():  # as the engine calls it
+        assert real(layers, x, rotary, meta) is not None
+        broadcast = tuple(t[:1] for t in rotary)
+        assert real(layers, x, broadcast, meta) is None
+        meta.block_tables = meta.block_tables[:1]
+        assert real(layers, x, rotary, meta) is None
+
+
+def test_the_pointer_table_follows_the_weights(engine_checkpoint, tokenizer, monkeypatch):
+    """The layers' pointer table is kept between steps, and dropped when the weights move: a fused group released
+    (its members' weights back) declines the stack; fused again, the stack computes what it did before."""
+    if native_decode.compiled_stack() is None:
+        pytest.skip(
+            "the compiled decode layers: no C compiler here, or not AVX2, or a kernel they call is missing"
+        )
+    args = EngineArgs(model=str(engine_checkpoint), dtype="bfloat16", device="cpu", kv_cache_memory=8 << 20)
+    engine = LLMEngine(args, tokenizer=tokenizer)
+    steps = []
+    real = native_decode.decoded
+    monkeypatch.setattr(native_decode, "decoded", lambda *a: steps.append(a) or real(*a))
+    run_to_completion(engine, dict(list(mixed_requests().items())[:1]))
+    layers, x, rotary, meta = next(s for s in steps if s[3].max_query_len == 1)
+    with torch.inference_mode():  # as the engine calls it
+        first = real(layers, x, rotary, meta)
+        kept = native_decode._tables[layers].table
+        assert first is not None and torch.equal(real(layers, x, rotary, meta), first)
+        assert native_decode._tables[layers].table is kept
+        layers[0].mlp.gate_proj.unpack()  # releases the gate/up group
+        assert real(layers, x, rotary, meta) is None
+        assert layers[0].mlp.fuse_projections()
+        again = real(layers, x, rotary, meta)
+    assert again is not None and torch.equal(again, first)
