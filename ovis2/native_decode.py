@@ -99,7 +99,7 @@ def decoded(layers, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], 
 
 
 def _is_decode_step(x, rotary, meta) -> bool:
-    if not isinstance(meta, PagedAttentionMetadata) or meta.kv_caches is None:
+    if not isinstance(meta, PagedAttentionMetadata) or not meta.kv_caches:
         return False
     if meta.max_query_len != 1 or meta.starts_at_zero or x.dim() != 2:
         return False
@@ -117,7 +117,8 @@ def _shapes_fit(x, rotary, meta, dims: Dims) -> bool:
     seqs = x.shape[0]
     if any(tuple(t.shape) != (seqs, dims.head_dim) for t in rotary):
         return False
-    return meta.slot_mapping.shape == (seqs,) and meta.block_tables.shape == (seqs, dims.max_blocks)
+    indices = meta.slot_mapping.shape == (seqs,) and meta.seq_lens.shape == (seqs,)
+    return indices and meta.block_tables.shape == (seqs, dims.max_blocks)
 
 
 def _dims(layer, x, k_cache, block_tables) -> Dims | None:
@@ -142,42 +143,72 @@ def _dims(layer, x, k_cache, block_tables) -> Dims | None:
 
 @dataclass
 class _Table:
-    key: tuple  # what it was built for: the weights' generation, grad mode, the caches' addresses, the shapes
-    tensors: tuple  # every tensor it points into, held so their memory stays while it does
-    addresses: tuple  # and their addresses then
+    key: (
+        tuple  # what it was built for: the weights' generation, the caches' addresses and layouts, the shapes
+    )
+    sources: tuple  # every weight tensor it points into (held: their memory stays while it does)
+    layouts: tuple  # their addresses and shapes then
     table: ctypes.Array
 
 
 _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers -> their last _Table
+_SHAPE_FIELDS = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size", "num_blocks", "eps")
 
 
 def _layer_weights(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
     """Each layer's weight and cache pointers, or None where any is not what the kernel reads: plain contiguous
-    bf16 tensors of the expected shapes (q/k/v and gate/up fused into one plain weight each). Built once and kept
-    while nothing it was built from moves (checking it all again took ~1.2 ms a step for 24 layers)."""
-    shape = tuple(getattr(dims, name) for name in _SHAPE_FIELDS)
-    addresses = tuple(c.data_ptr() for pair in kv_caches for c in pair)
-    key = (cpu_linear.weights_generation(), torch.is_grad_enabled(), addresses, shape)
+    bf16 tensors of the expected shapes (q/k/v and gate/up fused into one plain weight each). Kept between steps
+    while every weight is the same tensor at the same address and shape, no `Linear` changed its weights
+    (`cpu_linear.weights_generation`) and the caches are where they were: checking everything again took ~1.2 ms a
+    step for 24 layers. Not kept with grad mode on (whether autograd watches a weight can change any time)."""
+    if torch.is_grad_enabled() or not isinstance(layers, torch.nn.Module):
+        return _built_table(layers, kv_caches, dims)
+    sources = _sources(layers)
+    caches = tuple((c.data_ptr(), c.shape, c.stride(), c.dtype) for pair in kv_caches for c in pair)
+    key = (cpu_linear.weights_generation(), caches, tuple(getattr(dims, name) for name in _SHAPE_FIELDS))
     cached = _tables.get(layers)
-    if cached is not None and cached.key == key:
-        if all(t.data_ptr() == a for t, a in zip(cached.tensors, cached.addresses, strict=True)):
-            return cached.table
-    built = _built_table(layers, kv_caches, dims)
+    if cached is not None and cached.key == key and _unmoved(cached, sources):
+        return cached.table
+    built = _built_table(layers, kv_caches, dims) if sources is not None else None
     if built is None:
         _tables.pop(layers, None)
         return None
-    table, tensors = built
-    _tables[layers] = _Table(key, tensors, tuple(t.data_ptr() for t in tensors), table)
-    return table
+    _tables[layers] = _Table(key, sources, _layouts(sources), built)
+    return built
 
 
-_SHAPE_FIELDS = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size", "num_blocks", "eps")
+def _sources(layers) -> tuple | None:
+    """The weight tensors (or None for an absent bias) the table reads, layer after layer, gathered unchecked;
+    None where a group is not fused."""
+    found = []
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = attention.fused_qkv, mlp.fused_gate_up
+        if qkv is None or gate_up is None:
+            return None
+        o, down = attention.o_proj, mlp.down_proj
+        found += (layer.input_layernorm.weight, qkv.packed, qkv.bias, o.weight, o.bias)
+        found += (layer.post_attention_layernorm.weight, gate_up.packed, gate_up.bias, down.weight, down.bias)
+    return tuple(found)
 
 
-def _built_table(layers, kv_caches, dims: Dims) -> tuple[ctypes.Array, tuple] | None:
+def _layouts(sources: tuple) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t.shape) for t in sources)
+
+
+def _unmoved(cached: _Table, sources: tuple | None) -> bool:
+    if sources is None or len(sources) != len(cached.sources):
+        return False
+    return (
+        all(a is b for a, b in zip(sources, cached.sources, strict=True))
+        and _layouts(sources) == cached.layouts
+    )
+
+
+def _built_table(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
     if len(kv_caches) != len(layers):
         return None
-    table, held = (Layer * len(layers))(), []
+    table = (Layer * len(layers))()
     for entry, layer, caches in zip(table, layers, kv_caches, strict=True):
         tensors = _tensors(layer, dims)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -189,8 +220,7 @@ def _built_table(layers, kv_caches, dims: Dims) -> tuple[ctypes.Array, tuple] | 
         for name, tensor in zip(WEIGHTS, tensors, strict=True):
             setattr(entry, name, None if tensor is None else tensor.data_ptr())
         entry.k_cache, entry.v_cache = (c.data_ptr() for c in caches)
-        held.extend(t for t in (*tensors, *caches) if t is not None)
-    return table, tuple(held)
+    return table
 
 
 def _tensors(layer, dims: Dims) -> tuple | None:

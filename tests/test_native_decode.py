@@ -49,7 +49,7 @@ def assert_close(got, expected, steps):
 
 
 @pytest.mark.parametrize(
-    "seqs, hidden, intermediate", [(1, 128, 256), (3, 40, 52), (20, 128, 200), (128, 64, 96)]
+    "seqs, hidden, intermediate", [(1, 128, 256), (3, 44, 52), (20, 128, 200), (128, 64, 96)]
 )
 def test_the_stack_matches_the_layers_in_pytorch_ops(stack, seqs, hidden, intermediate):
     lens = [random.Random(seqs * 100 + i).randint(1, 100) for i in range(seqs)]
@@ -76,7 +76,9 @@ def test_a_wrong_weight_is_caught_by_the_same_comparison(stack):
     assert (got.double() - expected.double()).abs().max() > 8 * 2**-7 * scale
 
 
-@pytest.mark.parametrize("fault", ["slot not the last position", "block outside the cache", "no keys"])
+@pytest.mark.parametrize(
+    "fault", ["slot not the last position", "block outside the cache", "no keys", "two sequences, one slot"]
+)
 def test_a_refused_step_writes_nothing(stack, fault):
     dims = dims_for(40, 52, num_blocks=8, max_blocks=3)
     case = native_decode.random_case(dims, [5, 17, 33], num_layers=2, seed=3)
@@ -85,6 +87,9 @@ def test_a_refused_step_writes_nothing(stack, fault):
         meta.slot_mapping[1] -= 1
     elif fault == "block outside the cache":
         meta.block_tables[2, 1] = dims.num_blocks
+    elif fault == "two sequences, one slot":  # each slot its sequence's last position, both the same
+        meta.block_tables[1], meta.seq_lens[1] = meta.block_tables[0], meta.seq_lens[0]
+        meta.slot_mapping[1] = meta.slot_mapping[0]
     else:
         meta.seq_lens[0] = 0
     before_x, before = case.x.clone(), [c.clone() for pair in case.caches for c in pair]

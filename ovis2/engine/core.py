@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import decode_attention, fused_pointwise
+from .. import decode_attention, fused_pointwise, native_decode
 from ..cpu_linear import bf16_rows_serve
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
@@ -64,13 +64,14 @@ def load_model(args: EngineArgs):
 
 
 def prepare_cpu_kernels(model) -> None:
-    """The bf16 pointwise and decode-attention kernels (on CPUs without bf16 instructions: the few-row product and
-    RMSNorm kernels) built (about a second each, once per machine) and self-tested at start-up, not inside the
-    first request; each decides once whether it runs here."""
+    """The bf16 pointwise and decode-attention kernels (on CPUs without bf16 instructions: the bf16 rows product,
+    RMSNorm and decode layers kernels) built (about a second each, once per machine) and self-tested at start-up,
+    not inside the first request; each decides once whether it runs here."""
     if model.device.type == "cpu" and model.dtype == torch.bfloat16:
         fused_pointwise.rms_norm_library()  # the AVX512-BF16 pointwise kernels, else AVX2's RMSNorm
         decode_attention.kernel_library()
-        bf16_rows_serve()  # builds the few-row kernel where oneDNN emulates bf16
+        if bf16_rows_serve():  # builds the bf16 rows kernel where oneDNN emulates bf16
+            native_decode.compiled_stack()
 
 
 class EngineCore:

@@ -181,6 +181,7 @@ static void attend(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v
 // Whether every sequence has 1 .. max_blocks * block_size keys, all in blocks 0 .. num_blocks - 1.
 static int valid_tables(const int64_t* tables, const int64_t* lens, int64_t seqs, int64_t block_size,
                         int64_t max_blocks, int64_t num_blocks) {
+  if (block_size < 1) return 0;
   for (int64_t s = 0; s < seqs; s++) {
     if (lens[s] < 1 || lens[s] > max_blocks * block_size) return 0;
     for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; b++) {

@@ -158,10 +158,14 @@ void silu_mul_bf16(const uint16_t* gate_up, uint16_t* act, int64_t seqs, int64_t
 }
 
 // Whether the shapes are within the kernels' limits, every sequence's table and length point inside the cache, and
-// each new token's slot is its sequence's last position (the one attention reads it back from).
+// each new token's slot is its sequence's last position (the one attention reads it back from), no two the same.
 static int valid(const dims* d, const int64_t* slots, const int64_t* tables, const int64_t* lens, int64_t seqs) {
-  if (seqs < 1 || d->kv_heads < 1 || d->heads % d->kv_heads) return 0;
-  if (d->heads / d->kv_heads > MAX_GROUP || d->head_dim % 16 || d->head_dim > MAX_DIM) return 0;
+  if (seqs < 1 || d->hidden < 1 || d->intermediate < 1 || d->block_size < 1 || d->num_blocks < 1) return 0;
+  if (d->kv_heads < 1 || d->heads < 1 || d->heads % d->kv_heads || d->heads / d->kv_heads > MAX_GROUP) return 0;
+  if (d->head_dim < 16 || d->head_dim % 16 || d->head_dim > MAX_DIM) return 0;
+  for (int64_t s = 0; s < seqs; s++)
+    for (int64_t t = 0; t < s; t++)
+      if (slots[s] == slots[t]) return 0;
   const int64_t bs = d->block_size;
   for (int64_t s = 0; s < seqs; s++) {
     const int64_t* table = tables + s * d->max_blocks;

@@ -66,8 +66,9 @@ def test_steps_the_stack_does_not_read_as_written_go_layer_by_layer(
 
 
 def test_the_pointer_table_follows_the_weights(engine_checkpoint, tokenizer, monkeypatch):
-    """The layers' pointer table is kept between steps, and dropped when the weights move: a fused group released
-    (its members' weights back) declines the stack; fused again, the stack computes what it did before."""
+    """The layers' pointer table is kept between steps, and built anew when the weights move: a weight replaced by
+    a new tensor; a fused group released (its members' weights back) declines the stack; fused again, the stack
+    computes what it did before."""
     if native_decode.compiled_stack() is None:
         pytest.skip(
             "the compiled decode layers: no C compiler here, or not AVX2, or a kernel they call is missing"
@@ -84,6 +85,12 @@ def test_the_pointer_table_follows_the_weights(engine_checkpoint, tokenizer, mon
         kept = native_decode._tables[layers].table
         assert first is not None and torch.equal(real(layers, x, rotary, meta), first)
         assert native_decode._tables[layers].table is kept
+        down = layers[1].mlp.down_proj
+        down.weight = torch.nn.Parameter(
+            down.weight.clone(), requires_grad=False
+        )  # a new tensor, same values
+        assert torch.equal(real(layers, x, rotary, meta), first)
+        assert native_decode._tables[layers].table is not kept
         layers[0].mlp.gate_proj.unpack()  # releases the gate/up group
         assert real(layers, x, rotary, meta) is None
         assert layers[0].mlp.fuse_projections()
