@@ -6,9 +6,9 @@ widened to fp32 on every call: measured on AMD Zen 3 with the Ovis2-1B shapes, a
 in bf16 against 258 ms in fp32 (196-208 ms with this kernel). `kernels/bf16_rows_avx2.c` reads the plain bf16
 weight once for up to 128 rows and sums in fp32, so bf16 weights cost half fp32's bytes at one row and fp32's
 arithmetic from 9 rows on (Zen 3: ~140 GFLOP/s at 16 rows, 150-170 from 51 rows, the fp32 FMA peak ~180; oneDNN's
-fp32 product over weight blocks widened in PyTorch 80-160: 1.05-1.9x at 64-2048 rows). Compiled once with the system's C compiler (native_build), loaded with ctypes; without a
-compiler or AVX2, with `OVIS2_NATIVE_BF16_ROWS=0`, or when its self-test disagrees with float64, `cpu_linear`
-keeps its own paths.
+fp32 product over weight blocks widened in PyTorch 80-160: 1.05-1.9x at 64-2048 rows). Compiled once with the
+system's C compiler (native_build), loaded with ctypes; without a compiler or AVX2, with
+`OVIS2_NATIVE_BF16_ROWS=0`, or when its self-test disagrees with float64, `cpu_linear` keeps its own paths.
 """
 
 from __future__ import annotations

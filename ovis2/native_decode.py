@@ -144,9 +144,8 @@ def _dims(layer, x, k_cache, block_tables) -> Dims | None:
 
 @dataclass
 class _Table:
-    key: (
-        tuple  # what it was built for: the weights' generation, the caches' addresses and layouts, the shapes
-    )
+    # what it was built for: the weights' generation, the caches' addresses and layouts, the shapes
+    key: tuple
     sources: tuple  # every weight tensor it points into (held: their memory stays while it does)
     layouts: tuple  # their addresses and shapes then
     table: ctypes.Array
@@ -179,18 +178,32 @@ def _layer_weights(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
 
 
 def _sources(layers) -> tuple | None:
-    """The weight tensors (or None for an absent bias) the table reads, layer after layer, gathered unchecked;
-    None where a group is not fused."""
+    """The weight tensors the table reads, layer after layer; None where a group is not fused."""
     found = []
     for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        qkv, gate_up = attention.fused_qkv, mlp.fused_gate_up
-        if qkv is None or gate_up is None:
+        own = _layer_sources(layer)
+        if own is None:
             return None
-        o, down = attention.o_proj, mlp.down_proj
-        found += (layer.input_layernorm.weight, qkv.packed, qkv.bias, o.weight, o.bias)
-        found += (layer.post_attention_layernorm.weight, gate_up.packed, gate_up.bias, down.weight, down.bias)
+        found += own
     return tuple(found)
+
+
+def _layer_sources(layer) -> tuple | None:
+    """One layer's weight tensors in `WEIGHTS`' order (None for an absent bias), gathered unchecked; None where
+    q/k/v or gate/up was never fused."""
+    attention, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up = attention.fused_qkv, mlp.fused_gate_up
+    if qkv is None or gate_up is None:
+        return None
+    o, down = attention.o_proj, mlp.down_proj
+    attention_part = (layer.input_layernorm.weight, qkv.packed, qkv.bias, o.weight, o.bias)
+    return attention_part + (
+        layer.post_attention_layernorm.weight,
+        gate_up.packed,
+        gate_up.bias,
+        down.weight,
+        down.bias,
+    )
 
 
 def _layouts(sources: tuple) -> tuple:
@@ -225,33 +238,38 @@ def _built_table(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
 
 
 def _tensors(layer, dims: Dims) -> tuple | None:
+    """`_layer_sources`, where each is what the kernel reads: the groups in use, o and down not packed, every
+    tensor plain contiguous bf16 of its shape (a bias may be absent)."""
     attention, mlp = layer.self_attn, layer.mlp
     if not (in_use(attention.fused_qkv) and in_use(mlp.fused_gate_up)):
         return None
-    qkv, gate_up = attention.fused_qkv, mlp.fused_gate_up
-    o, down = attention.o_proj, mlp.down_proj
-    if o.packed_weight is not None or down.packed_weight is not None:
+    if attention.o_proj.packed_weight is not None or mlp.down_proj.packed_weight is not None:
         return None
+    tensors, shapes = _layer_sources(layer), _weight_shapes(dims)
+    for name, tensor in zip(WEIGHTS, tensors, strict=True):
+        optional = name.endswith("_bias")
+        if (tensor is None and not optional) or (tensor is not None and not _plain(tensor, shapes[name])):
+            return None
+    return tensors
+
+
+def _weight_shapes(dims: Dims) -> dict:
+    """Each of `WEIGHTS`' shapes, by name."""
     hidden, inter = dims.hidden, dims.intermediate
     attended = dims.heads * dims.head_dim
     width = attended + 2 * dims.kv_heads * dims.head_dim
-    shapes = {  # in WEIGHTS' order
-        "input_norm": (layer.input_layernorm.weight, (hidden,)),
-        "qkv": (qkv.packed, (width, hidden)),
-        "qkv_bias": (qkv.bias, (width,)),
-        "o": (o.weight, (hidden, attended)),
-        "o_bias": (o.bias, (hidden,)),
-        "post_norm": (layer.post_attention_layernorm.weight, (hidden,)),
-        "gate_up": (gate_up.packed, (2 * inter, hidden)),
-        "gate_up_bias": (gate_up.bias, (2 * inter,)),
-        "down": (down.weight, (hidden, inter)),
-        "down_bias": (down.bias, (hidden,)),
-    }
-    for name, (tensor, shape) in shapes.items():
-        optional = name.endswith("_bias")
-        if (tensor is None and not optional) or (tensor is not None and not _plain(tensor, shape)):
-            return None
-    return tuple(tensor for tensor, _ in shapes.values())
+    return dict(
+        input_norm=(hidden,),
+        qkv=(width, hidden),
+        qkv_bias=(width,),
+        o=(hidden, attended),
+        o_bias=(hidden,),
+        post_norm=(hidden,),
+        gate_up=(2 * inter, hidden),
+        gate_up_bias=(2 * inter,),
+        down=(hidden, inter),
+        down_bias=(hidden,),
+    )
 
 
 def _plain(tensor: torch.Tensor, shape: tuple) -> bool:

@@ -42,12 +42,6 @@ def dims_for(hidden, intermediate, num_blocks, max_blocks, heads=6, kv_heads=2, 
     )
 
 
-def assert_close(got, expected, steps):
-    scale = expected.double().abs().max()
-    error = (got.double() - expected.double()).abs().max()
-    assert error <= steps * 2**-7 * scale, f"{error} vs {scale}"
-
-
 @pytest.mark.parametrize(
     "seqs, hidden, intermediate", [(1, 128, 256), (3, 44, 52), (20, 128, 200), (128, 64, 96)]
 )
@@ -58,10 +52,10 @@ def test_the_stack_matches_the_layers_in_pytorch_ops(stack, seqs, hidden, interm
     expected, expected_caches = native_decode.reference_stack(case, dims)
     got = native_decode.computed_stack(stack, case, dims)
     assert got is not None
-    assert_close(got, expected, steps=4)  # fp32 sums against float64 ones, carried through 3 layers
+    assert native_decode.close_to(got, expected, steps=4)  # fp32 sums against float64 ones, through 3 layers
     for pair, wanted in zip(case.caches, expected_caches, strict=True):
         for written, expected_cache in zip(pair, wanted, strict=True):
-            assert_close(written, expected_cache, steps=4)
+            assert native_decode.close_to(written, expected_cache, steps=4)
 
 
 def test_a_wrong_weight_is_caught_by_the_same_comparison(stack):
@@ -72,8 +66,7 @@ def test_a_wrong_weight_is_caught_by_the_same_comparison(stack):
     gate, up = case.layers[0]["gate_up"].chunk(2)
     case.layers[0]["gate_up"] = torch.cat([up, gate])
     got = native_decode.computed_stack(stack, case, dims)
-    scale = expected.double().abs().max()
-    assert (got.double() - expected.double()).abs().max() > 8 * 2**-7 * scale
+    assert not native_decode.close_to(got, expected, steps=8)
 
 
 @pytest.mark.parametrize(
