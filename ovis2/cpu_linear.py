@@ -11,9 +11,10 @@ the kernel stays torch's bf16 GEMV, which streams the bf16 weight well. `python 
 bench.bench_cpu_linear` prints the ratios on the machine at hand. CUDA tensors, and any dtype but fp32/bf16, take
 `F.linear`.
 
-Where oneDNN computes bf16 itself (AMX, AVX512-BF16), the engine packs each bf16 weight once into oneDNN's blocked
-layout instead (`pack_linears`, `Linear.pack`): measured on a 2-core Xeon with AMX, a decode step 1.38x faster.
-One-row products over those packed weights run through `packed_gemv`'s compiled kernel where it runs.
+The engine packs each bf16 weight once into the layout this CPU's kernels read fastest (`pack_linears`,
+`Linear.pack`): where oneDNN computes bf16 itself (AMX, AVX512-BF16), oneDNN's blocked layout (measured on a 2-core
+Xeon with AMX, a decode step 1.38x faster; one-row products through `packed_gemv`'s compiled kernel where it runs);
+where `bf16_rows`' kernel serves, its 16-row panels (`bf16_rows.PanelWeight`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import bf16_rows
+from .bf16_rows import PanelWeight
 from .native_build import autograd_sees
 from .packed_gemv import OneRowProduct, one_row_product
 
@@ -185,19 +187,46 @@ def bf16_rows_serve() -> bool:
     return not native_bf16_matmul() and bf16_rows.kernel_library() is not None
 
 
-def fuses_plain(dtype: torch.dtype) -> bool:
-    """Whether linears reading one input (q/k/v, gate/up) are worth one plain concatenated weight here: bf16 where
-    `bf16_rows` serves (one kernel call and one OpenMP team a group)."""
+def lays_out_panels(dtype: torch.dtype) -> bool:
+    """Whether weights of this dtype are packed as `bf16_rows`' panels here: bf16 where that kernel serves."""
     return dtype == torch.bfloat16 and bf16_rows_serve()
 
 
 def packs_weights(dtype: torch.dtype) -> bool:
-    """Whether `pack_linears` packs weights of this dtype here: bf16 where oneDNN computes bf16 itself.
+    """Whether `pack_linears` packs weights of this dtype here: bf16 where oneDNN computes bf16 itself, or where
+    `bf16_rows` serves (its panels).
 
-    There F.linear hands oneDNN a plain weight that it reorders into its blocked (AMX/VNNI) layout on every call;
-    a weight reordered once runs 1.2-2.2x faster at 1-64 rows (`python -m bench.bench_cpu_linear --dtype
-    bfloat16 --packed`). fp32 keeps `linear`'s dispatch (packing was 0.8-1.0x at one row)."""
+    With bf16 units F.linear hands oneDNN a plain weight that it reorders into its blocked (AMX/VNNI) layout on
+    every call; a weight reordered once runs 1.2-2.2x faster at 1-64 rows (`python -m bench.bench_cpu_linear
+    --dtype bfloat16 --packed`). fp32 keeps `linear`'s dispatch (packing was 0.8-1.0x at one row)."""
+    if lays_out_panels(dtype):
+        return True
     return dtype == torch.bfloat16 and native_bf16_matmul() and onednn_packing_available(dtype)
+
+
+Packed = torch.Tensor | PanelWeight  # a weight oneDNN reordered, or bf16_rows' panels
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether `packed_form` packs weights of this dtype here (whether that helps is `packs_weights`')."""
+    return lays_out_panels(dtype) or onednn_packing_available(dtype)
+
+
+def packed_form(weight: torch.Tensor, rows_hint: int | None) -> tuple[Packed, OneRowProduct | None] | None:
+    """A plain CPU weight packed once (a copy) for this CPU, and the one-row product over it where there is one:
+    `bf16_rows`' panels for bf16 where that kernel serves, else oneDNN's layout where oneDNN packs the dtype;
+    None where neither does."""
+    if lays_out_panels(weight.dtype):
+        return bf16_rows.panels_of(weight), None
+    if not onednn_packing_available(weight.dtype):
+        return None
+    packed = reordered_weight(weight, rows_hint)
+    return packed, one_row_for(packed, weight, rows_hint)
+
+
+def dense_of(packed: Packed) -> torch.Tensor:
+    """The plain weight back from a packed one (a fresh tensor)."""
+    return packed.dense() if isinstance(packed, PanelWeight) else packed.to_dense()
 
 
 @cache
@@ -206,7 +235,7 @@ def onednn_packing_available(dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: nn.Module, dtypes=None, rows_hint: int | None = DECODE_ROWS_HINT) -> int:
-    """Reorder every CPU `Linear` weight of `model` into oneDNN's blocked layout once; returns how many.
+    """Pack every CPU `Linear` weight of `model` once (`packed_form`); returns how many.
 
     `dtypes`: the weight dtypes to pack (default: those `packs_weights` says help here). `rows_hint`: the rows
     oneDNN should expect (None: its own default, best for the vision tower's 1024-row products). A weight no
@@ -228,9 +257,9 @@ def pack_linears(model: nn.Module, dtypes=None, rows_hint: int | None = DECODE_R
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose CPU forward takes `linear`'s dispatch, or a weight
-    packed once for oneDNN (`pack`). A packed module's state dict still holds the plain weight."""
+    packed once (`pack`). A packed module's state dict still holds the plain weight."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: Packed | None = None
     one_row: OneRowProduct | None = None  # the compiled one-row product over packed_weight, where it runs
     fused_into = None  # the fused_linear.FusedLinears holding this weight's rows (its own weight then freed)
 
@@ -241,17 +270,22 @@ class Linear(nn.Linear):
             return F.linear(x, self.fused_into.rows_of(self), self.bias)
         return linear(x, self.weight, self.bias)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and (self.packed_weight is not None or self.fused_into is not None):
+            self.unpack()  # a new weight: the packed copy of the old one must not outlive it
+        super().__setattr__(name, value)
+
     def pack(self, keep_dense: bool = False, rows_hint: int | None = DECODE_ROWS_HINT) -> bool:
-        """Reorder the weight for oneDNN (CPU, contiguous, a dtype oneDNN packs); False when it cannot."""
+        """Pack the weight (`packed_form`: CPU, contiguous, a dtype packed here); False when it cannot."""
         weight = self.weight
         if weight.device.type != "cpu" or not weight.is_contiguous() or weight.numel() == 0:
             return False
-        if not onednn_packing_available(weight.dtype):
-            return False
-        weights_changed()
         with torch.no_grad():
-            self.packed_weight = reordered_weight(weight.detach(), rows_hint)
-            self.one_row = one_row_for(self.packed_weight, weight.detach(), rows_hint)
+            form = packed_form(weight.detach(), rows_hint)
+            if form is None:
+                return False
+            weights_changed()
+            self.packed_weight, self.one_row = form
             if not keep_dense:
                 self.weight.data = weight.new_empty(0)
         return True
@@ -264,7 +298,7 @@ class Linear(nn.Linear):
         if self.packed_weight is None:
             return
         if self.weight.numel() == 0:
-            self.weight.data = self.packed_weight.to_dense()
+            self.weight.data = dense_of(self.packed_weight)
         self.packed_weight = self.one_row = None
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,13 +309,13 @@ class Linear(nn.Linear):
             or x.shape[:-1].numel() == 0
             or autograd_sees(x, self.weight, self.bias)
         ):
-            return F.linear(x, self.weight if self.weight.numel() else packed.to_dense(), self.bias)
+            return F.linear(x, self.weight if self.weight.numel() else dense_of(packed), self.bias)
         return packed_product(x, packed, self.bias, self.out_features, self.one_row)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed_weight is not None and self.weight.numel() == 0:
-            destination[prefix + "weight"] = self.packed_weight.to_dense()
+            destination[prefix + "weight"] = dense_of(self.packed_weight)
         elif self.fused_into is not None:
             destination[prefix + "weight"] = self.fused_into.rows_of(self)
 
@@ -296,16 +330,21 @@ class Linear(nn.Linear):
 
 def packed_product(
     x: torch.Tensor,
-    packed: torch.Tensor,
+    packed: Packed,
     bias: torch.Tensor | None,
     out_features: int,
     one_row: OneRowProduct | None = None,
 ) -> torch.Tensor:
-    """x @ weight.T + bias with a weight packed by `reordered_weight`, any leading dimensions; one row through
+    """x @ weight.T + bias with a weight packed by `packed_form`, any leading dimensions; one row through
     `one_row` where given (`packed_gemv.one_row_product`)."""
     if one_row is not None and one_row.accepts(x, bias):
         return one_row(x, bias).view(*x.shape[:-1], out_features)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if isinstance(packed, PanelWeight):
+        out = bf16_rows.panels_computed(flat, packed, bias)
+        if out is None:  # a row of another width or dtype: F.linear says why
+            out = F.linear(flat, packed.dense(), bias)
+        return out.view(*x.shape[:-1], out_features)
     out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out_features)
 

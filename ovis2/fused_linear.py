@@ -1,5 +1,5 @@
-"""Linears that read the same input (q/k/v, gate/up) computed as one packed oneDNN product on CPU (or, on CPUs
-that emulate bf16, as one plain concatenated weight for the few-row kernel: `cpu_linear.fuses_plain`).
+"""Linears that read the same input (q/k/v, gate/up) computed as one product over one packed weight on CPU
+(`cpu_linear.packed_form`: oneDNN's layout, or `bf16_rows`' panels on CPUs that emulate bf16).
 
 A decode step of Ovis2-1B calls ~170 products; q, k and v (896 -> 896, 128, 128) and gate and up (896 -> 4864
 twice) each read the same row. One packed weight per group makes 96 calls of 24 layers out of 168 products, and
@@ -15,13 +15,11 @@ import torch
 from .cpu_linear import (
     DECODE_ROWS_HINT,
     Linear,
-    fuses_plain,
-    linear,
-    one_row_for,
-    onednn_packing_available,
+    Packed,
+    dense_of,
+    packed_form,
     packed_product,
     packs_weights,
-    reordered_weight,
     weights_changed,
 )
 from .packed_gemv import OneRowProduct
@@ -36,7 +34,7 @@ class FusedLinears:
     def __init__(
         self,
         members: list[Linear],
-        packed: torch.Tensor,
+        packed: Packed,
         bias: torch.Tensor | None,
         one_row: OneRowProduct | None = None,
     ) -> None:
@@ -48,13 +46,11 @@ class FusedLinears:
         return self.packed is not None and all(member.fused_into is self for member in self.members)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed.layout == torch.strided:  # a plain concatenated weight (fuses_plain)
-            return linear(x, self.packed, self.bias)
         return packed_product(x, self.packed, self.bias, self.out_features, self.one_row)
 
     def rows_of(self, member: Linear) -> torch.Tensor:
         """`member`'s own weight, read back from the packed one (a fresh tensor)."""
-        return self._split(self.packed.to_dense())[self._index(member)].clone()
+        return self._split(dense_of(self.packed))[self._index(member)].clone()
 
     def release(self) -> None:
         """Every member's plain weight back, the packed one dropped."""
@@ -62,7 +58,7 @@ class FusedLinears:
             return
         weights_changed()
         with torch.no_grad():
-            for member, rows in zip(self.members, self._split(self.packed.to_dense()), strict=True):
+            for member, rows in zip(self.members, self._split(dense_of(self.packed)), strict=True):
                 if member.fused_into is self:
                     member.weight.data = rows.clone()
                     member.fused_into = None
@@ -81,41 +77,35 @@ def in_use(group: FusedLinears | None) -> bool:
 
 
 def fuse(members: list[Linear], dtypes=None, rows_hint: int | None = DECODE_ROWS_HINT) -> FusedLinears | None:
-    """Pack `members` (same input size, dtype and device, all with a bias or none) as one weight and free their
-    plain weights; None, changing nothing, where that cannot or should not happen. `dtypes`: the weight dtypes
-    to fuse (default: those `cpu_linear.packs_weights` says help here)."""
-    kind = _fusion(members, dtypes)
-    if kind is None:
+    """Pack `members` (same input size, dtype and device, all with a bias or none) as one weight
+    (`cpu_linear.packed_form`) and free their plain weights; None, changing nothing, where that cannot or should
+    not happen. `dtypes`: the weight dtypes to fuse (default: those `cpu_linear.packs_weights` says help here)."""
+    if not _fusable(members, dtypes):
         return None
-    weights_changed()
     with torch.no_grad():
-        weight = torch.cat([member.weight.detach() for member in members])
+        form = packed_form(torch.cat([member.weight.detach() for member in members]), rows_hint)
+        if form is None:
+            return None
+        weights_changed()
         with_bias = members[0].bias is not None
         bias = torch.cat([member.bias.detach() for member in members]) if with_bias else None
-        if kind == "plain":
-            fused = FusedLinears(members, weight, bias)
-        else:
-            packed = reordered_weight(weight, rows_hint)
-            fused = FusedLinears(members, packed, bias, one_row_for(packed, weight, rows_hint))
+        fused = FusedLinears(members, form[0], bias, form[1])
         for member in members:
             member.fused_into = fused
             member.weight.data = member.weight.new_empty(0)
     return fused
 
 
-def _fusion(members: list[Linear], dtypes) -> str | None:
-    """ "packed" (one oneDNN-packed weight), "plain" (one concatenated plain weight, `cpu_linear.fuses_plain`), or
-    None where the members cannot or should not be fused."""
+def _fusable(members: list[Linear], dtypes) -> bool:
+    """Whether the members can and should be packed as one weight (whether their dtype packs here is
+    `packed_form`'s to say)."""
     first = members[0].weight
     for member in members:
         weight = member.weight
         if member.packed_weight is not None or member.fused_into is not None or weight.numel() == 0:
-            return None
+            return False
         if weight.device.type != "cpu" or weight.dtype != first.dtype or not weight.is_contiguous():
-            return None
+            return False
         if weight.shape[1] != first.shape[1] or (member.bias is None) != (members[0].bias is None):
-            return None
-    wanted = first.dtype in dtypes if dtypes is not None else packs_weights(first.dtype)
-    if wanted and onednn_packing_available(first.dtype):
-        return "packed"
-    return "plain" if dtypes is None and fuses_plain(first.dtype) else None
+            return False
+    return first.dtype in dtypes if dtypes is not None else packs_weights(first.dtype)

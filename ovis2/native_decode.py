@@ -7,9 +7,9 @@ whole stack of layers in one call: it calls those same kernels (through their fu
 steps between them itself (RoPE, the KV cache writes, the residual adds, SiLU-and-multiply), rounding to bf16 where
 PyTorch's ops round, so its outputs are the layer-by-layer path's up to SiLU's exp in fp32's last bit (Zen 3,
 alternating the two: a batch-1 step 48.5 -> 38.5 ms, batch 16 1.12-1.23x, the same greedy tokens).
-It applies to decode steps of the engine's paged cache (one new token per sequence) over weights
-`fused_linear` fused into plain q/k/v and gate/up products; `decoded` returns None everywhere else, and where
-`OVIS2_NATIVE_DECODE=0`, a kernel is missing, or the self-test disagrees.
+It applies to decode steps of the engine's paged cache (one new token per sequence) over weights packed as
+`bf16_rows`' panels, q/k/v and gate/up each fused into one (`fused_linear`); `decoded` returns None everywhere
+else, and where `OVIS2_NATIVE_DECODE=0`, a kernel is missing, or the self-test disagrees.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bf16_rows, cpu_linear, decode_attention, fused_pointwise, native_build
+from .bf16_rows import PanelWeight, panels_of
 from .fused_linear import in_use
 from .layers import PagedAttentionMetadata, apply_rotary
 
@@ -50,6 +51,7 @@ class Dims(ctypes.Structure):
     ] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
+PRODUCTS = ("qkv", "o", "gate_up", "down")  # read as panels
 WEIGHTS = (
     "input_norm",
     "qkv",
@@ -156,8 +158,8 @@ _SHAPE_FIELDS = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "blo
 
 
 def _layer_weights(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
-    """Each layer's weight and cache pointers, or None where any is not what the kernel reads: plain contiguous
-    bf16 tensors of the expected shapes (q/k/v and gate/up fused into one plain weight each). Kept between steps
+    """Each layer's weight and cache pointers, or None where any is not what the kernel reads: contiguous bf16
+    tensors of the expected shapes, the products' panels (q/k/v and gate/up fused into one each). Kept between steps
     while every weight is the same tensor at the same address and shape, no `Linear` changed its weights
     (`cpu_linear.weights_generation`) and the caches are where they were: checking everything again took ~1.2 ms a
     step for 24 layers. Not kept with grad mode on (whether autograd watches a weight can change any time)."""
@@ -189,19 +191,26 @@ def _sources(layers) -> tuple | None:
 
 
 def _layer_sources(layer) -> tuple | None:
-    """One layer's weight tensors in `WEIGHTS`' order (None for an absent bias), gathered unchecked; None where
-    q/k/v or gate/up was never fused."""
+    """One layer's weight tensors in `WEIGHTS`' order (a product's: its panels' data; None for an absent bias),
+    gathered unchecked; None where q/k/v or gate/up was never fused or a product is not laid out as panels."""
     attention, mlp = layer.self_attn, layer.mlp
-    qkv, gate_up = attention.fused_qkv, mlp.fused_gate_up
+    qkv, o, gate_up, down = attention.fused_qkv, attention.o_proj, mlp.fused_gate_up, mlp.down_proj
     if qkv is None or gate_up is None:
         return None
-    o, down = attention.o_proj, mlp.down_proj
-    attention_part = (layer.input_layernorm.weight, qkv.packed, qkv.bias, o.weight, o.bias)
-    return attention_part + (
+    panels = (qkv.packed, o.packed_weight, gate_up.packed, down.packed_weight)
+    if not all(isinstance(weight, PanelWeight) for weight in panels):
+        return None
+    qkv_panels, o_panels, gate_up_panels, down_panels = panels
+    return (
+        layer.input_layernorm.weight,
+        qkv_panels.data,
+        qkv.bias,
+        o_panels.data,
+        o.bias,
         layer.post_attention_layernorm.weight,
-        gate_up.packed,
+        gate_up_panels.data,
         gate_up.bias,
-        down.weight,
+        down_panels.data,
         down.bias,
     )
 
@@ -238,14 +247,14 @@ def _built_table(layers, kv_caches, dims: Dims) -> ctypes.Array | None:
 
 
 def _tensors(layer, dims: Dims) -> tuple | None:
-    """`_layer_sources`, where each is what the kernel reads: the groups in use, o and down not packed, every
-    tensor plain contiguous bf16 of its shape (a bias may be absent)."""
+    """`_layer_sources`, where each is what the kernel reads: the groups in use, every tensor contiguous bf16 of
+    its shape (a bias may be absent)."""
     attention, mlp = layer.self_attn, layer.mlp
     if not (in_use(attention.fused_qkv) and in_use(mlp.fused_gate_up)):
         return None
-    if attention.o_proj.packed_weight is not None or mlp.down_proj.packed_weight is not None:
-        return None
     tensors, shapes = _layer_sources(layer), _weight_shapes(dims)
+    if tensors is None:
+        return None
     for name, tensor in zip(WEIGHTS, tensors, strict=True):
         optional = name.endswith("_bias")
         if (tensor is None and not optional) or (tensor is not None and not _plain(tensor, shapes[name])):
@@ -254,22 +263,27 @@ def _tensors(layer, dims: Dims) -> tuple | None:
 
 
 def _weight_shapes(dims: Dims) -> dict:
-    """Each of `WEIGHTS`' shapes, by name."""
+    """Each of `WEIGHTS`' shapes, by name (a product's: its panels')."""
     hidden, inter = dims.hidden, dims.intermediate
     attended = dims.heads * dims.head_dim
     width = attended + 2 * dims.kv_heads * dims.head_dim
     return dict(
         input_norm=(hidden,),
-        qkv=(width, hidden),
+        qkv=_panels_shape(width, hidden),
         qkv_bias=(width,),
-        o=(hidden, attended),
+        o=_panels_shape(hidden, attended),
         o_bias=(hidden,),
         post_norm=(hidden,),
-        gate_up=(2 * inter, hidden),
+        gate_up=_panels_shape(2 * inter, hidden),
         gate_up_bias=(2 * inter,),
-        down=(hidden, inter),
+        down=_panels_shape(hidden, inter),
         down_bias=(hidden,),
     )
+
+
+def _panels_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    panel = bf16_rows.PANEL
+    return (-(-out_features // panel), in_features, panel)
 
 
 def _plain(tensor: torch.Tensor, shape: tuple) -> bool:
@@ -315,7 +329,7 @@ def compiled_stack() -> Stack | None:
         return None
     product, norm, attention = parts
     kernels = Kernels(
-        _address(product.bf16_rows_product),
+        _address(product.bf16_panels_product),
         _address(norm.rms_norm_bf16),
         _address(attention.paged_decode_attention_bf16),
     )
@@ -425,9 +439,14 @@ def reference_stack(case: RandomCase, dims: Dims) -> tuple[torch.Tensor, list[li
 def computed_stack(stack: Stack, case: RandomCase, dims: Dims) -> torch.Tensor | None:
     """The case's output rows by the compiled stack (its caches written), or None where it refused."""
     table = (Layer * len(case.layers))()
+    held = []  # the products' panels, alive through the call
     for entry, weights, pair in zip(table, case.layers, case.caches, strict=True):
         for name in WEIGHTS:
-            setattr(entry, name, None if weights[name] is None else weights[name].data_ptr())
+            tensor = weights[name]
+            if tensor is not None and name in PRODUCTS:
+                tensor = panels_of(tensor).data
+                held.append(tensor)
+            setattr(entry, name, None if tensor is None else tensor.data_ptr())
         entry.k_cache, entry.v_cache = (c.data_ptr() for c in pair)
     return _run(stack, dims, table, case.x, case.rotary, case.meta)
 

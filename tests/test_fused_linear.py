@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ovis2 import cpu_linear
+from ovis2.bf16_rows import PanelWeight
 from ovis2.cpu_linear import Linear, onednn_packing_available
 from ovis2.fused_linear import fuse
 from ovis2.layers import SwiGLU
@@ -107,23 +109,20 @@ def test_default_policy_fuses_only_where_bf16_is_packed(monkeypatch):
 
     assert fuse(members()) is None  # fp32: the engine keeps cpu_linear's dispatch
     monkeypatch.setattr(fused_linear, "packs_weights", lambda dtype: False)
-    monkeypatch.setattr(fused_linear, "fuses_plain", lambda dtype: False)
     assert fuse([m.to(torch.bfloat16) for m in members()]) is None
 
 
-@pytest.mark.parametrize("rows", [1, 16, 40])
-def test_where_bf16_is_emulated_the_group_is_one_plain_weight(monkeypatch, rows):
-    """fuses_plain (forced here): the members' rows concatenated as they are, computed by cpu_linear.linear; the
-    state dict unchanged and release giving each member its rows back."""
-    from ovis2 import fused_linear
-
-    monkeypatch.setattr(fused_linear, "packs_weights", lambda dtype: False)
-    monkeypatch.setattr(fused_linear, "fuses_plain", lambda dtype: dtype == torch.bfloat16)
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_where_bf16_rows_serves_the_group_is_one_panel_weight(rows):
+    """AVX2 only: the members' rows laid out as bf16_rows' panels of one weight (96 rows: 6 panels), computed by
+    its kernel; the state dict unchanged and release giving each member its rows back."""
+    if not cpu_linear.lays_out_panels(torch.bfloat16):
+        pytest.skip("bf16_rows' kernel does not serve here")
     group = [m.to(torch.bfloat16) for m in members(seed=rows)]
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in group]
     fused = fuse(group)
     assert fused is not None and fused.active and all(m.weight.numel() == 0 for m in group)
-    assert fused.packed.layout == torch.strided and fused.packed.is_contiguous()
+    assert isinstance(fused.packed, PanelWeight) and fused.packed.data.shape == (6, 48, 16)
     x = torch.randn(2, rows, 48).to(torch.bfloat16)
     for out, saved in zip(fused(x).split([64, 16, 16], dim=-1), before, strict=True):
         assert_near_reference(out, x, saved["weight"], saved["bias"])

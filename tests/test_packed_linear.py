@@ -1,8 +1,8 @@
-"""Linear weights packed once into oneDNN's blocked layout (cpu_linear.pack_linears): the same products, the
-plain weight freed yet still in the state dict, shared weights kept, and the engine packing where it helps.
+"""Linear weights packed once (cpu_linear.pack_linears): the same products, the plain weight freed yet still in
+the state dict, shared weights kept, and the engine packing where it helps.
 
-fp32 packing runs on any CPU with oneDNN, so the packed path is checked everywhere; bf16 where oneDNN computes
-bf16 itself (AMX, AVX512-BF16)."""
+fp32 packing (oneDNN's blocked layout) runs on any CPU with oneDNN, so the packed path is checked everywhere; bf16
+where oneDNN computes bf16 itself (AMX, AVX512-BF16: its layout) or bf16_rows' kernel serves (AVX2: its panels)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 from ovis2 import cpu_linear
-from ovis2.cpu_linear import Linear, onednn_packing_available, pack_linears
+from ovis2.bf16_rows import PanelWeight
+from ovis2.cpu_linear import Linear, can_pack, pack_linears
 
 from .linear_bounds import assert_near_reference
 
 
 def packable(dtype: torch.dtype) -> None:
-    if not onednn_packing_available(dtype):
-        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    if not can_pack(dtype):
+        pytest.skip(f"{dtype} weights are not packed on this CPU")
 
 
 def layer(out_features=300, in_features=96, bias=True, dtype=torch.float32, seed=0) -> Linear:
@@ -115,19 +116,35 @@ def test_pack_linears_keeps_shared_weights_and_frees_the_rest():
     assert pack_linears(model, dtypes={torch.float32}) == 0  # already packed
 
 
-def test_default_policy_packs_only_native_bf16(monkeypatch):
+def test_default_policy_packs_bf16_only(monkeypatch):
     model = Tied().requires_grad_(False)
     assert pack_linears(model) == 0  # fp32: the dispatch of cpu_linear.linear stays
     model = model.to(torch.bfloat16)
     monkeypatch.setattr(cpu_linear, "native_bf16_matmul", lambda: False)
-    assert pack_linears(model) == 0  # AVX2 only: bf16 is widened to fp32 per call instead
+    monkeypatch.setattr(cpu_linear, "bf16_rows_serve", lambda: False)
+    assert pack_linears(model) == 0  # bf16 emulated and no kernel: widened to fp32 per call instead
+
+
+def test_panels_where_bf16_rows_serves():
+    """AVX2 only: every bf16 Linear packs as bf16_rows' panels, the tied head beside the embedding table it
+    shares, and computes what the plain weight does."""
+    if not cpu_linear.lays_out_panels(torch.bfloat16):
+        pytest.skip("bf16_rows' kernel does not serve here")
+    model = Tied().to(torch.bfloat16).requires_grad_(False)
+    table, own = model.embed.weight.clone(), model.own.weight.clone()
+    assert pack_linears(model) == 2
+    assert all(isinstance(m.packed_weight, PanelWeight) for m in (model.head, model.own))
+    assert model.own.weight.numel() == 0 and torch.equal(model.embed.weight, table)
+    assert torch.equal(model.own.state_dict()["weight"], own)
+    hidden = torch.randn(3, 96).to(torch.bfloat16)
+    assert_near_reference(model.head(hidden), hidden, table)
+    assert_near_reference(model.own(hidden), hidden, own, model.own.bias)
 
 
 def test_engine_model_packed_where_it_helps(tiny_checkpoint):
-    """The engine's own load packs every Linear when bf16 runs natively here (the language model's q/k/v and
-    gate/up fused into one packed product each), where bf16 is emulated fuses those groups as plain weights,
-    none otherwise; the logits of a packed model match the
-    unpacked one."""
+    """The engine's own load packs every Linear where bf16 packs here (the language model's q/k/v and gate/up
+    fused into one packed product each; bf16_rows' panels where its kernel serves), none otherwise; the logits of
+    a packed model match the unpacked one."""
     from ovis2.engine.core import load_model
     from ovis2.engine.engine_args import EngineArgs
 
@@ -140,9 +157,9 @@ def test_engine_model_packed_where_it_helps(tiny_checkpoint):
     if cpu_linear.packs_weights(torch.bfloat16):
         assert len(packed) + len(fused) == len(linears)
         assert fused and all(any(m is owned for owned in language) for m in fused)
-    elif cpu_linear.fuses_plain(torch.bfloat16):  # bf16 emulated: q/k/v and gate/up as plain groups
-        assert not packed and fused and all(any(m is owned for owned in language) for m in fused)
-        assert all(m.fused_into.packed.layout == torch.strided for m in fused)
+        forms = [m.packed_weight for m in packed] + [m.fused_into.packed for m in fused]
+        panels = cpu_linear.lays_out_panels(torch.bfloat16)
+        assert all(isinstance(form, PanelWeight) == panels for form in forms)
     else:
         assert not packed and not fused
     reference = load_model(args)

@@ -58,7 +58,7 @@ def load_model(args: EngineArgs):
         compat=args.compat,
         memory_fraction=args.gpu_memory_utilization,
     )
-    model.pack_cpu_weights()  # CPU bf16 on a CPU that computes bf16 (AMX, AVX512-BF16); nothing elsewhere
+    model.pack_cpu_weights()  # CPU bf16: oneDNN's layout (AMX, AVX512-BF16) or bf16_rows' panels (AVX2 only)
     prepare_cpu_kernels(model)
     return model
 

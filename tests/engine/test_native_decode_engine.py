@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ovis2 import native_decode
+from ovis2.cpu_linear import dense_of
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.llm_engine import LLMEngine
 from tests.engine.conftest import mixed_requests, run_to_completion
@@ -67,9 +68,9 @@ def test_steps_the_stack_does_not_read_as_written_go_layer_by_layer(bf16_engine,
 
 
 def test_the_pointer_table_follows_the_weights(bf16_engine, monkeypatch):
-    """The layers' pointer table is kept between steps, and built anew when the weights move: a weight replaced by
-    a new tensor; a fused group released (its members' weights back) declines the stack; fused again, the stack
-    computes what it did before."""
+    """The layers' pointer table is kept between steps, and built anew when the weights move: a norm's weight
+    replaced by a new tensor; a Linear given a new weight (unpacked: the stack declines) and packed again; a fused
+    group released (its members' weights back) declines the stack; fused again, the stack computes what it did."""
     steps, real = decode_steps(bf16_engine, monkeypatch, 1)
     layers, x, rotary, meta = next(s for s in steps if s[3].max_query_len == 1)
     with torch.inference_mode():  # as the engine calls it
@@ -77,12 +78,15 @@ def test_the_pointer_table_follows_the_weights(bf16_engine, monkeypatch):
         kept = native_decode._tables[layers].table
         assert first is not None and torch.equal(real(layers, x, rotary, meta), first)
         assert native_decode._tables[layers].table is kept
-        down = layers[1].mlp.down_proj
-        down.weight = torch.nn.Parameter(
-            down.weight.clone(), requires_grad=False
-        )  # a new tensor, same values
+        norm = layers[1].post_attention_layernorm
+        norm.weight = torch.nn.Parameter(norm.weight.clone(), requires_grad=False)  # same values
         assert torch.equal(real(layers, x, rotary, meta), first)
         assert native_decode._tables[layers].table is not kept
+        down = layers[1].mlp.down_proj
+        down.weight = torch.nn.Parameter(dense_of(down.packed_weight), requires_grad=False)
+        assert down.packed_weight is None and real(layers, x, rotary, meta) is None
+        assert down.pack()
+        assert torch.equal(real(layers, x, rotary, meta), first)
         layers[0].mlp.gate_proj.unpack()  # releases the gate/up group
         assert real(layers, x, rotary, meta) is None
         assert layers[0].mlp.fuse_projections()
