@@ -6,8 +6,8 @@ PyTorch runs each as several ops on CPU, every one a full pass with a fresh fp32
 to fp32 summation order and exp's last bits (one bf16 step per rounding; tests/test_fused_pointwise.py). It is
 built like the one-row kernel (ovis2/native_build.py). The functions here take any input: the kernel computes
 where it can (bf16 on a CPU with AVX512-BF16, no autograd, a compiler, `OVIS2_NATIVE_POINTWISE` not 0, its
-self-test passed; RMSNorm alone also on AVX2 CPUs, `kernels/rms_norm_avx2.c`), the PyTorch composite everywhere
-else.
+self-test passed; RMSNorm and SiLU-and-multiply also on AVX2 CPUs, `kernels/pointwise_avx2.c`), the PyTorch
+composite everywhere else.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import native_build
 
 SOURCE = native_build.KERNELS / "pointwise.c"
-AVX2_SOURCE = native_build.KERNELS / "rms_norm_avx2.c"
+AVX2_SOURCE = native_build.KERNELS / "pointwise_avx2.c"
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # One row of Ovis2-1B's 4864: 20 vs 7 us; 16 rows 49 vs 44 us; 2048 rows of 2816 (two crops) 1.7 vs 2.6 ms.
 SILU_KERNEL_MIN_VALUES = 1 << 18
@@ -49,7 +49,7 @@ def reference_layer_norm_softmax(x: torch.Tensor, weight, bias, eps: float) -> t
 # ----------------------------------------------------------------------------------------------- dispatch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     fits = _one_per_column(x, weight) and _may_take(x, weight)
-    library = rms_norm_library() if fits else None
+    library = rms_silu_library() if fits else None
     if library is None:
         return reference_rms_norm(x, weight, eps)
     return _kernel_rms_norm(library, x, weight, eps)
@@ -59,7 +59,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; gate and up may be the two halves of one product's columns. Decode-sized inputs stay
     PyTorch's: below SILU_KERNEL_MIN_VALUES the call costs more than the pass saves."""
     fits = gate.dim() >= 1 and gate.shape == up.shape and gate.numel() >= SILU_KERNEL_MIN_VALUES
-    library = _library_for(gate, up) if fits else None
+    library = rms_silu_library() if fits and _may_take(gate, up) else None
     stride = _row_stride(gate) if library is not None else None
     if stride is None or _row_stride(up) != stride:
         return reference_silu_mul(gate, up)
@@ -153,37 +153,40 @@ def kernel_library() -> ctypes.CDLL | None:
     )
 
 
-def rms_norm_library() -> ctypes.CDLL | None:
-    """The library RMSNorm runs from here: the AVX512-BF16 one, else (no AVX512-BF16) the AVX2 one; None where
-    neither runs. The first call builds them."""
+def rms_silu_library() -> ctypes.CDLL | None:
+    """The library RMSNorm and SiLU-and-multiply run from here: the AVX512-BF16 one, else (no AVX512-BF16) the
+    AVX2 one; None where neither runs. The first call builds them."""
     library = kernel_library()
-    return library if library is not None else avx2_rms_norm_library()
+    return library if library is not None else avx2_library()
 
 
 @cache
-def avx2_rms_norm_library() -> ctypes.CDLL | None:
-    """RMSNorm's kernel for CPUs with AVX2 and FMA but no AVX512-BF16 (`kernels/rms_norm_avx2.c`): the same
-    roundings, the same switch. AMD Zen 3: one decode row of Ovis2-1B 26 vs 39 us for the composite (the call's
-    Python is most of it), two crops' [2, 1024, 1024] 0.72 vs 10.3 ms."""
+def avx2_library() -> ctypes.CDLL | None:
+    """RMSNorm's and SiLU-and-multiply's kernels for CPUs with AVX2 and FMA but no AVX512-BF16
+    (`kernels/pointwise_avx2.c`): the same roundings, the same switch. AMD Zen 3: one decode row of Ovis2-1B's
+    RMSNorm 26 vs 39 us for the composite (the call's Python is most of it), two crops' [2, 1024, 1024] 0.72 vs
+    10.3 ms; SiLU-and-multiply over a 16-prompt prefill's [784, 4864] 2.6 + 1.3 ms a layer in PyTorch."""
     return native_build.checked_library(
         AVX2_SOURCE,
-        {"rms_norm_bf16": SIGNATURES["rms_norm_bf16"]},
-        rms_norm_agrees,
+        {name: SIGNATURES[name] for name in ("rms_norm_bf16", "silu_mul_bf16")},
+        avx2_agrees,
         "OVIS2_NATIVE_POINTWISE",
-        "the AVX2 RMSNorm kernel",
+        "the AVX2 pointwise kernels",
         cpu_has=native_build.has_avx2,
         flags=native_build.AVX2_FLAGS,
     )
 
 
-def rms_norm_agrees(library: ctypes.CDLL) -> bool:
-    """RMSNorm against its composite on rows with a tail (203: not a multiple of 8 or 16), within two roundings."""
+def avx2_agrees(library: ctypes.CDLL) -> bool:
+    """RMSNorm and SiLU-and-multiply against their composites on rows with a tail (203: not a multiple of 8 or
+    16; gate and up the halves of one row), within two roundings."""
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 203, generator=generator) * 4).to(torch.bfloat16)
     weight = torch.randn(203, generator=generator).to(torch.bfloat16)
+    gate, up = (torch.randn(3, 2, 203, generator=generator) * 4).to(torch.bfloat16).unbind(1)
     return within_bf16_roundings(
         _kernel_rms_norm(library, x, weight, 1e-6), reference_rms_norm(x, weight, 1e-6)
-    )
+    ) and within_bf16_roundings(_kernel_silu_mul(library, gate, up, 406), reference_silu_mul(gate, up))
 
 
 def agrees_with_pytorch(library: ctypes.CDLL) -> bool:

@@ -322,7 +322,7 @@ def compiled_stack() -> Stack | None:
     """The compiled stack and the kernels it calls, or None where one of them does not run here."""
     parts = (
         bf16_rows.kernel_library(),
-        fused_pointwise.rms_norm_library(),
+        fused_pointwise.rms_silu_library(),
         decode_attention.kernel_library(),
     )
     if any(part is None for part in parts):

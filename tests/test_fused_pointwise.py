@@ -3,7 +3,8 @@
 models use (rows with tails, one row, the halves of a fused gate/up product), and the composites wherever the
 kernels cannot or should not run.
 
-The kernels need a CPU with AVX512-BF16 and a C compiler; the fallbacks are checked everywhere."""
+The kernels need a CPU with AVX512-BF16 and a C compiler (RMSNorm and SiLU-and-multiply also build for AVX2); the
+fallbacks are checked everywhere."""
 
 from __future__ import annotations
 
@@ -51,10 +52,16 @@ def test_rms_norm_is_the_composite_within_its_two_roundings(library, shape):
 
 @pytest.fixture(scope="module")
 def avx2_library():
-    library = fused_pointwise.avx2_rms_norm_library()
+    library = fused_pointwise.avx2_library()
     if library is None:
-        pytest.skip("the AVX2 RMSNorm kernel needs AVX2 and a C compiler")
+        pytest.skip("the AVX2 pointwise kernels need AVX2 and a C compiler")
     return library
+
+
+@pytest.fixture(scope="module", params=["avx512_bf16", "avx2"])
+def silu_library(request):
+    """Each build of SiLU-and-multiply this CPU runs."""
+    return request.getfixturevalue("library" if request.param == "avx512_bf16" else "avx2_library")
 
 
 @pytest.mark.parametrize("shape", [(2, 1024, 1024), (1, 1536), (3, 7, 203), (5, 17), (2, 5)])
@@ -93,33 +100,33 @@ def kernel_silu_mul(library, gate, up):
 
 
 @pytest.mark.parametrize("shape", [(2, 1024, 2816), (1, 8960), (3, 5, 200), (37,)])
-def test_silu_mul_is_the_composite_within_its_two_roundings(library, shape):
+def test_silu_mul_is_the_composite_within_its_two_roundings(silu_library, shape):
     gate, up = bf16(*shape, scale=4.0, seed=3), bf16(*shape, scale=2.0, seed=4)
     with torch.inference_mode():
-        got = kernel_silu_mul(library, gate, up)
+        got = kernel_silu_mul(silu_library, gate, up)
         expected = fused_pointwise.reference_silu_mul(gate, up)
     assert got.shape == expected.shape
     assert fused_pointwise.within_bf16_roundings(got, expected)
     assert (got == expected).float().mean() > 0.99
 
 
-def test_silu_mul_reads_the_two_halves_of_a_fused_product_in_place(library):
+def test_silu_mul_reads_the_two_halves_of_a_fused_product_in_place(silu_library):
     fused = bf16(2, 9, 2 * 200, scale=4.0, seed=5)
     gate, up = fused.chunk(2, dim=-1)
     with torch.inference_mode():
-        got = kernel_silu_mul(library, gate, up)
+        got = kernel_silu_mul(silu_library, gate, up)
         expected = fused_pointwise.reference_silu_mul(gate.contiguous(), up.contiguous())
     assert got.is_contiguous() and fused_pointwise.within_bf16_roundings(got, expected)
 
 
-def test_silu_mul_of_extreme_values_is_the_composite(library):
+def test_silu_mul_of_extreme_values_is_the_composite(silu_library):
     """exp overflows and underflows where PyTorch's does: silu(-100) is -0, silu(100) is 100."""
     gate = torch.tensor([-1e4, -100.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.0, 100.0, 1e4] * 2).to(
         torch.bfloat16
     )
     up = torch.ones_like(gate)
     with torch.inference_mode():
-        got = kernel_silu_mul(library, gate, up)
+        got = kernel_silu_mul(silu_library, gate, up)
     assert fused_pointwise.within_bf16_roundings(got, fused_pointwise.reference_silu_mul(gate, up))
     assert torch.isfinite(got).all()
 

@@ -68,7 +68,7 @@ def prepare_cpu_kernels(model) -> None:
     RMSNorm and decode layers kernels) built (about a second each, once per machine) and self-tested at start-up,
     not inside the first request; each decides once whether it runs here."""
     if model.device.type == "cpu" and model.dtype == torch.bfloat16:
-        fused_pointwise.rms_norm_library()  # the AVX512-BF16 pointwise kernels, else AVX2's RMSNorm
+        fused_pointwise.rms_silu_library()  # the AVX512-BF16 pointwise kernels, else AVX2's
         decode_attention.kernel_library()
         if bf16_rows_serve():  # builds the bf16 rows kernel where oneDNN emulates bf16
             native_decode.compiled_stack()

@@ -51,4 +51,17 @@ static inline float sum8(__m256 v) {
   return _mm_cvtss_f32(half);
 }
 
+// Up to 8 bf16 values widened (the rest 0) and stored back: the tails of rows whose length is not a multiple of 8.
+static inline __m256 widen_some(const uint16_t* p, int64_t count) {
+  uint16_t lanes[8] = {0};
+  memcpy(lanes, p, (size_t)count * sizeof *p);
+  return widen8(lanes);
+}
+
+static inline void store_some(uint16_t* p, __m256 v, int64_t count) {
+  uint16_t lanes[8];
+  store8(lanes, v);
+  memcpy(p, lanes, (size_t)count * sizeof *p);
+}
+
 #endif

@@ -179,7 +179,7 @@ def test_a_bf16_cpu_engine_decides_its_kernels_at_start_up(engine_checkpoint):
     if not native_bf16_matmul():
         kernels.append(bf16_rows.kernel_library)
     if fused_pointwise.kernel_library() is None:
-        kernels.append(fused_pointwise.avx2_rms_norm_library)
+        kernels.append(fused_pointwise.avx2_library)
     for kernel in kernels:
         kernel.cache_clear()
     LLM(model=str(engine_checkpoint), dtype="bf16", device="cpu", kv_cache_memory=KV)
