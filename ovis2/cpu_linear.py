@@ -271,8 +271,11 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "weight" and (self.packed_weight is not None or self.fused_into is not None):
-            self.unpack()  # a new weight: the packed copy of the old one must not outlive it
+        # A new weight: the packed copy of the old one must not outlive it. A new bias: a fused group holds a copy
+        # of the members' biases (a packed module reads its own bias each call).
+        packed = self.packed_weight is not None and name == "weight"
+        if packed or (self.fused_into is not None and name in ("weight", "bias")):
+            self.unpack()
         super().__setattr__(name, value)
 
     def pack(self, keep_dense: bool = False, rows_hint: int | None = DECODE_ROWS_HINT) -> bool:

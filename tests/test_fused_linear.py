@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovis2 import cpu_linear
+from ovis2 import bf16_rows, cpu_linear
 from ovis2.bf16_rows import PanelWeight
 from ovis2.cpu_linear import Linear, onednn_packing_available
 from ovis2.fused_linear import fuse
@@ -56,6 +56,31 @@ def test_state_dict_unchanged_and_a_member_alone_still_computes():
         assert all(torch.equal(module.state_dict()[k], v) for k, v in saved.items())  # a permutation: exact
     x = torch.randn(3, 48)
     assert_near_reference(group[1](x), x, before[1]["weight"], before[1]["bias"])
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_a_member_given_a_new_parameter_releases_the_group(name):
+    """The group holds copies of its members' weights and biases: a new one for any member ends the group, so the
+    new values are the ones computed."""
+    group = members()
+    fused = fuse(group, FP32)
+    new = torch.full_like(group[1].state_dict()[name], 0.5)
+    setattr(group[1], name, torch.nn.Parameter(new, requires_grad=False))
+    assert not fused.active and all(m.fused_into is None for m in group)
+    x = torch.randn(3, 48)
+    weight, bias = group[1].weight, group[1].bias
+    assert torch.equal(weight if name == "weight" else bias, new)
+    assert_near_reference(group[1](x), x, weight, bias)
+
+
+def test_a_packed_linear_given_a_new_weight_computes_with_it():
+    module = members(sizes=(64,))[0]
+    assert module.pack()
+    new = torch.randn(64, 48)
+    module.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
+    assert module.packed_weight is None
+    x = torch.randn(3, 48)
+    assert_near_reference(module(x), x, new, module.bias)
 
 
 def test_unpacking_one_member_gives_every_member_its_weight_and_frees_the_packed_one():
@@ -113,11 +138,14 @@ def test_default_policy_fuses_only_where_bf16_is_packed(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 40])
-def test_where_bf16_rows_serves_the_group_is_one_panel_weight(rows):
+def test_where_bf16_rows_serves_the_group_is_one_panel_weight(rows, monkeypatch):
     """AVX2 only: the members' rows laid out as bf16_rows' panels of one weight (96 rows: 6 panels), computed by
     its kernel; the state dict unchanged and release giving each member its rows back."""
     if not cpu_linear.lays_out_panels(torch.bfloat16):
         pytest.skip("bf16_rows' kernel does not serve here")
+    calls = []
+    real = bf16_rows.panels_computed
+    monkeypatch.setattr(bf16_rows, "panels_computed", lambda *args: calls.append(1) or real(*args))
     group = [m.to(torch.bfloat16) for m in members(seed=rows)]
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in group]
     fused = fuse(group)
@@ -126,6 +154,7 @@ def test_where_bf16_rows_serves_the_group_is_one_panel_weight(rows):
     x = torch.randn(2, rows, 48).to(torch.bfloat16)
     for out, saved in zip(fused(x).split([64, 16, 16], dim=-1), before, strict=True):
         assert_near_reference(out, x, saved["weight"], saved["bias"])
+    assert calls == [1]  # one product for the group, the panels kernel's
     for module, saved in zip(group, before, strict=True):
         assert all(torch.equal(module.state_dict()[k], v) for k, v in saved.items())
     fused.release()

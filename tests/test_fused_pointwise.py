@@ -94,6 +94,22 @@ def test_without_avx512_bf16_rms_norm_takes_the_avx2_kernel(avx2_library, monkey
     assert fused_pointwise.within_bf16_roundings(got, fused_pointwise.reference_rms_norm(x, weight, 1e-6))
 
 
+def test_without_avx512_bf16_silu_mul_takes_the_avx2_kernel(avx2_library, monkeypatch):
+    monkeypatch.setattr(fused_pointwise, "kernel_library", lambda: None)
+    calls = []
+    real = fused_pointwise._kernel_silu_mul
+    monkeypatch.setattr(
+        fused_pointwise, "_kernel_silu_mul", lambda *args: calls.append(args[0]) or real(*args)
+    )
+    fused = bf16(64, 2 * fused_pointwise.SILU_KERNEL_MIN_VALUES // 64, scale=4.0, seed=8)
+    gate, up = fused.chunk(2, dim=-1)  # the halves of one product, as the MLP hands them
+    with torch.inference_mode():
+        got = fused_pointwise.silu_mul(gate, up)
+        fused_pointwise.silu_mul(gate.float(), up.float())  # fp32: the composite
+    assert calls == [avx2_library]
+    assert fused_pointwise.within_bf16_roundings(got, fused_pointwise.reference_silu_mul(gate, up))
+
+
 def kernel_silu_mul(library, gate, up):
     """The kernel itself, below the size where silu_mul() would hand it the inputs."""
     return fused_pointwise._kernel_silu_mul(library, gate, up, fused_pointwise._row_stride(gate))

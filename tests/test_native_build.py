@@ -41,3 +41,25 @@ def test_a_changed_header_builds_a_new_library(tmp_path, monkeypatch):
     assert second != first
     library = native_build.load(second, {"kernel": ([], ctypes.c_int)})
     assert library.kernel() == 4
+
+
+def test_the_avx2_kernels_load_wherever_they_can():
+    """On a CPU with AVX2 (and FMA) and a compiler, each AVX2 kernel builds and passes its self-test: a kernel
+    whose self-test fails turns itself off, which would otherwise only show as skipped tests."""
+    import os
+
+    from ovis2 import bf16_rows, cpu_linear, decode_attention, fused_pointwise, native_decode
+
+    if not native_build.has_avx2() or shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no AVX2 or no C compiler here")
+    switched_off = [
+        name for name, value in os.environ.items() if name.startswith("OVIS2_NATIVE_") and value == "0"
+    ]
+    if switched_off:
+        pytest.skip(f"kernels switched off here: {switched_off}")
+    assert decode_attention.kernel_library() is not None
+    if not native_build.has_avx512_bf16():
+        assert fused_pointwise.avx2_library() is not None
+    if not cpu_linear.native_bf16_matmul():
+        assert bf16_rows.kernel_library() is not None
+        assert native_decode.compiled_stack() is not None

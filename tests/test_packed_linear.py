@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ovis2 import cpu_linear
+from ovis2 import bf16_rows, cpu_linear
 from ovis2.bf16_rows import PanelWeight
 from ovis2.cpu_linear import Linear, can_pack, pack_linears
 
@@ -125,11 +125,14 @@ def test_default_policy_packs_bf16_only(monkeypatch):
     assert pack_linears(model) == 0  # bf16 emulated and no kernel: widened to fp32 per call instead
 
 
-def test_panels_where_bf16_rows_serves():
+def test_panels_where_bf16_rows_serves(monkeypatch):
     """AVX2 only: every bf16 Linear packs as bf16_rows' panels, the tied head beside the embedding table it
-    shares, and computes what the plain weight does."""
+    shares, and computes what the plain weight does, through the panels kernel."""
     if not cpu_linear.lays_out_panels(torch.bfloat16):
         pytest.skip("bf16_rows' kernel does not serve here")
+    calls = []
+    real = bf16_rows.panels_computed
+    monkeypatch.setattr(bf16_rows, "panels_computed", lambda *args: calls.append(1) or real(*args))
     model = Tied().to(torch.bfloat16).requires_grad_(False)
     table, own = model.embed.weight.clone(), model.own.weight.clone()
     assert pack_linears(model) == 2
@@ -139,6 +142,7 @@ def test_panels_where_bf16_rows_serves():
     hidden = torch.randn(3, 96).to(torch.bfloat16)
     assert_near_reference(model.head(hidden), hidden, table)
     assert_near_reference(model.own(hidden), hidden, own, model.own.bias)
+    assert len(calls) == 2
 
 
 def test_engine_model_packed_where_it_helps(tiny_checkpoint):
