@@ -101,16 +101,24 @@ static inline void transpose8(const uint16_t* w, int64_t k, float* p) {
   }
 }
 
-// sums[r][0..15] += x row r [0 .. len) . block [0 .. len)[0..15] for `rows` (a constant after inlining) input rows.
-static inline __attribute__((always_inline)) void meet(const float* block, const float* x, int64_t k, int64_t len,
-                                                       int rows, float* sums) {
+// sums[r][0..15] += x row r [0 .. len) . weights [0 .. len)[0..15] for `rows` input rows; the weights an fp32
+// block (widened = 0) or a bf16 panel widened in registers (widened = 1). Both constants after inlining.
+static inline __attribute__((always_inline)) void meet(const void* weights, int widened, const float* x, int64_t k,
+                                                       int64_t len, int rows, float* sums) {
   __m256 acc[MR][2];
   for (int r = 0; r < rows; r++) {
     acc[r][0] = _mm256_load_ps(sums + r * PANEL);
     acc[r][1] = _mm256_load_ps(sums + r * PANEL + 8);
   }
   for (int64_t i = 0; i < len; i++) {
-    const __m256 low = _mm256_load_ps(block + i * PANEL), high = _mm256_load_ps(block + i * PANEL + 8);
+    __m256 low, high;
+    if (widened) {
+      const uint16_t* w = (const uint16_t*)weights + i * PANEL;
+      low = widen8(w), high = widen8(w + 8);
+    } else {
+      const float* w = (const float*)weights + i * PANEL;
+      low = _mm256_load_ps(w), high = _mm256_load_ps(w + 8);
+    }
     for (int r = 0; r < rows; r++) {
       const __m256 input = _mm256_broadcast_ss(x + r * k + i);
       acc[r][0] = _mm256_fmadd_ps(input, low, acc[r][0]);
@@ -123,18 +131,19 @@ static inline __attribute__((always_inline)) void meet(const float* block, const
   }
 }
 
-// All m input rows by one transposed block, MR at a time.
-static void meet_rows(const float* block, const float* x, int64_t m, int64_t k, int64_t len, float* sums) {
+// All m input rows by one block of weights (as `meet` takes them), MR at a time.
+static inline __attribute__((always_inline)) void meet_rows(const void* weights, int widened, const float* x,
+                                                            int64_t m, int64_t k, int64_t len, float* sums) {
   for (int64_t r = 0; r < m; r += MR) {
     const float* xr = x + r * k;
     float* out = sums + r * PANEL;
     switch (m - r < MR ? m - r : MR) {
-      case 1: meet(block, xr, k, len, 1, out); break;
-      case 2: meet(block, xr, k, len, 2, out); break;
-      case 3: meet(block, xr, k, len, 3, out); break;
-      case 4: meet(block, xr, k, len, 4, out); break;
-      case 5: meet(block, xr, k, len, 5, out); break;
-      default: meet(block, xr, k, len, 6, out); break;
+      case 1: meet(weights, widened, xr, k, len, 1, out); break;
+      case 2: meet(weights, widened, xr, k, len, 2, out); break;
+      case 3: meet(weights, widened, xr, k, len, 3, out); break;
+      case 4: meet(weights, widened, xr, k, len, 4, out); break;
+      case 5: meet(weights, widened, xr, k, len, 5, out); break;
+      default: meet(weights, widened, xr, k, len, 6, out); break;
     }
   }
 }
@@ -153,7 +162,7 @@ static void panel_sums(const uint16_t* w, const uint16_t* next, const float* x, 
       transpose8(w + start + i, k, block + i * PANEL);
       transpose8(w + 8 * k + start + i, k, block + i * PANEL + 8);
     }
-    meet_rows(block, x + start, m, k, len, sums);
+    meet_rows(block, 0, x + start, m, k, len, sums);
   }
   for (int64_t r = 0; r < m; r++)  // the last k % 8 inputs
     for (int c = 0; c < PANEL; c++)
@@ -241,28 +250,6 @@ static void few_panel_sums(const uint16_t* panel, const float* x, int64_t m, int
   }
 }
 
-// As meet, the 16 weights of each input read from the panel and widened in registers.
-static inline __attribute__((always_inline)) void meet_panel(const uint16_t* panel, const float* x, int64_t k,
-                                                             int64_t len, int rows, float* sums) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < rows; r++) {
-    acc[r][0] = _mm256_load_ps(sums + r * PANEL);
-    acc[r][1] = _mm256_load_ps(sums + r * PANEL + 8);
-  }
-  for (int64_t i = 0; i < len; i++) {
-    const __m256 low = widen8(panel + i * PANEL), high = widen8(panel + i * PANEL + 8);
-    for (int r = 0; r < rows; r++) {
-      const __m256 input = _mm256_broadcast_ss(x + r * k + i);
-      acc[r][0] = _mm256_fmadd_ps(input, low, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(input, high, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < rows; r++) {
-    _mm256_store_ps(sums + r * PANEL, acc[r][0]);
-    _mm256_store_ps(sums + r * PANEL + 8, acc[r][1]);
-  }
-}
-
 // All m input rows by one panel, DEPTH inputs at a time, MR rows at a time; `next` (or NULL) prefetched into L1
 // a block ahead.
 static void many_panel_sums(const uint16_t* panel, const uint16_t* next, const float* x, int64_t m, int64_t k,
@@ -272,19 +259,7 @@ static void many_panel_sums(const uint16_t* panel, const uint16_t* next, const f
     const int64_t len = k - start < DEPTH ? k - start : DEPTH;
     if (next)
       for (int64_t i = 0; i < len * PANEL; i += 32) _mm_prefetch((const char*)(next + start * PANEL + i), _MM_HINT_T0);
-    const uint16_t* block = panel + start * PANEL;
-    for (int64_t r = 0; r < m; r += MR) {
-      const float* xr = x + r * k + start;
-      float* out = sums + r * PANEL;
-      switch (m - r < MR ? m - r : MR) {
-        case 1: meet_panel(block, xr, k, len, 1, out); break;
-        case 2: meet_panel(block, xr, k, len, 2, out); break;
-        case 3: meet_panel(block, xr, k, len, 3, out); break;
-        case 4: meet_panel(block, xr, k, len, 4, out); break;
-        case 5: meet_panel(block, xr, k, len, 5, out); break;
-        default: meet_panel(block, xr, k, len, 6, out); break;
-      }
-    }
+    meet_rows(panel + start * PANEL, 1, x + start, m, k, len, sums);
   }
 }
 
