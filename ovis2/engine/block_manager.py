@@ -5,6 +5,12 @@ reference-counted: forked choices and prefix-cache hits share them. A full, comp
 chained over (previous block's hash, its token ids, the content hashes of the images its atoms belong
 to); a later request whose prefix hashes to the same chain reuses the block instead of recomputing it.
 Free blocks that still hold a cached prefix stay findable until they are handed out again (LRU).
+
+Past the last whole cached block, a request can still reuse part of a block: each cached text block is also
+listed under its parent's hash with its token ids, and the cached child sharing the longest run of leading
+tokens with the request lends those slots' KV, copied into the request's own block before the step runs (the
+scheduler hands out the copies). So a shared prefix that ends mid-block, such as the chat template's default
+system turn (14 tokens), is computed once, not once per request.
 """
 
 from __future__ import annotations
@@ -12,10 +18,29 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from .sequence import Sequence
 
 ROOT_MARK = b"\x00" * 17
+PARTIAL_CANDIDATES = 32  # cached children of one parent compared token by token: the most recently cached
+
+
+@dataclass(frozen=True)
+class PartialHit:
+    """The first `num_tokens` slots of cached block `block_id` hold the KV a request's next block starts with."""
+
+    block_id: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SlotCopy:
+    """Copy the KV of slots [0, num_slots) of block `source` into block `target`, before the step's forward."""
+
+    source: int
+    target: int
+    num_slots: int
 
 
 def block_hash(previous: int | None, token_ids: tuple[int, ...], image_hashes: tuple[str, ...]) -> int:
@@ -38,6 +63,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash_of: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
+        self.children: dict[
+            int | None, OrderedDict[int, tuple[int, ...]]
+        ] = {}  # parent hash -> {block: tokens}
+        self.parent_of: dict[int, int | None] = {}  # block id -> its parent's hash, for blocks in `children`
         self.free_blocks: OrderedDict[int, None] = OrderedDict(
             (i, None) for i in range(num_blocks)
         )  # LRU first
@@ -67,6 +96,29 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def find_partial_block(self, seq: Sequence, num_cached: int) -> PartialHit | None:
+        """The cached text block sharing the most leading tokens with seq's block `num_cached` (the first that
+        find_cached_blocks did not cover), never reaching seq's last token; None when nothing is shared."""
+        if not self.enable_prefix_caching:
+            return None
+        bs = self.block_size
+        start = num_cached * bs
+        limit = min(bs - 1, seq.num_tokens - 1 - start)
+        candidates = self.children.get(self.chain_hash(seq, num_cached - 1) if num_cached else None)
+        if limit < 1 or not candidates:
+            return None
+        wanted = seq.token_ids[start : start + limit]
+        best = PartialHit(-1, 0)
+        for block_id, tokens in reversed(candidates.items()):
+            shared = _shared_prefix(tokens, wanted)
+            if shared > best.num_tokens:
+                best = PartialHit(block_id, shared)
+                if shared == limit:
+                    break
+        if best.num_tokens == 0 or seq.request.image_hashes_in(start, start + best.num_tokens):
+            return None
+        return best
+
     def chain_hash(self, seq: Sequence, index: int) -> int:
         """The hash of seq's full block `index`, chained over the blocks before it. Computed once per sequence
         (a full block's tokens never change), so a request waiting at the head of the queue is not re-hashed
@@ -88,14 +140,15 @@ class BlockManager:
         needed = self.num_blocks_for(len(cached) * self.block_size + num_new_tokens) - len(cached)
         return needed + revived <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, cached: list[int]) -> None:
-        """Give seq its cached prefix blocks; later slots come from append_slots."""
+    def allocate(self, seq: Sequence, cached: list[int], partial: PartialHit | None = None) -> None:
+        """Give seq its cached prefix blocks; later slots come from append_slots. With `partial`, seq's next
+        block starts computed: the caller copies those slots' KV in (SlotCopy) before the step runs."""
         assert not seq.block_table, "allocate() is for a sequence that owns no blocks"
         for block_id in cached:
             self._take(block_id)
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(cached)
-        seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_computed_tokens = len(cached) * self.block_size + (partial.num_tokens if partial else 0)
 
     def num_shared_blocks(self, parent: Sequence, child: Sequence) -> int:
         """Blocks child can take from parent: computed, holding only prompt tokens (a resumed child's own outputs
@@ -134,7 +187,9 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         while seq.num_hashed_blocks < num_full:
             index = seq.num_hashed_blocks
-            self._register(seq.block_table[index], self.chain_hash(seq, index))
+            block_id = seq.block_table[index]
+            if self._register(block_id, self.chain_hash(seq, index)):
+                self._list_child(seq, index, block_id)
             seq.num_hashed_blocks += 1
 
     def free(self, seq: Sequence) -> None:
@@ -157,13 +212,29 @@ class BlockManager:
             del self.free_blocks[block_id]
         self.ref_counts[block_id] += 1
 
-    def _register(self, block_id: int, value: int) -> None:
+    def _register(self, block_id: int, value: int) -> bool:
+        """Cache block_id under value; False when it was cached already or an identical block is."""
         if self.block_hash_of[block_id] is not None:
-            return  # already cached (a prefix hit or a shared block)
+            return False  # already cached (a prefix hit or a shared block)
         if value in self.cached_blocks:
-            return  # an identical block exists; keep the first
+            return False  # an identical block exists; keep the first
         self.block_hash_of[block_id] = value
         self.cached_blocks[value] = block_id
+        return True
+
+    def _list_child(self, seq: Sequence, index: int, block_id: int) -> None:
+        """Offer seq's cached block `index` for partial reuse, unless it holds image atoms."""
+        bs = self.block_size
+        start, end = index * bs, (index + 1) * bs
+        if start < seq.prompt_len and seq.request.image_hashes_in(start, min(end, seq.prompt_len)):
+            return
+        parent = seq.hash_chain[index - 1] if index else None
+        siblings = self.children.setdefault(parent, OrderedDict())
+        siblings[block_id] = tuple(seq.token_ids[start:end])
+        self.parent_of[block_id] = parent
+        if len(siblings) > PARTIAL_CANDIDATES:
+            oldest, _ = siblings.popitem(last=False)
+            del self.parent_of[oldest]
 
     def _forget_hash(self, block_id: int) -> None:
         value = self.block_hash_of[block_id]
@@ -171,3 +242,19 @@ class BlockManager:
             self.block_hash_of[block_id] = None
             if self.cached_blocks.get(value) == block_id:
                 del self.cached_blocks[value]
+        if block_id in self.parent_of:
+            parent = self.parent_of.pop(block_id)
+            siblings = self.children[parent]
+            del siblings[block_id]
+            if not siblings:
+                del self.children[parent]
+
+
+def _shared_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    """How many leading token ids a and b share."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count

@@ -172,6 +172,7 @@ class EngineCore:
         self.counters["num_preemptions"] += len(sched.preempted)
         if sched.is_empty:
             return CoreStepOutput()
+        self.runner.copy_kv_slots(sched.kv_copies)  # once, before any forward: a rerun must not copy again
         groups = _groups_of(sched.scheduled)  # alive through the step, which may retire some of them
         failed = self._prepare_requests(groups)
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]

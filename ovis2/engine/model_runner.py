@@ -17,6 +17,7 @@ import torch
 from ..image_layout import IMAGE_TOKEN_IDS
 from ..inputs import ImageInput
 from ..layers import PagedAttentionMetadata
+from .block_manager import SlotCopy
 from .block_tables import padded_block_tables, slot_of
 from .decode_graphs import DecodeGraphs
 from .scheduler import ScheduledSeq
@@ -102,6 +103,20 @@ class ModelRunner:
             )
             for _ in range(self.model.num_kv_layers)
         ]
+
+    @torch.inference_mode()
+    def copy_kv_slots(self, copies: list[SlotCopy]) -> None:
+        """Every layer's K and V of each copy's source slots into its target slots (partial prefix hits).
+        All sources are read before any target is written."""
+        if not copies:
+            return
+        bs = self.block_size
+        source = self._tensor([c.source * bs + i for c in copies for i in range(c.num_slots)])
+        target = self._tensor([c.target * bs + i for c in copies for i in range(c.num_slots)])
+        for pair in self.kv_caches:
+            for pool in pair:
+                flat = pool.view(-1, *pool.shape[2:])  # [slots, kv_heads, head_dim]
+                flat.index_copy_(0, target, flat.index_select(0, source))
 
     def enable_decode_graphs(self, max_model_len: int, capture: bool) -> None:
         """Plain decode steps run on fixed shapes (decode_graphs.py), captured as CUDA graphs when `capture`."""

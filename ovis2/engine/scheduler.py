@@ -5,7 +5,8 @@ decoding, a chunk of its prompt while prefilling), within `max_num_batched_token
 and `max_num_seqs` sequences. Running sequences go first (FCFS), so long prompts are prefilled in
 chunks while others keep decoding; waiting sequences join the batch with the budget left over. When
 the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it is
-recomputed later (its cached prefix blocks usually survive).
+recomputed later (its cached prefix blocks usually survive). A request admitted on a partial prefix-cache
+hit comes with a SlotCopy the runner applies before the step's forward.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, SlotCopy
 from .sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -43,6 +44,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    kv_copies: list[SlotCopy] = field(default_factory=list)  # apply, in order, before running `scheduled`
 
     @property
     def is_empty(self) -> bool:
@@ -142,15 +144,21 @@ class Scheduler:
             if not bm.can_allocate(seq, parent.block_table[:shared], num_tokens):
                 return False
             bm.fork(parent, seq)
+            partial = None
         else:
             cached = bm.find_cached_blocks(seq)
-            num_tokens = min(seq.num_tokens - len(cached) * bm.block_size, budget)
-            if not bm.can_allocate(seq, cached, num_tokens):
+            partial = bm.find_partial_block(seq, len(cached))
+            lent = partial.num_tokens if partial else 0
+            num_tokens = min(seq.num_tokens - len(cached) * bm.block_size - lent, budget)
+            if not bm.can_allocate(seq, cached, lent + num_tokens):
                 return False
-            bm.allocate(seq, cached)
+            bm.allocate(seq, cached, partial)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
         bm.append_slots(seq, num_tokens)
+        if partial is not None:
+            target = seq.block_table[seq.num_computed_tokens // bm.block_size]
+            out.kv_copies.append(SlotCopy(partial.block_id, target, partial.num_tokens))
         self.waiting.popleft()
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)

@@ -1,4 +1,4 @@
-from ovis2.engine.block_manager import BlockManager
+from ovis2.engine.block_manager import PARTIAL_CANDIDATES, BlockManager, PartialHit
 from ovis2.engine.request import EngineRequest
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.sequence import SequenceGroup
@@ -89,6 +89,62 @@ def test_no_prefix_caching_means_no_hits():
     bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
     admit(bm, make_seq(range(12)))
     assert bm.find_cached_blocks(make_seq(range(12))) == []
+
+
+def test_a_prefix_ending_mid_block_borrows_the_cached_blocks_leading_tokens():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    first = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    admit(bm, first)
+    other = make_seq([1, 2, 3, 4, 5, 6, 70, 80, 90])
+    cached = bm.find_cached_blocks(other)
+    assert cached == first.block_table[:1]
+    assert bm.find_partial_block(other, 1) == PartialHit(first.block_table[1], 2)
+    bm.allocate(other, cached, PartialHit(first.block_table[1], 2))
+    assert other.num_computed_tokens == 6 and other.block_table == first.block_table[:1]
+    assert bm.find_partial_block(make_seq([1, 2, 3, 4, 50, 6, 7]), 1) is None  # nothing shared
+    assert bm.find_partial_block(make_seq([9, 2, 3, 4, 5]), 0) is None  # another parent's children
+
+
+def test_a_partial_hit_stops_before_the_last_token_and_image_atoms():
+    bm = BlockManager(num_blocks=20, block_size=4)
+    admit(bm, make_seq(range(8)))
+    same = make_seq(range(8))
+    assert len(bm.find_cached_blocks(same)) == 1
+    assert bm.find_partial_block(same, 1).num_tokens == 3  # token 7 is computed
+    assert bm.find_partial_block(make_seq(range(6)), 1).num_tokens == 1
+
+    def image(tag):
+        return ImageInput(pixel_values=None, grid=(1, 1), content_hash=tag)
+
+    ids = [1, 2, 3, 4, 5, 6] + [IMAGE_ATOM_ID] * 256 + [3, 4]
+    admit(bm_images := BlockManager(num_blocks=200, block_size=4), make_seq(ids, [image("cat")]))
+    assert bm_images.find_partial_block(make_seq([1, 2, 3, 4, 5, 6, 9, 9]), 1) is None  # block 1 holds atoms
+    assert bm_images.find_partial_block(make_seq(ids, [image("dog")]), 1) is None
+    text_first = make_seq([1, 2, 3, 4, 5, 6, 7, 8] + [IMAGE_ATOM_ID] * 256 + [3, 4], [image("cat")])
+    admit(bm_images, text_first)
+    dog = make_seq([1, 2, 3, 4, 5, 6, 7] + [IMAGE_ATOM_ID] * 256 + [3, 4], [image("dog")])
+    assert bm_images.find_partial_block(dog, 1).num_tokens == 3  # [5, 6, 7]: text; the atom after is computed
+    atoms_early = make_seq([1, 2, 3, 4, 5] + [IMAGE_ATOM_ID] * 256, [image("cat")])
+    assert bm_images.find_partial_block(atoms_early, 1).num_tokens == 1
+
+
+def test_partial_candidates_are_the_newest_cached_blocks_still_in_the_pool():
+    bm = BlockManager(num_blocks=200, block_size=4)
+    seqs = [make_seq([1, 2, 100 + k, 0, 1]) for k in range(PARTIAL_CANDIDATES + 1)]
+    for seq in seqs:
+        admit(bm, seq)
+    assert bm.find_partial_block(make_seq([1, 2, 100, 5]), 0).num_tokens == 2  # oldest: only [1, 2] left
+    newest = bm.find_partial_block(make_seq([1, 2, 100 + PARTIAL_CANDIDATES, 5]), 0)
+    assert newest == PartialHit(seqs[-1].block_table[0], 3)
+    for seq in seqs:
+        bm.free(seq)
+    taker = make_seq(range(1000, 1000 + 4 * 200))  # every block handed out again: nothing cached remains
+    admit(bm, taker)
+    assert bm.find_partial_block(make_seq([1, 2, 100, 5]), 0) is None
+    assert set(bm.parent_of) == set(taker.block_table)  # the reused blocks left the candidate lists
+    assert sum(map(len, bm.children.values())) == len(taker.block_table)
+    bm.free(taker)
+    assert bm.find_partial_block(make_seq([1000, 1001, 7]), 0).num_tokens == 2
 
 
 def test_block_hash_is_a_cryptographic_digest_stable_across_processes():

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ovis2.engine.block_manager import SlotCopy
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.errors import Ovis2Error
 from tests.engine.conftest import (
@@ -55,6 +56,38 @@ def test_second_turn_with_the_same_image_skips_the_vision_tower(make_engine, eng
     fresh = run_to_completion(uncached, {"t2": (second, params)})["t2"]
     assert turn2.outputs[0].token_ids == fresh.outputs[0].token_ids
     assert fresh.num_cached_tokens == 0 and uncached.core.runner.num_encoded_images == 1
+
+
+def test_a_prefix_ending_mid_block_is_copied_not_recomputed_and_answers_alike(make_engine):
+    """The 14-token system turn plus 5 shared words: one whole block and 3 tokens of the next are reused."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2, **GREEDY)
+    shared = text_ids(1, 5)
+    engine = make_engine()
+    run_to_completion(engine, {"first": (chat_prompt(shared + text_ids(2, 20)), params)})
+    second = chat_prompt(shared + text_ids(3, 12))
+    reused = run_to_completion(engine, {"second": (second, params)})["second"]
+    assert reused.num_cached_tokens == 19
+    fresh = run_to_completion(make_engine(enable_prefix_caching=False), {"second": (second, params)})[
+        "second"
+    ]
+    assert fresh.num_cached_tokens == 0
+    assert reused.outputs[0].token_ids == fresh.outputs[0].token_ids
+    for mine, theirs in zip(reused.outputs[0].logprobs, fresh.outputs[0].logprobs, strict=True):
+        assert [t.token_id for t in mine.top] == [t.token_id for t in theirs.top]
+        expected = [t.logprob for t in theirs.top]
+        scale = max(abs(v) for v in expected)
+        assert [t.logprob for t in mine.top] == pytest.approx(expected, rel=1e-4, abs=1e-4 * scale)
+
+
+def test_kv_slot_copies_read_every_source_before_writing(make_engine):
+    runner = make_engine().core.runner
+    keys, values = runner.kv_caches[0]
+    keys[1].fill_(1.0)
+    keys[2].fill_(2.0)
+    runner.copy_kv_slots([SlotCopy(1, 2, 3), SlotCopy(2, 1, 2)])
+    assert keys[2, :3].eq(1.0).all() and keys[2, 3:].eq(2.0).all()
+    assert keys[1, :2].eq(2.0).all() and keys[1, 2:].eq(1.0).all()
+    assert values[1].eq(0).all() and runner.kv_caches[-1][0][2, 0].eq(0).all()
 
 
 def test_500_mixed_requests_with_aborts_return_every_block(make_engine, engine_model):
