@@ -22,6 +22,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)  # seconds between successive content chunks
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the server's prefix cache held (its usage says)
     num_images: int = 0
 
     @property
@@ -76,6 +77,8 @@ def record_usage(result: RequestResult, usage: dict | None) -> None:
     if usage:
         result.output_tokens = usage.get("completion_tokens", result.output_tokens)
         result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+        details = usage.get("prompt_tokens_details") or {}
+        result.cached_prompt_tokens = details.get("cached_tokens") or 0
 
 
 async def read_stream(response: httpx.Response, result: RequestResult) -> None:

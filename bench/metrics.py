@@ -48,6 +48,7 @@ def summarize(results: list[RequestResult], duration: float, slos: dict[str, flo
         "errors": dict(Counter(r.error for r in results if not r.success).most_common(5)),
         "total_output_tokens": output_tokens,
         "total_prompt_tokens": prompt_tokens,
+        "total_cached_prompt_tokens": sum(r.cached_prompt_tokens for r in ok),
         "request_throughput": len(ok) / duration if duration > 0 else 0.0,
         "output_throughput": output_tokens / duration if duration > 0 else 0.0,
         "total_token_throughput": (output_tokens + prompt_tokens) / duration if duration > 0 else 0.0,

@@ -6,7 +6,9 @@
   apart): its first turn primes the caches and is not counted, the later turns are measured.
 
 Every run of every load draws its own seed, so no two runs (nor the warm-up) share a prompt or an image: a
-server's prefix or image cache can only hit inside the chat load, where it is meant to.
+server's image cache can only hit inside the chat load, where it is meant to, and its prefix cache elsewhere only
+on what every chat prompt starts with (the template's system turn): the report lists each kept run's cached
+prompt tokens as its server reported them.
 """
 
 from __future__ import annotations

@@ -78,6 +78,21 @@ def failure_lines(results: dict) -> list[str]:
     return lines
 
 
+def cache_lines(results: dict) -> list[str]:
+    """Each kept run whose server reported prefix-cache hits: the share of its prompt tokens they covered."""
+    lines = []
+    for name in PEER_ORDER:
+        for load_name, entry in ((results.get(name) or {}).get("loads") or {}).items():
+            best = entry.get("best") or {}
+            cached, prompt = best.get("total_cached_prompt_tokens") or 0, best.get("total_prompt_tokens") or 0
+            if cached and prompt:
+                lines.append(
+                    f"{PEER_TITLES[name]} {load_name}: {cached} of {prompt} prompt tokens "
+                    f"({cached / prompt:.0%}) came from the prefix cache"
+                )
+    return lines
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 

@@ -30,7 +30,7 @@ from .machine_load import LoadSampler, machine_description
 from .peer_checkpoints import ensure_checkpoints, peers_cache_root
 from .peer_install import PeerInstallError, install_vllm, installed_version, vllm_env
 from .peer_loads import Load, LoadSizes, best_run, measure_run, run_seed, standard_loads, warm_up
-from .peer_report import failure_lines, format_markdown, format_text, table_rows
+from .peer_report import cache_lines, failure_lines, format_markdown, format_text, table_rows
 from .peer_servers import (
     ServerFailed,
     ServerSettings,
@@ -257,6 +257,7 @@ def markdown_block(document: dict) -> str:
         )
         lines += [f"- {line}" for line in document["step_vs_floor"]]
     lines += [f"- FAILED {line}" for line in document["failures"]]
+    lines += [f"- CACHED {line}" for line in document.get("cache_hits", [])]
     lines += [f"- NOTE {line}" for line in document.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -399,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": ordered,
             "table": rows,
             "failures": failure_lines(ordered),
+            "cache_hits": cache_lines(ordered),
         }
         document["step_vs_floor"] = step_floor_lines(floor, ordered)
         return document
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     document = compose(partial=False)
     rows, failures = document["table"], document["failures"]
     print(format_text(rows, failures))
+    for line in document["cache_hits"]:
+        print("CACHED", line)
     for note in document["notes"]:
         print("NOTE", note)
     for line in document["step_vs_floor"]:

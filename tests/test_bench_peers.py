@@ -296,3 +296,23 @@ def test_floor_arithmetic_for_the_1b_shapes():
     assert decode_weight_bytes(config) / 1e9 == pytest.approx(0.99, abs=0.01)  # the reference's 0.99 GB
     assert decode_weight_bytes(config_for_size("2B")) / 1e9 == pytest.approx(3.1, abs=0.05)
     assert 0.8 < crop_flops(config) / 1e12 < 1.0
+
+
+def test_reported_prefix_cache_hits_are_listed_per_server_and_load():
+    from bench.client import RequestResult, record_usage
+    from bench.metrics import summarize
+    from bench.peer_report import cache_lines
+
+    results = []
+    for cached in (14, 14, None):
+        result = RequestResult(success=True, latency=1.0, output_tokens=4)
+        details = {"cached_tokens": cached} if cached is not None else None
+        record_usage(result, {"prompt_tokens": 50, "completion_tokens": 4, "prompt_tokens_details": details})
+        results.append(result)
+    summary = summarize(results, 2.0)
+    assert (summary["total_prompt_tokens"], summary["total_cached_prompt_tokens"]) == (150, 28)
+    ours = {"loads": {"text-c16": {"best": summary}}}
+    vllm = {"loads": {"text-c16": {"best": summarize(results[2:], 1.0)}}}
+    assert cache_lines({"ours": ours, "vllm": vllm}) == [
+        "ours text-c16: 28 of 150 prompt tokens (19%) came from the prefix cache"
+    ]
