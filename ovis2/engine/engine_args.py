@@ -103,7 +103,9 @@ class EngineArgs:
         1024, "Waiting-queue length past which requests are refused at once (503).", _at_least(1)
     )
     visual_cache_size: int = _arg(64, "Images whose visual embeddings stay cached (LRU).", _at_least(0))
-    enable_prefix_caching: bool = _arg(True, "Reuse KV blocks of identical prompt prefixes.")
+    enable_prefix_caching: bool = _arg(
+        True, "Reuse the KV of identical prompt prefixes (whole blocks, then leading tokens of one more)."
+    )
     grammar_cache_size: int = _arg(
         128,
         "Compiled structured-output grammars kept for reuse (LRU; 0: compile every request's).",
