@@ -10,7 +10,10 @@ Past the last whole cached block, a request can still reuse part of a block: eac
 listed under its parent's hash with its token ids, and the cached child sharing the longest run of leading
 tokens with the request lends those slots' KV, copied into the request's own block before the step runs (the
 scheduler hands out the copies). So a shared prefix that ends mid-block, such as the chat template's default
-system turn (14 tokens), is computed once, not once per request.
+system turn (14 tokens), is computed once, not once per request. The lent run is cut back to the last chat-turn
+boundary in it (after `<|im_end|>` or a turn's `<|im_start|>role\n` header): a hit, which a client sees in
+`cached_tokens` and in its time to first token, then says that a whole message matched someone's cached one,
+never that one more token did, so a cached prompt cannot be read back a token at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ..tokenizer import IM_END_ID, IM_START_ID, NEWLINE_ID
 from .sequence import Sequence
 
 ROOT_MARK = b"\x00" * 17
@@ -36,7 +40,11 @@ class PartialHit:
 
 @dataclass(frozen=True)
 class SlotCopy:
-    """Copy the KV of slots [0, num_slots) of block `source` into block `target`, before the step's forward."""
+    """Copy the KV of slots [0, num_slots) of block `source` into block `target`, before the step's forward.
+
+    The source is not referenced: a free cached block may be handed out in the same step (even as the target).
+    That is safe because the copies run once, all reads before any write, before anything of the step writes
+    KV; whatever runs between scheduling and the copies must not write the pool."""
 
     source: int
     target: int
@@ -98,7 +106,8 @@ class BlockManager:
 
     def find_partial_block(self, seq: Sequence, num_cached: int) -> PartialHit | None:
         """The cached text block sharing the most leading tokens with seq's block `num_cached` (the first that
-        find_cached_blocks did not cover), never reaching seq's last token; None when nothing is shared."""
+        find_cached_blocks did not cover), the run cut back to its last chat-turn boundary and never reaching
+        seq's last token; None when no such run is shared."""
         if not self.enable_prefix_caching:
             return None
         bs = self.block_size
@@ -115,9 +124,10 @@ class BlockManager:
                 best = PartialHit(block_id, shared)
                 if shared == limit:
                     break
-        if best.num_tokens == 0 or seq.request.image_hashes_in(start, start + best.num_tokens):
+        lent = _through_turn_boundary(seq.token_ids, start, best.num_tokens)
+        if lent == 0 or seq.request.image_hashes_in(start, start + lent):
             return None
-        return best
+        return PartialHit(best.block_id, lent)
 
     def chain_hash(self, seq: Sequence, index: int) -> int:
         """The hash of seq's full block `index`, chained over the blocks before it. Computed once per sequence
@@ -248,6 +258,21 @@ class BlockManager:
             del siblings[block_id]
             if not siblings:
                 del self.children[parent]
+
+
+def _through_turn_boundary(token_ids: list[int], start: int, length: int) -> int:
+    """The longest n <= length such that token_ids[start:start + n] ends a chat turn or a turn's header: its last
+    token is <|im_end|>, the newline after one, or the newline of `<|im_start|>role\n`."""
+    for n in range(length, 0, -1):
+        last = start + n - 1
+        token = token_ids[last]
+        if token == IM_END_ID:
+            return n
+        if token == NEWLINE_ID and last >= 1 and token_ids[last - 1] == IM_END_ID:
+            return n
+        if token == NEWLINE_ID and last >= 2 and token_ids[last - 2] == IM_START_ID:
+            return n
+    return 0
 
 
 def _shared_prefix(a: tuple[int, ...], b: list[int]) -> int:

@@ -172,13 +172,24 @@ class EngineCore:
         self.counters["num_preemptions"] += len(sched.preempted)
         if sched.is_empty:
             return CoreStepOutput()
-        self.runner.copy_kv_slots(sched.kv_copies)  # once, before any forward: a rerun must not copy again
         groups = _groups_of(sched.scheduled)  # alive through the step, which may retire some of them
-        failed = self._prepare_requests(groups)
+        failed = self._copy_lent_slots(sched.scheduled)
+        failed.update(self._prepare_requests([g for g in groups if g.request_id not in failed]))
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
         items, logits = execute_isolating_failures(self.runner, items, failed)
         self.scheduler.update_computed(items)
         return self._update_from_output(items, logits, failed)
+
+    def _copy_lent_slots(self, items: list[ScheduledSeq]) -> dict[str, Exception]:
+        """The KV that partial prefix hits borrow, copied once before any forward (a rerun after a failed batch
+        must not copy again); if the copy fails, the borrowers fail."""
+        borrowers = [item for item in items if item.kv_copy is not None]
+        try:
+            self.runner.copy_kv_slots([item.kv_copy for item in borrowers])
+        except Exception as error:  # noqa: BLE001 - a failed copy fails its borrowers, not the engine
+            logger.exception("copying %d lent prefix slots failed", len(borrowers))
+            return {item.seq.group.request_id: error for item in borrowers}
+        return {}
 
     def _prepare_requests(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
         """The fault hook and image embeddings of each request; a failure fails that request only."""

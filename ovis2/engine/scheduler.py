@@ -25,6 +25,7 @@ class ScheduledSeq:
     seq: Sequence
     num_tokens: int
     start: int = -1
+    kv_copy: SlotCopy | None = None  # a partial prefix hit: slots to copy in before the forward
 
     def __post_init__(self) -> None:
         if self.start < 0:
@@ -44,7 +45,11 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    kv_copies: list[SlotCopy] = field(default_factory=list)  # apply, in order, before running `scheduled`
+
+    @property
+    def kv_copies(self) -> list[SlotCopy]:
+        """What the partial prefix hits of this step lend, to copy before running `scheduled`."""
+        return [item.kv_copy for item in self.scheduled if item.kv_copy is not None]
 
     @property
     def is_empty(self) -> bool:
@@ -156,13 +161,14 @@ class Scheduler:
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
         bm.append_slots(seq, num_tokens)
+        copy = None
         if partial is not None:
             target = seq.block_table[seq.num_computed_tokens // bm.block_size]
-            out.kv_copies.append(SlotCopy(partial.block_id, target, partial.num_tokens))
+            copy = SlotCopy(partial.block_id, target, partial.num_tokens)
         self.waiting.popleft()
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        out.scheduled.append(ScheduledSeq(seq, num_tokens))
+        out.scheduled.append(ScheduledSeq(seq, num_tokens, kv_copy=copy))
         return True
 
     @staticmethod

@@ -3,7 +3,7 @@ from ovis2.engine.request import EngineRequest
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.sequence import SequenceGroup
 from ovis2.inputs import EngineInputs, ImageInput
-from ovis2.tokenizer import IMAGE_ATOM_ID
+from ovis2.tokenizer import IM_END_ID, IM_START_ID, IMAGE_ATOM_ID, NEWLINE_ID
 
 
 def make_seq(ids, images=(), n=1):
@@ -91,60 +91,66 @@ def test_no_prefix_caching_means_no_hits():
     assert bm.find_cached_blocks(make_seq(range(12))) == []
 
 
-def test_a_prefix_ending_mid_block_borrows_the_cached_blocks_leading_tokens():
+S, E, N, USER = IM_START_ID, IM_END_ID, NEWLINE_ID, 872
+
+
+def test_a_prefix_ending_mid_block_borrows_a_cached_block_through_its_last_turn_boundary():
     bm = BlockManager(num_blocks=10, block_size=4)
-    first = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    first = make_seq([1, 2, E, N, S, USER, N, 5, 6])  # blocks [1 2 E N] [S USER N 5] [6]
     admit(bm, first)
-    other = make_seq([1, 2, 3, 4, 5, 6, 70, 80, 90])
+    other = make_seq([1, 2, E, N, S, USER, N, 70, 80])
     cached = bm.find_cached_blocks(other)
     assert cached == first.block_table[:1]
-    assert bm.find_partial_block(other, 1) == PartialHit(first.block_table[1], 2)
-    bm.allocate(other, cached, PartialHit(first.block_table[1], 2))
-    assert other.num_computed_tokens == 6 and other.block_table == first.block_table[:1]
-    assert bm.find_partial_block(make_seq([1, 2, 3, 4, 50, 6, 7]), 1) is None  # nothing shared
-    assert bm.find_partial_block(make_seq([9, 2, 3, 4, 5]), 0) is None  # another parent's children
+    hit = bm.find_partial_block(other, 1)
+    assert hit == PartialHit(first.block_table[1], 3)  # through the header's newline
+    bm.allocate(other, cached, hit)
+    assert other.num_computed_tokens == 7 and other.block_table == first.block_table[:1]
+    assert bm.find_partial_block(make_seq([1, 2, E, 7, 8]), 0).num_tokens == 3  # through <|im_end|>
+    assert bm.find_partial_block(make_seq([1, 2, 7, 8]), 0) is None  # mid-message: no boundary
+    assert bm.find_partial_block(make_seq([1, 2, E, N, S, USER, 9, 9]), 1) is None  # cut back to nothing
+    assert bm.find_partial_block(make_seq([9, 2, E, N, S]), 0) is None  # nothing shared
 
 
-def test_a_partial_hit_stops_before_the_last_token_and_image_atoms():
+def test_a_partial_hit_stops_before_the_last_token_and_never_lends_image_atoms():
     bm = BlockManager(num_blocks=20, block_size=4)
-    admit(bm, make_seq(range(8)))
-    same = make_seq(range(8))
-    assert len(bm.find_cached_blocks(same)) == 1
-    assert bm.find_partial_block(same, 1).num_tokens == 3  # token 7 is computed
-    assert bm.find_partial_block(make_seq(range(6)), 1).num_tokens == 1
+    admit(bm, make_seq([1, 2, 3, 4, E, N, E, N, 5]))
+    assert (
+        bm.find_partial_block(make_seq([1, 2, 3, 4, E, N, E, N]), 1).num_tokens == 3
+    )  # the last is computed
+    assert bm.find_partial_block(make_seq([1, 2, 3, 4, E, N, E]), 1).num_tokens == 2
 
     def image(tag):
         return ImageInput(pixel_values=None, grid=(1, 1), content_hash=tag)
 
-    ids = [1, 2, 3, 4, 5, 6] + [IMAGE_ATOM_ID] * 256 + [3, 4]
-    admit(bm_images := BlockManager(num_blocks=200, block_size=4), make_seq(ids, [image("cat")]))
-    assert bm_images.find_partial_block(make_seq([1, 2, 3, 4, 5, 6, 9, 9]), 1) is None  # block 1 holds atoms
-    assert bm_images.find_partial_block(make_seq(ids, [image("dog")]), 1) is None
-    text_first = make_seq([1, 2, 3, 4, 5, 6, 7, 8] + [IMAGE_ATOM_ID] * 256 + [3, 4], [image("cat")])
-    admit(bm_images, text_first)
-    dog = make_seq([1, 2, 3, 4, 5, 6, 7] + [IMAGE_ATOM_ID] * 256 + [3, 4], [image("dog")])
-    assert bm_images.find_partial_block(dog, 1).num_tokens == 3  # [5, 6, 7]: text; the atom after is computed
-    atoms_early = make_seq([1, 2, 3, 4, 5] + [IMAGE_ATOM_ID] * 256, [image("cat")])
-    assert bm_images.find_partial_block(atoms_early, 1).num_tokens == 1
+    header = [1, 2, 3, 4, E, N, S, USER, N]
+    cat = make_seq(header + [IMAGE_ATOM_ID] * 256 + [3, 4], [image("cat")])
+    admit(bm_images := BlockManager(num_blocks=200, block_size=4), cat)
+    dog = make_seq(header + [IMAGE_ATOM_ID] * 256 + [3, 4], [image("dog")])
+    assert bm_images.find_cached_blocks(dog) == cat.block_table[:2]  # the text before the image
+    assert bm_images.find_partial_block(dog, 2) is None  # block 2 holds the cat's atoms: never lent
+    assert bm_images.find_partial_block(make_seq(header + [E, N, 7]), 2) is None  # not even its text
 
 
 def test_partial_candidates_are_the_newest_cached_blocks_still_in_the_pool():
-    bm = BlockManager(num_blocks=200, block_size=4)
-    seqs = [make_seq([1, 2, 100 + k, 0, 1]) for k in range(PARTIAL_CANDIDATES + 1)]
+    bm = BlockManager(num_blocks=200, block_size=8)
+    seqs = [make_seq([S, USER, N, 100 + k, E, N, 0, 1, 2]) for k in range(PARTIAL_CANDIDATES + 1)]
     for seq in seqs:
         admit(bm, seq)
-    assert bm.find_partial_block(make_seq([1, 2, 100, 5]), 0).num_tokens == 2  # oldest: only [1, 2] left
-    newest = bm.find_partial_block(make_seq([1, 2, 100 + PARTIAL_CANDIDATES, 5]), 0)
-    assert newest == PartialHit(seqs[-1].block_table[0], 3)
+    assert bm.find_partial_block(make_seq([S, USER, N, 100, E, N, 5, 5, 5]), 0).num_tokens == 3  # oldest gone
+    newest = bm.find_partial_block(make_seq([S, USER, N, 100 + PARTIAL_CANDIDATES, E, N, 5, 5, 5]), 0)
+    assert newest == PartialHit(seqs[-1].block_table[0], 6)
     for seq in seqs:
         bm.free(seq)
-    taker = make_seq(range(1000, 1000 + 4 * 200))  # every block handed out again: nothing cached remains
+    taker = make_seq([S, USER, N] + list(range(1000, 1000 + 8 * 200 - 3)))  # every block handed out again
     admit(bm, taker)
-    assert bm.find_partial_block(make_seq([1, 2, 100, 5]), 0) is None
+    assert bm.find_partial_block(make_seq([S, USER, N, 100, E, N, 5, 5, 5]), 0) == PartialHit(
+        taker.block_table[0], 3
+    )
     assert set(bm.parent_of) == set(taker.block_table)  # the reused blocks left the candidate lists
     assert sum(map(len, bm.children.values())) == len(taker.block_table)
-    bm.free(taker)
-    assert bm.find_partial_block(make_seq([1000, 1001, 7]), 0).num_tokens == 2
+    bm.reset_prefix_cache()
+    assert bm.children == {} and bm.parent_of == {}
+    assert bm.find_partial_block(make_seq([S, USER, N, 100, E]), 0) is None
 
 
 def test_block_hash_is_a_cryptographic_digest_stable_across_processes():

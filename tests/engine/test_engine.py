@@ -5,6 +5,7 @@ import pytest
 from ovis2.engine.block_manager import SlotCopy
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.errors import Ovis2Error
+from ovis2.inputs import EngineInputs
 from tests.engine.conftest import (
     GREEDY,
     assert_matches_reference,
@@ -58,15 +59,17 @@ def test_second_turn_with_the_same_image_skips_the_vision_tower(make_engine, eng
     assert fresh.num_cached_tokens == 0 and uncached.core.runner.num_encoded_images == 1
 
 
-def test_a_prefix_ending_mid_block_is_copied_not_recomputed_and_answers_alike(make_engine):
-    """The 14-token system turn plus 5 shared words: one whole block and 3 tokens of the next are reused."""
+@pytest.mark.parametrize("budget", [None, 6])
+def test_the_shared_system_turn_is_copied_not_recomputed_and_answers_alike(make_engine, budget):
+    """The template's 14-token system turn and user header end mid-block: they are lent, every other token is
+    computed (in chunks of 6 with a small budget)."""
     params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2, **GREEDY)
-    shared = text_ids(1, 5)
-    engine = make_engine()
-    run_to_completion(engine, {"first": (chat_prompt(shared + text_ids(2, 20)), params)})
-    second = chat_prompt(shared + text_ids(3, 12))
+    chunking = {} if budget is None else {"max_num_batched_tokens": budget}
+    engine = make_engine(**chunking)
+    run_to_completion(engine, {"first": (chat_prompt(text_ids(1, 20)), params)})
+    second = chat_prompt(text_ids(3, 12))
     reused = run_to_completion(engine, {"second": (second, params)})["second"]
-    assert reused.num_cached_tokens == 19
+    assert reused.num_cached_tokens == 14
     fresh = run_to_completion(make_engine(enable_prefix_caching=False), {"second": (second, params)})[
         "second"
     ]
@@ -79,15 +82,38 @@ def test_a_prefix_ending_mid_block_is_copied_not_recomputed_and_answers_alike(ma
         assert [t.logprob for t in mine.top] == pytest.approx(expected, rel=1e-4, abs=1e-4 * scale)
 
 
+def test_a_failed_copy_of_lent_slots_fails_its_borrower_alone(make_engine, monkeypatch):
+    params = SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY)
+    engine = make_engine()
+    run_to_completion(engine, {"first": (chat_prompt(text_ids(1, 20)), params)})
+
+    def broken(copies):
+        if copies:
+            raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(engine.core.runner, "copy_kv_slots", broken)
+    final = run_to_completion(
+        engine,
+        {"borrower": (chat_prompt(text_ids(2, 9)), params), "other": (EngineInputs(text_ids(3, 9)), params)},
+    )
+    assert final["borrower"].outputs[0].finish_reason == "error" and "copy failed" in final["borrower"].error
+    assert final["other"].error is None and len(final["other"].outputs[0].token_ids) == 3
+    bm = engine.core.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
+
+
 def test_kv_slot_copies_read_every_source_before_writing(make_engine):
     runner = make_engine().core.runner
-    keys, values = runner.kv_caches[0]
-    keys[1].fill_(1.0)
-    keys[2].fill_(2.0)
+    for layer, (keys, values) in enumerate(runner.kv_caches):
+        for pool, sign in ((keys, 1.0), (values, -1.0)):
+            pool[1].fill_(sign * (layer + 1))
+            pool[2].fill_(sign * (layer + 1) * 10)
     runner.copy_kv_slots([SlotCopy(1, 2, 3), SlotCopy(2, 1, 2)])
-    assert keys[2, :3].eq(1.0).all() and keys[2, 3:].eq(2.0).all()
-    assert keys[1, :2].eq(2.0).all() and keys[1, 2:].eq(1.0).all()
-    assert values[1].eq(0).all() and runner.kv_caches[-1][0][2, 0].eq(0).all()
+    for layer, (keys, values) in enumerate(runner.kv_caches):
+        for pool, sign in ((keys, 1.0), (values, -1.0)):
+            one, ten = sign * (layer + 1), sign * (layer + 1) * 10
+            assert pool[2, :3].eq(one).all() and pool[2, 3:].eq(ten).all()
+            assert pool[1, :2].eq(ten).all() and pool[1, 2:].eq(one).all()
 
 
 def test_500_mixed_requests_with_aborts_return_every_block(make_engine, engine_model):

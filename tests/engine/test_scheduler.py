@@ -4,6 +4,7 @@ from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.scheduler import Scheduler
 from ovis2.engine.sequence import SequenceGroup
 from ovis2.inputs import EngineInputs
+from ovis2.tokenizer import IM_END_ID, IM_START_ID, NEWLINE_ID
 
 
 def group(request_id, length, n=1):
@@ -157,28 +158,32 @@ def text_group(request_id, ids):
     return SequenceGroup(EngineRequest.build(request_id, EngineInputs(list(ids)), SamplingParams()))
 
 
+S, E, N = IM_START_ID, IM_END_ID, NEWLINE_ID
+
+
 def test_a_partial_prefix_hit_starts_mid_block_with_a_copy_into_its_own_block():
     bm = BlockManager(20, 4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
-    first = text_group("first", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    first = text_group("first", [1, 2, 3, 4, E, N, 7, 8, 9])
     sched.add(first)
     assert fake_step(sched).kv_copies == []
-    second = text_group("second", [1, 2, 3, 4, 5, 6, 70, 80, 90, 100])
+    second = text_group("second", [1, 2, 3, 4, E, N, 70, 80, 90, 100])
     sched.add(second)
     out = fake_step(sched)
     item = next(i for i in out.scheduled if i.seq.group is second)
     seq = second.seqs[0]
     assert (item.start, item.num_tokens, seq.num_cached_tokens) == (6, 4, 6)
     assert seq.block_table[0] == first.seqs[0].block_table[0] and len(seq.block_table) == 3
-    assert out.kv_copies == [SlotCopy(first.seqs[0].block_table[1], seq.block_table[1], 2)]
+    assert item.kv_copy == SlotCopy(first.seqs[0].block_table[1], seq.block_table[1], 2)
+    assert out.kv_copies == [item.kv_copy]
 
 
 def test_a_partial_hit_that_does_not_fit_the_pool_changes_nothing():
     bm = BlockManager(4, 4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
-    sched.add(text_group("first", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    sched.add(text_group("first", [1, 2, 3, 4, E, N, 7, 8, 9]))
     fake_step(sched)  # 3 blocks
-    sched.add(text_group("second", [1, 2, 3, 4, 5, 6, 70, 80, 90, 100]))  # needs 2 more: 1 free
+    sched.add(text_group("second", [1, 2, 3, 4, E, N, 70, 80, 90, 100]))  # needs 2 more: 1 free
     out = fake_step(sched)
     assert [i.seq.group.request_id for i in out.scheduled] == ["first"] and out.kv_copies == []
     assert sched.waiting[0].num_computed_tokens == 0 and sched.waiting[0].block_table == []
