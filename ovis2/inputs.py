@@ -36,6 +36,9 @@ class ImageInput:
 class EngineInputs:
     prompt_token_ids: list[int]
     images: list[ImageInput] = field(default_factory=list)
+    cache_salt: str | None = (
+        None  # the prefix cache shares KV only among requests with the same salt (or none)
+    )
 
     @property
     def num_image_tokens(self) -> int:

@@ -53,6 +53,7 @@ async def create_chat_completion(
             build_chat_inputs(state, request.messages, request.max_tiles_per_image, video_options(request)),
             raw,
         )
+        inputs.cache_salt = request.cache_salt
     except ClientDisconnected:
         return Response(status_code=499)
     state.metrics.observe(state.metrics.preprocess_time, time.monotonic() - arrival)

@@ -43,7 +43,13 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
         structured_outputs=constraint.params if constraint is not None else None,
     )
     request_id = random_id("cmpl")
-    outputs = generate(state, EngineInputs(prompt_token_ids=prompt_ids), params, request_id, arrival)
+    outputs = generate(
+        state,
+        EngineInputs(prompt_token_ids=prompt_ids, cache_salt=request.cache_salt),
+        params,
+        request_id,
+        arrival,
+    )
     builder = CompletionBuilder(
         request_id, state.model_id, prompt_text, want_logprobs=request.logprobs is not None
     )

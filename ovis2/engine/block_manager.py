@@ -51,10 +51,16 @@ class SlotCopy:
     num_slots: int
 
 
-def block_hash(previous: int | None, token_ids: tuple[int, ...], image_hashes: tuple[str, ...]) -> int:
+def block_hash(
+    previous: int | None, token_ids: tuple[int, ...], image_hashes: tuple[str, ...], salt: str | None = None
+) -> int:
     """128 bits of sha256 over the chain. Python's hash() of ints is predictable, so a client could craft a
-    colliding prompt and read another's cached KV (vLLM's CVE-2025-25183); sha256 collisions cannot be made."""
+    colliding prompt and read another's cached KV (vLLM's CVE-2025-25183); sha256 collisions cannot be made.
+    A request's cache salt enters its first block's hash, so the whole chain: different salts share nothing."""
+    assert salt is None or previous is None, "only the first block is salted"
     digest = hashlib.sha256(ROOT_MARK if previous is None else b"\x01" + previous.to_bytes(16, "little"))
+    if salt is not None:
+        digest.update(b"\x03" + salt.encode())
     digest.update(array("q", token_ids).tobytes())
     for image in image_hashes:
         digest.update(b"\x02" + image.encode())
@@ -68,13 +74,16 @@ class BlockManager:
         self.num_total_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.lends_partial_blocks = (
+            True  # find_partial_block may answer (benchmarks switch it off to compare)
+        )
         self.ref_counts = [0] * num_blocks
         self.block_hash_of: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
         self.children: dict[
             int | None, OrderedDict[int, tuple[int, ...]]
         ] = {}  # parent hash -> {block: tokens}
-        self.parent_of: dict[int, int | None] = {}  # block id -> its parent's hash, for blocks in `children`
+        self.parent_of: dict[int, int | str | None] = {}  # block id -> its key in `children`
         self.free_blocks: OrderedDict[int, None] = OrderedDict(
             (i, None) for i in range(num_blocks)
         )  # LRU first
@@ -108,12 +117,12 @@ class BlockManager:
         """The cached text block sharing the most leading tokens with seq's block `num_cached` (the first that
         find_cached_blocks did not cover), the run cut back to its last chat-turn boundary and never reaching
         seq's last token; None when no such run is shared."""
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and self.lends_partial_blocks):
             return None
         bs = self.block_size
         start = num_cached * bs
         limit = min(bs - 1, seq.num_tokens - 1 - start)
-        candidates = self.children.get(self.chain_hash(seq, num_cached - 1) if num_cached else None)
+        candidates = self.children.get(self._parent_key(seq, num_cached))
         if limit < 1 or not candidates:
             return None
         wanted = seq.token_ids[start : start + limit]
@@ -140,7 +149,11 @@ class BlockManager:
             images = (
                 seq.request.image_hashes_in(start, min(end, seq.prompt_len)) if start < seq.prompt_len else ()
             )
-            chain.append(block_hash(chain[-1] if chain else None, tuple(seq.token_ids[start:end]), images))
+            tokens = tuple(seq.token_ids[start:end])
+            if chain:
+                chain.append(block_hash(chain[-1], tokens, images))
+            else:
+                chain.append(block_hash(None, tokens, images, seq.request.inputs.cache_salt))
         return chain[index]
 
     # --- allocation
@@ -238,13 +251,18 @@ class BlockManager:
         start, end = index * bs, (index + 1) * bs
         if start < seq.prompt_len and seq.request.image_hashes_in(start, min(end, seq.prompt_len)):
             return
-        parent = seq.hash_chain[index - 1] if index else None
+        parent = self._parent_key(seq, index)
         siblings = self.children.setdefault(parent, OrderedDict())
         siblings[block_id] = tuple(seq.token_ids[start:end])
         self.parent_of[block_id] = parent
         if len(siblings) > PARTIAL_CANDIDATES:
             oldest, _ = siblings.popitem(last=False)
             del self.parent_of[oldest]
+
+    def _parent_key(self, seq: Sequence, index: int) -> int | str | None:
+        """Where seq's block `index` is listed among candidates for partial hits: under its parent block's hash,
+        or, for a first block, under the request's cache salt (None without one)."""
+        return self.chain_hash(seq, index - 1) if index else seq.request.inputs.cache_salt
 
     def _forget_hash(self, block_id: int) -> None:
         value = self.block_hash_of[block_id]

@@ -177,3 +177,20 @@ def test_block_hash_is_a_cryptographic_digest_stable_across_processes():
     assert (
         2**64 < block_hash(None, (5,), ()) or block_hash(None, (6,), ()) > 2**64
     )  # 128 bits, not a 64-bit hash()
+
+
+def test_a_cache_salt_keeps_whole_and_partial_hits_within_its_tenant():
+    bm = BlockManager(num_blocks=20, block_size=4)
+
+    def salted(ids, salt):
+        seq = make_seq(ids)
+        seq.request.inputs.cache_salt = salt
+        return seq
+
+    ids = [S, USER, N, 5, 6, 7, 8, 9, 10]
+    admit(bm, salted(ids, "a"))
+    assert len(bm.find_cached_blocks(salted(ids, "a"))) == 2
+    assert bm.find_cached_blocks(salted(ids, "b")) == [] and bm.find_cached_blocks(make_seq(ids)) == []
+    assert bm.find_partial_block(salted([S, USER, N, 1, 1], "a"), 0).num_tokens == 3
+    assert bm.find_partial_block(salted([S, USER, N, 1, 1], "b"), 0) is None
+    assert bm.find_partial_block(make_seq([S, USER, N, 1, 1]), 0) is None

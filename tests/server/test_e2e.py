@@ -266,6 +266,29 @@ def test_a_client_that_times_out_aborts_its_request(live_server):
     assert after["ovis2_kv_cache_free_blocks"] == after["ovis2_kv_cache_total_blocks"]
 
 
+def test_a_cache_salt_shares_cached_prefixes_only_within_its_tenant(client, live_server):
+    text = " ".join(f"salted word {k} of a long prompt" for k in range(12))
+    messages = [{"role": "user", "content": text}]
+
+    def cached(**salt) -> tuple[int, int]:
+        usage = client.chat.completions.create(
+            model=live_server.model, messages=messages, max_tokens=1, extra_body=salt
+        ).usage
+        return usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
+
+    cached(cache_salt="tenant-a")
+    hit, prompt_tokens = cached(cache_salt="tenant-a")
+    assert hit >= prompt_tokens - 16
+    assert (
+        cached(cache_salt="tenant-b")[0] == 0
+    )  # not even the system turn: nothing was cached under this salt
+    assert cached()[0] <= 14  # unsalted requests never see a salted prefix (at most others' system turn)
+    completion = client.completions.create(
+        model=live_server.model, prompt=text, max_tokens=1, extra_body={"cache_salt": "tenant-a"}
+    )
+    assert completion.usage.prompt_tokens > 0
+
+
 def test_metrics_after_traffic(live_server):
     values = metrics(live_server)
     for name in (

@@ -51,6 +51,8 @@ BAD_CHAT_FIELDS = [
     ({"max_tokens": 100000}, "max_tokens"),
     ({"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
     ({"modalities": ["audio"]}, "modalities"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": 5}, "cache_salt"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"not_a_field": 1}, "not_a_field"),
     ({"stream": True, "stream_options": {"bogus": True}}, "stream_options.bogus"),
