@@ -140,7 +140,7 @@ def test_a_request_waiting_for_blocks_is_hashed_once(monkeypatch):
     monkeypatch.setattr(
         block_manager,
         "block_hash",
-        lambda prev, ids, images: hashed.append(ids[0]) or real_hash(prev, ids, images),
+        lambda prev, ids, *rest: hashed.append(ids[0]) or real_hash(prev, ids, *rest),
     )
     sched = Scheduler(BlockManager(12, 4), max_num_seqs=8, max_num_batched_tokens=100)
     sched.add(group("a", 36))  # 9 of the 12 blocks, then a decode block
