@@ -5,8 +5,9 @@ alternating in one process, on fresh text prompts each round (CPU).
                                                   [--requests 16] [--input-words 32] [--output-tokens 32]
 
 Every round sends `--requests` chat requests at once, each one user message of random words (the peers bench's
-text), and times the first step (the prompts' prefill) and the whole load. Only the default system turn and the
-user header (14 tokens) are shared, so "on" lends exactly those; whole-block hits cannot happen either way.
+text), and times the first step (the prompts' prefill) and the whole load. The default system turn and the user
+header (14 tokens) are what the prompts share, so "on" lends those; a whole 16-token block is shared only when two
+prompts open with the same two tokens (rare, and alike on and off).
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ def chat_requests(processor, seed: int, count: int, words: int) -> list:
 
 
 def run_load(engine: LLMEngine, requests: list, output_tokens: int) -> tuple[float, float, int]:
-    """-> (seconds to the end of the first step, seconds for the whole load, prompt tokens lent)."""
+    """-> (seconds to the end of the first step, seconds for the whole load, prompt tokens from the cache)."""
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
     start = time.perf_counter()
     for index, inputs in enumerate(requests):
         engine.add_request(f"shared-{time.monotonic_ns()}-{index}", inputs, params)
-    first_step, lent = None, 0
+    first_step, cached = None, 0
     while engine.has_unfinished_requests:
         outputs = engine.step()
         first_step = first_step or time.perf_counter() - start
-        lent += sum(o.num_cached_tokens for o in outputs if o.finished)
-    return first_step, time.perf_counter() - start, lent
+        cached += sum(o.num_cached_tokens for o in outputs if o.finished)
+    return first_step, time.perf_counter() - start, cached
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,11 +72,13 @@ def main(argv: list[str] | None = None) -> None:
             requests = chat_requests(
                 processor, 1000 + 2 * round_index + lends, args.requests, args.input_words
             )
-            first_step, total, lent = run_load(engine, requests, args.output_tokens)
-            rows.append({"lends": lends, "first_step_s": first_step, "load_s": total, "lent_tokens": lent})
+            first_step, total, cached = run_load(engine, requests, args.output_tokens)
+            rows.append(
+                {"lends": lends, "first_step_s": first_step, "load_s": total, "cached_tokens": cached}
+            )
             print(
                 f"partial hits {'on ' if lends else 'off'}: first step {first_step:.2f} s, load {total:.2f} s, "
-                f"{args.requests * args.output_tokens / total:.1f} tok/s, {lent} prompt tokens lent",
+                f"{args.requests * args.output_tokens / total:.1f} tok/s, {cached} prompt tokens from the cache",
                 flush=True,
             )
     summary = {
