@@ -45,6 +45,7 @@ async def create_response(state: ServerState, request: ResponsesRequest, raw: Re
     chat = chat_request(request, messages)
     try:
         inputs = await unless_disconnected(build_chat_inputs(state, chat.messages, None), raw)
+        inputs.cache_salt = request.cache_salt
         state.metrics.observe(state.metrics.preprocess_time, time.monotonic() - arrival)
         params = chat_sampling_params(state, chat, inputs, constraint)
     except ClientDisconnected:

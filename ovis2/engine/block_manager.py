@@ -60,7 +60,8 @@ def block_hash(
     assert salt is None or previous is None, "only the first block is salted"
     digest = hashlib.sha256(ROOT_MARK if previous is None else b"\x01" + previous.to_bytes(16, "little"))
     if salt is not None:
-        digest.update(b"\x03" + salt.encode())
+        encoded = salt.encode()
+        digest.update(b"\x03" + len(encoded).to_bytes(8, "little") + encoded)
     digest.update(array("q", token_ids).tobytes())
     for image in image_hashes:
         digest.update(b"\x02" + image.encode())

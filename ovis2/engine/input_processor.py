@@ -172,6 +172,9 @@ class InputProcessor:
             )
         if max(ids) >= self.vocab_size or min(ids) < 0:
             raise Ovis2Error("the prompt holds token ids outside the vocabulary")
+        salt = inputs.cache_salt
+        if salt is not None and not (isinstance(salt, str) and salt):
+            raise Ovis2Error("cache_salt must be a non-empty string")
         self._validate_images(inputs)
 
     def _validate_images(self, inputs: EngineInputs) -> None:

@@ -123,8 +123,10 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self, max_model_len, capture)
 
     # --- images
-    def visual_key(self, image: ImageInput) -> tuple:
-        return (image.content_hash, self.compat, tuple(image.grid))
+    def visual_key(self, image: ImageInput, cache_salt: str | None = None) -> tuple:
+        """Salted like the prefix cache: a tenant cannot tell from its time to first token that another sent the
+        same image."""
+        return (image.content_hash, self.compat, tuple(image.grid), cache_salt)
 
     def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, 448, 448] -> [N, 256, H]: the vision tower, in chunks that fit in memory."""
@@ -143,7 +145,7 @@ class ModelRunner:
             return {}
         missing = self._missing_images(todo)
         try:
-            fresh = self._encode_images(list(missing.values()))
+            fresh = self._encode_images(missing)
         except Exception:  # noqa: BLE001 - isolate the failing request below
             return self._prepare_one_by_one(todo)
         for group in todo:
@@ -154,7 +156,7 @@ class ModelRunner:
         failures: dict[str, Exception] = {}
         for group in groups:
             try:
-                fresh = self._encode_images(list(self._missing_images([group]).values()))
+                fresh = self._encode_images(self._missing_images([group]))
                 group.image_embeds = self._assemble(group, fresh)
             except Exception as error:  # noqa: BLE001
                 failures[group.request_id] = error
@@ -164,33 +166,34 @@ class ModelRunner:
         missing: dict[tuple, ImageInput] = {}
         for group in groups:
             for image in group.inputs.images:
-                key = self.visual_key(image)
+                key = self.visual_key(image, group.inputs.cache_salt)
                 if key not in missing and self.visual_cache.get(key) is None:
                     missing[key] = image
         return missing
 
-    def _encode_images(self, images: list[ImageInput]) -> dict[tuple, torch.Tensor]:
-        """Runs the tower on every crop of these images at once; key -> [num_crops * 256, H]."""
+    def _encode_images(self, images: dict[tuple, ImageInput]) -> dict[tuple, torch.Tensor]:
+        """Runs the tower on every crop of these images (by visual key) at once; key -> [num_crops * 256, H]."""
         if not images:
             return {}
-        pixels = torch.cat([image.pixel_values for image in images])  # [all crops, 3, 448, 448]
+        pixels = torch.cat([image.pixel_values for image in images.values()])  # [all crops, 3, 448, 448]
         embeds = self.encode_crops(pixels)  # [all crops, 256, H]
         self.num_encoded_images += len(images)
         fresh = {}
-        for image, part in zip(images, embeds.split([i.num_crops for i in images]), strict=True):
-            fresh[self.visual_key(image)] = part.flatten(0, 1)
-            self.visual_cache.put(self.visual_key(image), fresh[self.visual_key(image)])
+        parts = embeds.split([image.num_crops for image in images.values()])
+        for key, part in zip(images, parts, strict=True):
+            fresh[key] = part.flatten(0, 1)
+            self.visual_cache.put(key, fresh[key])
         return fresh
 
     def _assemble(self, group: SequenceGroup, fresh: dict[tuple, torch.Tensor]) -> torch.Tensor:
         parts = []
         for image in group.inputs.images:
-            key = self.visual_key(image)
+            key = self.visual_key(image, group.inputs.cache_salt)
             part = fresh.get(key)
             if part is None:
                 part = self.visual_cache.get(key)
             if part is None:  # evicted by a bigger batch: encode again, alone
-                part = self._encode_images([image])[key]
+                part = self._encode_images({key: image})[key]
             parts.append(part)
         return torch.cat(parts)  # [num_atoms, H]
 

@@ -149,7 +149,7 @@ class SamplingExtensions(StructuredOutputsExtensions):
     skip_special_tokens: bool = True
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
-    # A secret per tenant: the prefix cache shares KV only among requests that send the same salt (vLLM's name).
+    # A secret per tenant: the prefix and visual caches share only among requests with the same salt (vLLM's name).
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
 

@@ -138,6 +138,8 @@ class ResponsesRequest(RequestModel):
     prompt: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
     reasoning: dict[str, Any] | None = None
+    # A secret per tenant: the prefix and visual caches share only among requests with the same salt (vLLM's name).
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
     safety_identifier: str | None = None
     service_tier: str | None = None
     store: bool | None = None

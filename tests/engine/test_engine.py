@@ -102,6 +102,27 @@ def test_a_failed_copy_of_lent_slots_fails_its_borrower_alone(make_engine, monke
     assert bm.num_free_blocks == bm.num_total_blocks
 
 
+def test_a_cache_salt_separates_tenants_in_the_prefix_and_visual_caches(make_engine):
+    image = random_image(7, (1, 1))
+    engine = make_engine()
+    params = SamplingParams(max_tokens=2, ignore_eos=True, **GREEDY)
+
+    def run(name: str, salt: str):
+        inputs = chat_prompt(text_ids(4, 6), [image])
+        inputs.cache_salt = salt
+        return run_to_completion(engine, {name: (inputs, params)})[name]
+
+    run("a1", "a")
+    encoded = engine.core.runner.num_encoded_images
+    again = run("a2", "a")
+    assert engine.core.runner.num_encoded_images == encoded and again.num_cached_tokens > 0
+    other = run("b1", "b")
+    assert engine.core.runner.num_encoded_images == encoded + 1 and other.num_cached_tokens == 0
+    for bad in (5, ""):
+        with pytest.raises(Ovis2Error, match="cache_salt"):
+            engine.validate(EngineInputs([1, 2, 3], cache_salt=bad), params)
+
+
 def test_kv_slot_copies_read_every_source_before_writing(make_engine):
     runner = make_engine().core.runner
     for layer, (keys, values) in enumerate(runner.kv_caches):

@@ -283,10 +283,26 @@ def test_a_cache_salt_shares_cached_prefixes_only_within_its_tenant(client, live
         cached(cache_salt="tenant-b")[0] == 0
     )  # not even the system turn: nothing was cached under this salt
     assert cached()[0] <= 14  # unsalted requests never see a salted prefix (at most others' system turn)
-    completion = client.completions.create(
-        model=live_server.model, prompt=text, max_tokens=1, extra_body={"cache_salt": "tenant-a"}
-    )
-    assert completion.usage.prompt_tokens > 0
+
+    def completion_cached(salt: str) -> int:
+        usage = client.completions.create(
+            model=live_server.model, prompt=text, max_tokens=1, extra_body={"cache_salt": salt}
+        ).usage
+        return usage.prompt_tokens_details.cached_tokens
+
+    completion_cached("tenant-c")
+    assert completion_cached("tenant-c") >= 32 and completion_cached("tenant-d") == 0
+
+    def response_cached(**salt) -> int:
+        usage = client.responses.create(
+            model=live_server.model, input=text, max_output_tokens=1, extra_body=salt
+        ).usage
+        return usage.input_tokens_details.cached_tokens
+
+    assert (
+        response_cached(cache_salt="tenant-a") >= prompt_tokens - 16
+    )  # the chat request's prompt, same tenant
+    assert response_cached(cache_salt="tenant-e") == 0
 
 
 def test_metrics_after_traffic(live_server):
