@@ -173,6 +173,8 @@ class BlockManager:
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(cached)
         seq.num_computed_tokens = len(cached) * self.block_size + (partial.num_tokens if partial else 0)
+        if partial is not None and partial.block_id in self.parent_of:  # a lender stays among the candidates
+            self.children[self.parent_of[partial.block_id]].move_to_end(partial.block_id)
 
     def num_shared_blocks(self, parent: Sequence, child: Sequence) -> int:
         """Blocks child can take from parent: computed, holding only prompt tokens (a resumed child's own outputs

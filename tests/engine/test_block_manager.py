@@ -139,6 +139,15 @@ def test_partial_candidates_are_the_newest_cached_blocks_still_in_the_pool():
     assert bm.find_partial_block(make_seq([S, USER, N, 100, E, N, 5, 5, 5]), 0).num_tokens == 3  # oldest gone
     newest = bm.find_partial_block(make_seq([S, USER, N, 100 + PARTIAL_CANDIDATES, E, N, 5, 5, 5]), 0)
     assert newest == PartialHit(seqs[-1].block_table[0], 6)
+    borrower = make_seq([S, USER, N, 101, E, N, 5, 5, 5])
+    lender = bm.find_partial_block(borrower, 0)
+    assert lender == PartialHit(seqs[1].block_table[0], 6)  # the oldest still listed
+    bm.allocate(borrower, [], lender)  # lending keeps it listed as if it were cached now
+    seqs.append(make_seq([S, USER, N, 999, E, N, 0, 1, 2]))
+    admit(bm, seqs[-1])  # one more sibling: the oldest but the lender go
+    assert bm.find_partial_block(make_seq([S, USER, N, 101, E, N, 7, 7, 7]), 0) == lender
+    assert bm.find_partial_block(make_seq([S, USER, N, 102, E, N, 7, 7, 7]), 0).num_tokens == 3
+    bm.free(borrower)
     for seq in seqs:
         bm.free(seq)
     taker = make_seq([S, USER, N] + list(range(1000, 1000 + 8 * 200 - 3)))  # every block handed out again
