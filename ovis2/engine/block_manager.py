@@ -6,14 +6,8 @@ chained over (previous block's hash, its token ids, the content hashes of the im
 to); a later request whose prefix hashes to the same chain reuses the block instead of recomputing it.
 Free blocks that still hold a cached prefix stay findable until they are handed out again (LRU).
 
-Past the last whole cached block, a request can still reuse part of a block: each cached text block is also
-listed under its parent's hash with its token ids, and the cached child sharing the longest run of leading
-tokens with the request lends those slots' KV, copied into the request's own block before the step runs (the
-scheduler hands out the copies). So a shared prefix that ends mid-block, such as the chat template's default
-system turn (14 tokens), is computed once, not once per request. The lent run is cut back to the last chat-turn
-boundary in it (after `<|im_end|>` or a turn's `<|im_start|>role\n` header): a hit, which a client sees in
-`cached_tokens` and in its time to first token, then says that a whole message matched someone's cached one,
-never that one more token did, so a cached prompt cannot be read back a token at a time.
+Past the last whole cached block, a request may also borrow the leading slots of one more cached block
+(partial_blocks.py).
 """
 
 from __future__ import annotations
@@ -21,34 +15,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
 
-from ..tokenizer import IM_END_ID, IM_START_ID, NEWLINE_ID
+from .partial_blocks import ParentKey, PartialBlocks, PartialHit
 from .sequence import Sequence
 
 ROOT_MARK = b"\x00" * 17
-PARTIAL_CANDIDATES = 32  # cached children of one parent compared token by token: the most recently cached
-
-
-@dataclass(frozen=True)
-class PartialHit:
-    """The first `num_tokens` slots of cached block `block_id` hold the KV a request's next block starts with."""
-
-    block_id: int
-    num_tokens: int
-
-
-@dataclass(frozen=True)
-class SlotCopy:
-    """Copy the KV of slots [0, num_slots) of block `source` into block `target`, before the step's forward.
-
-    The source is not referenced: a free cached block may be handed out in the same step (even as the target).
-    That is safe because the copies run once, all reads before any write, before anything of the step writes
-    KV; whatever runs between scheduling and the copies must not write the pool."""
-
-    source: int
-    target: int
-    num_slots: int
 
 
 def block_hash(
@@ -81,10 +52,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash_of: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
-        self.children: dict[
-            int | None, OrderedDict[int, tuple[int, ...]]
-        ] = {}  # parent hash -> {block: tokens}
-        self.parent_of: dict[int, int | str | None] = {}  # block id -> its key in `children`
+        self.partials = PartialBlocks()  # cached text blocks that may lend their leading slots
         self.free_blocks: OrderedDict[int, None] = OrderedDict(
             (i, None) for i in range(num_blocks)
         )  # LRU first
@@ -123,21 +91,10 @@ class BlockManager:
         bs = self.block_size
         start = num_cached * bs
         limit = min(bs - 1, seq.num_tokens - 1 - start)
-        candidates = self.children.get(self._parent_key(seq, num_cached))
-        if limit < 1 or not candidates:
+        hit = self.partials.best(self._parent_key(seq, num_cached), seq.token_ids, start, limit)
+        if hit is None or seq.request.image_hashes_in(start, start + hit.num_tokens):
             return None
-        wanted = seq.token_ids[start : start + limit]
-        best = PartialHit(-1, 0)
-        for block_id, tokens in reversed(candidates.items()):
-            shared = _shared_prefix(tokens, wanted)
-            if shared > best.num_tokens:
-                best = PartialHit(block_id, shared)
-                if shared == limit:
-                    break
-        lent = _through_turn_boundary(seq.token_ids, start, best.num_tokens)
-        if lent == 0 or seq.request.image_hashes_in(start, start + lent):
-            return None
-        return PartialHit(best.block_id, lent)
+        return hit
 
     def chain_hash(self, seq: Sequence, index: int) -> int:
         """The hash of seq's full block `index`, chained over the blocks before it. Computed once per sequence
@@ -173,8 +130,8 @@ class BlockManager:
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(cached)
         seq.num_computed_tokens = len(cached) * self.block_size + (partial.num_tokens if partial else 0)
-        if partial is not None and partial.block_id in self.parent_of:  # a lender stays among the candidates
-            self.children[self.parent_of[partial.block_id]].move_to_end(partial.block_id)
+        if partial is not None:
+            self.partials.touch(partial.block_id)
 
     def num_shared_blocks(self, parent: Sequence, child: Sequence) -> int:
         """Blocks child can take from parent: computed, holding only prompt tokens (a resumed child's own outputs
@@ -254,15 +211,9 @@ class BlockManager:
         start, end = index * bs, (index + 1) * bs
         if start < seq.prompt_len and seq.request.image_hashes_in(start, min(end, seq.prompt_len)):
             return
-        parent = self._parent_key(seq, index)
-        siblings = self.children.setdefault(parent, OrderedDict())
-        siblings[block_id] = tuple(seq.token_ids[start:end])
-        self.parent_of[block_id] = parent
-        if len(siblings) > PARTIAL_CANDIDATES:
-            oldest, _ = siblings.popitem(last=False)
-            del self.parent_of[oldest]
+        self.partials.add(self._parent_key(seq, index), block_id, tuple(seq.token_ids[start:end]))
 
-    def _parent_key(self, seq: Sequence, index: int) -> int | str | None:
+    def _parent_key(self, seq: Sequence, index: int) -> ParentKey:
         """Where seq's block `index` is listed among candidates for partial hits: under its parent block's hash,
         or, for a first block, under the request's cache salt (None without one)."""
         return self.chain_hash(seq, index - 1) if index else seq.request.inputs.cache_salt
@@ -273,34 +224,4 @@ class BlockManager:
             self.block_hash_of[block_id] = None
             if self.cached_blocks.get(value) == block_id:
                 del self.cached_blocks[value]
-        if block_id in self.parent_of:
-            parent = self.parent_of.pop(block_id)
-            siblings = self.children[parent]
-            del siblings[block_id]
-            if not siblings:
-                del self.children[parent]
-
-
-def _through_turn_boundary(token_ids: list[int], start: int, length: int) -> int:
-    """The longest n <= length such that token_ids[start:start + n] ends a chat turn or a turn's header: its last
-    token is <|im_end|>, the newline after one, or the newline of `<|im_start|>role\n`."""
-    for n in range(length, 0, -1):
-        last = start + n - 1
-        token = token_ids[last]
-        if token == IM_END_ID:
-            return n
-        if token == NEWLINE_ID and last >= 1 and token_ids[last - 1] == IM_END_ID:
-            return n
-        if token == NEWLINE_ID and last >= 2 and token_ids[last - 2] == IM_START_ID:
-            return n
-    return 0
-
-
-def _shared_prefix(a: tuple[int, ...], b: list[int]) -> int:
-    """How many leading token ids a and b share."""
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
+        self.partials.remove(block_id)

@@ -17,9 +17,9 @@ import torch
 from ..image_layout import IMAGE_TOKEN_IDS
 from ..inputs import ImageInput
 from ..layers import PagedAttentionMetadata
-from .block_manager import SlotCopy
 from .block_tables import padded_block_tables, slot_of
 from .decode_graphs import DecodeGraphs
+from .partial_blocks import SlotCopy
 from .scheduler import ScheduledSeq
 from .sequence import SequenceGroup
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager, SlotCopy
+from .block_manager import BlockManager
+from .partial_blocks import SlotCopy
 from .sequence import Sequence, SequenceGroup, SequenceStatus
 
 

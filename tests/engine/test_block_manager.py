@@ -1,4 +1,5 @@
-from ovis2.engine.block_manager import PARTIAL_CANDIDATES, BlockManager, PartialHit
+from ovis2.engine.block_manager import BlockManager
+from ovis2.engine.partial_blocks import PARTIAL_CANDIDATES, PartialHit
 from ovis2.engine.request import EngineRequest
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.sequence import SequenceGroup
@@ -155,10 +156,10 @@ def test_partial_candidates_are_the_newest_cached_blocks_still_in_the_pool():
     assert bm.find_partial_block(make_seq([S, USER, N, 100, E, N, 5, 5, 5]), 0) == PartialHit(
         taker.block_table[0], 3
     )
-    assert set(bm.parent_of) == set(taker.block_table)  # the reused blocks left the candidate lists
-    assert sum(map(len, bm.children.values())) == len(taker.block_table)
+    assert set(bm.partials.parent_of) == set(taker.block_table)  # the reused blocks left the candidate lists
+    assert sum(map(len, bm.partials.children.values())) == len(taker.block_table)
     bm.reset_prefix_cache()
-    assert bm.children == {} and bm.parent_of == {}
+    assert bm.partials.children == {} and bm.partials.parent_of == {}
     assert bm.find_partial_block(make_seq([S, USER, N, 100, E]), 0) is None
 
 

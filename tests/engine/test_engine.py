@@ -2,7 +2,7 @@
 
 import pytest
 
-from ovis2.engine.block_manager import SlotCopy
+from ovis2.engine.partial_blocks import SlotCopy
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.errors import Ovis2Error
 from ovis2.inputs import EngineInputs

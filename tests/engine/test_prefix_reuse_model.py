@@ -38,10 +38,10 @@ def check_pool(bm: BlockManager, groups: list[SequenceGroup], kv: dict, block_si
                 refs[block] += 1
     assert refs == bm.ref_counts
     assert set(bm.free_blocks) == {b for b, count in enumerate(refs) if count == 0}
-    assert sum(map(len, bm.children.values())) == len(bm.parent_of)
-    for parent, siblings in bm.children.items():
+    assert sum(map(len, bm.partials.children.values())) == len(bm.partials.parent_of)
+    for parent, siblings in bm.partials.children.items():
         for block, tokens in siblings.items():
-            assert bm.parent_of[block] == parent and bm.block_hash_of[block] is not None
+            assert bm.partials.parent_of[block] == parent and bm.block_hash_of[block] is not None
             for offset in range(block_size):  # a listed block's KV is its tokens'
                 assert kv[block * block_size + offset][-(offset + 1) :] == tokens[: offset + 1]
 

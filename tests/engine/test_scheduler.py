@@ -1,4 +1,5 @@
-from ovis2.engine.block_manager import BlockManager, SlotCopy
+from ovis2.engine.block_manager import BlockManager
+from ovis2.engine.partial_blocks import SlotCopy
 from ovis2.engine.request import EngineRequest
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.scheduler import Scheduler
