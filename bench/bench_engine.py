@@ -71,7 +71,7 @@ def compare(engine, processor, with_image: bool, args) -> dict:
     run_engine(engine, warm, 2)
     run_sequential(engine.core.model, warm[:1], 2)
     engine.core.block_manager.reset_prefix_cache()
-    engine.core.runner.visual_cache.entries.clear()
+    engine.core.runner.visual.cache.entries.clear()
     engine_s = run_engine(engine, requests, args.output_tokens)
     sequential_s = run_sequential(engine.core.model, requests, args.output_tokens)
     tokens = args.requests * args.output_tokens

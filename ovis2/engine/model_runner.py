@@ -1,27 +1,24 @@
 """Runs one scheduled step on the model: flat batch tensors in, logits of the sampled rows out.
 
 Owns the KV pool (one (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] per layer) and the
-visual side: the vision tower runs once per new image, on the crops of every image that arrives in
-the same step together, and an LRU cache keyed by (content hash, compat, grid) keeps the embeddings
-so a later turn resending the same image skips the tower.
+visual side (visual_embeddings.py: the vision tower and the cache of its embeddings).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ..image_layout import IMAGE_TOKEN_IDS
-from ..inputs import ImageInput
 from ..layers import PagedAttentionMetadata
 from .block_tables import padded_block_tables, slot_of
 from .decode_graphs import DecodeGraphs
 from .partial_blocks import SlotCopy
 from .scheduler import ScheduledSeq
 from .sequence import SequenceGroup
+from .visual_embeddings import VisualEmbeddings
 
 CUDA_ACTIVATION_RESERVE = 2 * 1024**3
 
@@ -41,28 +38,6 @@ def kv_pool_budget(args, device: torch.device) -> int:
     return args.cpu_kv_cache_memory
 
 
-class VisualCache:
-    """LRU of visual embeddings: key -> [num_crops * 256, H] on the model's device."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: tuple, value: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
-        self.entries[key] = value
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-
-
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [T]
@@ -79,9 +54,7 @@ class ModelRunner:
         self.compat = getattr(model, "compat", args.compat)
         self.device = model.device
         self.block_size = args.block_size
-        self.max_crops_per_call = 64 if self.device.type == "cuda" else 16
-        self.visual_cache = VisualCache(args.visual_cache_size)
-        self.num_encoded_images = 0  # images that went through the vision tower (tests read it)
+        self.visual = VisualEmbeddings(model, self.compat, args.visual_cache_size)
         block_shape = model.kv_cache_block_shape(self.block_size)
         self.bytes_per_block = kv_bytes_per_block(model.num_kv_layers, block_shape, model.dtype)
         self.num_blocks = kv_pool_budget(args, self.device) // self.bytes_per_block  # the block manager's
@@ -121,81 +94,6 @@ class ModelRunner:
     def enable_decode_graphs(self, max_model_len: int, capture: bool) -> None:
         """Plain decode steps run on fixed shapes (decode_graphs.py), captured as CUDA graphs when `capture`."""
         self.decode_graphs = DecodeGraphs(self, max_model_len, capture)
-
-    # --- images
-    def visual_key(self, image: ImageInput, cache_salt: str | None = None) -> tuple:
-        """Salted like the prefix cache: a tenant cannot tell from its time to first token that another sent the
-        same image."""
-        return (image.content_hash, self.compat, tuple(image.grid), cache_salt)
-
-    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, 448, 448] -> [N, 256, H]: the vision tower, in chunks that fit in memory."""
-        chunks = pixel_values.split(self.max_crops_per_call)
-        return torch.cat([self.model.get_image_embeddings(c.to(self.device)) for c in chunks])
-
-    @torch.inference_mode()
-    def prepare_images(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
-        """Make sure each group that prefills image atoms holds its image embeddings.
-
-        Crops of all uncached images are encoded in one batch; if that fails, each group is retried
-        alone so one bad request fails by itself. Returns {request_id: exception} for the failures.
-        """
-        todo = [g for g in groups if g.image_embeds is None and g.needs_image_embeds]
-        if not todo:
-            return {}
-        missing = self._missing_images(todo)
-        try:
-            fresh = self._encode_images(missing)
-        except Exception:  # noqa: BLE001 - isolate the failing request below
-            return self._prepare_one_by_one(todo)
-        for group in todo:
-            group.image_embeds = self._assemble(group, fresh)
-        return {}
-
-    def _prepare_one_by_one(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
-        failures: dict[str, Exception] = {}
-        for group in groups:
-            try:
-                fresh = self._encode_images(self._missing_images([group]))
-                group.image_embeds = self._assemble(group, fresh)
-            except Exception as error:  # noqa: BLE001
-                failures[group.request_id] = error
-        return failures
-
-    def _missing_images(self, groups: list[SequenceGroup]) -> dict[tuple, ImageInput]:
-        missing: dict[tuple, ImageInput] = {}
-        for group in groups:
-            for image in group.inputs.images:
-                key = self.visual_key(image, group.inputs.cache_salt)
-                if key not in missing and self.visual_cache.get(key) is None:
-                    missing[key] = image
-        return missing
-
-    def _encode_images(self, images: dict[tuple, ImageInput]) -> dict[tuple, torch.Tensor]:
-        """Runs the tower on every crop of these images (by visual key) at once; key -> [num_crops * 256, H]."""
-        if not images:
-            return {}
-        pixels = torch.cat([image.pixel_values for image in images.values()])  # [all crops, 3, 448, 448]
-        embeds = self.encode_crops(pixels)  # [all crops, 256, H]
-        self.num_encoded_images += len(images)
-        fresh = {}
-        parts = embeds.split([image.num_crops for image in images.values()])
-        for key, part in zip(images, parts, strict=True):
-            fresh[key] = part.flatten(0, 1)
-            self.visual_cache.put(key, fresh[key])
-        return fresh
-
-    def _assemble(self, group: SequenceGroup, fresh: dict[tuple, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for image in group.inputs.images:
-            key = self.visual_key(image, group.inputs.cache_salt)
-            part = fresh.get(key)
-            if part is None:
-                part = self.visual_cache.get(key)
-            if part is None:  # evicted by a bigger batch: encode again, alone
-                part = self._encode_images({key: image})[key]
-            parts.append(part)
-        return torch.cat(parts)  # [num_atoms, H]
 
     # --- the forward pass
     @torch.inference_mode()

@@ -46,17 +46,19 @@ def test_second_turn_with_the_same_image_skips_the_vision_tower(make_engine, eng
     turn1 = run_to_completion(
         engine, {"t1": (first, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))}
     )
-    encoded = engine.core.runner.num_encoded_images
+    encoded = engine.core.runner.visual.num_encoded_images
     history = first.prompt_token_ids + turn1["t1"].outputs[0].token_ids + [151645, 198, 151644, 872, 198]
     second = type(first)(history + text_ids(2, 9) + [151645, 198, 151644, 77091, 198], [image])
     params = SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY)
     turn2 = run_to_completion(engine, {"t2": (second, params)})["t2"]
-    assert engine.core.runner.num_encoded_images == encoded  # zero vision tower runs for the second turn
+    assert (
+        engine.core.runner.visual.num_encoded_images == encoded
+    )  # zero vision tower runs for the second turn
     assert turn2.num_cached_tokens >= len(first.prompt_token_ids) - 16
     uncached = make_engine(enable_prefix_caching=False, visual_cache_size=0)
     fresh = run_to_completion(uncached, {"t2": (second, params)})["t2"]
     assert turn2.outputs[0].token_ids == fresh.outputs[0].token_ids
-    assert fresh.num_cached_tokens == 0 and uncached.core.runner.num_encoded_images == 1
+    assert fresh.num_cached_tokens == 0 and uncached.core.runner.visual.num_encoded_images == 1
 
 
 @pytest.mark.parametrize("budget", [None, 6])
@@ -113,11 +115,11 @@ def test_a_cache_salt_separates_tenants_in_the_prefix_and_visual_caches(make_eng
         return run_to_completion(engine, {name: (inputs, params)})[name]
 
     run("a1", "a")
-    encoded = engine.core.runner.num_encoded_images
+    encoded = engine.core.runner.visual.num_encoded_images
     again = run("a2", "a")
-    assert engine.core.runner.num_encoded_images == encoded and again.num_cached_tokens > 0
+    assert engine.core.runner.visual.num_encoded_images == encoded and again.num_cached_tokens > 0
     other = run("b1", "b")
-    assert engine.core.runner.num_encoded_images == encoded + 1 and other.num_cached_tokens == 0
+    assert engine.core.runner.visual.num_encoded_images == encoded + 1 and other.num_cached_tokens == 0
     for bad in (5, ""):
         with pytest.raises(Ovis2Error, match="cache_salt"):
             engine.validate(EngineInputs([1, 2, 3], cache_salt=bad), params)
@@ -259,14 +261,14 @@ def test_a_failing_request_fails_alone(make_engine):
 
 def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
     engine = make_engine()
-    original = engine.core.runner.encode_crops
+    original = engine.core.runner.visual.encode_crops
 
     def flaky(pixels):
         if pixels.shape[0] >= 3:  # batches holding the (1, 2) image: thumbnail + 2 tiles
             raise RuntimeError("vision failed")
         return original(pixels)
 
-    monkeypatch.setattr(engine.core.runner, "encode_crops", flaky)
+    monkeypatch.setattr(engine.core.runner.visual, "encode_crops", flaky)
     requests = {
         "good": (chat_prompt([5], [random_image(1)]), SamplingParams(max_tokens=2, **GREEDY)),
         "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY)),

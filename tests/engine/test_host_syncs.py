@@ -58,13 +58,14 @@ def test_engine_steps_run_the_model_without_host_waits(make_engine, fixed_decode
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     engine.add_request("image", chat_prompt(text_ids(1, 7), [random_image(1, (1, 2))]), params)
     engine.add_request("text", chat_prompt(text_ids(2, 11)), params)
-    recorded: dict[str, list[list[str]]] = {"execute": [], "prepare_images": []}
-    for name, calls in recorded.items():
-        setattr(engine.core.runner, name, _recording(getattr(engine.core.runner, name), calls))
+    runner = engine.core.runner
+    recorded: dict[str, list[list[str]]] = {"execute": [], "prepare": []}
+    for owner, name in ((runner, "execute"), (runner.visual, "prepare")):
+        setattr(owner, name, _recording(getattr(owner, name), recorded[name]))
     while engine.has_unfinished_requests:
         engine.step()
     assert len(recorded["execute"]) > 4  # chunked prefill with an image, then decodes
-    assert engine.core.runner.num_encoded_images == 1
+    assert engine.core.runner.visual.num_encoded_images == 1
     assert bool(engine.core.runner.decode_graphs and engine.core.runner.decode_graphs.buckets) == fixed_decode
     assert all(ops == [] for calls in recorded.values() for ops in calls), recorded
 

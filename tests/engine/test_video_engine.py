@@ -86,13 +86,13 @@ def test_a_second_turn_resending_the_video_runs_the_vision_tower_zero_times(make
     params = SamplingParams(max_tokens=4, **GREEDY)
     turn1 = [video_turn(videos.vp9, num_frames=4)]
     first = run_to_completion(engine, {"t1": (processor.prepare_chat(turn1), params)})["t1"]
-    encoded = engine.core.runner.num_encoded_images
+    encoded = engine.core.runner.visual.num_encoded_images
     assert encoded == 4
     answer = {"role": "assistant", "content": first.outputs[0].text}
     turn2 = processor.prepare_chat([*turn1, answer, {"role": "user", "content": "And then?"}])
     again = processor.prepare_chat(turn1)
     second = run_to_completion(engine, {"t2": (turn2, params), "t1b": (again, params)})
-    assert engine.core.runner.num_encoded_images == encoded  # zero vision tower runs for either
+    assert engine.core.runner.visual.num_encoded_images == encoded  # zero vision tower runs for either
     assert second["t1b"].outputs[0].token_ids == first.outputs[0].token_ids  # same tokens
     video_tokens = 4 * 259
     assert second["t2"].num_cached_tokens >= video_tokens  # the video's KV blocks are reused
