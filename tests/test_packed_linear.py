@@ -149,8 +149,8 @@ def test_engine_model_packed_where_it_helps(tiny_checkpoint):
     """The engine's own load packs every Linear where bf16 packs here (the language model's q/k/v and gate/up
     fused into one packed product each; bf16_rows' panels where its kernel serves), none otherwise; the logits of
     a packed model match the unpacked one."""
-    from ovis2.engine.core import load_model
     from ovis2.engine.engine_args import EngineArgs
+    from ovis2.engine.model_loading import load_model
 
     args = EngineArgs(model=str(tiny_checkpoint), dtype="bfloat16", device="cpu")
     model = load_model(args)

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import decode_attention, fused_pointwise, native_decode
-from ..cpu_linear import bf16_rows_serve
 from ..errors import Ovis2Error
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
 from .core_outputs import CoreStepOutput, RequestFailure, RequestUpdate, TokenUpdate
 from .engine_args import EngineArgs
 from .execution import execute_isolating_failures
+from .model_loading import load_model
 from .model_runner import ModelRunner
 from .request import EngineRequest
 from .sampler import SamplingRow, sample
@@ -46,32 +45,6 @@ class EngineStats:
     num_grammar_compiles: int = 0  # structured outputs: grammars compiled, their total seconds, cache hits
     grammar_compile_seconds: float = 0.0
     num_grammar_cache_hits: int = 0
-
-
-def load_model(args: EngineArgs):
-    from ..modeling import Ovis2ForConditionalGeneration
-
-    model = Ovis2ForConditionalGeneration.from_pretrained(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        compat=args.compat,
-        memory_fraction=args.gpu_memory_utilization,
-    )
-    model.pack_cpu_weights()  # CPU bf16: oneDNN's layout (AMX, AVX512-BF16) or bf16_rows' panels (AVX2 only)
-    prepare_cpu_kernels(model)
-    return model
-
-
-def prepare_cpu_kernels(model) -> None:
-    """The bf16 pointwise and decode-attention kernels (on CPUs without bf16 instructions: the bf16 rows product,
-    RMSNorm and decode layers kernels) built (about a second each, once per machine) and self-tested at start-up,
-    not inside the first request; each decides once whether it runs here."""
-    if model.device.type == "cpu" and model.dtype == torch.bfloat16:
-        fused_pointwise.rms_silu_library()  # the AVX512-BF16 pointwise kernels, else AVX2's
-        decode_attention.kernel_library()
-        if bf16_rows_serve():  # builds the bf16 rows kernel where oneDNN emulates bf16
-            native_decode.compiled_stack()
 
 
 class EngineCore:
@@ -202,7 +175,7 @@ class EngineCore:
                     self.request_hook(group)
             except Exception as error:  # noqa: BLE001 - a broken request fails alone
                 failed[group.request_id] = error
-        failed.update(self.runner.prepare_images([g for g in groups if g.request_id not in failed]))
+        failed.update(self.runner.visual.prepare([g for g in groups if g.request_id not in failed]))
         return failed
 
     def _update_from_output(
@@ -301,7 +274,7 @@ class EngineCore:
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_total_blocks,
             kv_cache_usage=bm.usage,
-            num_encoded_images=self.runner.num_encoded_images,
+            num_encoded_images=self.runner.visual.num_encoded_images,
             **self.counters,
         )
 
