@@ -36,9 +36,7 @@ class ImageInput:
 class EngineInputs:
     prompt_token_ids: list[int]
     images: list[ImageInput] = field(default_factory=list)
-    cache_salt: str | None = (
-        None  # the prefix cache shares KV only among requests with the same salt (or none)
-    )
+    cache_salt: str | None = None  # the prefix and visual caches share only among inputs with the same salt
 
     @property
     def num_image_tokens(self) -> int:
