@@ -14,7 +14,8 @@ The engine lays each bf16 weight out once as 16-row panels instead (`panels_of`,
 each panel's 16 weights of an input side by side, so a thread reads its panels as one sequential stream and
 widens them in registers, without the plain layout's transposes. Zen 3, the 24 layers' products of the 1B
 checkpoint's own weights: level with the plain layout at 1 row, 1.0-1.24x at 4, 1.03-1.10x at 8-16 (the
-vocabulary projection 1.26x at 8), level from 64.
+vocabulary projection 1.26x at 8), level from 64. An input's 16 weights are stored interleaved (`LANE_ROWS`) so
+they widen with one shift and one mask: a batch-16 decode step 1.04-1.07x faster than two 8-weight widenings.
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ SOURCE = native_build.KERNELS / "bf16_rows_avx2.c"
 _PRODUCT = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int)
 SIGNATURES = {"bf16_rows_product": _PRODUCT, "bf16_panels_product": _PRODUCT}
 PANEL = 16  # weight rows of a panel
+LANE_ROWS = tuple(
+    row for lane in range(PANEL // 2) for row in (lane, lane + PANEL // 2)
+)  # row at each position
 
 
 @dataclass(frozen=True, eq=False)
 class PanelWeight:
     """A bf16 weight [out_features, in_features] laid out for `panels_computed`: ceil(out_features / 16) panels of
-    16 weight rows, each stored input by input (`data` [panels, in_features, 16]; rows past out_features zero)."""
+    16 weight rows, each stored input by input (`data` [panels, in_features, 16]; rows past out_features zero).
+    An input's 16 weights are interleaved, rows 0 8 1 9 ... 7 15 of the panel (`LANE_ROWS`): each 32-bit lane
+    holds row j in its low half and row 8 + j in its high half, so the kernel widens 16 weights with one shift
+    and one mask."""
 
     data: torch.Tensor
     out_features: int
@@ -52,7 +59,8 @@ class PanelWeight:
 
     def dense(self) -> torch.Tensor:
         """The plain weight [out_features, in_features], a fresh tensor."""
-        rows = self.data.transpose(1, 2).reshape(-1, self.in_features)
+        lanes = self.data.view(-1, self.in_features, PANEL // 2, 2)  # [panels, in, lane, half]
+        rows = lanes.permute(0, 3, 2, 1).reshape(-1, self.in_features)  # row 8 half + lane of each panel
         return rows[: self.out_features].clone()
 
 
@@ -60,7 +68,11 @@ def panels_of(weight: torch.Tensor) -> PanelWeight:
     """A 2-d weight's panels (a copy; the weight is left as it is)."""
     out_features, in_features = weight.shape
     padded = F.pad(weight, (0, 0, 0, -out_features % PANEL)) if out_features % PANEL else weight
-    return PanelWeight(padded.reshape(-1, PANEL, in_features).transpose(1, 2).contiguous(), out_features)
+    halves = padded.reshape(-1, 2, PANEL // 2, in_features)  # [panels, half, lane, in]: row 8 half + lane
+    lanes = torch.empty(len(halves), in_features, PANEL // 2, 2, dtype=weight.dtype, device=weight.device)
+    for half in range(2):  # a half at a time: ~2x faster than one copy of the permuted view
+        lanes[..., half].copy_(halves[:, half].transpose(1, 2))
+    return PanelWeight(lanes.view(-1, in_features, PANEL), out_features)
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -27,10 +27,14 @@ def test_layout_and_back(shape):
     panels = bf16_rows.panels_of(weight)
     count = -(-shape[0] // 16)
     assert panels.data.shape == (count, shape[1], 16) and panels.out_features == shape[0]
-    for row in range(shape[0]):  # weight row r: panel r // 16, column r % 16 of every input
-        assert torch.equal(panels.data[row // 16, :, row % 16], weight[row])
-    padding = panels.data[-1, :, shape[0] - 16 * (count - 1) :]
-    assert padding.eq(0).all()
+    for row in range(
+        shape[0]
+    ):  # weight row r: panel r // 16, lane r % 8, its low half below 8, else its high
+        position = 2 * (row % 16 % 8) + row % 16 // 8
+        assert torch.equal(panels.data[row // 16, :, position], weight[row])
+    last = shape[0] - 16 * (count - 1)  # rows of the last panel
+    padding = [2 * (row % 8) + row // 8 for row in range(last, 16)]
+    assert panels.data[-1][:, padding].eq(0).all()
     assert torch.equal(panels.dense(), weight)
 
 

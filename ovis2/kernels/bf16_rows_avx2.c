@@ -7,9 +7,10 @@
 //   time, transposed and widened into an L1-sized block [256][16]; 6 input rows at a time then meet it in registers
 //   (6 x 16 sums, each input broadcast). The next panel's block is prefetched as the current one's is transposed.
 // - panels (bf16_panels_product): the weight laid out once, at load, as ceil(n / 16) panels of 16 weight rows, each
-//   stored input by input: panel p, input i, weight row 16 p + c at w[(p k + i) 16 + c], rows past n zero. A
-//   thread reads its panels front to back, one sequential stream with no transposes: 16 weights a load, widened
-//   in registers and met by up to 4 input rows (8 rows: 4 at a time), or from 9 rows by 6 at a time as above.
+//   stored input by input, interleaved: panel p, input i, weight row 16 p + c at w[(p k + i) 16 + 2 (c % 8) + c / 8]
+//   (bf16_rows.LANE_ROWS), rows past n zero. A thread reads its panels front to back, one sequential stream with no
+//   transposes: 16 weights a load, widened in registers by a shift and a mask and met by up to 4 input rows (8
+//   rows: 4 at a time), or from 9 rows by 6 at a time as above.
 //   Zen 3, the 24 layers' products of the 1B checkpoint's own weights: level with the plain layout at 1 row,
 //   1.0-1.24x at 4, 1.03-1.10x at 8-16 (the vocabulary projection 1.26x at 8), level from 64.
 // More than 128 rows run as blocks of rows, each over the whole weight.
@@ -101,6 +102,15 @@ static inline void transpose8(const uint16_t* w, int64_t k, float* p) {
   }
 }
 
+// An input's 16 weights of a panel, stored interleaved (32-bit lane j: row j in its low half, row 8 + j in its
+// high half), widened: rows 0-7 by a shift, rows 8-15 by a mask. Zen 3, 24 1B-shaped layers' products: 1.03-1.08x
+// at 12-128 rows against two 8-weight widenings (zero-extend and shift each), level at 1-8 rows.
+static inline __attribute__((always_inline)) void widen_lanes(const uint16_t* w, __m256* low, __m256* high) {
+  const __m256i lanes = _mm256_loadu_si256((const __m256i*)w);
+  *low = _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
+  *high = _mm256_castsi256_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
 // sums[r][0..15] += x row r [0 .. len) . weights [0 .. len)[0..15] for `rows` input rows; the weights an fp32
 // block (widened = 0) or a bf16 panel widened in registers (widened = 1). Both constants after inlining.
 static inline __attribute__((always_inline)) void meet(const void* weights, int widened, const float* x, int64_t k,
@@ -113,8 +123,7 @@ static inline __attribute__((always_inline)) void meet(const void* weights, int 
   for (int64_t i = 0; i < len; i++) {
     __m256 low, high;
     if (widened) {
-      const uint16_t* w = (const uint16_t*)weights + i * PANEL;
-      low = widen8(w), high = widen8(w + 8);
+      widen_lanes((const uint16_t*)weights + i * PANEL, &low, &high);
     } else {
       const float* w = (const float*)weights + i * PANEL;
       low = _mm256_load_ps(w), high = _mm256_load_ps(w + 8);
@@ -216,7 +225,8 @@ static inline __attribute__((always_inline)) void few_sums(const uint16_t* panel
   for (; i + 2 <= k; i += 2) {  // a cache line of weights
     _mm_prefetch((const char*)(panel + i * PANEL + FEW_AHEAD), _MM_HINT_T1);
     for (int a = 0; a < 2; a++) {
-      const __m256 low = widen8(panel + (i + a) * PANEL), high = widen8(panel + (i + a) * PANEL + 8);
+      __m256 low, high;
+      widen_lanes(panel + (i + a) * PANEL, &low, &high);
       for (int r = 0; r < rows; r++) {
         const __m256 input = _mm256_broadcast_ss(x + r * k + i + a);
         acc[r][a][0] = _mm256_fmadd_ps(input, low, acc[r][a][0]);
@@ -225,7 +235,8 @@ static inline __attribute__((always_inline)) void few_sums(const uint16_t* panel
     }
   }
   if (i < k) {
-    const __m256 low = widen8(panel + i * PANEL), high = widen8(panel + i * PANEL + 8);
+    __m256 low, high;
+    widen_lanes(panel + i * PANEL, &low, &high);
     for (int r = 0; r < rows; r++) {
       const __m256 input = _mm256_broadcast_ss(x + r * k + i);
       acc[r][0][0] = _mm256_fmadd_ps(input, low, acc[r][0][0]);
