@@ -1,6 +1,7 @@
 """GPU throughput of the engine vs `generate()` one request at a time, on random weights of real Ovis2 shapes.
 
     python -m bench.gpu_bench                      # CUDA, Ovis2-2B shapes, bf16, concurrency 1/16/64
+                                                   # graphs and eager, decode attention by Triton and SDPA
     python -m bench.gpu_bench --tiny --device cpu  # the same code path at tiny size (CI smoke test)
 
 No network and no weights on a lent GPU: the checkpoint is built in memory with random weights (speed
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -128,6 +131,14 @@ def main(argv: list[str] | None = None) -> None:
         help="decode steps replayed as CUDA graphs (fixed shapes, eager on CPU) and/or eager",
     )
     parser.add_argument(
+        "--attention",
+        nargs="+",
+        choices=("kernel", "sdpa"),
+        default=None,
+        help="decode attention by the Triton kernel (ovis2/triton_decode_attention.py) and/or SDPA over the "
+        "gathered context; default both on CUDA, where the kernel runs (elsewhere the choice changes nothing)",
+    )
+    parser.add_argument(
         "--bandwidth-tbs",
         type=float,
         default=3.0,
@@ -155,15 +166,27 @@ def main(argv: list[str] | None = None) -> None:
     baseline = sequential_tok_s(
         model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens
     )
-    graphs = engine.core.runner.decode_graphs
-    if graphs is None:  # CPU: the same fixed-shape path, run eagerly
-        engine.core.runner.enable_decode_graphs(engine.max_model_len, capture=False)
-        graphs = engine.core.runner.decode_graphs
+    on_cuda = args.device.startswith("cuda")
     results = []
     for mode in args.modes:
-        engine.core.runner.decode_graphs = graphs if mode == "graphs" else None
-        for concurrency in args.concurrency:
-            results.append({"mode": mode, **measure(engine, model, concurrency, args, baseline)})
+        for attention in args.attention or (["kernel", "sdpa"] if on_cuda else ["kernel"]):
+            os.environ["OVIS2_TRITON_ATTENTION"] = "1" if attention == "kernel" else "0"
+            runner = engine.core.runner
+            runner.decode_graphs = None
+            if mode == "graphs":  # graphs captured anew: a graph keeps the attention it was captured with
+                runner.enable_decode_graphs(
+                    engine.max_model_len, capture=on_cuda
+                )  # CPU: the same shapes, eager
+            for concurrency in args.concurrency:
+                row = {
+                    "mode": mode,
+                    "attention": attention,
+                    **measure(engine, model, concurrency, args, baseline),
+                }
+                print(
+                    "row:", json.dumps(row), file=sys.stderr, flush=True
+                )  # kept if a time limit cuts the run
+                results.append(row)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
         json.dumps(

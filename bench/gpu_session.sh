@@ -7,7 +7,9 @@
 # and call the device with carry [".whl"] and the command `bash bench/gpu_session.sh`. gpu_bench measures decode
 # steps replayed as CUDA graphs and eager (--enforce-eager) side by side, after checking that both give the same
 # tokens (tests/engine/test_decode_graphs_cuda.py): the graph capture has not run on a GPU yet. If it fails, rerun
-# with `python -m bench.gpu_bench --modes eager`.
+# with `python -m bench.gpu_bench --modes eager`. Each mode runs with decode attention by the Triton kernel
+# (ovis2/triton_decode_attention.py, never run on a GPU either; the same test file checks it) and by SDPA over the
+# gathered context (`--attention sdpa` alone if the kernel fails); every row is also printed as it completes.
 # Test it on CPU first: `OUT=/tmp/out DEVICE=cpu bash bench/gpu_session.sh` (tiny shapes, seconds).
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
@@ -24,8 +26,8 @@ fi
 if [ "$DEVICE" = cuda ]; then
     bandwidth=3.0
     grep -q H200 "$OUT/machine.txt" && bandwidth=4.3
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs_cuda.py 2>&1 | tail -15 | tee "$OUT/decode_graphs_cuda.txt"
-    timeout 380 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
+    timeout 180 $PY -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs_cuda.py 2>&1 | tail -15 | tee "$OUT/decode_graphs_cuda.txt"
+    timeout 300 $PY -m bench.gpu_bench --bandwidth-tbs "$bandwidth" 2>&1 | tee "$OUT/gpu_bench.json"
     timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_image_processing_fast.py -k cuda 2>&1 | tail -5 | tee "$OUT/fast_processor_cuda.txt"
     timeout 30 $PY -m bench.bench_engine_overhead --output-kind delta 2>&1 | tee "$OUT/engine_overhead_cpu.json"
 else

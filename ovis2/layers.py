@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_pointwise
+from . import fused_pointwise, triton_decode_attention
 from .cpu_linear import DECODE_ROWS_HINT, Linear
 from .decode_attention import decode_attention
 from .fused_linear import FusedLinears, fuse, in_use
@@ -213,7 +213,11 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
 def _decode_attention(q, k_cache, v_cache, meta: PagedAttentionMetadata) -> torch.Tensor:
     """One new token per sequence (q: [B, h, d]). The query heads sharing a KV head ride in the query-length
     dimension, [B, kvh, h / kvh, d], so grouped-query attention needs no repeated keys and values."""
-    out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens)  # the kernel, where it runs
+    out = decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens
+    )  # the CPU kernel, where it runs
+    if out is None:  # the CUDA kernel, where it runs
+        out = triton_decode_attention.computed(q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
     if out is not None:
         return out
     num_seqs, num_heads, head_dim = q.shape

@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from ovis2.random_checkpoint import write_checkpoint
 from tests.checkpoints import SHAPES, shape_config
+
+if not torch.cuda.is_available():
+    # Triton kernels run under its interpreter on CPU tensors (tests/test_triton_decode_attention.py). Set before
+    # anything imports triton: the interpreter takes only the jit functions decorated after it is on.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

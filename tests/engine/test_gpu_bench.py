@@ -55,6 +55,7 @@ def test_gpu_bench_tiny_on_cpu(capsys):
     )
     report = json.loads(capsys.readouterr().out)
     rows = [(r["mode"], r["concurrency"]) for r in report["results"]]
+    assert {r["attention"] for r in report["results"]} == {"kernel"}  # no Triton kernel on CPU: one pass
     assert (
         rows == [("graphs", 1), ("graphs", 2), ("eager", 1), ("eager", 2)] and report["sequential_tok_s"] > 0
     )
