@@ -39,6 +39,7 @@ def _nucleus_floor(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple[tor
     the tokens given."""
     above = sorted_probs.cumsum(dim=-1, dtype=torch.float64) - sorted_probs  # mass strictly above each one
     inside = above < top_p[:, None]
+    inside[:, 0] = True  # the most likely token is always in the set, however small top_p is
     return sorted_probs.gather(1, inside.sum(dim=-1, keepdim=True) - 1), inside[:, -1]
 
 

@@ -206,19 +206,8 @@ class EngineCore:
         sampled = [item for item in items if item.samples]
         if not sampled:
             return
-        rows = [
-            SamplingRow(
-                i.seq.params,
-                i.seq.group.prompt_token_ids,
-                i.seq.output_token_ids,
-                i.seq.generator,
-                i.seq.matcher,
-            )
-            for i in sampled
-        ]
-        result = sample(logits, rows)
         now = time.monotonic()
-        for item, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+        for item, token_id, logprob in _sample_isolating_failures(sampled, logits, failed):
             seq, group = item.seq, item.seq.group
             if seq.matcher is not None and not seq.matcher.accept(token_id):
                 failed[group.request_id] = RuntimeError(f"the grammar refused the sampled token {token_id}")
@@ -277,6 +266,39 @@ class EngineCore:
             num_encoded_images=self.runner.visual.num_encoded_images,
             **self.counters,
         )
+
+
+def _sample_isolating_failures(
+    sampled: list[ScheduledSeq], logits, failed: dict[str, Exception]
+) -> list[tuple]:
+    """(item, token id, logprob) for each sampled item whose request's rows sample; adds each request whose rows
+    fail to `failed`. If the batch fails, each request's rows are sampled alone, so one request's bad parameters
+    fail it, not the others sampled beside it (as execution.execute_isolating_failures does for the forward)."""
+    rows = [
+        SamplingRow(
+            i.seq.params, i.seq.group.prompt_token_ids, i.seq.output_token_ids, i.seq.generator, i.seq.matcher
+        )
+        for i in sampled
+    ]
+    try:
+        result = sample(logits, rows)
+        return list(zip(sampled, result.token_ids, result.logprobs, strict=True))
+    except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
+        groups = _groups_of(sampled)
+        logger.exception("sampling failed for a batch of %d requests", len(groups))
+        if len(groups) == 1:
+            failed[groups[0].request_id] = error
+            return []
+    chosen = []
+    for group in groups:
+        own = [k for k, item in enumerate(sampled) if item.seq.group is group]
+        try:
+            result = sample(logits[own], [rows[k] for k in own])
+        except Exception as error:  # noqa: BLE001
+            failed[group.request_id] = error
+            continue
+        chosen += zip([sampled[k] for k in own], result.token_ids, result.logprobs, strict=True)
+    return chosen
 
 
 def _groups_of(items: list[ScheduledSeq]) -> list[SequenceGroup]:

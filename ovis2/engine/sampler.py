@@ -148,7 +148,7 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         logits = apply_top_k(logits, [p.top_k for p in params])
     if any(p.top_p < 1.0 for p in params):
         logits = apply_top_p(
-            logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
+            logits, torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
         )
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0.0 for p in params):

@@ -304,6 +304,49 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
+def test_a_request_whose_sampling_fails_fails_alone(make_engine, monkeypatch):
+    """A request whose rows break the batch's sampling fails; the others sampled beside it get their answers."""
+    from ovis2.engine import core
+
+    engine = make_engine()
+    original = core.sample
+
+    def sample(logits, rows):
+        if any(row.params.seed == 666 for row in rows):
+            raise RuntimeError("sampling failed")
+        return original(logits, rows)
+
+    monkeypatch.setattr(core, "sample", sample)
+    requests = {
+        rid: (
+            chat_prompt(text_ids(i, 6)),
+            SamplingParams(max_tokens=4, seed=666 if rid == "bad" else None, **GREEDY),
+        )
+        for i, rid in enumerate(["ok1", "bad", "ok2"])
+    }
+    final = run_to_completion(engine, requests)
+    assert "sampling failed" in final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
+    for rid in ("ok1", "ok2"):
+        assert final[rid].error is None
+        assert final[rid].outputs[0].token_ids == reference_tokens(engine.core.model, requests[rid][0], 4)
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+
+
+def test_a_vanishingly_small_top_p_keeps_the_most_likely_token(make_engine):
+    """top_p below float32's smallest value (it rounded to 0 and broke the nucleus) samples the greedy token, beside
+    a request sampling normally."""
+    engine = make_engine()
+    prompt = chat_prompt(text_ids(3, 9))
+    requests = {
+        "tiny": (prompt, SamplingParams(max_tokens=4, temperature=1.0, top_p=1e-300, seed=1)),
+        "plain": (chat_prompt(text_ids(4, 9)), SamplingParams(max_tokens=4, temperature=1.0, seed=2)),
+    }
+    final = run_to_completion(engine, requests)
+    assert final["plain"].error is None and len(final["plain"].outputs[0].token_ids) == 4
+    assert final["tiny"].error is None
+    assert final["tiny"].outputs[0].token_ids == reference_tokens(engine.core.model, prompt, 4)
+
+
 def test_a_stop_string_before_min_tokens_neither_stops_nor_cuts_the_text(make_engine, tokenizer):
     engine = make_engine()
     prompt = chat_prompt(text_ids(0, 10))

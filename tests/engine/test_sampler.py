@@ -38,6 +38,11 @@ def test_top_k_top_p_min_p_filter_as_specified():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(apply_top_k(logits, [2])).tolist() == [[False, False, True, True]]
     assert torch.isinf(apply_top_p(logits, torch.tensor([0.8]))).tolist() == [[False, False, True, True]]
+    for tiny in (
+        torch.tensor([1e-300], dtype=torch.float64),
+        torch.tensor([1e-46]),
+    ):  # the latter rounds to 0
+        assert torch.isinf(apply_top_p(logits, tiny)).tolist() == [[False, True, True, True]]
     probs = apply_min_p(logits.softmax(-1), torch.tensor([0.5]))
     assert (probs > 0).tolist() == [[True, True, False, False]]
 
