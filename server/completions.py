@@ -34,7 +34,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     constraint = requested_constraint(request)
     prompt_ids = await asyncio.to_thread(prompt_token_ids, state, request.prompt)  # long prompts take seconds
     prompt_text = await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids) if request.echo else ""
-    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len)
+    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt")
     params = build_sampling_params(
         request,
         max_tokens=max_tokens,

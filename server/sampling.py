@@ -14,15 +14,21 @@ MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's cap; the engine applies each entry again
 
 
 def resolve_max_tokens(
-    requested: int | None, num_prompt_tokens: int, num_image_tokens: int, max_model_len: int
+    requested: int | None,
+    num_prompt_tokens: int,
+    num_image_tokens: int,
+    max_model_len: int,
+    prompt_field: str = "messages",
 ) -> int:
-    """The output budget: what was asked, else the rest of the context; a 400 when it cannot fit."""
+    """The output budget: what was asked, else the rest of the context; a 400 (on `prompt_field` or max_tokens)
+    when it cannot fit."""
     room = max_model_len - num_prompt_tokens
     if room < 1:
+        fix = f"shorten the {prompt_field}" + (" or send fewer or smaller images" if num_image_tokens else "")
         raise bad_request(
             f"the prompt has {num_prompt_tokens} tokens ({num_image_tokens} of them for images) but the model's "
-            f"context is {max_model_len} tokens; shorten the messages or send fewer or smaller images",
-            "messages",
+            f"context is {max_model_len} tokens; {fix}",
+            prompt_field,
         )
     if requested is None:
         return room

@@ -81,7 +81,7 @@ class ModelList(ResponseModel):
 class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     return_token_strs: bool = False
     max_tiles_per_image: int | None = Field(None, ge=1)

@@ -158,6 +158,18 @@ def test_prompt_longer_than_the_context(client, fake_engine):
     assert_error(client.post("/v1/chat/completions", json=body), 400, "messages", "259 of them for images")
 
 
+def test_completions_prompt_longer_than_the_context_names_the_prompt(client, fake_engine):
+    fake_engine.max_model_len = 100
+    error = assert_error(
+        client.post("/v1/completions", json={"prompt": [6023] * 120}), 400, "prompt", "120 tokens"
+    )
+    assert "image" not in error["message"].split(";")[1]  # no advice about images for a text prompt
+
+
+def test_tokenize_with_no_messages_is_400(client):
+    assert_error(client.post("/tokenize", json={"messages": []}), 400, "messages")
+
+
 def test_invalid_json_is_400(client):
     response = client.post(
         "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
