@@ -173,7 +173,9 @@ class Ovis2Processor:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self._plain_encoder.encode(text, add_special_tokens=False).ids if text else []
+        # encode_batch lets go of the GIL while it works (encode does not: a 9 MB text held the server's event
+        # loop and engine for seconds)
+        return self._plain_encoder.encode_batch([text], add_special_tokens=False)[0].ids if text else []
 
     def _batch(self, sequences: list[list[int]], pixels, return_tensors, layout: BatchLayout | None = None):
         from transformers import BatchFeature

@@ -45,6 +45,9 @@ PAD_TOKEN_ID = 151643
 IM_START_ID = 151644
 IM_END_ID = 151645
 NEWLINE_ID = 198  # "\n", which ends each turn's header and follows each <|im_end|>
+LONGEST_TOKEN_CHARS = (
+    128  # the vocabulary's longest token (a run of spaces): text past this x tokens cannot fit
+)
 IMAGE_ATOM_ID = 151665
 VISUAL_INDICATOR_IDS = (151666, 151667, 151668, 151669, 151670)  # START, GRID, COL, ROW, END
 DEFAULT_EOS_IDS = (IM_END_ID, PAD_TOKEN_ID)

@@ -5,7 +5,7 @@ images' sizes and the videos' frame counts alone."""
 from __future__ import annotations
 
 from .aio import finish_in_thread
-from .engine_api import EngineInputs
+from .engine_api import LONGEST_TOKEN_CHARS, EngineInputs
 from .errors import bad_request
 from .media.media_loader import decoded_media, video_frame_counts
 from .protocol import ChatMessage, ImagePart, TextPart, VideoPart
@@ -63,6 +63,27 @@ def processor_messages(
     return result
 
 
+def check_text_fits(state: ServerState, messages: list[ChatMessage]) -> None:
+    """A 400 for messages whose text alone is too long for the context at any tokenization (no token is longer
+    than LONGEST_TOKEN_CHARS), before anything tokenizes it: a multi-megabyte text costs seconds of CPU."""
+    chars = sum(len(text) for text in message_texts(messages))
+    limit = state.max_model_len * LONGEST_TOKEN_CHARS
+    if chars > limit:
+        raise bad_request(
+            f"the messages hold {chars} characters of text, more than the model's context of {state.max_model_len} "
+            f"tokens can hold (a token is at most {LONGEST_TOKEN_CHARS} characters); shorten the messages",
+            "messages",
+        )
+
+
+def message_texts(messages: list[ChatMessage]):
+    for message in messages:
+        if isinstance(message.content, str):
+            yield message.content
+        elif isinstance(message.content, list):
+            yield from (part.text for part in message.content if isinstance(part, TextPart))
+
+
 def checked_images(state: ServerState, messages: list[ChatMessage], requested_tiles: int | None):
     """(the image URLs with their params, the tile cap): the request's images within the server's limits."""
     found = image_parts(messages)
@@ -79,6 +100,7 @@ async def build_chat_inputs(
     video: VideoOptions = VideoOptions(),
 ) -> EngineInputs:
     """Fetch and decode every image and video at once, then let the processor build the prompt (in a thread)."""
+    check_text_fits(state, messages)
     urls, tiles = checked_images(state, messages, requested_tiles)
     videos = checked_videos(state, messages, video)
     frames_cap = state.settings.max_video_frames_per_request
@@ -99,6 +121,7 @@ async def chat_token_ids(
 ) -> tuple[list[int], int]:
     """(prompt ids, image and frame tokens) from the images' sizes alone, fetched and header-checked, and the
     videos' frame counts, from their packets: nothing is decoded."""
+    check_text_fits(state, messages)
     urls, tiles = checked_images(state, messages, requested_tiles)
     videos = checked_videos(state, messages, video)
     sizes = await state.images.sizes(urls)

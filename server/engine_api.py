@@ -22,7 +22,7 @@ from ovis2 import (
     probe_video,
     sample_timestamps,
 )
-from ovis2.tokenizer import DEFAULT_EOS_IDS, IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
+from ovis2.tokenizer import DEFAULT_EOS_IDS, IMAGE_ATOM_ID, LONGEST_TOKEN_CHARS, VISUAL_INDICATOR_IDS
 
 IMAGE_TOKEN_IDS = frozenset((IMAGE_ATOM_ID, *VISUAL_INDICATOR_IDS))
 
@@ -37,6 +37,7 @@ def build_engine(engine_kwargs: dict):
 __all__ = [
     "DEFAULT_EOS_IDS",
     "IMAGE_TOKEN_IDS",
+    "LONGEST_TOKEN_CHARS",
     "RECIPE_NUM_FRAMES",
     "CompletionOutput",
     "EngineDeadError",

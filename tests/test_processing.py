@@ -315,3 +315,30 @@ def _remove_image_tokens(folder):
         if key in config:
             config[key] = [t for t in config[key] if t not in IMAGE_TOKENS]
     config_file.write_text(json.dumps(config))
+
+
+def test_no_token_of_the_vocabulary_is_longer_than_longest_token_chars(tokenizer):
+    from ovis2.tokenizer import LONGEST_TOKEN_CHARS
+
+    vocab = tokenizer.get_vocab()
+    longest = max(len(tokenizer.convert_tokens_to_string([token])) for token in vocab)
+    assert longest == LONGEST_TOKEN_CHARS
+
+
+def test_tokenizing_a_long_text_lets_other_threads_run(ovis_processor):
+    """A multi-megabyte chat text is tokenized in the server's worker thread; the event loop and the engine must
+    keep running meanwhile (the tokenizer's single-text encode held the GIL for all of it: seconds)."""
+    import threading
+    import time
+
+    messages = [{"role": "user", "content": "hi " * 1_000_000}]
+    worker = threading.Thread(target=ovis_processor.prepare_chat, args=(messages,))
+    start = time.perf_counter()
+    worker.start()
+    last, longest_gap = start, 0.0
+    while worker.is_alive():
+        time.sleep(0.01)
+        now = time.perf_counter()
+        longest_gap, last = max(longest_gap, now - last), now
+    total = time.perf_counter() - start
+    assert longest_gap < total / 3, (longest_gap, total)

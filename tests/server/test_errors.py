@@ -166,6 +166,26 @@ def test_completions_prompt_longer_than_the_context_names_the_prompt(client, fak
     assert "image" not in error["message"].split(";")[1]  # no advice about images for a text prompt
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+def test_text_too_long_for_the_context_at_any_tokenization_is_400_before_tokenizing(
+    client, fake_engine, route
+):
+    fake_engine.max_model_len = 100  # at most 100 x 128 characters
+    calls = []
+    real = fake_engine.processor.prepare_chat, fake_engine.processor.chat_token_ids
+    fake_engine.processor.prepare_chat = lambda *a, **k: calls.append(1) or real[0](*a, **k)
+    fake_engine.processor.chat_token_ids = lambda *a, **k: calls.append(1) or real[1](*a, **k)
+    parts = {
+        "role": "user",
+        "content": [{"type": "text", "text": "a" * 6000}, {"type": "text", "text": "b" * 6801}],
+    }
+    assert_error(client.post(route, json={"messages": [parts]}), 400, "messages", "12801 characters")
+    assert calls == []
+    fits = {"role": "user", "content": "a" * 12800}  # may fit: tokenized, then measured
+    assert client.post(route, json={"messages": [fits]}).status_code in (200, 400)
+    assert calls == [1]
+
+
 def test_tokenize_with_no_messages_is_400(client):
     assert_error(client.post("/tokenize", json={"messages": []}), 400, "messages")
 
