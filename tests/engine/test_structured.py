@@ -196,6 +196,10 @@ def test_aborting_a_structured_request_frees_it_and_others_go_on(make_engine, gr
         ),
         ({"regex": "(ab"}, "parenthesis is not closed"),
         ({"grammar": "root ::= item"}, 'Rule "item" is not defined'),
+        # constraints that compile but that no text satisfies: their first step would allow no token
+        ({"grammar": "root ::= root"}, "grammar matches no text"),
+        ({"grammar": 'root ::= a\na ::= a "x"'}, "grammar matches no text"),
+        ({"regex": "[^\\s\\S]"}, "regex matches no text"),
     ],
 )
 def test_a_constraint_that_cannot_be_enforced_fails_before_anything_is_queued(

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from ...errors import StructuredOutputError
+from .bitmask import bitmask_width
 from .grammar import Grammar
 from .params import StructuredOutputsParams
 from .schema_support import unenforced_feature
@@ -96,6 +99,7 @@ class GrammarCompiler:
             backend = self._get_backend("json" if params.kind in ("json", "json_object") else "text")
             start = time.perf_counter()
             grammar = Grammar(_compile_with(backend, params), params.kind, time.perf_counter() - start)
+            _check_something_matches(grammar, params.kind, self._stop_token_ids, self._vocab_size)
         except BaseException:
             with self._lock:
                 self._pending.pop(key, None)
@@ -140,6 +144,15 @@ class GrammarCompiler:
         if table not in self._vocabularies:
             self._vocabularies[table] = json_vocabulary(self._vocabularies["text"])
         return self._vocabularies[table]
+
+
+def _check_something_matches(grammar: Grammar, kind: str, stop_token_ids, vocab_size: int) -> None:
+    """A StructuredOutputError for a constraint no text satisfies (`root ::= root`, the regex `[^\\s\\S]`): it
+    compiles, but its first step would allow no token at all."""
+    bitmask = torch.zeros((1, bitmask_width(vocab_size)), dtype=torch.int32)
+    matcher = grammar.matcher(stop_token_ids)
+    if matcher.fill_bitmask(bitmask, 0) and not bool(bitmask.any()):
+        raise StructuredOutputError(f"the {WHAT[kind]} matches no text: nothing can be generated under it")
 
 
 def _compile_with(backend, params: StructuredOutputsParams):
