@@ -4,6 +4,7 @@ compiler's cache and its sharing of compiles, and a slow compile next to a runni
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -199,3 +200,17 @@ def test_a_compile_in_its_thread_leaves_the_caller_running(grammars):
         ticks += 1
     assert future.result().compile_seconds > 0.02 and ticks > 5
     compiler.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are Linux's")
+def test_compiles_run_ten_nice_steps_below_the_engine(grammars):
+    """A schema that takes seconds to compile must not starve the engine's decode steps of CPU."""
+    engine_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def own_nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert grammars._pool.submit(own_nice).result() == min(19, engine_nice + 10)
+    assert (
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == engine_nice
+    )  # the caller keeps its own
