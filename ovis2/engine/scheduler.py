@@ -69,11 +69,13 @@ class Scheduler:
     # --- derived state
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Requests with a sequence waiting (a request's n choices count once)."""
+        return len({id(seq.group) for seq in self.waiting})
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Requests with a sequence running."""
+        return len({id(seq.group) for seq in self.running})
 
     # --- requests in and out
     def add(self, group: SequenceGroup) -> None:

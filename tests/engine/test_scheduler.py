@@ -50,6 +50,17 @@ def test_max_num_seqs_limits_the_batch():
     assert len(out.scheduled) == 2 and sched.num_waiting == 1
 
 
+def test_running_and_waiting_count_requests_not_their_choices():
+    """The metrics and --max-waiting-requests count requests: n=4 is one request however its choices are placed."""
+    sched = Scheduler(BlockManager(100, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    sched.add(group("four", 3, n=4))
+    sched.add(group("one", 3))
+    assert (sched.num_running, sched.num_waiting) == (0, 2)
+    fake_step(sched)  # the first choice prefills beside the other request; three choices wait to fork from it
+    assert len(sched.running) == 2 and len(sched.waiting) == 3
+    assert (sched.num_running, sched.num_waiting) == (2, 1)
+
+
 def test_out_of_blocks_preempts_the_newest_and_resumes_it_later():
     sched = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=100)
     sched.add(group("old", 7))
