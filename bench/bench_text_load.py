@@ -1,0 +1,85 @@
+"""One engine, 16 fresh chat prompts at once, each answered with 32 tokens: the first (prefill) step, the whole
+load and the batch-16 decode steps, best over rounds.
+
+    .venv/bin/python -m bench.bench_text_load --model <Ovis2-1B-shaped -hf checkpoint> [--rounds 3]
+
+To compare two builds on a noisy machine, run it from each one's tree in turn, alternating, e.g.
+    git worktree add /tmp/before <rev>
+    for i in 1 2 3; do for tree in /tmp/before "$PWD"; do
+        (cd $tree && PYTHONPATH=$tree python -m bench.bench_text_load --model <checkpoint>); done; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import ovis2
+from ovis2.engine.engine_args import EngineArgs
+from ovis2.engine.input_processor import load_processor
+from ovis2.engine.llm_engine import LLMEngine
+from ovis2.engine.sampling_params import SamplingParams
+
+from .bench_shared_prefix import chat_requests
+
+
+def one_load(
+    engine: LLMEngine, requests: list, output_tokens: int, tag: str
+) -> tuple[float, float, list[float]]:
+    """(first step s, whole load s, decode step durations s) of these requests run together."""
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+    for index, inputs in enumerate(requests):
+        engine.add_request(f"{tag}-{index}", inputs, params)
+    start = last = time.perf_counter()
+    first, steps = None, []
+    while engine.has_unfinished_requests:
+        engine.step()
+        now = time.perf_counter()
+        if first is None:
+            first = now - start
+        else:
+            steps.append(now - last)
+        last = now
+    return first, last - start, steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--input-words", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    engine_args = EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        device="cpu",
+        max_num_seqs=args.requests,
+        kv_cache_memory=256 * 1024**2,
+    )
+    engine = LLMEngine(engine_args)
+    processor = load_processor(engine_args)
+    one_load(engine, chat_requests(processor, 500, 4, args.input_words), 4, "warm-up")
+    firsts, loads, steps = [], [], []
+    for round_index in range(args.rounds):
+        requests = chat_requests(processor, 501 + round_index, args.requests, args.input_words)
+        first, load, decode = one_load(engine, requests, args.output_tokens, f"round{round_index}")
+        firsts.append(first)
+        loads.append(load)
+        steps += decode
+    summary = {
+        "package": ovis2.__file__,
+        "best_first_step_s": round(min(firsts), 3),
+        "best_load_s": round(min(loads), 3),
+        "decode_step_ms_median": round(statistics.median(steps) * 1000, 1),
+        "decode_step_ms_min": round(min(steps) * 1000, 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
