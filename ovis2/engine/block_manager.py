@@ -139,15 +139,26 @@ class BlockManager:
         bs = self.block_size
         return min((child.num_tokens - 1) // bs, child.prompt_len // bs, parent.num_computed_tokens // bs)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child shares parent's computed full prompt blocks, except the one holding child's last token."""
+    def fork_partial_block(self, parent: Sequence, child: Sequence, num_shared: int) -> PartialHit | None:
+        """The computed prompt tokens of parent's block `num_shared` (past the blocks child shares) that child can
+        copy instead of computing, never child's last token; None when there are none or lending is off."""
+        if not self.lends_partial_blocks or len(parent.block_table) <= num_shared:
+            return None
+        start = num_shared * self.block_size
+        end = min(parent.num_computed_tokens, child.prompt_len, child.num_tokens - 1)
+        return PartialHit(parent.block_table[num_shared], end - start) if end > start else None
+
+    def fork(self, parent: Sequence, child: Sequence, partial: PartialHit | None = None) -> None:
+        """child shares parent's computed full prompt blocks, except the one holding child's last token. With
+        `partial` (fork_partial_block), child's next block starts computed: the caller copies those slots' KV in
+        (SlotCopy) before the step runs."""
         assert not child.block_table
         num_shared = self.num_shared_blocks(parent, child)
         for block_id in parent.block_table[:num_shared]:
             self._take(block_id)
             child.block_table.append(block_id)
         child.num_hashed_blocks = min(parent.num_hashed_blocks, num_shared)
-        child.num_computed_tokens = num_shared * self.block_size
+        child.num_computed_tokens = num_shared * self.block_size + (partial.num_tokens if partial else 0)
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         return max(0, self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))

@@ -8,7 +8,9 @@ system turn (14 tokens), is computed once, not once per request. The lent run is
 boundary in it (after `<|im_end|>` or a turn's `<|im_start|>role\\n` header): a hit, which a client sees in
 `cached_tokens` and in its time to first token, then says no more than that a whole block, or the part of one up
 to a turn boundary, matched someone's cached one, so a cached prompt cannot be read back a token at a time.
-Plain Python.
+A request's later choices (n > 1) borrow the same way from its first choice's last, partial prompt block
+(BlockManager.fork_partial_block; no cut: the slots are the same request's), so they compute only their last
+prompt token. Plain Python.
 """
 
 from __future__ import annotations

@@ -148,11 +148,14 @@ class Scheduler:
         bm = self.block_manager
         if parent is not None and parent.status is SequenceStatus.RUNNING:
             shared = bm.num_shared_blocks(parent, seq)
-            num_tokens = min(seq.num_tokens - shared * bm.block_size, budget)
-            if not bm.can_allocate(seq, parent.block_table[:shared], num_tokens):
+            # a parent whose own lent slots are copied in this step has not got them yet: nothing to lend
+            borrowing = any(item.seq is parent and item.kv_copy is not None for item in out.scheduled)
+            partial = None if borrowing else bm.fork_partial_block(parent, seq, shared)
+            lent = partial.num_tokens if partial else 0
+            num_tokens = min(seq.num_tokens - shared * bm.block_size - lent, budget)
+            if not bm.can_allocate(seq, parent.block_table[:shared], lent + num_tokens):
                 return False
-            bm.fork(parent, seq)
-            partial = None
+            bm.fork(parent, seq, partial)
         else:
             cached = bm.find_cached_blocks(seq)
             partial = bm.find_partial_block(seq, len(cached))

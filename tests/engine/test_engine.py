@@ -196,6 +196,27 @@ def test_n_choices_share_the_prompt_and_greedy_choices_agree(make_engine):
     assert engine.stats.num_prompt_tokens < 2 * len(prompt.prompt_token_ids)  # choices 2 and 3 shared it
 
 
+def test_later_choices_copy_the_first_choices_last_prompt_block_and_answer_alike(make_engine):
+    """n=3: the later choices copy the first's KV of the prompt's last, partial block (they compute only their last
+    prompt token) and get the tokens and log-probabilities they get computing it themselves."""
+    prompt = chat_prompt(text_ids(4, 23))
+    length = len(prompt.prompt_token_ids)
+    assert length % 16 > 2  # a partial last block with tokens to copy
+    params = SamplingParams(n=3, max_tokens=4, ignore_eos=True, logprobs=1, **GREEDY)
+    answers, computed = {}, {}
+    for lends in (True, False):
+        engine = make_engine(enable_prefix_caching=False)
+        engine.core.block_manager.lends_partial_blocks = lends
+        answers[lends] = run_to_completion(engine, {"n": (prompt, params)})["n"].outputs
+        computed[lends] = engine.stats.num_prompt_tokens
+    assert computed[True] == length + 2  # each later choice: its last prompt token only
+    assert computed[False] == length + 2 * (length % 16)
+    for lent, own in zip(answers[True], answers[False], strict=True):
+        assert lent.token_ids == own.token_ids
+        for a, b in zip(lent.logprobs, own.logprobs, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=1e-5)
+
+
 def test_logprobs_stop_strings_and_min_tokens(make_engine, tokenizer):
     engine = make_engine()
     prompt = chat_prompt(text_ids(11, 10))

@@ -107,8 +107,13 @@ def test_later_choices_wait_for_the_first_then_share_its_prompt():
     out = fake_step(sched)
     assert [i.seq.index for i in out.scheduled] == [0]
     out = fake_step(sched)
-    assert [(i.seq.index, i.num_tokens) for i in out.scheduled] == [(0, 1), (1, 2), (2, 2)]
+    # each later choice shares the two whole blocks, copies the first's slot of position 8 and computes position 9
+    assert [(i.seq.index, i.num_tokens) for i in out.scheduled] == [(0, 1), (1, 1), (2, 1)]
     assert g.seqs[1].block_table[:2] == g.seqs[0].block_table[:2]
+    first_third_block = g.seqs[0].block_table[2]
+    assert [c for c in out.kv_copies] == [
+        SlotCopy(first_third_block, g.seqs[k].block_table[2], 1) for k in (1, 2)
+    ]
     for seq in list(sched.running):
         sched.finish(seq)
     assert bm.num_free_blocks == 50
