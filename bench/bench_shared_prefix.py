@@ -46,15 +46,20 @@ def run_load(engine: LLMEngine, requests: list, output_tokens: int) -> tuple[flo
     return first_step, time.perf_counter() - start, cached
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_parser(description: str, rounds: int, rounds_help: str) -> argparse.ArgumentParser:
+    """The options of a load of fresh chat prompts run together on one CPU engine."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of one 'on' and one 'off' load")
+    parser.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--input-words", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def engine_for(args: argparse.Namespace):
+    """(a CPU engine taking all of the load's requests at once, its processor)."""
     engine_args = EngineArgs(
         model=args.model,
         dtype=args.dtype,
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=args.requests,
         kv_cache_memory=256 * 1024**2,
     )
-    engine = LLMEngine(engine_args)
-    processor = load_processor(engine_args)
+    return LLMEngine(engine_args), load_processor(engine_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = load_parser(__doc__.splitlines()[0], 6, "rounds of one 'on' and one 'off' load").parse_args(argv)
+    engine, processor = engine_for(args)
     run_load(engine, chat_requests(processor, 0, 4, args.input_words), 4)  # warm-up; caches the system turn
     rows = []
     for round_index in range(args.rounds):

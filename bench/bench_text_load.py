@@ -11,18 +11,15 @@ To compare two builds on a noisy machine, run it from each one's tree in turn, a
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import ovis2
-from ovis2.engine.engine_args import EngineArgs
-from ovis2.engine.input_processor import load_processor
 from ovis2.engine.llm_engine import LLMEngine
 from ovis2.engine.sampling_params import SamplingParams
 
-from .bench_shared_prefix import chat_requests
+from .bench_shared_prefix import chat_requests, engine_for, load_parser
 
 
 def one_load(
@@ -46,23 +43,8 @@ def one_load(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--input-words", type=int, default=32)
-    parser.add_argument("--output-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
-    engine_args = EngineArgs(
-        model=args.model,
-        dtype=args.dtype,
-        device="cpu",
-        max_num_seqs=args.requests,
-        kv_cache_memory=256 * 1024**2,
-    )
-    engine = LLMEngine(engine_args)
-    processor = load_processor(engine_args)
+    args = load_parser(__doc__.splitlines()[0], 3, "loads; the best of each figure is kept").parse_args(argv)
+    engine, processor = engine_for(args)
     one_load(engine, chat_requests(processor, 500, 4, args.input_words), 4, "warm-up")
     firsts, loads, steps = [], [], []
     for round_index in range(args.rounds):
