@@ -33,7 +33,7 @@ def pick_next_tokens(logits, do_sample, temperature, top_p, top_k, generator=Non
     if top_k and top_k > 0:
         logits = apply_top_k(logits, [top_k] * rows)
     if top_p < 1.0:
-        logits = apply_top_p(logits, torch.full((rows,), top_p, dtype=logits.dtype, device=logits.device))
+        logits = apply_top_p(logits, torch.full((rows,), top_p, dtype=torch.float64, device=logits.device))
     return draw(logits.softmax(-1), [generator] * rows)
 
 

@@ -8,14 +8,16 @@ softmax in fp32 for the query heads of that KV head; the splits' partial sums ar
 the decode graphs capture it.
 
 Used for CUDA tensors where Triton imports and a check against SDPA on the device passes once (`ready`), unless
-`OVIS2_TRITON_ATTENTION=0`; `computed` returns None everywhere else (the caller's SDPA). On a CPU the same kernel
-runs under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests check it without a GPU.
+`OVIS2_TRITON_ATTENTION=0`; `computed` returns None everywhere else (the caller's SDPA). Triton builds its launcher
+with the host's C compiler and Python headers: the Docker image has neither, so SDPA serves there. On a CPU the
+same kernel runs under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests check it without a GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from functools import cache
 
 import torch
@@ -66,14 +68,27 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens) -> torch
     import triton
 
     seqs, heads, dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
-    width = block_tables.shape[1]
+    kv_heads, width = k_cache.shape[2], block_tables.shape[1]
     per_split = max(MIN_BLOCKS_PER_SPLIT, triton.cdiv(seqs * kv_heads * width, TARGET_PROGRAMS))
     splits = triton.cdiv(width, per_split)
-    group = heads // kv_heads
     best = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     total = torch.empty_like(best)
     acc = torch.empty(seqs, heads, splits, dim, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():  # Triton launches on the current device
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, best, total, acc, per_split, splits)
+    weights = torch.exp(best - best.amax(dim=-1, keepdim=True))  # a split past a sequence's end weighs 0
+    out = (acc * weights[..., None]).sum(dim=2) / (total * weights).sum(dim=-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+def _launch(
+    q, k_cache, v_cache, block_tables, seq_lens, best, total, acc, per_split: int, splits: int
+) -> None:
+    import triton
+
+    seqs, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
     _kernel(_interpreted())[(seqs, kv_heads, splits)](
         q.contiguous(),
         k_cache,
@@ -83,7 +98,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens) -> torch
         best,
         total,
         acc,
-        width,
+        block_tables.shape[1],
         per_split,
         dim**-0.5,
         GROUP=group,
@@ -93,9 +108,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens) -> torch
         BLOCK_SIZE=block_size,
         KV_HEADS=kv_heads,
     )
-    weights = torch.exp(best - best.amax(dim=-1, keepdim=True))  # a split past a sequence's end weighs 0
-    out = (acc * weights[..., None]).sum(dim=2) / (total * weights).sum(dim=-1, keepdim=True)
-    return out.to(q.dtype)
 
 
 @cache
@@ -104,9 +116,11 @@ def ready(device: torch.device, dtype: torch.dtype) -> bool:
     output), on GQA groups of 6 and 7 and head sizes 64 and 128 over shuffled blocks; checked once per device."""
     try:
         agrees = _agrees_with_reference(device, dtype)
-    except Exception:  # noqa: BLE001 - no Triton, no compiler, a driver it does not support: SDPA serves
-        logger.exception(
-            "the Triton decode attention kernel does not run here; SDPA computes decode attention"
+    except Exception as error:  # noqa: BLE001 - no Triton, no C compiler for its launcher, an old driver: SDPA
+        logger.warning(
+            "the Triton decode attention kernel does not run here (%s: %s); SDPA computes decode attention",
+            type(error).__name__,
+            error,
         )
         return False
     if not agrees:

@@ -280,8 +280,11 @@ def _sample_isolating_failures(
         )
         for i in sampled
     ]
+    constrained = any(row.matcher is not None for row in rows)  # sample masks their logits in place
+    generators = {id(row.generator): row.generator for row in rows if row.generator is not None}.values()
+    states = [(generator, generator.get_state()) for generator in generators]
     try:
-        result = sample(logits, rows)
+        result = sample(logits.clone() if constrained else logits, rows)
         return list(zip(sampled, result.token_ids, result.logprobs, strict=True))
     except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
         groups = _groups_of(sampled)
@@ -289,6 +292,8 @@ def _sample_isolating_failures(
         if len(groups) == 1:
             failed[groups[0].request_id] = error
             return []
+    for generator, state in states:  # draws as if the failed batch had not drawn
+        generator.set_state(state)
     chosen = []
     for group in groups:
         own = [k for k, item in enumerate(sampled) if item.seq.group is group]

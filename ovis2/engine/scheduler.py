@@ -70,12 +70,12 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         """Requests with a sequence waiting (a request's n choices count once)."""
-        return len({id(seq.group) for seq in self.waiting})
+        return _num_requests(self.waiting)
 
     @property
     def num_running(self) -> int:
         """Requests with a sequence running."""
-        return len({id(seq.group) for seq in self.running})
+        return _num_requests(self.running)
 
     # --- requests in and out
     def add(self, group: SequenceGroup) -> None:
@@ -193,3 +193,14 @@ class Scheduler:
         for item in items:
             item.seq.num_computed_tokens += item.num_tokens
             self.block_manager.commit_computed(item.seq)
+
+
+def _num_requests(seqs) -> int:
+    """The requests among `seqs`. Read from the event loop (metrics, the overload check) while the engine thread
+    changes the queues: a deque changed while it is read raises, and is read again."""
+    for _ in range(100):
+        try:
+            return len({id(seq.group) for seq in seqs})
+        except RuntimeError:
+            continue
+    return len(seqs)  # still changing: its sequences, an upper bound

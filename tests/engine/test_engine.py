@@ -353,6 +353,53 @@ def test_a_request_whose_sampling_fails_fails_alone(make_engine, monkeypatch):
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
+def test_requests_resampled_after_a_failed_batch_draw_as_they_would_have(make_engine, grammars, monkeypatch):
+    """A batch that fails after drawing (the seeded generators advanced, constrained logits masked in place): the
+    requests sampled again without the failing one get the tokens and log-probabilities of a batch without it."""
+    from ovis2.engine import core
+
+    original = core.sample
+
+    def sample(logits, rows):
+        result = original(logits, rows)
+        if any(row.params.seed == 666 for row in rows):
+            raise RuntimeError("sampling failed after drawing")
+        return result
+
+    def answers(with_bad: bool) -> dict:
+        engine = make_engine(grammars=grammars)
+        requests = {
+            "seeded": (
+                chat_prompt(text_ids(1, 7)),
+                SamplingParams(max_tokens=4, temperature=1.0, seed=5, logprobs=1),
+            ),
+            "choice": (
+                chat_prompt(text_ids(2, 7)),
+                SamplingParams(
+                    max_tokens=4, logprobs=1, structured_outputs={"choice": ["yes", "no"]}, **GREEDY
+                ),
+            ),
+        }
+        if with_bad:
+            requests["bad"] = (
+                chat_prompt(text_ids(3, 7)),
+                SamplingParams(max_tokens=4, temperature=1.0, seed=666),
+            )
+        return run_to_completion(engine, requests)
+
+    alone = answers(with_bad=False)
+    monkeypatch.setattr(core, "sample", sample)
+    beside = answers(with_bad=True)
+    assert "after drawing" in beside["bad"].error
+    for rid in ("seeded", "choice"):
+        assert beside[rid].error is None
+        got, expected = beside[rid].outputs[0], alone[rid].outputs[0]
+        assert got.token_ids == expected.token_ids
+        assert [t.logprob for t in got.logprobs] == pytest.approx(
+            [t.logprob for t in expected.logprobs], rel=1e-5
+        )
+
+
 def test_a_vanishingly_small_top_p_keeps_the_most_likely_token(make_engine):
     """top_p below float32's smallest value (it rounded to 0 and broke the nucleus) samples the greedy token, beside
     a request sampling normally."""

@@ -204,3 +204,19 @@ def test_a_partial_hit_that_does_not_fit_the_pool_changes_nothing():
     out = fake_step(sched)
     assert [i.seq.group.request_id for i in out.scheduled] == ["first"] and out.kv_copies == []
     assert sched.waiting[0].num_computed_tokens == 0 and sched.waiting[0].block_table == []
+
+
+def test_request_counts_read_again_when_the_engine_thread_changes_the_queue_meanwhile():
+    from ovis2.engine.scheduler import _num_requests
+
+    class ChangedWhileRead(list):  # as a deque the engine thread appends to raises in the reading thread
+        reads = 0
+
+        def __iter__(self):
+            ChangedWhileRead.reads += 1
+            if ChangedWhileRead.reads == 1:
+                raise RuntimeError("deque mutated during iteration")
+            return super().__iter__()
+
+    seqs = group("four", 3, n=4).seqs + group("one", 3).seqs
+    assert _num_requests(ChangedWhileRead(seqs)) == 2 and ChangedWhileRead.reads == 2
