@@ -218,5 +218,6 @@ def test_request_counts_read_again_when_the_engine_thread_changes_the_queue_mean
                 raise RuntimeError("deque mutated during iteration")
             return super().__iter__()
 
-    seqs = group("four", 3, n=4).seqs + group("one", 3).seqs
+    groups = [group("four", 3, n=4), group("one", 3)]  # held: a sequence holds its group weakly
+    seqs = groups[0].seqs + groups[1].seqs
     assert _num_requests(ChangedWhileRead(seqs)) == 2 and ChangedWhileRead.reads == 2
