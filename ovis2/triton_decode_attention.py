@@ -37,7 +37,29 @@ def computed(q, k_cache, v_cache, block_tables, seq_lens) -> torch.Tensor | None
         return None
     if not takes(q, k_cache, v_cache, block_tables, seq_lens) or not ready(q.device, k_cache.dtype):
         return None
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens)
+    return launched(q, k_cache, v_cache, block_tables, seq_lens)
+
+
+_FAILED_LAYOUTS: set[tuple] = set()  # (device, dtype, heads, cache shape but blocks) the kernel failed to run
+
+
+def launched(q, k_cache, v_cache, block_tables, seq_lens) -> torch.Tensor | None:
+    """The kernel's output, or None (SDPA from then on for this layout) where it fails to build or launch for a
+    layout `ready` did not check."""
+    layout = (q.device, k_cache.dtype, q.shape[1], *k_cache.shape[1:])
+    if layout in _FAILED_LAYOUTS:
+        return None
+    try:
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens)
+    except Exception as error:  # noqa: BLE001 - e.g. a head size whose program needs more registers than exist
+        _FAILED_LAYOUTS.add(layout)
+        logger.warning(
+            "the Triton decode attention kernel failed for %s (%s: %s); SDPA computes it",
+            layout,
+            type(error).__name__,
+            error,
+        )
+        return None
 
 
 def takes(q, k_cache, v_cache, block_tables, seq_lens) -> bool:

@@ -86,3 +86,20 @@ def test_the_device_check_passes_where_the_kernel_is_right_and_fails_where_it_is
     monkeypatch.setattr(tda, "paged_decode_attention", lambda *a: 1 / 0)
     assert not check(torch.device("cpu"), torch.float32)
     assert "SDPA computes decode attention" in caplog.text
+
+
+def test_a_layout_the_kernel_fails_on_falls_back_to_sdpa_from_then_on(monkeypatch, caplog):
+    case = paged_case([5, 9], 12, 2, 64, dtype=torch.float32)
+    assert tda.launched(*case) is not None
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(tda, "paged_decode_attention", broken)
+    monkeypatch.setattr(tda, "_FAILED_LAYOUTS", set())
+    assert tda.launched(*case) is None and tda.launched(*case) is None
+    assert calls == [1] and "out of resources" in caplog.text  # tried once, then SDPA without trying
+    other = paged_case([5, 9], 14, 2, 64, dtype=torch.float32)
+    assert tda.launched(*other) is None and calls == [1, 1]  # another layout is tried on its own
