@@ -33,9 +33,9 @@ MIN_BLOCKS_PER_SPLIT = 4
 def computed(q, k_cache, v_cache, block_tables, seq_lens) -> torch.Tensor | None:
     """[B, h, d] attention of each sequence's last position, or None where this kernel does not serve (not CUDA,
     no Triton, switched off, a layout it does not take, or its check on this device failed)."""
-    if q.device.type != "cuda" or os.environ.get("OVIS2_TRITON_ATTENTION", "1") == "0":
+    if q.device.type != "cuda" or not takes(q, k_cache, v_cache, block_tables, seq_lens):
         return None
-    if not takes(q, k_cache, v_cache, block_tables, seq_lens) or not ready(q.device, k_cache.dtype):
+    if not prepare(q.device, k_cache.dtype):
         return None
     return launched(q, k_cache, v_cache, block_tables, seq_lens)
 
@@ -60,6 +60,12 @@ def launched(q, k_cache, v_cache, block_tables, seq_lens) -> torch.Tensor | None
             error,
         )
         return None
+
+
+def prepare(device: torch.device, dtype: torch.dtype) -> bool:
+    """At start-up: whether the kernel will serve decode attention on this device (its check run now), unless it is
+    switched off."""
+    return os.environ.get("OVIS2_TRITON_ATTENTION", "1") != "0" and ready(device, dtype)
 
 
 def takes(q, k_cache, v_cache, block_tables, seq_lens) -> bool:

@@ -103,3 +103,22 @@ def test_a_layout_the_kernel_fails_on_falls_back_to_sdpa_from_then_on(monkeypatc
     assert calls == [1] and "out of resources" in caplog.text  # tried once, then SDPA without trying
     other = paged_case([5, 9], 14, 2, 64, dtype=torch.float32)
     assert tda.launched(*other) is None and calls == [1, 1]  # another layout is tried on its own
+
+
+def test_the_engine_checks_the_kernel_at_start_up_on_cuda_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from ovis2.engine.model_loading import prepare_cuda_kernels
+
+    checked = []
+    monkeypatch.setattr(tda, "ready", lambda device, dtype: checked.append((device, dtype)) or True)
+    weight = torch.zeros(1)
+    cuda_model = SimpleNamespace(
+        device=torch.device("cuda"), dtype=torch.bfloat16, parameters=lambda: iter([weight])
+    )
+    prepare_cuda_kernels(cuda_model)
+    assert checked == [(weight.device, torch.bfloat16)]  # the device the weights are on
+    prepare_cuda_kernels(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16))
+    monkeypatch.setenv("OVIS2_TRITON_ATTENTION", "0")
+    prepare_cuda_kernels(cuda_model)
+    assert len(checked) == 1  # not on CPU, not when switched off

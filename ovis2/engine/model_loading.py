@@ -1,10 +1,11 @@
-"""The engine's model at start-up: the checkpoint loaded, its CPU weights packed, its compiled kernels built."""
+"""The engine's model at start-up: the checkpoint loaded, its CPU weights packed, its compiled kernels built (CPU's C
+kernels, CUDA's Triton kernel)."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import decode_attention, fused_pointwise, native_decode
+from .. import decode_attention, fused_pointwise, native_decode, triton_decode_attention
 from ..cpu_linear import bf16_rows_serve
 from .engine_args import EngineArgs
 
@@ -21,6 +22,7 @@ def load_model(args: EngineArgs):
     )
     model.pack_cpu_weights()  # CPU bf16: oneDNN's layout (AMX, AVX512-BF16) or bf16_rows' panels (AVX2 only)
     prepare_cpu_kernels(model)
+    prepare_cuda_kernels(model)
     return model
 
 
@@ -33,3 +35,10 @@ def prepare_cpu_kernels(model) -> None:
         decode_attention.kernel_library()
         if bf16_rows_serve():  # builds the bf16 rows kernel where oneDNN emulates bf16
             native_decode.compiled_stack()
+
+
+def prepare_cuda_kernels(model) -> None:
+    """On CUDA, the Triton decode attention kernel compiled and checked against SDPA at start-up (seconds, once),
+    not inside the first request's first decode step."""
+    if model.device.type == "cuda":
+        triton_decode_attention.prepare(next(model.parameters()).device, model.dtype)
