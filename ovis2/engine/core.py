@@ -1,8 +1,9 @@
 """The engine core: token ids in, token ids out. It knows no tokenizer and no text.
 
 `step()` reads schedule -> encode new images -> execute -> update from output. A request that fails (its
-images, its forward pass, a test's fault hook) comes back in `CoreStepOutput.failed` and is finished here; the
-others in the batch go on. The scheduler output is never edited: failed requests are skipped by id.
+images, its forward pass, its sampling, a test's fault hook) comes back in `CoreStepOutput.failed` and is
+finished here; the others in the batch go on (execution.py). The scheduler output is never edited: failed
+requests are skipped by id.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
 from .core_outputs import CoreStepOutput, RequestFailure, RequestUpdate, TokenUpdate
 from .engine_args import EngineArgs
-from .execution import execute_isolating_failures
+from .execution import execute_isolating_failures, groups_of, sample_isolating_failures
 from .model_loading import load_model
 from .model_runner import ModelRunner
 from .request import EngineRequest
-from .sampler import SamplingRow, sample
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, SequenceGroup
 
@@ -145,7 +145,7 @@ class EngineCore:
         self.counters["num_preemptions"] += len(sched.preempted)
         if sched.is_empty:
             return CoreStepOutput()
-        groups = _groups_of(sched.scheduled)  # alive through the step, which may retire some of them
+        groups = groups_of(sched.scheduled)  # alive through the step, which may retire some of them
         failed = self._copy_lent_slots(sched.scheduled)
         failed.update(self._prepare_requests([g for g in groups if g.request_id not in failed]))
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
@@ -187,8 +187,8 @@ class EngineCore:
             self._append_sampled(items, logits, updates, failed)
         except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
             logger.exception("sampling step failed")
-            failed.update({group.request_id: error for group in _groups_of(items)})
-        for group in _groups_of(items):
+            failed.update({group.request_id: error for group in groups_of(items)})
+        for group in groups_of(items):
             if group.image_embeds is not None and not group.needs_image_embeds:
                 group.image_embeds = None  # every choice is past its images: drop them (the LRU keeps a copy)
         return CoreStepOutput(
@@ -207,7 +207,7 @@ class EngineCore:
         if not sampled:
             return
         now = time.monotonic()
-        for item, token_id, logprob in _sample_isolating_failures(sampled, logits, failed):
+        for item, token_id, logprob in sample_isolating_failures(sampled, logits, failed):
             seq, group = item.seq, item.seq.group
             if seq.matcher is not None and not seq.matcher.accept(token_id):
                 failed[group.request_id] = RuntimeError(f"the grammar refused the sampled token {token_id}")
@@ -266,45 +266,3 @@ class EngineCore:
             num_encoded_images=self.runner.visual.num_encoded_images,
             **self.counters,
         )
-
-
-def _sample_isolating_failures(
-    sampled: list[ScheduledSeq], logits, failed: dict[str, Exception]
-) -> list[tuple]:
-    """(item, token id, logprob) for each sampled item whose request's rows sample; adds each request whose rows
-    fail to `failed`. If the batch fails, each request's rows are sampled alone, so one request's bad parameters
-    fail it, not the others sampled beside it (as execution.execute_isolating_failures does for the forward)."""
-    rows = [
-        SamplingRow(
-            i.seq.params, i.seq.group.prompt_token_ids, i.seq.output_token_ids, i.seq.generator, i.seq.matcher
-        )
-        for i in sampled
-    ]
-    constrained = any(row.matcher is not None for row in rows)  # sample masks their logits in place
-    generators = {id(row.generator): row.generator for row in rows if row.generator is not None}.values()
-    states = [(generator, generator.get_state()) for generator in generators]
-    try:
-        result = sample(logits.clone() if constrained else logits, rows)
-        return list(zip(sampled, result.token_ids, result.logprobs, strict=True))
-    except Exception as error:  # noqa: BLE001 - a failed sampling step fails its requests, not the engine
-        groups = _groups_of(sampled)
-        logger.exception("sampling failed for a batch of %d requests", len(groups))
-        if len(groups) == 1:
-            failed[groups[0].request_id] = error
-            return []
-    for generator, state in states:  # draws as if the failed batch had not drawn
-        generator.set_state(state)
-    chosen = []
-    for group in groups:
-        own = [k for k, item in enumerate(sampled) if item.seq.group is group]
-        try:
-            result = sample(logits[own], [rows[k] for k in own])
-        except Exception as error:  # noqa: BLE001
-            failed[group.request_id] = error
-            continue
-        chosen += zip([sampled[k] for k in own], result.token_ids, result.logprobs, strict=True)
-    return chosen
-
-
-def _groups_of(items: list[ScheduledSeq]) -> list[SequenceGroup]:
-    return list({id(item.seq.group): item.seq.group for item in items}.values())

@@ -327,17 +327,17 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
 
 def test_a_request_whose_sampling_fails_fails_alone(make_engine, monkeypatch):
     """A request whose rows break the batch's sampling fails; the others sampled beside it get their answers."""
-    from ovis2.engine import core
+    from ovis2.engine import execution
 
     engine = make_engine()
-    original = core.sample
+    original = execution.sample
 
     def sample(logits, rows):
         if any(row.params.seed == 666 for row in rows):
             raise RuntimeError("sampling failed")
         return original(logits, rows)
 
-    monkeypatch.setattr(core, "sample", sample)
+    monkeypatch.setattr(execution, "sample", sample)
     requests = {
         rid: (
             chat_prompt(text_ids(i, 6)),
@@ -356,9 +356,9 @@ def test_a_request_whose_sampling_fails_fails_alone(make_engine, monkeypatch):
 def test_requests_resampled_after_a_failed_batch_draw_as_they_would_have(make_engine, grammars, monkeypatch):
     """A batch that fails after drawing (the seeded generators advanced, constrained logits masked in place): the
     requests sampled again without the failing one get the tokens and log-probabilities of a batch without it."""
-    from ovis2.engine import core
+    from ovis2.engine import execution
 
-    original = core.sample
+    original = execution.sample
 
     def sample(logits, rows):
         result = original(logits, rows)
@@ -388,7 +388,7 @@ def test_requests_resampled_after_a_failed_batch_draw_as_they_would_have(make_en
         return run_to_completion(engine, requests)
 
     alone = answers(with_bad=False)
-    monkeypatch.setattr(core, "sample", sample)
+    monkeypatch.setattr(execution, "sample", sample)
     beside = answers(with_bad=True)
     assert "after drawing" in beside["bad"].error
     for rid in ("seeded", "choice"):
