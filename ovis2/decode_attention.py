@@ -49,21 +49,29 @@ def decode_attention(
 
 
 def _applies(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
-    if not native_build.kernel_may_take(q, k_cache, v_cache):
-        return False
+    return (
+        native_build.kernel_may_take(q, k_cache, v_cache)
+        and block_tables.device.type == "cpu"
+        and seq_lens.device.type == "cpu"
+        and layout_fits(q, k_cache, v_cache, block_tables, seq_lens)
+        and q.shape[2] % 16 == 0
+    )
+
+
+def layout_fits(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
+    """The layout a decode attention kernel takes (this one, and the CUDA one): q [B, h, d], contiguous caches
+    [blocks, block_size, kvh, d] alike, int64 block tables [B, max_blocks] and lengths [B], at most MAX_GROUP query
+    heads a KV head, d at most MAX_HEAD_DIM."""
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or q.dim() != 3 or k_cache.dim() != 4:
         return False
     tables_fit = block_tables.dim() == 2 and block_tables.shape[0] == q.shape[0] == seq_lens.numel()
-    if not tables_fit or any(
-        t.dtype != torch.int64 or t.device.type != "cpu" for t in (block_tables, seq_lens)
-    ):
+    if not tables_fit or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         return False
     heads, dim = q.shape[1:]
     kv_heads = k_cache.shape[2]
     return (
         heads % kv_heads == 0
         and heads // kv_heads <= MAX_GROUP
-        and dim % 16 == 0
         and dim <= MAX_HEAD_DIM
         and k_cache.shape[3] == dim
         and v_cache.shape == k_cache.shape

@@ -213,10 +213,9 @@ def paged_attention(q, k, v, meta: PagedAttentionMetadata, layer: int) -> torch.
 def _decode_attention(q, k_cache, v_cache, meta: PagedAttentionMetadata) -> torch.Tensor:
     """One new token per sequence (q: [B, h, d]). The query heads sharing a KV head ride in the query-length
     dimension, [B, kvh, h / kvh, d], so grouped-query attention needs no repeated keys and values."""
-    out = decode_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens
-    )  # the CPU kernel, where it runs
-    if out is None:  # the CUDA kernel, where it runs
+    # the CPU kernel, else the CUDA one, where they run
+    out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
+    if out is None:
         out = triton_decode_attention.computed(q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
     if out is not None:
         return out

@@ -25,7 +25,6 @@ import torch
 from . import decode_attention
 
 logger = logging.getLogger(__name__)
-MAX_GROUP, MAX_HEAD_DIM = 16, 256
 TARGET_PROGRAMS = 512  # programs a step aims at: a few per streaming multiprocessor
 MIN_BLOCKS_PER_SPLIT = 4
 
@@ -69,23 +68,10 @@ def prepare(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def takes(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        return False
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return False
-    if block_tables.dim() != 2 or not block_tables.shape[0] == q.shape[0] == seq_lens.numel():
-        return False
-    if block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
-        return False
-    if not all(t.device == q.device for t in (k_cache, v_cache, block_tables, seq_lens)):
-        return False
-    heads, dim = q.shape[1:]
-    block_size, kv_heads = k_cache.shape[1:3]
+    block_size = k_cache.shape[1] if k_cache.dim() == 4 else 0
     return (
-        heads % kv_heads == 0
-        and heads // kv_heads <= MAX_GROUP
-        and dim <= MAX_HEAD_DIM
-        and k_cache.shape[3] == dim
+        all(t.device == q.device for t in (k_cache, v_cache, block_tables, seq_lens))
+        and decode_attention.layout_fits(q, k_cache, v_cache, block_tables, seq_lens)
         and block_size & (block_size - 1) == 0
     )
 

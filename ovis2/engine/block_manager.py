@@ -46,9 +46,8 @@ class BlockManager:
         self.num_total_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.lends_partial_blocks = (
-            True  # find_partial_block may answer (benchmarks switch it off to compare)
-        )
+        # partial hits and n > 1 forks may lend slots (benchmarks and tests switch it off to compare)
+        self.lends_partial_blocks = True
         self.ref_counts = [0] * num_blocks
         self.block_hash_of: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
