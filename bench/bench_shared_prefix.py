@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import time
+from dataclasses import dataclass
 
 from ovis2.engine.engine_args import EngineArgs
 from ovis2.engine.input_processor import load_processor
@@ -32,18 +33,31 @@ def chat_requests(processor, seed: int, count: int, words: int) -> list:
     ]
 
 
-def run_load(engine: LLMEngine, requests: list, output_tokens: int) -> tuple[float, float, int]:
-    """-> (seconds to the end of the first step, seconds for the whole load, prompt tokens from the cache)."""
+@dataclass
+class LoadTimes:
+    first_step_s: float  # the prompts' prefill (the requests all added before it)
+    load_s: float
+    cached_tokens: int  # prompt tokens from the prefix cache
+    later_steps_s: list[float]  # each step after the first
+
+
+def run_load(engine: LLMEngine, requests: list, output_tokens: int) -> LoadTimes:
+    """These requests run together to the end, greedy, each answered with `output_tokens` tokens."""
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
     start = time.perf_counter()
     for index, inputs in enumerate(requests):
-        engine.add_request(f"shared-{time.monotonic_ns()}-{index}", inputs, params)
-    first_step, cached = None, 0
+        engine.add_request(f"load-{time.monotonic_ns()}-{index}", inputs, params)
+    first_step, cached, later, last = None, 0, [], start
     while engine.has_unfinished_requests:
         outputs = engine.step()
-        first_step = first_step or time.perf_counter() - start
+        now = time.perf_counter()
+        if first_step is None:
+            first_step = now - start
+        else:
+            later.append(now - last)
+        last = now
         cached += sum(o.num_cached_tokens for o in outputs if o.finished)
-    return first_step, time.perf_counter() - start, cached
+    return LoadTimes(first_step, last - start, cached, later)
 
 
 def load_parser(description: str, rounds: int, rounds_help: str) -> argparse.ArgumentParser:
@@ -81,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             requests = chat_requests(
                 processor, 1000 + 2 * round_index + lends, args.requests, args.input_words
             )
-            first_step, total, cached = run_load(engine, requests, args.output_tokens)
+            times = run_load(engine, requests, args.output_tokens)
+            first_step, total, cached = times.first_step_s, times.load_s, times.cached_tokens
             rows.append(
                 {"lends": lends, "first_step_s": first_step, "load_s": total, "cached_tokens": cached}
             )

@@ -13,46 +13,23 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import ovis2
-from ovis2.engine.llm_engine import LLMEngine
-from ovis2.engine.sampling_params import SamplingParams
 
-from .bench_shared_prefix import chat_requests, engine_for, load_parser
-
-
-def one_load(
-    engine: LLMEngine, requests: list, output_tokens: int, tag: str
-) -> tuple[float, float, list[float]]:
-    """(first step s, whole load s, decode step durations s) of these requests run together."""
-    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
-    for index, inputs in enumerate(requests):
-        engine.add_request(f"{tag}-{index}", inputs, params)
-    start = last = time.perf_counter()
-    first, steps = None, []
-    while engine.has_unfinished_requests:
-        engine.step()
-        now = time.perf_counter()
-        if first is None:
-            first = now - start
-        else:
-            steps.append(now - last)
-        last = now
-    return first, last - start, steps
+from .bench_shared_prefix import chat_requests, engine_for, load_parser, run_load
 
 
 def main(argv: list[str] | None = None) -> None:
     args = load_parser(__doc__.splitlines()[0], 3, "loads; the best of each figure is kept").parse_args(argv)
     engine, processor = engine_for(args)
-    one_load(engine, chat_requests(processor, 500, 4, args.input_words), 4, "warm-up")
+    run_load(engine, chat_requests(processor, 500, 4, args.input_words), 4)  # warm-up
     firsts, loads, steps = [], [], []
     for round_index in range(args.rounds):
         requests = chat_requests(processor, 501 + round_index, args.requests, args.input_words)
-        first, load, decode = one_load(engine, requests, args.output_tokens, f"round{round_index}")
-        firsts.append(first)
-        loads.append(load)
-        steps += decode
+        times = run_load(engine, requests, args.output_tokens)
+        firsts.append(times.first_step_s)
+        loads.append(times.load_s)
+        steps += times.later_steps_s
     summary = {
         "package": ovis2.__file__,
         "best_first_step_s": round(min(firsts), 3),

@@ -10,17 +10,18 @@ def test_the_switch_lends_the_system_turn_only_when_on(make_engine, engine_check
     processor = load_processor(EngineArgs(model=str(engine_checkpoint)))
     run_load(engine, chat_requests(processor, 0, 2, 8), 2)
     engine.core.block_manager.lends_partial_blocks = False
-    assert run_load(engine, chat_requests(processor, 1, 3, 8), 2)[2] == 0
+    assert run_load(engine, chat_requests(processor, 1, 3, 8), 2).cached_tokens == 0
     engine.core.block_manager.lends_partial_blocks = True
-    assert run_load(engine, chat_requests(processor, 2, 3, 8), 2)[2] == 3 * 14
+    assert run_load(engine, chat_requests(processor, 2, 3, 8), 2).cached_tokens == 3 * 14
 
 
-def test_bench_text_load_times_one_prefill_step_and_the_decode_steps_after_it(make_engine, engine_checkpoint):
-    from bench.bench_text_load import one_load
-
+def test_a_load_times_one_prefill_step_and_the_decode_steps_after_it(make_engine, engine_checkpoint):
     engine = make_engine()
     processor = load_processor(EngineArgs(model=str(engine_checkpoint)))
-    first, load, steps = one_load(engine, chat_requests(processor, 3, 3, 8), 5, "t")
-    assert len(steps) == 4  # the prefill step samples each request's first token; four more tokens each
-    assert 0 < first <= load and abs(first + sum(steps) - load) <= 1e-6 * load + 1e-9
+    times = run_load(engine, chat_requests(processor, 3, 3, 8), 5)
+    assert (
+        len(times.later_steps_s) == 4
+    )  # the prefill step samples each request's first token; four more each
+    first, load = times.first_step_s, times.load_s
+    assert 0 < first <= load and abs(first + sum(times.later_steps_s) - load) <= 1e-6 * load + 1e-9
     assert not engine.has_unfinished_requests
