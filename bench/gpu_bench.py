@@ -146,10 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    on_cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if on_cuda else torch.float32
     model = build_model(args.tiny, args.device, dtype)
     kv_bytes = int(args.kv_cache_gib * 1024**3) if args.kv_cache_gib else None
-    if kv_bytes is None and not args.device.startswith("cuda"):
+    if kv_bytes is None and not on_cuda:
         kv_bytes = 256 * 1024 * 1024
     engine_args = EngineArgs(
         model="unused",
@@ -166,28 +167,25 @@ def main(argv: list[str] | None = None) -> None:
     baseline = sequential_tok_s(
         model, prompts(args.sequential_requests, args.prompt_tokens, seed=1), args.output_tokens
     )
-    on_cuda = args.device.startswith("cuda")
     results = []
     for mode in args.modes:
         for attention in args.attention or (["kernel", "sdpa"] if on_cuda else ["kernel"]):
             os.environ["OVIS2_TRITON_ATTENTION"] = "1" if attention == "kernel" else "0"
             runner = engine.core.runner
             runner.decode_graphs = None
-            if mode == "graphs":  # graphs captured anew: a graph keeps the attention it was captured with
-                runner.enable_decode_graphs(
-                    engine.max_model_len, capture=on_cuda
-                )  # CPU: the same shapes, eager
+            # graphs captured anew (a graph keeps the attention it was captured with); on CPU the same shapes, eager
+            if mode == "graphs":
+                runner.enable_decode_graphs(engine.max_model_len, capture=on_cuda)
             for concurrency in args.concurrency:
                 row = {
                     "mode": mode,
                     "attention": attention,
                     **measure(engine, model, concurrency, args, baseline),
                 }
-                print(
-                    "row:", json.dumps(row), file=sys.stderr, flush=True
-                )  # kept if a time limit cuts the run
+                # each row as it completes: kept if a time limit cuts the run
+                print("row:", json.dumps(row), file=sys.stderr, flush=True)
                 results.append(row)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    device = torch.cuda.get_device_name() if on_cuda else "cpu"
     print(
         json.dumps(
             {
