@@ -29,7 +29,15 @@ from .protocol import (
     random_id,
     unsupported_chat_fields,
 )
-from .request_flow import ENGINE_FAILED, ClientDisconnected, failed, generate, respond, unless_disconnected
+from .request_flow import (
+    ENGINE_FAILED,
+    ClientDisconnected,
+    engine_failure,
+    failed,
+    generate,
+    respond,
+    unless_disconnected,
+)
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_error
@@ -140,8 +148,7 @@ def check_engine_error(output: RequestOutput | None, request_id: str) -> Request
         logger.error("request %s ended without output", request_id)
         raise APIError(ENGINE_FAILED, 500)
     if failed(output):
-        logger.error("request %s failed in the engine: %s", request_id, output.error)
-        raise APIError(ENGINE_FAILED, 500)
+        raise engine_failure(output)
     return output
 
 
@@ -217,15 +224,15 @@ async def stream_chat(
         for index in range(params.n):
             yield emit([chunker.role(index)])
         try:
-            async for output, choice in choice_updates(first, outputs, request_id):
+            async for output, choice in choice_updates(first, outputs):
                 last = output
                 delta = chunker.delta(choice)
                 if delta is not None:
                     yield emit([delta])
                 if choice.finished:
                     yield emit([chunker.finish(choice)])
-        except EngineStreamFailed:
-            yield sse_error(ENGINE_FAILED)
+        except EngineStreamFailed as failure:
+            yield sse_error(failure.error.message, failure.error.status)
             yield DONE
             return
     if include_usage:
@@ -234,19 +241,22 @@ async def stream_chat(
 
 
 class EngineStreamFailed(Exception):
-    """The engine failed this request in the middle of its stream."""
+    """The engine failed this request in the middle of its stream; `error` is what the client is told."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 async def choice_updates(
-    first: RequestOutput, rest: AsyncIterator[RequestOutput], request_id: str
+    first: RequestOutput, rest: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[tuple[RequestOutput, CompletionOutput]]:
     """(output, choice) for each update of a choice, up to and including the one that finishes it."""
     finished: set[int] = set()
     async with aclosing(rest):
         async for output in prepend(first, rest):
             if failed(output):
-                logger.error("request %s failed in the engine: %s", request_id, output.error)
-                raise EngineStreamFailed()
+                raise EngineStreamFailed(engine_failure(output))
             for choice in output.outputs:
                 if choice.index not in finished:
                     finished.update([choice.index] if choice.finished else [])

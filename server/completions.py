@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
-from .chat import ENGINE_FAILED, EngineStreamFailed, check_engine_error, choice_updates, usage_of
+from .chat import EngineStreamFailed, check_engine_error, choice_updates, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
 from .errors import bad_request
 from .protocol import (
@@ -165,14 +165,14 @@ async def stream_completion(
     last = first
     started: set[int] = set()
     try:
-        async for output, choice in choice_updates(first, outputs, builder.request_id):
+        async for output, choice in choice_updates(first, outputs):
             last = output
             delta = builder.delta(choice, first=choice.index not in started)
             if delta is not None:
                 started.add(choice.index)
                 yield builder.chunk([delta], None, include_usage)
-    except EngineStreamFailed:
-        yield sse_error(ENGINE_FAILED)
+    except EngineStreamFailed as failure:
+        yield sse_error(failure.error.message, failure.error.status)
         yield DONE
         return
     if include_usage:

@@ -132,15 +132,24 @@ async def respond(
         return Response(status_code=499)
     except StopAsyncIteration:
         raise APIError(ENGINE_FAILED, 500) from None
-    if failed(first):  # nothing sent yet: a plain 500 rather than a 200 stream holding only an error
+    if failed(first):  # nothing sent yet: a plain error rather than a 200 stream holding only an error
         await outputs.aclose()
-        logger.error("request failed in the engine before its first token: %s", first.error)
-        raise APIError(ENGINE_FAILED, 500)
+        raise engine_failure(first)
     return sse_response(stream_body(first))
 
 
 def failed(output: RequestOutput) -> bool:
     return output.error is not None or any(o.finish_reason == "error" for o in output.outputs)
+
+
+def engine_failure(output: RequestOutput) -> APIError:
+    """What a request the engine failed is answered with: a 400 with the engine's reason when the request's own
+    input caused it (a structured-output constraint at a dead end), else a 500 that tells nothing of the inside."""
+    if output.user_error:
+        logger.info("request %s failed on its own input: %s", output.request_id, output.error)
+        return APIError(output.error or "this request cannot be answered", 400)
+    logger.error("request %s failed in the engine: %s", output.request_id, output.error)
+    return APIError(ENGINE_FAILED, 500)
 
 
 async def unless_disconnected(work: Awaitable[T], request: Request) -> T:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 
 from .chat import (
-    ENGINE_FAILED,
     EngineStreamFailed,
     chat_sampling_params,
     check_engine_error,
@@ -144,14 +143,15 @@ async def stream_response(
     yield builder.text_event("response.content_part.added", part=OutputText(text=""))
     text, last = "", first
     try:
-        async for output, choice in choice_updates(first, outputs, builder.response_id):
+        async for output, choice in choice_updates(first, outputs):
             last = output
             if choice.delta_text:
                 text += choice.delta_text
                 yield builder.text_event("response.output_text.delta", delta=choice.delta_text, logprobs=[])
-    except EngineStreamFailed:
-        failure = {"code": "server_error", "message": ENGINE_FAILED}
-        yield builder.event("response.failed", response=builder.response("failed", error=failure))
+    except EngineStreamFailed as failure:
+        code = "invalid_prompt" if failure.error.status < 500 else "server_error"
+        error = {"code": code, "message": failure.error.message}
+        yield builder.event("response.failed", response=builder.response("failed", error=error))
         return
     final = builder.finished(last, text)
     yield builder.text_event("response.output_text.done", text=text, logprobs=[])

@@ -210,7 +210,7 @@ class EngineCore:
         for item, token_id, logprob in sample_isolating_failures(sampled, logits, failed):
             seq, group = item.seq, item.seq.group
             if seq.matcher is not None and not seq.matcher.accept(token_id):
-                failed[group.request_id] = RuntimeError(f"the grammar refused the sampled token {token_id}")
+                failed[group.request_id] = seq.matcher.refusal(token_id)
                 continue
             group.metrics.first_token_time = group.metrics.first_token_time or now
             update = updates.get(group.request_id)
@@ -251,6 +251,8 @@ class EngineCore:
         if group is not None:
             self._finish_all(group, "error")
         cached = group.seqs[0].num_cached_tokens if group is not None else 0
+        if isinstance(error, Ovis2Error):
+            return RequestFailure(str(error), cached, user_error=True)
         return RequestFailure(f"{type(error).__name__}: {error}", cached)
 
     # --- introspection

@@ -33,6 +33,9 @@ class RequestUpdate:
 class RequestFailure:
     error: str  # what went wrong, for the log and RequestOutput.error
     num_cached_tokens: int
+    user_error: bool = (
+        False  # the request's own input caused it (an Ovis2Error): the message is for its sender
+    )
 
 
 @dataclass

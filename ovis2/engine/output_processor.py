@@ -80,6 +80,7 @@ class RequestState:
     metrics: RequestMetrics | None
     num_cached_tokens: int = 0
     error: str | None = None
+    user_error: bool = False
 
     @property
     def is_finished(self) -> bool:
@@ -93,6 +94,7 @@ class RequestState:
             num_image_tokens=self.num_image_tokens,
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
+            user_error=self.user_error,
             metrics=self.metrics,
         )
 
@@ -137,7 +139,9 @@ class OutputProcessor:
             if state is not None:
                 self._process_update(state, update, processed)
         for request_id, failure in step.failed.items():
-            output = self.finish_request(request_id, "error", failure.error, failure.num_cached_tokens)
+            output = self.finish_request(
+                request_id, "error", failure.error, failure.num_cached_tokens, failure.user_error
+            )
             if output is not None:
                 processed.outputs.append(output)
         return processed
@@ -157,13 +161,18 @@ class OutputProcessor:
         processed.outputs.append(output)
 
     def finish_request(
-        self, request_id: str, reason: str, error: str | None = None, num_cached_tokens: int | None = None
+        self,
+        request_id: str,
+        reason: str,
+        error: str | None = None,
+        num_cached_tokens: int | None = None,
+        user_error: bool = False,
     ) -> RequestOutput | None:
         """The last output of a request the core stopped (abort, error); None if it is not here."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
-        state.error = error
+        state.error, state.user_error = error, user_error
         if num_cached_tokens is not None:
             state.num_cached_tokens = num_cached_tokens
         for choice in state.choices:

@@ -59,6 +59,9 @@ class RequestOutput:
     num_image_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # set when this request failed inside the engine
+    user_error: bool = (
+        False  # the failure is the request's own (say, a constraint at a dead end): `error` says why
+    )
     metrics: RequestMetrics | None = None  # timestamps, shared and updated while the request runs
 
     @property

@@ -185,6 +185,31 @@ def test_aborting_a_structured_request_frees_it_and_others_go_on(make_engine, gr
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
+# A string whose characters must match a class with no members: the opening quote is allowed, then nothing.
+DEAD_END = StructuredOutputsParams(json={"type": "string", "pattern": "[^\\s\\S]"})
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 5, "n": 2}])
+def test_a_constraint_at_a_dead_end_fails_its_request_alone_as_the_senders_error(
+    make_engine, grammars, sampling
+):
+    engine = make_engine(grammars=grammars)
+    dead = SamplingParams(max_tokens=8, structured_outputs=DEAD_END, **sampling)
+    final = run_to_completion(
+        engine,
+        {"dead": (chat_prompt(text_ids(1, 5)), dead), "fine": (chat_prompt(text_ids(2, 5)), tag_params(2))},
+    )
+    failure = final["dead"]
+    assert failure.user_error and all(choice.finish_reason == "error" for choice in failure.outputs)
+    assert failure.error.startswith("the JSON schema allows no token after the 1 generated so far"), (
+        failure.error
+    )
+    assert failure.outputs[0].text == '"'
+    assert not final["fine"].user_error and final["fine"].error is None
+    assert_tag(final["fine"].outputs[0])
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+
+
 @pytest.mark.parametrize(
     ("constraint", "reason"),
     [

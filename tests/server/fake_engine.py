@@ -110,6 +110,7 @@ class FakeEngine:
     dead: bool = False
     fail_with: str | None = None  # an engine-side error for every request
     fail_from_step: int = 0  # ...starting at this output (0: the first)
+    fail_as_users: bool = False  # ...flagged as the request's own fault (RequestOutput.user_error)
     crash_with: Exception | None = None  # an exception raised from generate()
     num_total_blocks: int = 64
     started: bool = False
@@ -182,7 +183,7 @@ class FakeEngine:
                     num_image_tokens=inputs.num_image_tokens,
                 )
                 if self.fail_with is not None and step >= self.fail_from_step:
-                    output.error = self.fail_with
+                    output.error, output.user_error = self.fail_with, self.fail_as_users
                     for o in outputs:
                         o.finish_reason = "error"
                 yield output

@@ -169,6 +169,28 @@ def test_a_constraint_that_cannot_be_compiled_is_a_400_before_it_is_queued(
     )  # never ran
 
 
+DEAD_END = {  # a string of characters from an empty class: the opening quote is allowed, then nothing
+    "type": "json_schema",
+    "json_schema": {"name": "never", "schema": {"type": "string", "pattern": "[^\\s\\S]"}},
+}
+
+
+def test_a_constraint_at_a_dead_end_is_a_400_whole_and_an_error_event_streamed(client, live_server):
+    fields = dict(model=live_server.model, messages=receipt_messages(None), max_tokens=8)
+    with pytest.raises(BadRequestError) as caught:
+        client.chat.completions.create(response_format=DEAD_END, **fields)
+    assert caught.value.body["message"].startswith("the JSON schema allows no token after the 1 generated")
+    body = {**fields, "response_format": DEAD_END, "stream": True}
+    with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as stream:
+        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert stream.status_code == 200  # the quote was streamed before the dead end
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["type"] == "invalid_request_error" and "allows no token" in error["message"]
+    assert lines[-1] == "data: [DONE]"
+    # the server goes on answering
+    assert client.chat.completions.create(**fields).choices[0].finish_reason in ("stop", "length")
+
+
 def image_input(url: str) -> list[dict]:
     return [
         {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.server.conftest import data_url, image_bytes, image_message
@@ -259,6 +261,49 @@ def test_engine_failure_mid_stream_is_an_error_event(client, fake_engine):
         '"error"' in stream.text and "secret" not in stream.text and stream.text.endswith("data: [DONE]\n\n")
     )
     assert '"finish_reason":"stop"' not in stream.text and '"finish_reason":"length"' not in stream.text
+
+
+DEAD_END = "the JSON schema allows no token after the 3 generated so far"
+ROUTES = {
+    "/v1/chat/completions": {"messages": TEXT},
+    "/v1/completions": {"prompt": "hi"},
+    "/v1/responses": {"input": "hi"},
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_failure_of_the_requests_own_making_is_a_400_with_the_engines_reason(client, fake_engine, route):
+    fake_engine.fail_with, fake_engine.fail_as_users = DEAD_END, True
+    body = {**ROUTES[route], "max_tokens" if route != "/v1/responses" else "max_output_tokens": 8}
+    error = assert_error(client.post(route, json=body), 400, None)
+    assert error["message"] == DEAD_END and error["type"] == "invalid_request_error"
+    # failed before its first token: a plain 400, nothing streamed yet
+    error = assert_error(client.post(route, json={**body, "stream": True}), 400, None)
+    assert error["message"] == DEAD_END
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_failure_of_the_requests_own_making_mid_stream_is_an_error_event_with_its_reason(
+    client, fake_engine, route
+):
+    fake_engine.fail_with, fake_engine.fail_as_users, fake_engine.fail_from_step = DEAD_END, True, 2
+    body = {**ROUTES[route], "max_tokens" if route != "/v1/responses" else "max_output_tokens": 8}
+    stream = client.post(route, json={**body, "stream": True})
+    assert stream.status_code == 200
+    events = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+    if route == "/v1/responses":
+        assert events[-1]["type"] == "response.failed"
+        assert events[-1]["response"]["error"] == {"code": "invalid_prompt", "message": DEAD_END}
+    else:
+        assert events[-1] == {
+            "error": {"message": DEAD_END, "type": "invalid_request_error", "param": None, "code": None}
+        }
+        assert stream.text.endswith("data: [DONE]\n\n")
+    # the engine's own failures still say nothing of the inside, mid-stream too
+    fake_engine.fail_as_users = False
+    stream = client.post(route, json={**body, "stream": True})
+    assert stream.status_code == 200 and DEAD_END not in stream.text
+    assert "the engine failed while generating this answer" in stream.text
 
 
 def test_dead_engine(client, fake_engine):

@@ -23,7 +23,11 @@ def apply_grammar_bitmask(logits: torch.Tensor, matchers: list) -> None:
     if not constrained:
         return
     bitmask = torch.empty((logits.shape[0], bitmask_width(logits.shape[-1])), dtype=torch.int32)  # [B, W]
-    masked = [i for i in constrained if matchers[i].fill_bitmask(bitmask, i)]
+    filled = [i for i in constrained if matchers[i].fill_bitmask(bitmask, i)]
+    # A row allowing nothing would be all -inf, which no sampling arithmetic survives: it is left unmasked, and
+    # the token it draws is refused by its matcher, which fails the request as a dead end.
+    allows_some = bitmask.any(dim=1).tolist()
+    masked = [i for i in filled if allows_some[i]]
     if not masked:
         return
     from xgrammar import apply_token_bitmask_inplace

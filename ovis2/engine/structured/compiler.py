@@ -18,22 +18,12 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
 from ...errors import StructuredOutputError
-from .bitmask import bitmask_width
-from .grammar import Grammar
+from .grammar import WHAT, Grammar
 from .params import StructuredOutputsParams
 from .schema_support import unenforced_feature
 from .vocabulary import grammar_vocabulary, json_vocabulary
 
-WHAT = {
-    "json": "JSON schema",
-    "json_object": "JSON object grammar",
-    "regex": "regex",
-    "choice": "choice",
-    "grammar": "grammar",
-}
 MAX_CACHE_BYTES = 512 * 2**20  # the cache also stops at this many bytes of compiled grammars (0.1-3 MB each)
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
@@ -101,7 +91,7 @@ class GrammarCompiler:
             backend = self._get_backend("json" if params.kind in ("json", "json_object") else "text")
             start = time.perf_counter()
             grammar = Grammar(_compile_with(backend, params), params.kind, time.perf_counter() - start)
-            _check_something_matches(grammar, params.kind, self._stop_token_ids, self._vocab_size)
+            _check_something_matches(grammar, params.kind, self._stop_token_ids)
         except BaseException:
             with self._lock:
                 self._pending.pop(key, None)
@@ -161,12 +151,10 @@ def _yield_to_the_engine() -> None:
         pass
 
 
-def _check_something_matches(grammar: Grammar, kind: str, stop_token_ids, vocab_size: int) -> None:
+def _check_something_matches(grammar: Grammar, kind: str, stop_token_ids) -> None:
     """A StructuredOutputError for a constraint no text satisfies (`root ::= root`, the regex `[^\\s\\S]`): it
     compiles, but its first step would allow no token at all."""
-    bitmask = torch.zeros((1, bitmask_width(vocab_size)), dtype=torch.int32)
-    matcher = grammar.matcher(stop_token_ids)
-    if matcher.fill_bitmask(bitmask, 0) and not bool(bitmask.any()):
+    if grammar.matcher(stop_token_ids).allows_nothing():
         raise StructuredOutputError(f"the {WHAT[kind]} matches no text: nothing can be generated under it")
 
 

@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
+from ...errors import StructuredOutputError
+from .bitmask import bitmask_width
+
+WHAT = {
+    "json": "JSON schema",
+    "json_object": "JSON object grammar",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+
 
 class Grammar:
     """An xgrammar CompiledGrammar, shared by every request with the same constraint (immutable)."""
@@ -24,7 +37,7 @@ class Grammar:
 
     def matcher(self, stop_token_ids: Iterable[int]) -> GrammarMatcher:
         """A fresh matcher; once the grammar is complete it allows only `stop_token_ids`."""
-        return GrammarMatcher(self.compiled, sorted(stop_token_ids))
+        return GrammarMatcher(self.compiled, sorted(stop_token_ids), self.kind)
 
     def __repr__(self) -> str:
         return f"Grammar({self.kind})"
@@ -33,10 +46,12 @@ class Grammar:
 class GrammarMatcher:
     """One choice's place in its grammar."""
 
-    def __init__(self, compiled, stop_token_ids: list[int]) -> None:
+    def __init__(self, compiled, stop_token_ids: list[int], kind: str = "grammar") -> None:
         import xgrammar as xgr
 
         self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids)
+        self._vocab_size = compiled.tokenizer_info.vocab_size
+        self.kind = kind
         self.num_accepted_tokens = 0
 
     def accept(self, token_id: int) -> bool:
@@ -49,6 +64,21 @@ class GrammarMatcher:
         """Write the allowed next tokens into bitmask[row] ([rows, ceil(V / 32)] int32, CPU); False when every
         token is allowed (the row needs no masking)."""
         return self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def allows_nothing(self) -> bool:
+        """No token may come next, not even a stop token: the tokens so far begin no text the grammar matches."""
+        bitmask = torch.zeros((1, bitmask_width(self._vocab_size)), dtype=torch.int32)
+        return self.fill_bitmask(bitmask, 0) and not bool(bitmask.any())
+
+    def refusal(self, token_id: int) -> Exception:
+        """Why `token_id` was not accepted: the request's constraint at a dead end (a StructuredOutputError, the
+        client's to fix), else an engine fault."""
+        if self.allows_nothing():
+            return StructuredOutputError(
+                f"the {WHAT[self.kind]} allows no token after the {self.num_accepted_tokens} generated so far: "
+                "the text it admits at first can never be completed (a constraint that contradicts itself?)"
+            )
+        return RuntimeError(f"the grammar refused the sampled token {token_id}")
 
     @property
     def is_terminated(self) -> bool:
