@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 
@@ -114,6 +115,38 @@ def test_each_constraint_compiles_once_and_the_cache_is_bounded(grammars):
         compiler.compile(StructuredOutputsParams(regex="(a"))
     assert compiler.stats.num_compile_errors == 1
     compiler.close()
+
+
+@pytest.mark.parametrize(("constraint", "reason"), [("(a", "not closed"), ("[^\\s\\S]", "matches no text")])
+def test_a_refused_constraint_is_refused_again_from_the_cache_without_compiling(grammars, constraint, reason):
+    counting = CountingBackend(grammars._get_backend("text"))
+    compiler = fresh_compiler(grammars, cache_size=2)
+    compiler._get_backend = lambda table: counting
+    errors = []
+    for _ in range(3):
+        with pytest.raises(StructuredOutputError, match=re.escape(reason)) as caught:
+            compiler.compile(StructuredOutputsParams(regex=constraint))
+        errors.append(str(caught.value))
+    assert len(set(errors)) == 1 and counting.calls == 1
+    assert (compiler.stats.num_compile_errors, compiler.stats.num_cache_hits) == (1, 2)
+    for letter in "xy":  # the refusals are bounded like the grammars: two more push this one out
+        with pytest.raises(StructuredOutputError):
+            compiler.compile(StructuredOutputsParams(regex=f"({letter}"))
+    with pytest.raises(StructuredOutputError):
+        compiler.compile(StructuredOutputsParams(regex=constraint))
+    assert counting.calls == 4
+    compiler.close()
+
+
+class CountingBackend:
+    """An xgrammar compiler stand-in that counts its regex compiles."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.calls = backend, 0
+
+    def compile_regex(self, regex: str):
+        self.calls += 1
+        return self.backend.compile_regex(regex)
 
 
 def test_the_cache_also_stops_at_a_byte_budget(grammars, monkeypatch):

@@ -55,6 +55,8 @@ class GrammarCompiler:
         self._vocabularies: dict[str, object] = {}  # "text" / "json": xgrammar.TokenizerInfo
         self._backends: dict[str, object] = {}  # the same keys: xgrammar.GrammarCompiler
         self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
+        # constraints refused (cannot be compiled, or match nothing) -> the reason: a repeat costs no compile
+        self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._pending: dict[tuple[str, str], Future] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="ovis2-grammar", initializer=_yield_to_the_engine
@@ -74,6 +76,11 @@ class GrammarCompiler:
             if future is not None:
                 self.stats.num_cache_hits += 1
                 return future
+            reason = self._refused.get(key)
+            if reason is not None:
+                self._refused.move_to_end(key)
+                self.stats.num_cache_hits += 1
+                return _failed(StructuredOutputError(reason))
             future = self._pending[key] = self._pool.submit(self._compile, params)
             return future
 
@@ -92,10 +99,12 @@ class GrammarCompiler:
             start = time.perf_counter()
             grammar = Grammar(_compile_with(backend, params), params.kind, time.perf_counter() - start)
             _check_something_matches(grammar, params.kind, self._stop_token_ids)
-        except BaseException:
+        except BaseException as error:
             with self._lock:
                 self._pending.pop(key, None)
                 self.stats.num_compile_errors += 1
+                if isinstance(error, StructuredOutputError):
+                    self._remember_refusal(key, str(error))
             raise
         with self._lock:
             self._pending.pop(key, None)
@@ -112,6 +121,13 @@ class GrammarCompiler:
             len(self._cache) > 1 and self.cache_bytes > MAX_CACHE_BYTES
         ):
             self._cache.popitem(last=False)
+
+    def _remember_refusal(self, key: tuple[str, str], reason: str) -> None:
+        if self._cache_size <= 0:
+            return
+        self._refused[key] = reason
+        while len(self._refused) > self._cache_size:
+            self._refused.popitem(last=False)
 
     @property
     def cache_bytes(self) -> int:
@@ -190,4 +206,10 @@ def library_reason(error: Exception) -> str:
 def _done(grammar: Grammar) -> Future:
     future: Future = Future()
     future.set_result(grammar)
+    return future
+
+
+def _failed(error: Exception) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
     return future
