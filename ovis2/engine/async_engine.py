@@ -55,6 +55,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._num_pending_adds = 0
+        self._num_compiling = 0  # requests waiting for their grammar, not yet sent to the loop
         self._idle_hook: Callable[[], None] | None = None
         self._idle_hook_quiet_seconds = 0.0
 
@@ -110,8 +111,13 @@ class AsyncEngine:
     @property
     def stats(self) -> EngineStats:
         stats = self.engine.stats
-        stats.num_waiting += self._num_pending_adds
+        stats.num_waiting += self._num_waiting_outside
         return stats
+
+    @property
+    def _num_waiting_outside(self) -> int:
+        """Requests accepted but not yet in the scheduler's queue: compiling their grammar, or being added."""
+        return self._num_compiling + self._num_pending_adds
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -135,7 +141,10 @@ class AsyncEngine:
         self.engine.validate(inputs, params)  # user errors raise here, before anything is queued
         if request_id in self._queues:
             raise Ovis2Error(f"request id {request_id!r} is already running")
-        if self.engine.core.scheduler.num_waiting + self._num_pending_adds >= self.args.max_waiting_requests:
+        if (
+            self.engine.core.scheduler.num_waiting + self._num_waiting_outside
+            >= self.args.max_waiting_requests
+        ):
             raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
         grammar = await self.compile_grammar(
             params
@@ -166,9 +175,17 @@ class AsyncEngine:
         compiled."""
         if params.structured_outputs is None:
             return None
-        return await asyncio.wrap_future(
-            self.engine.input_processor.grammars.submit(params.structured_outputs)
-        )
+        grammars = self.engine.input_processor.grammars
+        # shielded: the compile may be shared, and cancelling the wrapper would cancel it for every sharer
+        submitted = grammars.submit(params.structured_outputs)
+        self._num_compiling += 1
+        try:
+            return await asyncio.shield(asyncio.wrap_future(submitted))
+        except asyncio.CancelledError:
+            grammars.withdraw(params.structured_outputs, submitted)
+            raise
+        finally:
+            self._num_compiling -= 1
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

@@ -212,6 +212,46 @@ def test_a_slow_compile_never_stalls_the_requests_already_running(make_engine, g
     compiler.close()
 
 
+def test_a_request_that_leaves_while_its_shared_compile_waits_its_turn_harms_no_other(make_engine, grammars):
+    """Both compile threads busy; two requests wait for one queued compile and the first leaves: the compile
+    still runs for the second, and later requests for it are served. A queued compile whose only request left
+    never runs."""
+    slow = SlowBackend(grammars._get_backend("text"))
+    compiler = fresh_compiler(grammars)
+    compiler._get_backend = lambda table: slow
+    regex = {"regex": "[a-z]{3}"}
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine(grammars=compiler))
+        await engine.start()
+        busy = [compiler.submit(StructuredOutputsParams(regex=f"{letter}{{2}}")) for letter in "pq"]
+        params = SamplingParams(max_tokens=10, seed=1, structured_outputs=regex)
+        leaving = asyncio.create_task(collect(engine, "leaving", params))
+        staying = asyncio.create_task(collect(engine, "staying", params))
+        alone = SamplingParams(max_tokens=10, structured_outputs={"regex": "[0-9]{2}"})
+        leaving_alone = asyncio.create_task(collect(engine, "leaving alone", alone))
+        await asyncio.sleep(0.2)
+        queued = (
+            slow.calls == 2 and not compiler._pending[StructuredOutputsParams(**regex).cache_key].running()
+        )
+        waiting = engine.stats.num_waiting
+        leaving.cancel()
+        leaving_alone.cancel()
+        await asyncio.sleep(0.1)
+        slow.release.set()
+        answers = [await staying, await collect(engine, "later", params)]
+        await engine.shutdown()
+        return queued, waiting, [future.result(60) for future in busy], answers
+
+    queued, waiting, _, answers = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert queued and waiting == 3  # the requests waiting for their grammar count as waiting
+    # p, q and the shared compile ran; the one only the leaving request waited for never did
+    assert slow.calls == 3 and not compiler._pending
+    for answer in answers:
+        assert answer.error is None and len(answer.outputs[0].text) == 3 and answer.outputs[0].text.isalpha()
+    compiler.close()
+
+
 async def collect(engine, request_id: str, params: SamplingParams):
     final = None
     async for output in engine.generate(chat_prompt(text_ids(4, 6)), params, request_id):

@@ -58,6 +58,7 @@ class GrammarCompiler:
         # constraints refused (cannot be compiled, or match nothing) -> the reason: a repeat costs no compile
         self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._pending: dict[tuple[str, str], Future] = {}
+        self._waiters: dict[tuple[str, str], int] = {}  # of each pending compile: submits not yet withdrawn
         self._pool = ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="ovis2-grammar", initializer=_yield_to_the_engine
         )
@@ -75,6 +76,7 @@ class GrammarCompiler:
             future = self._pending.get(key)
             if future is not None:
                 self.stats.num_cache_hits += 1
+                self._waiters[key] += 1
                 return future
             reason = self._refused.get(key)
             if reason is not None:
@@ -82,7 +84,20 @@ class GrammarCompiler:
                 self.stats.num_cache_hits += 1
                 return _failed(StructuredOutputError(reason))
             future = self._pending[key] = self._pool.submit(self._compile, params)
+            self._waiters[key] = 1
             return future
+
+    def withdraw(self, params: StructuredOutputsParams, future: Future) -> None:
+        """The caller of `submit(params)`, which returned `future`, no longer waits for it: when no one else does
+        and the compile has not begun, it never runs (a client that sends a costly constraint and leaves costs
+        nothing)."""
+        key = params.cache_key
+        with self._lock:
+            if self._pending.get(key) is not future:
+                return
+            self._waiters[key] -= 1
+            if self._waiters[key] == 0 and self._pending[key].cancel():
+                del self._pending[key], self._waiters[key]
 
     def compile(self, params: StructuredOutputsParams) -> Grammar:
         """Blocking `submit`: for offline use, never on the engine loop."""
@@ -101,13 +116,13 @@ class GrammarCompiler:
             _check_something_matches(grammar, params.kind, self._stop_token_ids)
         except BaseException as error:
             with self._lock:
-                self._pending.pop(key, None)
+                self._forget_pending(key)
                 self.stats.num_compile_errors += 1
                 if isinstance(error, StructuredOutputError):
                     self._remember_refusal(key, str(error))
             raise
         with self._lock:
-            self._pending.pop(key, None)
+            self._forget_pending(key)
             self._store(key, grammar)
             self.stats.num_compiles += 1
             self.stats.compile_seconds += grammar.compile_seconds
@@ -121,6 +136,10 @@ class GrammarCompiler:
             len(self._cache) > 1 and self.cache_bytes > MAX_CACHE_BYTES
         ):
             self._cache.popitem(last=False)
+
+    def _forget_pending(self, key: tuple[str, str]) -> None:
+        self._pending.pop(key, None)
+        self._waiters.pop(key, None)
 
     def _remember_refusal(self, key: tuple[str, str], reason: str) -> None:
         if self._cache_size <= 0:
