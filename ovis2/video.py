@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,10 @@ from .errors import Ovis2Error
 from .image_processing import to_pil_image
 from .video_probe import Deadline, VideoLimits, VideoProbe, decode_errors, opened, probe_video
 from .video_sampling import RECIPE_NUM_FRAMES, frames_for_fps, sample_indices, sample_timestamps
+
+# Codecs whose FFmpeg decoder takes skip_frame packet by packet; libdav1d (AV1) reads it once, when it starts, and
+# then hands out a neighbour's pixels under a frame's timestamp, so AV1 decodes every frame.
+SKIPS_NON_REFERENCE_FRAMES = ("h264", "hevc", "mpeg4", "vp8", "vp9")
 
 
 @dataclass
@@ -44,23 +48,35 @@ def decode_video_frames(
     deadline = Deadline(limits.timeout, "decoding", stop)
     found: dict[int, Image.Image] = {}
     wanted = set(timestamps)
+    skippable = (lambda stamp: stamp not in wanted) if probed.codec in SKIPS_NON_REFERENCE_FRAMES else None
     frames, last, decoded = None, None, 0
     with opened(data) as container:
         stream = container.streams[probed.stream_index]
         stream.thread_type = "SLICE"  # frame threads only add latency to the few frames after each seek
-        for target in sorted(wanted):
-            keyframe = _keyframe_before(probed.keyframes, target)
-            if frames is None:  # the first: no seek when it lies in the first group of pictures
-                if keyframe > probed.timestamps[0]:
-                    _seek(container, stream, keyframe)
-                frames = _frames(container, stream, wanted, deadline)
-            elif keyframe > last and _seek(
-                container, stream, keyframe
-            ):  # its group starts past what is decoded
-                frames = _frames(container, stream, wanted, deadline)
-            frame, count = _decode_until(frames, target, probed)
-            decoded += count
-            last, found[target] = frame.pts, _upright(frame)
+        # the header's frame size was checked, but a keyframe may switch to another: the decoder refuses one past
+        # the limit before it allocates it
+        stream.codec_context.options = {"max_pixels": str(limits.max_frame_pixels)}
+        try:
+            for target in sorted(wanted):
+                keyframe = _keyframe_before(probed.keyframes, target)
+                if frames is None:  # the first: no seek when it lies in the first group of pictures
+                    if keyframe > probed.timestamps[0]:
+                        _seek(container, stream, keyframe)
+                    frames = _frames(container, stream, skippable, deadline)
+                elif keyframe > last and _seek(
+                    container, stream, keyframe
+                ):  # its group starts past the decoded
+                    frames = _frames(container, stream, skippable, deadline)
+                frame, count = _decode_until(frames, target, probed)
+                decoded += count
+                last, found[target] = frame.pts, _upright(frame)
+        except Ovis2Error:
+            raise
+        except decode_errors() as exc:
+            raise Ovis2Error(
+                "the video cannot be decoded: it is corrupt, or a frame is larger than the limit of "
+                f"{limits.max_frame_pixels} pixels"
+            ) from exc
     return SampledVideo([found[t] for t in timestamps], [probed.seconds(t) for t in timestamps], decoded)
 
 
@@ -79,13 +95,15 @@ def _seek(container, stream, keyframe: int) -> bool:
     return True
 
 
-def _frames(container, stream, wanted: set[int], deadline: Deadline) -> Iterator:
-    """The stream's frames decoded from where the demuxer is, but for the unwanted ones no frame refers to."""
+def _frames(container, stream, skippable: Callable[[int], bool] | None, deadline: Deadline) -> Iterator:
+    """The stream's frames decoded from where the demuxer is, but for those no frame refers to that are
+    `skippable` (by timestamp; None: none)."""
     context = stream.codec_context
     for packet in container.demux(stream):
         deadline.check()
-        stamp = packet.pts if packet.pts is not None else packet.dts
-        context.skip_frame = "DEFAULT" if stamp in wanted else "NONREF"
+        if skippable is not None:
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            context.skip_frame = "NONREF" if skippable(stamp) else "DEFAULT"
         yield from packet.decode()
 
 
@@ -94,6 +112,13 @@ def _decode_until(frames: Iterator, target: int, probed: VideoProbe):
     count = 0
     for frame in frames:
         count += 1
+        if (
+            frame.width * frame.height > probed.width * probed.height
+        ):  # what memory and tokens were counted for
+            raise Ovis2Error(
+                f"the video's frames grow from the {probed.width}x{probed.height} its header declares to "
+                f"{frame.width}x{frame.height}"
+            )
         if frame.pts is not None and frame.pts >= target:
             return frame, count
     raise Ovis2Error(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import Ovis2Error
+from .mp4_sample_tables import declared_tracks
 
 CONTAINERS = {
     "mov": "mp4/mov",
@@ -27,6 +28,9 @@ CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4")
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # what an mp4/mov file starts with
 _EBML = b"\x1a\x45\xdf\xa3"  # what a webm/mkv file starts with
 DURATION_SLACK_SECONDS, DURATION_SLACK_RATIO = 0.5, 0.1  # how far a declared duration may be from the frames'
+# An mp4/mov track may declare this many times max_stream_frames samples (an audio track's packets outnumber the
+# video's frames), and uncompressed audio, which FFmpeg indexes by chunk, one sample per audio sample at this rate.
+TRACK_SAMPLES_PER_FRAME_LIMIT, MAX_AUDIO_SAMPLE_RATE = 4, 384_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ def probe_video(
     if len(data) > limits.max_bytes:
         raise Ovis2Error(f"the video is larger than {limits.max_bytes} bytes")
     deadline = Deadline(limits.timeout, "reading", stop)
+    if sniff_container(data) == "mov":
+        check_declared_samples(data, limits)
     with opened(data) as container:
         stream = _video_stream(container)
         width, height = _checked_size(stream, limits)
@@ -102,7 +108,7 @@ def probe_video(
         timestamps, keyframes, end = _read_packets(container, stream, limits, deadline)
         found = VideoProbe(
             container.format.name.split(",")[0],
-            stream.codec_context.name,
+            stream.codec_context.codec.canonical_name,
             stream.index,
             width,
             height,
@@ -141,10 +147,28 @@ def _video_stream(container):
         kinds = " and ".join(sorted({s.type for s in container.streams}))
         raise Ovis2Error("the file has no video stream" + (f" (only {kinds})" if kinds else ""))
     stream = container.streams.video[0]
-    codec = stream.codec_context.name
+    if stream.codec_context is None:  # FFmpeg found the track but could not set up its decoder
+        raise Ovis2Error("the video is corrupt or its codec is unknown")
+    codec = stream.codec_context.codec.canonical_name  # the codec's name (av1), not its decoder's (libdav1d)
     if codec not in CODECS:
         raise Ovis2Error(f"the video codec '{codec}' is not supported; use {', '.join(CODECS)}")
     return stream
+
+
+def check_declared_samples(data: bytes, limits: VideoLimits) -> None:
+    """Refuse an mp4/mov file whose sample tables declare more samples than its limits allow, before FFmpeg
+    builds an index entry for each (mp4_sample_tables.py)."""
+    for track in declared_tracks(data):
+        if track.chunked_audio:
+            limit = int(limits.max_seconds * MAX_AUDIO_SAMPLE_RATE)
+        else:
+            limit = TRACK_SAMPLES_PER_FRAME_LIMIT * limits.max_stream_frames
+        if track.samples > limit:
+            what = {b"vide": "video track", b"soun": "audio track"}.get(track.handler, "track")
+            raise Ovis2Error(
+                f"the video's index declares {track.samples} samples in its {what} {track.track_id}; "
+                f"at most {limit} are allowed"
+            )
 
 
 def _checked_size(stream, limits: VideoLimits) -> tuple[int, int]:

@@ -4,6 +4,7 @@ computation from the container's own timestamps, seeking, and every kind of bad 
 from __future__ import annotations
 
 import io
+import struct
 import threading
 from fractions import Fraction
 
@@ -30,7 +31,9 @@ def every_frame(data: bytes) -> tuple[list[Fraction], list[np.ndarray], Fraction
         return times, pixels, (frames[-1].pts + step) * stream.time_base
 
 
-@pytest.mark.parametrize("name", ["h264", "vp9", "mpeg4", "h264_mkv", "bframes", "gop5"])
+@pytest.mark.parametrize(
+    "name", ["h264", "hevc", "vp8", "vp9", "mpeg4", "av1", "h264_mkv", "bframes", "gop5"]
+)
 @pytest.mark.parametrize("num_frames", [12, 5, 1])
 def test_constant_rate_frames_are_the_model_cards_frames_of_the_container(videos, name, num_frames):
     data = getattr(videos, name)
@@ -112,6 +115,10 @@ BAD_VIDEOS = {
     "truncated_frames": "corrupt or truncated",
     "claims_longer": "declares 200.00s but its frames span 2.00s",
     "claims_shorter": "declares 0.20s but its frames span 2.00s",
+    "index_cut": "corrupt or its codec is unknown",
+    "index_bomb": "index declares 3000000 samples in its video track 1; at most 144000 are allowed",
+    "fragment_bomb": "index declares 3000000 samples in its video track 1; at most 144000 are allowed",
+    "growing": "frames grow from the 64x48 its header declares to 128x96",
 }
 
 
@@ -119,6 +126,37 @@ BAD_VIDEOS = {
 def test_bad_videos_are_refused(videos, name):
     with pytest.raises(Ovis2Error, match=BAD_VIDEOS[name]):
         load_video(getattr(videos, name))
+
+
+@pytest.mark.parametrize("name", ["index_bomb", "fragment_bomb"])
+def test_an_index_declaring_millions_of_samples_is_refused_before_ffmpeg_opens_it(videos, name, monkeypatch):
+    from ovis2 import video_probe
+
+    def never(data):
+        raise AssertionError("FFmpeg was given the file")
+
+    monkeypatch.setattr(video_probe, "opened", never)
+    with pytest.raises(Ovis2Error, match="samples in its video track"):
+        probe_video(getattr(videos, name))
+
+
+def test_uncompressed_audio_is_held_to_its_sample_rate_not_to_the_frame_limit(videos):
+    """PCM's table declares a sample per audio sample (160000 here, past 4 x 36000), which FFmpeg indexes by
+    chunk: allowed up to max_seconds of 384 kHz audio."""
+    assert len(load_video(videos.pcm_audio, 4).frames) == 4
+    patched = bytearray(videos.pcm_audio)
+    audio_stsz = patched.find(b"stsz", patched.find(b"stsz") + 4) + 4
+    struct.pack_into(">I", patched, audio_stsz + 8, 300_000_000)
+    with pytest.raises(Ovis2Error, match="300000000 samples in its audio track 2; at most 230400000"):
+        probe_video(bytes(patched))
+
+
+def test_a_frame_past_the_pixel_limit_is_refused_by_the_decoder(videos):
+    """The header's 64x48 passes the limit; the decoder refuses the 128x96 frames before it allocates them."""
+    limits = VideoLimits(max_frame_pixels=64 * 48 * 2)
+    probed = probe_video(videos.growing, limits)
+    with pytest.raises(Ovis2Error, match="a frame is larger than the limit of 6144 pixels"):
+        decode_video_frames(videos.growing, probed, list(probed.timestamps), limits)
 
 
 def test_empty_bytes_are_refused():

@@ -1,4 +1,5 @@
-"""Tiny test videos made with PyAV (bundled FFmpeg: libx264, libvpx-vp9 and mpeg4 encode here), good and bad.
+"""Tiny test videos made with PyAV (bundled FFmpeg: libx264, libx265, libvpx, libvpx-vp9, libsvtav1 and mpeg4
+encode here), good and bad.
 
 Frame i of a `gray_frames` video is flat gray at level `level(i)`, so a decoded frame tells which one it is
 (`frame_index`) whatever the codec did to it. Every maker returns the file's bytes.
@@ -131,6 +132,84 @@ def faststart(count: int = 20) -> bytes:
     return gray_video(count, container_options={"movflags": "+faststart"})
 
 
+def index_bomb(samples: int) -> bytes:
+    """The h264 mp4 with its sample table rewritten in place to declare `samples` samples of one constant size
+    in each chunk (stsz, stsc): a few bytes that make FFmpeg build an index entry per declared sample."""
+    patched = bytearray(gray_video(20))
+    stsz = patched.find(b"stsz") + 4  # body: version/flags, sample_size, sample_count, [sizes]
+    struct.pack_into(">II", patched, stsz + 4, 16, samples)
+    stsc = (
+        patched.find(b"stsc") + 4
+    )  # body: version/flags, entry_count, (first_chunk, samples_per_chunk, id)...
+    struct.pack_into(">I", patched, stsc + 12, samples)
+    return bytes(patched)
+
+
+def fragment_bomb(samples: int) -> bytes:
+    """A fragmented h264 mp4 whose first fragment's trun declares `samples` samples."""
+    patched = bytearray(gray_video(20, container_options={"movflags": "frag_keyframe+empty_moov"}))
+    trun = patched.find(b"trun") + 4  # body: version/flags, sample_count, ...
+    struct.pack_into(">I", patched, trun + 4, samples)
+    return bytes(patched)
+
+
+def growing(big: tuple[int, int] = (128, 96), count: int = 4) -> bytes:
+    """A vp9 webm whose header and first `count` frames are SIZE, then `count` frames of `big` (a vp9 keyframe
+    carries its own size, so a stream may switch)."""
+    buffer = io.BytesIO()
+    options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    with av.open(buffer, "w", format="webm") as out:
+        stream = out.add_stream("libvpx-vp9", rate=10)
+        stream.width, stream.height, stream.pix_fmt, stream.options = *SIZE, "yuv420p", options
+        _encode_into(out, stream, stream, [gray(i) for i in range(count)], 0)
+        larger = av.CodecContext.create("libvpx-vp9", "w")
+        larger.width, larger.height, larger.pix_fmt, larger.options = *big, "yuv420p", options
+        larger.time_base, larger.framerate = Fraction(1, 10), 10
+        _encode_into(out, stream, larger, [gray(count + i, big) for i in range(count)], count)
+    return buffer.getvalue()
+
+
+def _encode_into(out, stream, encoder, frames: list, first_pts: int) -> None:
+    def mux(packets) -> None:
+        for packet in packets:
+            packet.stream, packet.pts, packet.dts = stream, first_pts + packet.pts, first_pts + packet.pts
+            out.mux(packet)
+
+    for i, array in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+        frame.pts = i
+        mux(encoder.encode(frame))
+    mux(encoder.encode())
+
+
+def with_pcm_audio(seconds: int, rate: int = 8000) -> bytes:
+    """A mov of `seconds` one-per-second h264 frames and as long a track of 16-bit PCM audio, whose sample table
+    declares one sample per audio sample (FFmpeg indexes such audio by chunk)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "video.mov"
+        with av.open(str(path), "w", format="mov") as out:
+            video = out.add_stream("libx264", rate=1)
+            video.width, video.height, video.pix_fmt, video.options = (
+                *SIZE,
+                "yuv420p",
+                {"preset": "ultrafast"},
+            )
+            audio = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+            for second in range(seconds):
+                for packet in video.encode(av.VideoFrame.from_ndarray(gray(second % 40), format="rgb24")):
+                    out.mux(packet)
+                samples = av.AudioFrame.from_ndarray(
+                    np.zeros((1, rate), np.int16), format="s16", layout="mono"
+                )
+                samples.sample_rate, samples.pts = rate, second * rate
+                for packet in audio.encode(samples):
+                    out.mux(packet)
+            for stream in (video, audio):
+                for packet in stream.encode():
+                    out.mux(packet)
+        return path.read_bytes()
+
+
 class VideoSet:
     """The test videos, each made on first use and kept (a session fixture holds one VideoSet)."""
 
@@ -178,4 +257,12 @@ MAKERS = {
     "claims_longer": lambda: webm_declaring(gray_video(20, "libvpx-vp9", "webm"), 200_000.0),
     "claims_shorter": lambda: mp4_declaring(gray_video(20), 0.1),
     "not_a_video": lambda: b"GIF89a, or any other file: " + bytes(range(256)),
+    "hevc": lambda: gray_video(24, "libx265", "mp4", options={"preset": "ultrafast", "crf": "10"}),
+    "vp8": lambda: gray_video(24, "libvpx", "webm"),
+    "av1": lambda: gray_video(24, "libsvtav1", "mp4", options={"preset": "12", "crf": "10"}),
+    "index_cut": lambda: faststart()[: faststart().find(b"stsd")],  # the track's sample description is lost
+    "index_bomb": lambda: index_bomb(3_000_000),
+    "fragment_bomb": lambda: fragment_bomb(3_000_000),
+    "growing": growing,
+    "pcm_audio": lambda: with_pcm_audio(20),
 }
