@@ -86,6 +86,8 @@ class MediaFetcher:
             raise MediaError(f"fetching the {noun} took longer than {self.timeout:g}s") from exc
         except httpx.TimeoutException as exc:
             raise MediaError(f"timed out connecting to the {noun} server") from exc
+        except httpx.InvalidURL as exc:  # httpx parses a redirect's Location even when it does not follow it
+            raise MediaError(f"the {noun} server redirected to a URL that cannot be fetched") from exc
         except httpx.HTTPError as exc:
             raise MediaError(f"could not fetch the {noun} ({type(exc).__name__})") from exc
 

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -149,6 +150,9 @@ def test_redirects_are_rechecked(image_server):
     refused(image_server.url("/redirect?to=http://10.0.0.1/x.png"), "private", allowed_networks=LOCAL)
     refused(image_server.url("/redirect?to=file:///etc/passwd"), "http(s)", allowed_networks=LOCAL)
     refused(image_server.url("/redirect?to=http://[::1/x.png"), "could not fetch", allowed_networks=LOCAL)
+    for location in ("data:image/png;base64,iVBORw0KGgo=", "mailto:a@b.c"):  # httpx cannot even parse these
+        redirect = image_server.url("/redirect?to=" + quote(location, safe=""))
+        refused(redirect, "redirected to a URL that cannot be fetched", allowed_networks=LOCAL)
     refused(image_server.url("/loop"), "redirected more than 3", allowed_networks=LOCAL)
     two_hops = image_server.url("/redirect?to=" + image_server.url(f"/redirect?to={target}"))
     refused(two_hops, "more than 1", allowed_networks=LOCAL, max_redirects=1)
