@@ -124,12 +124,15 @@ class VideoLoader:
         thread to stop (a queued one never starts)."""
         stop = threading.Event()
         job = self.executor.submit(function, *args, stop=stop)
+        done = asyncio.wrap_future(job)
         try:
-            return await asyncio.shield(asyncio.wrap_future(job))
+            return await asyncio.shield(done)
         except asyncio.CancelledError:
             stop.set()
             if not job.cancel():
-                await asyncio.wait([asyncio.wrap_future(job)])
+                await asyncio.wait([done])
+            if done.done() and not done.cancelled():
+                done.exception()  # the stopped thread's error is no one's: retrieved, so asyncio logs nothing
             raise
 
     def close(self) -> None:
