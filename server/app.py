@@ -17,6 +17,7 @@ from .engine_api import build_engine
 from .errors import install_error_handlers
 from .malloc_policy import release_free_memory
 from .media import ImageLoader, MediaPolicy
+from .media.byte_budget import MediaBytesBudget
 from .media.video import VideoLoader
 from .metrics import ServerMetrics
 from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware
@@ -58,6 +59,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         metrics=metrics,
         images=ImageLoader(policy, budget=PixelBudget(settings.max_image_pixels_in_flight)),
         videos=VideoLoader.from_settings(settings, policy, on_decoded=metrics.video_decoded),
+        media_bytes=MediaBytesBudget(settings.max_media_bytes_in_flight),
         engine=engine,
     )
 

@@ -108,6 +108,12 @@ class ServerMetrics:
             labels,
             registry=r,
         )
+        self.media_bytes_in_flight = Gauge(
+            "ovis2_media_bytes_in_flight",
+            "Encoded image and video bytes held against --max-media-bytes-in-flight.",
+            labels,
+            registry=r,
+        )
         self.requests_waiting_for_pixels = Gauge(
             "ovis2_requests_waiting_for_image_pixels",
             "Requests waiting for the decoded-pixel budget.",
@@ -182,6 +188,9 @@ class ServerMetrics:
     def update_pixel_budget(self, budget) -> None:
         self.image_pixels_in_flight.labels(**self._labels).set(budget.in_use)
         self.requests_waiting_for_pixels.labels(**self._labels).set(budget.num_waiting)
+
+    def update_media_bytes(self, budget) -> None:
+        self.media_bytes_in_flight.labels(**self._labels).set(budget.in_use)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,4 +90,5 @@ async def health(state: State) -> Response:
 async def metrics(state: State) -> Response:
     state.metrics.update_engine_stats(state.engine.stats)
     state.metrics.update_pixel_budget(state.images.budget)
+    state.metrics.update_media_bytes(state.media_bytes)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

@@ -102,6 +102,12 @@ class ServerSettings(EngineSettings):
         description="Most decoded image pixels held at once across all requests (4 bytes each in Pillow); requests beyond it wait, one needing more alone gets 400.",
     )
 
+    max_media_bytes_in_flight: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="Most encoded image and video bytes (fetched or base64) held at once across all requests, until each request's media are decoded; a request that would pass it gets 503 (retry).",
+    )
+
     # Videos: limits (with --max-video-frames and --max-video-frames-per-request, which the engine checks too).
     max_videos_per_request: int = Field(4, ge=1, description="Most video parts in one request.")
     max_video_bytes: int = Field(
@@ -177,6 +183,16 @@ class ServerSettings(EngineSettings):
             raise ValueError(
                 f"max_image_pixels_in_flight ({self.max_image_pixels_in_flight}) is below max_image_pixels "
                 f"({self.max_image_pixels}): an image of the allowed size could never be decoded"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_part_fits_the_byte_budget(self) -> ServerSettings:
+        largest = max(self.max_image_bytes, self.max_video_bytes)
+        if self.max_media_bytes_in_flight < largest:
+            raise ValueError(
+                f"max_media_bytes_in_flight ({self.max_media_bytes_in_flight}) is below the largest image or video "
+                f"allowed ({largest} bytes): such a part could never be fetched"
             )
         return self
 

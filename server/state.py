@@ -10,6 +10,7 @@ from fastapi import Request
 
 from .errors import APIError
 from .media import ImageLoader
+from .media.byte_budget import MediaBytesBudget
 from .media.video import VideoLoader
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -21,6 +22,7 @@ class ServerState:
     metrics: ServerMetrics
     images: ImageLoader
     videos: VideoLoader = field(default_factory=VideoLoader)
+    media_bytes: MediaBytesBudget = field(default_factory=MediaBytesBudget)  # encoded media held at once
     engine: Any = None  # an AsyncEngine (docs/CONTRACTS.md); set by the lifespan
     num_in_flight: int = 0
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
+from .byte_budget import BytesHold
 from .errors import MediaError
 from .policy import MediaPolicy, host_allowed, resolve_checked
 
@@ -57,6 +58,7 @@ class MediaFetcher:
     policy: MediaPolicy = field(default_factory=MediaPolicy)
     transport: httpx.AsyncBaseTransport | None = None  # tests may inject one
     kind: MediaKind = IMAGE
+    hold: BytesHold | None = None  # the request's share of the media bytes in flight, taken as bytes arrive
 
     @property
     def max_bytes(self) -> int:
@@ -69,11 +71,13 @@ class MediaFetcher:
     async def read_bytes(self, url: str) -> bytes:
         scheme = url[: url.find(":")].lower() if ":" in url[:10] else ""
         if scheme == "data":
-            return await asyncio.to_thread(decode_data_url, url, (self.max_bytes + 2) // 3 * 4, self.kind)
+            data = await asyncio.to_thread(decode_data_url, url, (self.max_bytes + 2) // 3 * 4, self.kind)
+            return self._held(data)
         if scheme in ("http", "https"):
             return await self.fetch(url)
         if scheme == "file":
-            return await asyncio.to_thread(read_local_file, url, self.policy, self.max_bytes, self.kind.noun)
+            data = await asyncio.to_thread(read_local_file, url, self.policy, self.max_bytes, self.kind.noun)
+            return self._held(data)
         noun = self.kind.noun
         raise MediaError(f"{noun}_url must be an http(s):// URL or a data:{noun}/...;base64 URL")
 
@@ -133,6 +137,11 @@ class MediaFetcher:
             finally:
                 await response.aclose()
 
+    def _held(self, data: bytes) -> bytes:
+        if self.hold is not None:
+            self.hold.take(len(data))
+        return data
+
     async def _read_capped(self, response: httpx.Response) -> bytes:
         cap, noun = self.max_bytes, self.kind.noun
         # httpx would inflate gzip, deflate (or nested "gzip, gzip") whole chunks before the cap below saw them: a
@@ -147,6 +156,7 @@ class MediaFetcher:
             size += len(chunk)
             if size > cap:
                 raise MediaError(f"the {noun} is larger than {cap} bytes")
+            self._held(chunk)
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..aio import results_or_first_error, wait_even_if_cancelled
 from ..pixel_budget import PixelBudget, PixelBudgetExceeded
+from .byte_budget import BytesHold
 from .errors import MediaError
 from .fetch import MediaFetcher
 from .image import decode_pixels, open_image, upright_size
@@ -28,10 +29,6 @@ class ImageLoader:
     policy: MediaPolicy = field(default_factory=MediaPolicy)
     transport: httpx.AsyncBaseTransport | None = None  # tests may inject one
     budget: PixelBudget = field(default_factory=lambda: PixelBudget(DEFAULT_PIXELS_IN_FLIGHT))
-
-    @property
-    def fetcher(self) -> MediaFetcher:
-        return MediaFetcher(self.policy, self.transport)
 
     @asynccontextmanager
     async def decoded(self, urls: list[tuple[str, str]]) -> AsyncIterator[list[Image.Image]]:
@@ -56,19 +53,23 @@ class ImageLoader:
             for image in (*opened, *decoded):
                 image.close()
 
-    async def sizes(self, urls: list[tuple[str, str]]) -> list[tuple[int, int]]:
+    async def sizes(
+        self, urls: list[tuple[str, str]], hold: BytesHold | None = None
+    ) -> list[tuple[int, int]]:
         """The upright (width, height) of every (url, param), fetched and header-checked; no pixel is decoded."""
-        opened = await self._open_all(urls)
+        opened = await self._open_all(urls, hold)
         try:
             return await asyncio.to_thread(lambda: [upright_size(image) for image in opened])
         finally:
             for image in opened:
                 image.close()
 
-    async def _open_all(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
+    async def _open_all(
+        self, urls: list[tuple[str, str]], hold: BytesHold | None = None
+    ) -> list[Image.Image]:
         if not urls:
             return []
-        tasks = [asyncio.ensure_future(self.open(url, param)) for url, param in urls]
+        tasks = [asyncio.ensure_future(self.open(url, param, hold)) for url, param in urls]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -77,10 +78,10 @@ class ImageLoader:
             await asyncio.wait(tasks)
         return results_or_first_error(tasks, Image.Image.close)
 
-    async def open(self, url: str, param: str | None = None) -> Image.Image:
-        """Fetched and header-checked, not decoded."""
+    async def open(self, url: str, param: str | None = None, hold: BytesHold | None = None) -> Image.Image:
+        """Fetched and header-checked, not decoded; its bytes taken into `hold`."""
         try:
-            data = await self.fetcher.read_bytes(url)
+            data = await MediaFetcher(self.policy, self.transport, hold=hold).read_bytes(url)
             return await asyncio.to_thread(open_image, data, self.policy.max_image_pixels)
         except MediaError as exc:
             exc.param = exc.param or param

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..aio import results_or_first_error, wait_even_if_cancelled
 from ..pixel_budget import PixelBudgetExceeded
+from .byte_budget import BytesHold
 from .errors import MediaError
 from .image import decode_pixels
 from .loader import ImageLoader
@@ -32,9 +33,11 @@ async def decoded_media(
     image_urls: list[ImageURL],
     video_urls: list[VideoURL],
     max_frames: int,
+    hold: BytesHold | None = None,
 ) -> AsyncIterator[tuple[list[Image.Image], list[list[Image.Image]]]]:
-    """(the decoded images, each video's frames), held against the pixel budget until the block ends."""
-    opened = await _open_all(images, videos, image_urls, video_urls)
+    """(the decoded images, each video's frames), held against the pixel budget until the block ends; the
+    encoded bytes taken into `hold` as they arrive."""
+    opened = await _open_all(images, videos, image_urls, video_urls, hold)
     decoded: list = []
     try:
         _check_frames(opened[len(image_urls) :], max_frames)
@@ -59,10 +62,10 @@ async def decoded_media(
 
 
 async def video_frame_counts(
-    videos: VideoLoader, video_urls: list[VideoURL]
+    videos: VideoLoader, video_urls: list[VideoURL], hold: BytesHold | None = None
 ) -> list[tuple[int, tuple[int, int]]]:
     """(frames it gives, frame size) of each video: fetched and its packets read, no frame decoded."""
-    opened = await _open_all(None, videos, [], video_urls)
+    opened = await _open_all(None, videos, [], video_urls, hold)
     try:
         return [(video.num_frames, video.frame_size) for video in opened]
     finally:
@@ -71,10 +74,14 @@ async def video_frame_counts(
 
 
 async def _open_all(
-    images: ImageLoader | None, videos: VideoLoader, image_urls: list[ImageURL], video_urls: list[VideoURL]
+    images: ImageLoader | None,
+    videos: VideoLoader,
+    image_urls: list[ImageURL],
+    video_urls: list[VideoURL],
+    hold: BytesHold | None = None,
 ) -> list:
-    jobs = [images.open(url, param) for url, param in image_urls] if images is not None else []
-    jobs += [videos.open(url, frames, param) for url, frames, param in video_urls]
+    jobs = [images.open(url, param, hold) for url, param in image_urls] if images is not None else []
+    jobs += [videos.open(url, frames, param, hold) for url, frames, param in video_urls]
     if not jobs:
         return []
     tasks = [asyncio.ensure_future(job) for job in jobs]

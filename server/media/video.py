@@ -27,6 +27,7 @@ from ..engine_api import (
     probe_video,
     sample_timestamps,
 )
+from .byte_budget import BytesHold
 from .errors import MediaError
 from .fetch import VIDEO, MediaFetcher
 from .policy import MediaPolicy
@@ -90,10 +91,12 @@ class VideoLoader:
         )
         return cls(policy, limits, settings.video_decode_workers, on_decoded=on_decoded)
 
-    async def open(self, url: str, frames: FrameRequest, param: str | None = None) -> OpenedVideo:
-        """Fetched and its packets read: the timestamps of the frames to decode."""
+    async def open(
+        self, url: str, frames: FrameRequest, param: str | None = None, hold: BytesHold | None = None
+    ) -> OpenedVideo:
+        """Fetched (its bytes taken into `hold`) and its packets read: the timestamps of the frames to decode."""
         try:
-            data = await MediaFetcher(self.policy, self.transport, VIDEO).read_bytes(url)
+            data = await MediaFetcher(self.policy, self.transport, VIDEO, hold).read_bytes(url)
             probed = await self.in_pool(probe_video, data, self.limits)
             count = (
                 frames.num_frames

@@ -13,10 +13,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
+from server.errors import APIError
 from server.media import ImageLoader, MediaError, MediaPolicy, address_problem, decode_image, host_allowed
+from server.media.byte_budget import MediaBytesBudget
 from tests.server.conftest import data_url, image_bytes, png_header_only
 
 LOCAL = (ipaddress.ip_network("127.0.0.1/32"),)
@@ -174,6 +177,31 @@ def test_redirects_are_rechecked(image_server):
 def test_byte_cap_while_streaming(image_server):
     refused(image_server.url("/big"), "larger than", allowed_networks=LOCAL, max_image_bytes=200_000)
     refused(image_server.url("/img.png"), "larger than", allowed_networks=LOCAL, max_image_bytes=10)
+
+
+def test_media_bytes_past_the_budget_are_refused_with_a_503_and_given_back(image_server):
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    size, url = len(buffer.getvalue()), data_url(buffer.getvalue())
+    budget = MediaBytesBudget(size + 1000)
+    loader = ImageLoader(MediaPolicy(allowed_networks=LOCAL))
+
+    async def scenario():
+        first, second = budget.hold(), budget.hold()
+        (await loader.open(url, "p", first)).close()
+        assert budget.in_use == size == first.held
+        for source in (url, image_server.url("/big")):  # decoded from base64, or as it streams in
+            with pytest.raises(APIError) as info:
+                await loader.open(source, "p", second)
+            assert info.value.status == 503 and "retry" in info.value.message
+        first.release()
+        second.release()
+        assert budget.in_use == 0
+        (await loader.open(url, "p", second)).close()  # room again
+        second.release()
+
+    asyncio.run(scenario())
 
 
 def test_total_timeout(image_server):

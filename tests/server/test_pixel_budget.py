@@ -147,6 +147,7 @@ def test_metrics_show_the_budget(client):
     text = client.get("/metrics").text
     assert 'ovis2_image_pixels_in_flight{model_name="fake-model"} 0.0' in text
     assert 'ovis2_requests_waiting_for_image_pixels{model_name="fake-model"} 0.0' in text
+    assert 'ovis2_media_bytes_in_flight{model_name="fake-model"} 0.0' in text
 
 
 def test_a_waiter_cancelled_just_before_a_release_breaks_nothing():

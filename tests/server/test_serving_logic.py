@@ -181,6 +181,28 @@ def test_cli_help_runs():
     assert result.returncode == 0 and "--max-images-per-request" in result.stdout
 
 
+def test_the_media_byte_budget_must_hold_the_largest_part():
+    sizes = {"max_image_bytes": 1000, "max_video_bytes": 2000}
+    with pytest.raises(ValueError, match="max_media_bytes_in_flight"):
+        ServerSettings(_env_file=None, **sizes, max_media_bytes_in_flight=1999)
+    assert ServerSettings(_env_file=None, **sizes, max_media_bytes_in_flight=2000)
+
+
+def test_requests_give_their_media_bytes_back_whatever_happens(make_client):
+    from tests.server.conftest import data_url, image_bytes, image_message
+
+    client = make_client(max_media_bytes_in_flight=64 * 1024 * 1024)
+    good, bad = data_url(image_bytes(size=(40, 30))), data_url(b"\x89PNG\r\n\x1a\n" + bytes(500), "image/png")
+    for url, status in ((good, 200), (bad, 400)):
+        response = client.post(
+            "/v1/chat/completions", json={"messages": [image_message(url)], "max_tokens": 2}
+        )
+        assert response.status_code == status, response.text
+        tokenized = client.post("/tokenize", json={"messages": [image_message(url)]})
+        assert tokenized.status_code == status, tokenized.text
+        assert 'ovis2_media_bytes_in_flight{model_name="fake-model"} 0.0' in client.get("/metrics").text
+
+
 def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_place_back(fake_engine):
     from server.chat import create_chat_completion
     from server.protocol import ChatCompletionRequest
