@@ -10,8 +10,15 @@ from contextlib import aclosing
 from fastapi import Request, Response
 
 from .chat_inputs import build_chat_inputs
-from .engine_api import CompletionOutput, EngineInputs, RequestOutput, SamplingParams, TokenLogprob
-from .errors import APIError, bad_request
+from .engine_api import (
+    CompletionOutput,
+    EngineDeadError,
+    EngineInputs,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from .errors import ENGINE_DEAD, APIError, bad_request
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -40,7 +47,7 @@ from .request_flow import (
 )
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
-from .streaming import DONE, chunk_payload, sse, sse_error
+from .streaming import DONE, chunk_payload, sse, sse_api_error
 from .structured_outputs import Constraint, constrained, requested_constraint
 from .videos import video_options
 
@@ -232,7 +239,7 @@ async def stream_chat(
                 if choice.finished:
                     yield emit([chunker.finish(choice)])
         except EngineStreamFailed as failure:
-            yield sse_error(failure.error.message, failure.error.status)
+            yield sse_api_error(failure.error)
             yield DONE
             return
     if include_usage:
@@ -254,13 +261,22 @@ async def choice_updates(
     """(output, choice) for each update of a choice, up to and including the one that finishes it."""
     finished: set[int] = set()
     async with aclosing(rest):
-        async for output in prepend(first, rest):
-            if failed(output):
-                raise EngineStreamFailed(engine_failure(output))
-            for choice in output.outputs:
-                if choice.index not in finished:
-                    finished.update([choice.index] if choice.finished else [])
-                    yield output, choice
+        try:
+            async for output in prepend(first, rest):
+                if failed(output):
+                    raise EngineStreamFailed(engine_failure(output))
+                for choice in output.outputs:
+                    if choice.index not in finished:
+                        finished.update([choice.index] if choice.finished else [])
+                        yield output, choice
+        except EngineDeadError as exc:  # the loop died (or was stopped) with the stream open
+            logger.error("the engine stopped during a stream: %s", exc)
+            raise EngineStreamFailed(APIError(ENGINE_DEAD, 503, code="engine_dead")) from exc
+        except EngineStreamFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stream that has begun can only end with an error event
+            logger.exception("the stream of an answer failed")
+            raise EngineStreamFailed(APIError(ENGINE_FAILED, 500)) from exc
 
 
 async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

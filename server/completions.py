@@ -23,7 +23,7 @@ from .protocol import (
 from .request_flow import generate, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
-from .streaming import DONE, chunk_payload, sse, sse_error
+from .streaming import DONE, chunk_payload, sse, sse_api_error
 from .structured_outputs import constrained, requested_constraint
 
 
@@ -172,7 +172,7 @@ async def stream_completion(
                 started.add(choice.index)
                 yield builder.chunk([delta], None, include_usage)
     except EngineStreamFailed as failure:
-        yield sse_error(failure.error.message, failure.error.status)
+        yield sse_api_error(failure.error)
         yield DONE
         return
     if include_usage:

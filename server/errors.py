@@ -28,6 +28,9 @@ ERROR_TYPES = {
 }
 
 
+ENGINE_DEAD = "the inference engine is not running"
+
+
 class APIError(Exception):
     """A failure the client should see, with its HTTP status and the request field at fault."""
 
@@ -111,7 +114,7 @@ async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
     logger.error("engine is dead: %s", exc)
-    return error_response("the inference engine is not running", 503, code="engine_dead")
+    return error_response(ENGINE_DEAD, 503, code="engine_dead")
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from .chat import create_chat_completion
 from .completions import create_completion
 from .engine_api import EngineDeadError
-from .errors import error_response
+from .errors import ENGINE_DEAD, error_response
 from .metrics import CONTENT_TYPE
 from .protocol import (
     ChatCompletionRequest,
@@ -82,7 +82,7 @@ async def health(state: State) -> Response:
     try:
         state.engine.check_health()
     except EngineDeadError:
-        return error_response("the inference engine is not running", 503, code="engine_dead")
+        return error_response(ENGINE_DEAD, 503, code="engine_dead")
     return Response(status_code=200)
 
 

@@ -34,8 +34,9 @@ def chunk_payload(chunk: BaseModel, include_usage: bool) -> dict:
     return payload
 
 
-def sse_error(message: str, status: int = 500) -> str:
-    return sse(error_body(message, status))
+def sse_api_error(error) -> str:
+    """An APIError as a stream's error event, in the same envelope as a whole answer's."""
+    return sse(error_body(error.message, error.status, error.param, error.code))
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:

@@ -112,6 +112,7 @@ class FakeEngine:
     fail_from_step: int = 0  # ...starting at this output (0: the first)
     fail_as_users: bool = False  # ...flagged as the request's own fault (RequestOutput.user_error)
     crash_with: Exception | None = None  # an exception raised from generate()
+    crash_mid_stream: Exception | None = None  # ...raised instead of the output of step `fail_from_step`
     num_total_blocks: int = 64
     started: bool = False
     stopped: bool = False
@@ -175,6 +176,8 @@ class FakeEngine:
                 await asyncio.sleep(self.step_delay)
                 if request_id not in self.running:
                     return
+                if self.crash_mid_stream is not None and step >= self.fail_from_step:
+                    raise self.crash_mid_stream
                 outputs = [c.step(self.tokenizer, params) for c in choices]
                 output = RequestOutput(
                     request_id,

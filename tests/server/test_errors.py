@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ovis2 import EngineDeadError
 from tests.server.conftest import data_url, image_bytes, image_message
 
 TEXT = [{"role": "user", "content": "hi"}]
@@ -304,6 +305,31 @@ def test_a_failure_of_the_requests_own_making_mid_stream_is_an_error_event_with_
     stream = client.post(route, json={**body, "stream": True})
     assert stream.status_code == 200 and DEAD_END not in stream.text
     assert "the engine failed while generating this answer" in stream.text
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize(
+    ("crash", "status", "code", "words"),
+    [
+        (EngineDeadError("the loop died"), 503, "engine_dead", "the inference engine is not running"),
+        (RuntimeError("secret detail"), 500, None, "the engine failed while generating this answer"),
+    ],
+)
+def test_a_stream_cut_by_the_engine_ends_with_an_error_event(
+    client, fake_engine, route, crash, status, code, words
+):
+    fake_engine.crash_mid_stream, fake_engine.fail_from_step = crash, 2
+    body = {**ROUTES[route], "max_tokens" if route != "/v1/responses" else "max_output_tokens": 8}
+    stream = client.post(route, json={**body, "stream": True})
+    assert stream.status_code == 200 and "secret" not in stream.text
+    events = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+    if route == "/v1/responses":
+        assert events[-1]["type"] == "response.failed"
+        assert events[-1]["response"]["error"] == {"code": "server_error", "message": words}
+    else:
+        kind = "service_unavailable_error" if status == 503 else "internal_server_error"
+        assert events[-1] == {"error": {"message": words, "type": kind, "param": None, "code": code}}
+        assert stream.text.endswith("data: [DONE]\n\n")
 
 
 def test_dead_engine(client, fake_engine):
