@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     find_checkpoint(settings)
     import uvicorn
 
-    from .app import create_app
+    from .app import SHUTDOWN_MARGIN_SECONDS, create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -118,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
+        # past the grace period the app fails what is still running with 503s (app.stop_after_grace): uvicorn
+        # waits a little longer, so that those answers go out before it cancels what remains
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + SHUTDOWN_MARGIN_SECONDS,
     )
     server = uvicorn.Server(config)
+    app.state.server.exit_requested = lambda: server.should_exit
     # uvicorn re-raises the signal that stopped it after its graceful shutdown; with these handlers in place that
     # re-raise is a no-op, so SIGTERM ends in exit status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -39,6 +39,8 @@ DEMO_BANNER = (
 # finished requests' buffers. Trimmed at once, a 256-stream burst on the demo model left 1372 MB resident;
 # trimmed a second later, 1076-1082 MB, wave after wave (bench/RESULTS.md, "Server memory").
 IDLE_TRIM_QUIET_SECONDS = 1.0
+SHUTDOWN_MARGIN_SECONDS = 5  # how long the runner waits past the grace period for the 503s to go out
+EXIT_POLL_SECONDS = 0.1
 
 
 def freeze_startup_objects() -> None:
@@ -79,14 +81,14 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         )
         if settings.model == "demo":
             logger.warning(DEMO_BANNER)
-        stats_task = None
+        tasks = [asyncio.create_task(stop_after_grace(state, settings.shutdown_grace_seconds))]
         if settings.stats_log_interval > 0:
-            stats_task = asyncio.create_task(log_stats_forever(state, settings.stats_log_interval))
+            tasks.append(asyncio.create_task(log_stats_forever(state, settings.stats_log_interval)))
         try:
             yield
         finally:
-            if stats_task is not None:
-                stats_task.cancel()
+            for task in tasks:
+                task.cancel()
             await _drain(state, settings.shutdown_grace_seconds)
             await state.engine.shutdown()
             state.videos.close()
@@ -106,6 +108,26 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
             allow_headers=["Authorization", "Content-Type"],
         )
     return app
+
+
+async def stop_after_grace(state: ServerState, grace_seconds: float) -> None:
+    """Once the process is told to exit (`state.exit_requested`, set by the uvicorn runner), give in-flight
+    requests the grace period, then stop the engine: what still runs is answered with 503 engine_dead (streams:
+    an error event and [DONE]) while the runner waits SHUTDOWN_MARGIN_SECONDS more before it cancels anything."""
+    if state.exit_requested is None:
+        return
+    while not state.exit_requested():
+        await asyncio.sleep(EXIT_POLL_SECONDS)
+    deadline = time.monotonic() + grace_seconds
+    while state.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(EXIT_POLL_SECONDS)
+    if state.num_in_flight:
+        logger.warning(
+            "%d requests still running after the %.0fs grace period: answering them with 503",
+            state.num_in_flight,
+            grace_seconds,
+        )
+        await state.engine.shutdown()
 
 
 async def _drain(state: ServerState, grace_seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ class ServerState:
     media_bytes: MediaBytesBudget = field(default_factory=MediaBytesBudget)  # encoded media held at once
     engine: Any = None  # an AsyncEngine (docs/CONTRACTS.md); set by the lifespan
     num_in_flight: int = 0
+    exit_requested: Callable[[], bool] | None = None  # the runner's "told to stop" flag (server/__main__.py)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -140,3 +140,40 @@ def test_sigterm_under_load_finishes_in_flight_requests_then_exits_0(small_queue
         else:
             assert result.status_code == 200, result.text
             assert result.json()["usage"]["completion_tokens"] == SIGTERM_TOKENS
+
+
+def test_requests_still_running_past_the_grace_period_get_503s_in_the_envelope_then_exit_0():
+    """Its own server, with a 1 s grace period and answers far longer than that."""
+    server = LiveServer(["--shutdown-grace-seconds", "1"]).wait_ready()
+    body = {"messages": text_messages("go on for a long time"), "max_tokens": 3000, "ignore_eos": True}
+
+    async def load_then_sigterm():
+        async with async_client() as client:
+            streamed = asyncio.create_task(stream_chat(client, server.chat_url, body))
+            whole = asyncio.create_task(client.post(server.chat_url, json=body))
+            deadline = time.monotonic() + 30
+            while (await asyncio.to_thread(server.metrics))["ovis2_num_requests_running"] < 2:
+                assert time.monotonic() < deadline, "the two requests never ran together"
+                await asyncio.sleep(0.05)
+            server.process.terminate()
+            terminated = time.monotonic()
+            results = await asyncio.gather(streamed, whole)
+            return_code = await asyncio.to_thread(server.process.wait, 30)
+            return results, return_code, time.monotonic() - terminated
+
+    try:
+        (streamed, whole), return_code, seconds = run(load_then_sigterm())
+    finally:
+        server.stop()
+    assert return_code == 0 and seconds < 1 + 5, (return_code, seconds)
+    assert whole.status_code == 503 and whole.json()["error"]["code"] == "engine_dead", whole.text
+    assert streamed.status == 200 and streamed.done and not streamed.finish_reasons, streamed.events
+    assert streamed.errors == [
+        {
+            "message": "the inference engine is not running",
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": "engine_dead",
+        }
+    ]
+    assert "Traceback" not in server.logs()
