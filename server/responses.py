@@ -98,8 +98,10 @@ class ResponseBuilder:
             **fields,
         )
 
-    def message(self, text: str, status: str) -> OutputMessage:
-        return OutputMessage(id=self.message_id, status=status, content=[OutputText(text=text)])
+    def message(self, text: str | None, status: str) -> OutputMessage:
+        """The output message; with text None, one with no content part yet (the stream's first sight of it)."""
+        content = [] if text is None else [OutputText(text=text)]
+        return OutputMessage(id=self.message_id, status=status, content=content)
 
     def finished(self, final: RequestOutput, text: str | None = None) -> ResponseObject:
         """The whole response once the engine is done; cut at max_output_tokens it is 'incomplete'."""
@@ -139,7 +141,9 @@ async def stream_response(
     content_part.done, output_item.done, then completed (or incomplete; failed if the engine fails)."""
     yield builder.event("response.created", response=builder.response("in_progress"))
     yield builder.event("response.in_progress", response=builder.response("in_progress"))
-    yield builder.event("response.output_item.added", output_index=0, item=builder.message("", "in_progress"))
+    yield builder.event(
+        "response.output_item.added", output_index=0, item=builder.message(None, "in_progress")
+    )
     yield builder.text_event("response.content_part.added", part=OutputText(text=""))
     text, last = "", first
     try:

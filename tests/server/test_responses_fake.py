@@ -117,6 +117,9 @@ def test_the_stream_sends_the_responses_events_in_order(client):
     names = [name for name, _ in events]
     assert [n for n in dict.fromkeys(names)] == EVENTS and names.count("response.output_text.delta") == 11
     assert all(name == data["type"] for name, data in events)
+    # the message comes with no part: content_part.added brings its one part (clients append it to the item)
+    added = next(data for name, data in events if name == "response.output_item.added")
+    assert added["item"]["content"] == [] and added["item"]["status"] == "in_progress"
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     deltas = "".join(data["delta"] for name, data in events if name == "response.output_text.delta")
     done = events[-1][1]["response"]
