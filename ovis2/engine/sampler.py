@@ -2,7 +2,7 @@
 
 Order: grammar bitmask (structured outputs: the constrained rows' forbidden tokens -> -inf) -> logit bias -> min_tokens (stop ids masked) -> repetition/presence/frequency penalties -> greedy
 argmax, or temperature -> top_k -> top_p -> min_p -> one draw from the row's own torch.Generator (so a
-seeded request gives the same tokens whatever else is in the batch). Logprobs are the model's raw
+seeded request's draws do not depend on what else is in the batch; its logits do, by rounding, in bf16). Logprobs are the model's raw
 distribution (log_softmax of the unprocessed logits), as OpenAI reports them.
 """
 
