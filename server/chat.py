@@ -63,6 +63,7 @@ async def create_chat_completion(
     if problem is not None:
         raise bad_request(problem[1], problem[0])
     constraint = requested_constraint(request)
+    state.engine.check_capacity()  # before fetching and decoding media for a request that would get a 503
     try:  # a client that leaves while its images wait for the pixel budget gives its place back
         inputs = await unless_disconnected(
             build_chat_inputs(state, request.messages, request.max_tiles_per_image, video_options(request)),

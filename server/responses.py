@@ -42,6 +42,7 @@ async def create_response(state: ServerState, request: ResponsesRequest, raw: Re
     constraint = response_constraint(request)
     messages, origins = chat_messages(request)
     chat = chat_request(request, messages)
+    state.engine.check_capacity()  # before fetching and decoding media for a request that would get a 503
     try:
         inputs = await unless_disconnected(build_chat_inputs(state, chat.messages, None), raw)
         inputs.cache_salt = request.cache_salt

@@ -119,6 +119,13 @@ class AsyncEngine:
         """Requests accepted but not yet in the scheduler's queue: compiling their grammar, or being added."""
         return self._num_compiling + self._num_pending_adds
 
+    def check_capacity(self) -> None:
+        """EngineOverloadedError when the waiting queue is full: callers may check before costly preprocessing;
+        `generate` checks again."""
+        waiting = self.engine.core.scheduler.num_waiting + self._num_waiting_outside
+        if waiting >= self.args.max_waiting_requests:
+            raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
+
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop died: {self._dead!r}")
@@ -141,11 +148,7 @@ class AsyncEngine:
         self.engine.validate(inputs, params)  # user errors raise here, before anything is queued
         if request_id in self._queues:
             raise Ovis2Error(f"request id {request_id!r} is already running")
-        if (
-            self.engine.core.scheduler.num_waiting + self._num_waiting_outside
-            >= self.args.max_waiting_requests
-        ):
-            raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
+        self.check_capacity()
         grammar = await self.compile_grammar(
             params
         )  # in the compiler's threads; a bad constraint raises here

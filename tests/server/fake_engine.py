@@ -160,10 +160,13 @@ class FakeEngine:
         rng = random.Random(rng.random() + index)
         return [rng.choice(WORDS) for _ in self.words]
 
-    async def generate(self, inputs: EngineInputs, params, request_id: str):
-        self.check_health()
+    def check_capacity(self) -> None:
         if self.overloaded:
             raise EngineOverloadedError("full")
+
+    async def generate(self, inputs: EngineInputs, params, request_id: str):
+        self.check_health()
+        self.check_capacity()
         if len(inputs.prompt_token_ids) >= self.max_model_len:
             raise Ovis2Error("the prompt is too long")
         if self.crash_with is not None:

@@ -227,6 +227,13 @@ def test_body_too_large_is_413(make_client):
 
 def test_overloaded_is_503(client, fake_engine):
     fake_engine.overloaded = True
+    calls = len(fake_engine.processor.calls)
+    for route, body in (
+        ("/v1/chat/completions", {"messages": [image_message(data_url(image_bytes()))]}),
+        ("/v1/responses", {"input": "hi"}),
+    ):
+        assert_error(client.post(route, json=body), 503, None, "overloaded")
+    assert len(fake_engine.processor.calls) == calls  # refused before any preprocessing
     assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 503, None, "overloaded")
     stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True})
     assert_error(stream, 503)
