@@ -28,6 +28,10 @@ DISCONNECT_POLL_SECONDS = 0.5
 ENGINE_FAILED = "the engine failed while generating this answer"
 
 
+class RequestRefused(APIError):
+    """The engine failed a request on the request's own input (a structured-output constraint at a dead end)."""
+
+
 class ClientDisconnected(Exception):
     """The client went away before the answer was ready."""
 
@@ -147,7 +151,7 @@ def engine_failure(output: RequestOutput) -> APIError:
     input caused it (a structured-output constraint at a dead end), else a 500 that tells nothing of the inside."""
     if output.user_error:
         logger.info("request %s failed on its own input: %s", output.request_id, output.error)
-        return APIError(output.error or "this request cannot be answered", 400)
+        return RequestRefused(output.error or "this request cannot be answered", 400)
     logger.error("request %s failed in the engine: %s", output.request_id, output.error)
     return APIError(ENGINE_FAILED, 500)
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from .engine_api import StructuredOutputError, StructuredOutputsParams
 from .errors import bad_request
 from .protocol.structured import StructuredOutputsExtensions
+from .request_flow import RequestRefused
 from .state import ServerState
 
 T = TypeVar("T")
@@ -75,3 +76,6 @@ async def constrained(state: ServerState, constraint: Constraint | None, work: A
         return await work
     except StructuredOutputError as error:
         raise bad_request(str(error), constraint.param) from None
+    except RequestRefused as error:  # the constraint dead-ended while generating
+        error.param = error.param or constraint.param
+        raise

@@ -180,6 +180,7 @@ def test_a_constraint_at_a_dead_end_is_a_400_whole_and_an_error_event_streamed(c
     with pytest.raises(BadRequestError) as caught:
         client.chat.completions.create(response_format=DEAD_END, **fields)
     assert caught.value.body["message"].startswith("the JSON schema allows no token after the 1 generated")
+    assert caught.value.body["param"] == "response_format.json_schema.schema"
     body = {**fields, "response_format": DEAD_END, "stream": True}
     with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as stream:
         lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
