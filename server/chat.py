@@ -100,17 +100,14 @@ def chat_sampling_params(
     inputs: EngineInputs,
     constraint: Constraint | None = None,
 ) -> SamplingParams:
-    requested = (
-        request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(
+        getattr(request, field),
+        len(inputs.prompt_token_ids),
+        inputs.num_image_tokens,
+        state.max_model_len,
+        tokens_field=field,
     )
-    try:
-        max_tokens = resolve_max_tokens(
-            requested, len(inputs.prompt_token_ids), inputs.num_image_tokens, state.max_model_len
-        )
-    except APIError as exc:
-        if exc.param == "max_tokens" and request.max_completion_tokens is not None:
-            exc.param = "max_completion_tokens"
-        raise
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     return build_sampling_params(
         request,

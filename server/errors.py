@@ -29,6 +29,7 @@ ERROR_TYPES = {
 
 
 ENGINE_DEAD = "the inference engine is not running"
+RETRY_AFTER_SECONDS = "1"
 
 
 class APIError(Exception):
@@ -101,7 +102,10 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.message, exc.status, exc.param, exc.code)
+    response = error_response(exc.message, exc.status, exc.param, exc.code)
+    if exc.status == 503 and exc.code != "engine_dead":  # busy, not broken: come back soon
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return response
 
 
 async def _on_ovis2_error(request: Request, exc: Ovis2Error) -> JSONResponse:
@@ -109,7 +113,9 @@ async def _on_ovis2_error(request: Request, exc: Ovis2Error) -> JSONResponse:
 
 
 async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
-    return error_response("the server is overloaded; retry later", 503, code="overloaded")
+    response = error_response("the server is overloaded; retry later", 503, code="overloaded")
+    response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return response
 
 
 async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:

@@ -77,7 +77,7 @@ async def detokenize_route(body: DetokenizeRequest, state: State) -> DetokenizeR
     return await detokenize(state, body)
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
 async def health(state: State) -> Response:
     try:
         state.engine.check_health()

@@ -19,9 +19,10 @@ def resolve_max_tokens(
     num_image_tokens: int,
     max_model_len: int,
     prompt_field: str = "messages",
+    tokens_field: str = "max_tokens",
 ) -> int:
-    """The output budget: what was asked, else the rest of the context; a 400 (on `prompt_field` or max_tokens)
-    when it cannot fit."""
+    """The output budget: what was asked (in `tokens_field`), else the rest of the context; a 400 (on
+    `prompt_field` or `tokens_field`) when it cannot fit."""
     room = max_model_len - num_prompt_tokens
     if room < 1:
         fix = f"shorten the {prompt_field}" + (" or send fewer or smaller images" if num_image_tokens else "")
@@ -33,12 +34,12 @@ def resolve_max_tokens(
     if requested is None:
         return room
     if requested < 1:
-        raise bad_request("max_tokens must be at least 1", "max_tokens")
+        raise bad_request(f"{tokens_field} must be at least 1", tokens_field)
     if requested > room:
         raise bad_request(
-            f"max_tokens is {requested} but the prompt already has {num_prompt_tokens} tokens "
+            f"{tokens_field} is {requested} but the prompt already has {num_prompt_tokens} tokens "
             f"({num_image_tokens} for images) of the model's {max_model_len}; ask for at most {room}",
-            "max_tokens",
+            tokens_field,
         )
     return requested
 

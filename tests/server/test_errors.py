@@ -82,6 +82,15 @@ BAD_CHAT_FIELDS = [
 ]
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [0, 100000])
+def test_an_output_budget_error_names_the_field_that_was_sent(client, field, value):
+    body = {"messages": TEXT, field: value}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, field)
+    other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+    assert error["message"].startswith(field) and other not in error["message"], error
+
+
 @pytest.mark.parametrize(
     ("fields", "param"), BAD_CHAT_FIELDS, ids=[str(i) for i in range(len(BAD_CHAT_FIELDS))]
 )
@@ -232,7 +241,9 @@ def test_overloaded_is_503(client, fake_engine):
         ("/v1/chat/completions", {"messages": [image_message(data_url(image_bytes()))]}),
         ("/v1/responses", {"input": "hi"}),
     ):
-        assert_error(client.post(route, json=body), 503, None, "overloaded")
+        response = client.post(route, json=body)
+        assert_error(response, 503, None, "overloaded")
+        assert response.headers["Retry-After"] == "1"
     assert len(fake_engine.processor.calls) == calls  # refused before any preprocessing
     assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 503, None, "overloaded")
     stream = client.post("/v1/chat/completions", json={"messages": TEXT, "stream": True})

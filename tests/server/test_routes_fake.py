@@ -69,9 +69,10 @@ def test_models(client, fake_engine):
 
 
 def test_health(client, fake_engine):
-    assert client.get("/health").status_code == 200
+    assert client.get("/health").status_code == 200 and client.head("/health").status_code == 200
     fake_engine.dead = True
-    assert client.get("/health").status_code == 503
+    assert client.get("/health").status_code == 503 and client.head("/health").status_code == 503
+    assert "Retry-After" not in client.get("/health").headers  # broken, not busy
 
 
 def test_lifespan_starts_and_stops_the_engine(make_client, fake_engine):
