@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .engine_counters import EngineCounterCollector
 from .grammar_metrics import GrammarCollector
 
 LATENCY_BUCKETS = (
@@ -162,6 +163,8 @@ class ServerMetrics:
         )
         self.grammars = GrammarCollector(model_name)
         r.register(self.grammars)
+        self.engine_counters = EngineCounterCollector(model_name)
+        r.register(self.engine_counters)
         self._labels = {"model_name": model_name}
 
     def observe(self, histogram: Histogram, seconds: float) -> None:
@@ -179,6 +182,7 @@ class ServerMetrics:
         self.kv_total_blocks.labels(**self._labels).set(stats.num_total_blocks)
         self.encoded_images.labels(**self._labels).set(getattr(stats, "num_encoded_images", 0))
         self.grammars.update(stats)
+        self.engine_counters.update(stats)
 
     def video_decoded(self, seconds: float, num_frames: int) -> None:
         self.observe(self.video_decode_time, seconds)

@@ -114,6 +114,7 @@ class FakeEngine:
     crash_with: Exception | None = None  # an exception raised from generate()
     crash_mid_stream: Exception | None = None  # ...raised instead of the output of step `fail_from_step`
     num_total_blocks: int = 64
+    preemptions: int = 0  # what stats report as num_preemptions
     started: bool = False
     stopped: bool = False
     requests: dict = field(default_factory=dict)  # request_id -> (inputs, params)
@@ -146,6 +147,7 @@ class FakeEngine:
             self.num_total_blocks - used,
             self.num_total_blocks,
             used / self.num_total_blocks,
+            num_preemptions=self.preemptions,
         )
 
     async def abort(self, request_id: str) -> None:

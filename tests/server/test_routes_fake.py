@@ -91,7 +91,7 @@ def metric(text: str, name: str, **labels) -> float:
     raise AssertionError(f"{name} {labels} not in metrics")
 
 
-def test_metrics(client):
+def test_metrics(client, fake_engine):
     url = data_url(image_bytes())
     client.post("/v1/chat/completions", json={"messages": [image_message(url)], "max_tokens": 3})
     client.post("/v1/chat/completions", json={"messages": TEXT, "temperature": 0})
@@ -104,6 +104,9 @@ def test_metrics(client):
     assert metric(text, "ovis2_image_tokens_total") == 259
     assert metric(text, "ovis2_images_total") == 1
     assert metric(text, "ovis2_prompt_tokens_total") > 259
+    assert metric(text, "ovis2_num_preemptions_total") == 0
+    fake_engine.preemptions = 3
+    assert metric(client.get("/metrics").text, "ovis2_num_preemptions_total") == 3
     for histogram in (
         "time_to_first_token_seconds",
         "e2e_request_latency_seconds",
