@@ -23,6 +23,7 @@ from .video_sampling import RECIPE_NUM_FRAMES, frames_for_fps, sample_indices, s
 # Codecs whose FFmpeg decoder takes skip_frame packet by packet; libdav1d (AV1) reads it once, when it starts, and
 # then hands out a neighbour's pixels under a frame's timestamp, so AV1 decodes every frame.
 SKIPS_NON_REFERENCE_FRAMES = ("h264", "hevc", "mpeg4", "vp8", "vp9")
+CODED_SIZE_SLACK = 128  # pixels a decoder's coded width or height may add to the displayed one
 
 
 @dataclass
@@ -53,9 +54,9 @@ def decode_video_frames(
     with opened(data) as container:
         stream = container.streams[probed.stream_index]
         stream.thread_type = "SLICE"  # frame threads only add latency to the few frames after each seek
-        # the header's frame size was checked, but a keyframe may switch to another: the decoder refuses one past
-        # the limit before it allocates it
-        stream.codec_context.options = {"max_pixels": str(limits.max_frame_pixels)}
+        # the header's frame size was checked, but a keyframe may switch to a larger one: the decoder refuses one
+        # past the limit before it allocates it (one that grows within it is refused below, once decoded)
+        stream.codec_context.options = {"max_pixels": str(_decoder_pixel_cap(probed, limits))}
         try:
             for target in sorted(wanted):
                 keyframe = _keyframe_before(probed.keyframes, target)
@@ -78,6 +79,13 @@ def decode_video_frames(
                 f"{limits.max_frame_pixels} pixels"
             ) from exc
     return SampledVideo([found[t] for t in timestamps], [probed.seconds(t) for t in timestamps], decoded)
+
+
+def _decoder_pixel_cap(probed: VideoProbe, limits: VideoLimits) -> int:
+    """The limit, with room for the coded size FFmpeg holds max_pixels against: decoders round the displayed
+    size up (to 16, 32 or 64; a 2160x3840 frame is coded 2176 wide), so the limit alone refused frames at it."""
+    slack = CODED_SIZE_SLACK
+    return limits.max_frame_pixels + slack * (probed.width + probed.height) + slack * slack
 
 
 def _keyframe_before(keyframes: tuple[int, ...], target: int) -> int:

@@ -17,7 +17,7 @@ from ovis2.errors import Ovis2Error
 from ovis2.video import decode_video_frames, load_video
 from ovis2.video_probe import VideoLimits, probe_video, sniff_container
 from tests.test_video_sampling import model_card_indices
-from tests.videos import VFR_PTS, frame_index, gray
+from tests.videos import VFR_PTS, frame_index, gray, gray_video
 
 
 def every_frame(data: bytes) -> tuple[list[Fraction], list[np.ndarray], Fraction]:
@@ -152,11 +152,19 @@ def test_uncompressed_audio_is_held_to_its_sample_rate_not_to_the_frame_limit(vi
 
 
 def test_a_frame_past_the_pixel_limit_is_refused_by_the_decoder(videos):
-    """The header's 64x48 passes the limit; the decoder refuses the 128x96 frames before it allocates them."""
+    """The header's 64x48 passes the limit; the decoder refuses the 640x480 frames before it allocates them."""
     limits = VideoLimits(max_frame_pixels=64 * 48 * 2)
-    probed = probe_video(videos.growing, limits)
+    probed = probe_video(videos.growing_far, limits)
     with pytest.raises(Ovis2Error, match="a frame is larger than the limit of 6144 pixels"):
-        decode_video_frames(videos.growing, probed, list(probed.timestamps), limits)
+        decode_video_frames(videos.growing_far, probed, list(probed.timestamps), limits)
+
+
+@pytest.mark.parametrize("size", [(100, 60), (60, 100)])
+def test_frames_exactly_at_the_pixel_limit_decode_whatever_their_coded_size(size):
+    """Decoders round the coded size up (100 -> 112 or 128): the limit holds the displayed size."""
+    limits = VideoLimits(max_frame_pixels=size[0] * size[1])
+    frames = load_video(gray_video(4, size=size), 2, limits=limits).frames
+    assert [frame.size for frame in frames] == [size, size]
 
 
 def test_empty_bytes_are_refused():

@@ -264,5 +264,6 @@ MAKERS = {
     "index_bomb": lambda: index_bomb(3_000_000),
     "fragment_bomb": lambda: fragment_bomb(3_000_000),
     "growing": growing,
+    "growing_far": lambda: growing((640, 480)),
     "pcm_audio": lambda: with_pcm_audio(20),
 }
