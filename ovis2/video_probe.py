@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import Ovis2Error
-from .mp4_sample_tables import declared_tracks
+from .mp4_sample_tables import declared_index
 
 CONTAINERS = {
     "mov": "mp4/mov",
@@ -28,9 +28,10 @@ CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4")
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # what an mp4/mov file starts with
 _EBML = b"\x1a\x45\xdf\xa3"  # what a webm/mkv file starts with
 DURATION_SLACK_SECONDS, DURATION_SLACK_RATIO = 0.5, 0.1  # how far a declared duration may be from the frames'
-# An mp4/mov track may declare this many times max_stream_frames samples (an audio track's packets outnumber the
-# video's frames), and uncompressed audio, which FFmpeg indexes by chunk, one sample per audio sample at this rate.
-TRACK_SAMPLES_PER_FRAME_LIMIT, MAX_AUDIO_SAMPLE_RATE = 4, 384_000
+# The index FFmpeg may build for an mp4/mov file, in entries over all its tracks: this many times max_stream_frames
+# for the video, plus this many packets a second of max_seconds for the other tracks (AAC at 96 kHz: 94).
+INDEX_ENTRIES_PER_FRAME, INDEX_ENTRIES_PER_SECOND = 4, 200
+MAX_STREAMS = 64  # FFmpeg's max_streams: streams a file may open (its default is 1000)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ def opened(data: bytes):
     demuxer = sniff_container(data)
     corrupt = f"the {CONTAINERS[demuxer]} video is corrupt or truncated"
     try:
-        container = av.open(io.BytesIO(data), mode="r", format=demuxer)
+        container = av.open(
+            io.BytesIO(data), mode="r", format=demuxer, options={"max_streams": str(MAX_STREAMS)}
+        )
     except Ovis2Error:
         raise
     except decode_errors() as exc:
@@ -156,19 +159,17 @@ def _video_stream(container):
 
 
 def check_declared_samples(data: bytes, limits: VideoLimits) -> None:
-    """Refuse an mp4/mov file whose sample tables declare more samples than its limits allow, before FFmpeg
-    builds an index entry for each (mp4_sample_tables.py)."""
-    for track in declared_tracks(data):
-        if track.chunked_audio:
-            limit = int(limits.max_seconds * MAX_AUDIO_SAMPLE_RATE)
-        else:
-            limit = TRACK_SAMPLES_PER_FRAME_LIMIT * limits.max_stream_frames
-        if track.samples > limit:
-            what = {b"vide": "video track", b"soun": "audio track"}.get(track.handler, "track")
-            raise Ovis2Error(
-                f"the video's index declares {track.samples} samples in its {what} {track.track_id}; "
-                f"at most {limit} are allowed"
-            )
+    """Refuse an mp4/mov file whose boxes declare a larger index than its limits allow, before FFmpeg builds it
+    (mp4_sample_tables.py)."""
+    entries = declared_index(data).index_entries
+    limit = INDEX_ENTRIES_PER_FRAME * limits.max_stream_frames + int(
+        INDEX_ENTRIES_PER_SECOND * limits.max_seconds
+    )
+    if entries > limit:
+        raise Ovis2Error(
+            f"the video's index declares {entries} entries (samples, audio chunks and edits over all its tracks); "
+            f"at most {limit} are allowed"
+        )
 
 
 def _checked_size(stream, limits: VideoLimits) -> tuple[int, int]:

@@ -116,8 +116,10 @@ BAD_VIDEOS = {
     "claims_longer": "declares 200.00s but its frames span 2.00s",
     "claims_shorter": "declares 0.20s but its frames span 2.00s",
     "index_cut": "corrupt or its codec is unknown",
-    "index_bomb": "index declares 3000000 samples in its video track 1; at most 144000 are allowed",
-    "fragment_bomb": "index declares 3000000 samples in its video track 1; at most 144000 are allowed",
+    "index_bomb": r"index declares 3000000 entries \(samples, audio chunks and edits over all its tracks\); at most 264000",
+    "fragment_bomb": r"index declares 3000000 entries \(samples, audio chunks and edits over all its tracks\); at most 264000",
+    "index_bomb_as_hoov": r"index declares 3000000 entries",
+    "index_bomb_in_udta": r"index declares 3000000 entries",
     "growing": "frames grow from the 64x48 its header declares to 128x96",
 }
 
@@ -128,7 +130,7 @@ def test_bad_videos_are_refused(videos, name):
         load_video(getattr(videos, name))
 
 
-@pytest.mark.parametrize("name", ["index_bomb", "fragment_bomb"])
+@pytest.mark.parametrize("name", ["index_bomb", "fragment_bomb", "index_bomb_as_hoov", "index_bomb_in_udta"])
 def test_an_index_declaring_millions_of_samples_is_refused_before_ffmpeg_opens_it(videos, name, monkeypatch):
     from ovis2 import video_probe
 
@@ -136,18 +138,21 @@ def test_an_index_declaring_millions_of_samples_is_refused_before_ffmpeg_opens_i
         raise AssertionError("FFmpeg was given the file")
 
     monkeypatch.setattr(video_probe, "opened", never)
-    with pytest.raises(Ovis2Error, match="samples in its video track"):
+    with pytest.raises(Ovis2Error, match="index declares 3000000 entries"):
         probe_video(getattr(videos, name))
 
 
-def test_uncompressed_audio_is_held_to_its_sample_rate_not_to_the_frame_limit(videos):
-    """PCM's table declares a sample per audio sample (160000 here, past 4 x 36000), which FFmpeg indexes by
-    chunk: allowed up to max_seconds of 384 kHz audio."""
+def test_uncompressed_audio_counts_its_chunks_not_its_samples(videos):
+    """PCM's table declares a sample per audio sample, but FFmpeg indexes it by chunk: its chunks count, a chunk
+    claiming millions of samples as the 1024-sample pieces FFmpeg would cut it into."""
     assert len(load_video(videos.pcm_audio, 4).frames) == 4
     patched = bytearray(videos.pcm_audio)
     audio_stsz = patched.find(b"stsz", patched.find(b"stsz") + 4) + 4
-    struct.pack_into(">I", patched, audio_stsz + 8, 300_000_000)
-    with pytest.raises(Ovis2Error, match="300000000 samples in its audio track 2; at most 230400000"):
+    struct.pack_into(">I", patched, audio_stsz + 8, 300_000_000)  # the sample count plays no part
+    assert len(load_video(bytes(patched), 4).frames) == 4
+    audio_stsc = patched.find(b"stsc", patched.find(b"stsc") + 4) + 4
+    struct.pack_into(">I", patched, audio_stsc + 12, 2_000_000_000)  # the first entry's samples_per_chunk
+    with pytest.raises(Ovis2Error, match="index declares"):
         probe_video(bytes(patched))
 
 

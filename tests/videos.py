@@ -262,6 +262,10 @@ MAKERS = {
     "av1": lambda: gray_video(24, "libsvtav1", "mp4", options={"preset": "12", "crf": "10"}),
     "index_cut": lambda: faststart()[: faststart().find(b"stsd")],  # the track's sample description is lost
     "index_bomb": lambda: index_bomb(3_000_000),
+    "index_bomb_as_hoov": lambda: index_bomb(3_000_000).replace(
+        b"moov", b"hoov", 1
+    ),  # FFmpeg reads it as moov
+    "index_bomb_in_udta": lambda: index_bomb(3_000_000).replace(b"stbl", b"udta", 1),  # and tables anywhere
     "fragment_bomb": lambda: fragment_bomb(3_000_000),
     "growing": growing,
     "growing_far": lambda: growing((640, 480)),
