@@ -112,22 +112,21 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
 
 async def stop_after_grace(state: ServerState, grace_seconds: float) -> None:
     """Once the process is told to exit (`state.exit_requested`, set by the uvicorn runner), give in-flight
-    requests the grace period, then stop the engine: what still runs is answered with 503 engine_dead (streams:
-    an error event and [DONE]) while the runner waits SHUTDOWN_MARGIN_SECONDS more before it cancels anything."""
+    requests the grace period, then stop the engine: what still runs, or reaches the engine later (a request still
+    fetching its media), is answered with 503 engine_dead (streams: an error event and [DONE]) while the runner
+    waits SHUTDOWN_MARGIN_SECONDS more before it cancels anything. When every request ends sooner, the runner
+    moves on to the lifespan's shutdown, which cancels this task."""
     if state.exit_requested is None:
         return
     while not state.exit_requested():
         await asyncio.sleep(EXIT_POLL_SECONDS)
-    deadline = time.monotonic() + grace_seconds
-    while state.num_in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(EXIT_POLL_SECONDS)
-    if state.num_in_flight:
-        logger.warning(
-            "%d requests still running after the %.0fs grace period: answering them with 503",
-            state.num_in_flight,
-            grace_seconds,
-        )
-        await state.engine.shutdown()
+    await asyncio.sleep(grace_seconds)
+    logger.warning(
+        "the %.0fs grace period is over: stopping the engine (%d requests in it get a 503)",
+        grace_seconds,
+        state.num_in_flight,
+    )
+    await state.engine.shutdown()
 
 
 async def _drain(state: ServerState, grace_seconds: float) -> None:

@@ -185,6 +185,10 @@ class AsyncEngine:
         try:
             return await asyncio.shield(asyncio.wrap_future(submitted))
         except asyncio.CancelledError:
+            if (
+                submitted.cancelled() and not asyncio.current_task().cancelling()
+            ):  # shutdown closed the compiler
+                raise EngineDeadError("the engine is shut down") from None
             grammars.withdraw(params.structured_outputs, submitted)
             raise
         finally:

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from ovis2.engine.async_engine import AsyncEngine
+from ovis2.engine.async_engine import AsyncEngine, EngineDeadError
 from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.structured.bitmask import apply_grammar_bitmask
 from ovis2.engine.structured.compiler import GrammarCompiler, choice_grammar
@@ -250,6 +250,32 @@ def test_a_request_that_leaves_while_its_shared_compile_waits_its_turn_harms_no_
     for answer in answers:
         assert answer.error is None and len(answer.outputs[0].text) == 3 and answer.outputs[0].text.isalpha()
     compiler.close()
+
+
+def test_a_request_whose_compile_is_queued_when_the_engine_stops_is_told_the_engine_stopped(
+    make_engine, grammars
+):
+    slow = SlowBackend(grammars._get_backend("text"))
+    compiler = fresh_compiler(grammars)
+    compiler._get_backend = lambda table: slow
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine(grammars=compiler))
+        await engine.start()
+        busy = [compiler.submit(StructuredOutputsParams(regex=f"{letter}{{2}}")) for letter in "pq"]
+        params = SamplingParams(max_tokens=4, structured_outputs={"regex": "[a-z]{3}"})
+        queued = asyncio.create_task(engine.compile_grammar(params))
+        await asyncio.sleep(0.2)
+        compiler.close()  # what engine.shutdown() does first: the queued compile is cancelled
+        outcome = await asyncio.gather(queued, return_exceptions=True)
+        slow.release.set()
+        for future in busy:
+            future.result(60)
+        await engine.shutdown()
+        return outcome
+
+    (outcome,) = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert isinstance(outcome, EngineDeadError), repr(outcome)
 
 
 async def collect(engine, request_id: str, params: SamplingParams):
