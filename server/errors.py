@@ -103,9 +103,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
     response = error_response(exc.message, exc.status, exc.param, exc.code)
-    if exc.status == 503 and exc.code != "engine_dead":  # busy, not broken: come back soon
-        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
-    return response
+    return _busy(response) if exc.status == 503 and exc.code != "engine_dead" else response
 
 
 async def _on_ovis2_error(request: Request, exc: Ovis2Error) -> JSONResponse:
@@ -113,7 +111,11 @@ async def _on_ovis2_error(request: Request, exc: Ovis2Error) -> JSONResponse:
 
 
 async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
-    response = error_response("the server is overloaded; retry later", 503, code="overloaded")
+    return _busy(error_response("the server is overloaded; retry later", 503, code="overloaded"))
+
+
+def _busy(response: JSONResponse) -> JSONResponse:
+    """A 503 for a busy server, not a broken one: come back soon."""
     response.headers["Retry-After"] = RETRY_AFTER_SECONDS
     return response
 

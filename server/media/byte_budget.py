@@ -3,7 +3,8 @@ files or decoded from base64, from their arrival until the request's media are d
 
 The per-part byte caps bound one image or video, not how many arrive at once: 30 concurrent 60 MB video URLs held
 3.7 GB while they queued for the video decoders. Bytes arrive a chunk at a time, so a request that would take the
-total past the cap is refused at once with a 503 (retry later) rather than queued: requests each holding part of
+total past the cap is refused at once with a 503 (retry later; a 400 when the request alone is past it) rather than
+queued: requests each holding part of
 the budget and waiting for more could wait on each other for ever. Used from the event loop only.
 """
 
@@ -33,6 +34,12 @@ class BytesHold:
 
     def take(self, count: int) -> None:
         budget = self.budget
+        if self.held + count > budget.total:  # this request alone could never be held: no retry helps
+            raise APIError(
+                f"the request's images and videos are more than the {budget.total} bytes the server holds at once",
+                400,
+                param="messages",
+            )
         if budget.in_use + count > budget.total:
             raise APIError(
                 f"the server is holding its limit of {budget.total} bytes of images and videos for other "

@@ -199,6 +199,9 @@ def test_media_bytes_past_the_budget_are_refused_with_a_503_and_given_back(image
         second.release()
         assert budget.in_use == 0
         (await loader.open(url, "p", second)).close()  # room again
+        with pytest.raises(APIError) as info:  # this request alone is past the budget: no retry would help
+            await loader.open(url, "p", second)
+        assert info.value.status == 400 and "more than the" in info.value.message
         second.release()
 
     asyncio.run(scenario())

@@ -207,6 +207,8 @@ def _compile_with(backend, params: StructuredOutputsParams):
         if kind == "regex":
             return backend.compile_regex(params.regex)
         return backend.compile_grammar(choice_grammar(params.choice) if kind == "choice" else params.grammar)
+    except MemoryError:  # not the constraint's fault: not a refusal (refusals are cached)
+        raise
     except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError (and subclasses) with its reason
         raise StructuredOutputError(f"the {WHAT[kind]} cannot be compiled: {library_reason(error)}") from None
 
