@@ -13,16 +13,23 @@ COUNTERS = {  # EngineStats field -> (metric, help)
 }
 
 
-class EngineCounterCollector:
+class StatsCollector:
+    """A Prometheus collector of values from the latest EngineStats (given to `update` on each scrape)."""
+
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.stats = None  # the latest EngineStats
+        self.stats = None
 
     def update(self, stats) -> None:
         self.stats = stats
 
+    def value(self, name: str) -> float:
+        return float(getattr(self.stats, name, 0) or 0)
+
+
+class EngineCounterCollector(StatsCollector):
     def collect(self):
         for field, (name, description) in COUNTERS.items():
             counter = CounterMetricFamily(name, description, labels=["model_name"])
-            counter.add_metric([self.model_name], float(getattr(self.stats, field, 0) or 0))
+            counter.add_metric([self.model_name], self.value(field))
             yield counter

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 
+from .engine_counters import StatsCollector
 
-class GrammarCollector:
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
-        self.stats = None  # the latest EngineStats
 
-    def update(self, stats) -> None:
-        self.stats = stats
-
+class GrammarCollector(StatsCollector):
     def collect(self):
         labels = [self.model_name]
         compiles = SummaryMetricFamily(
@@ -24,8 +19,8 @@ class GrammarCollector:
         )
         compiles.add_metric(
             labels,
-            count_value=self._value("num_grammar_compiles"),
-            sum_value=self._value("grammar_compile_seconds"),
+            count_value=self.value("num_grammar_compiles"),
+            sum_value=self.value("grammar_compile_seconds"),
         )
         yield compiles
         hits = CounterMetricFamily(
@@ -33,8 +28,5 @@ class GrammarCollector:
             "Structured-output requests whose grammar was compiled already (or was being compiled).",
             labels=["model_name"],
         )
-        hits.add_metric(labels, self._value("num_grammar_cache_hits"))
+        hits.add_metric(labels, self.value("num_grammar_cache_hits"))
         yield hits
-
-    def _value(self, name: str) -> float:
-        return float(getattr(self.stats, name, 0) or 0)

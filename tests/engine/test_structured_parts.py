@@ -175,10 +175,16 @@ class SlowBackend:
         return self.backend.compile_regex(regex)
 
 
-def test_requests_for_a_constraint_being_compiled_share_that_compile(grammars):
+def slow_compiler(grammars) -> tuple[SlowBackend, object]:
+    """A fresh compiler whose compiles wait for the SlowBackend's release."""
     slow = SlowBackend(grammars._get_backend("text"))
     compiler = fresh_compiler(grammars)
     compiler._get_backend = lambda table: slow
+    return slow, compiler
+
+
+def test_requests_for_a_constraint_being_compiled_share_that_compile(grammars):
+    slow, compiler = slow_compiler(grammars)
     futures = [compiler.submit(StructuredOutputsParams(regex="x{2}")) for _ in range(3)]
     assert futures[0] is futures[1] is futures[2] and not futures[0].done()
     slow.release.set()
@@ -188,9 +194,7 @@ def test_requests_for_a_constraint_being_compiled_share_that_compile(grammars):
 
 
 def test_a_slow_compile_never_stalls_the_requests_already_running(make_engine, grammars):
-    slow = SlowBackend(grammars._get_backend("text"))
-    compiler = fresh_compiler(grammars)
-    compiler._get_backend = lambda table: slow
+    slow, compiler = slow_compiler(grammars)
 
     async def main():
         engine = AsyncEngine(engine=make_engine(grammars=compiler))
@@ -216,9 +220,7 @@ def test_a_request_that_leaves_while_its_shared_compile_waits_its_turn_harms_no_
     """Both compile threads busy; two requests wait for one queued compile and the first leaves: the compile
     still runs for the second, and later requests for it are served. A queued compile whose only request left
     never runs."""
-    slow = SlowBackend(grammars._get_backend("text"))
-    compiler = fresh_compiler(grammars)
-    compiler._get_backend = lambda table: slow
+    slow, compiler = slow_compiler(grammars)
     regex = {"regex": "[a-z]{3}"}
 
     async def main():
@@ -255,9 +257,7 @@ def test_a_request_that_leaves_while_its_shared_compile_waits_its_turn_harms_no_
 def test_a_request_whose_compile_is_queued_when_the_engine_stops_is_told_the_engine_stopped(
     make_engine, grammars
 ):
-    slow = SlowBackend(grammars._get_backend("text"))
-    compiler = fresh_compiler(grammars)
-    compiler._get_backend = lambda table: slow
+    slow, compiler = slow_compiler(grammars)
 
     async def main():
         engine = AsyncEngine(engine=make_engine(grammars=compiler))
