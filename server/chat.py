@@ -39,6 +39,7 @@ from .protocol import (
 from .request_flow import (
     ENGINE_FAILED,
     ClientDisconnected,
+    RequestRefused,
     engine_failure,
     failed,
     generate,
@@ -48,7 +49,7 @@ from .request_flow import (
 from .sampling import build_sampling_params, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_api_error
-from .structured_outputs import Constraint, constrained, requested_constraint
+from .structured_outputs import Constraint, constrained, constraint_param, requested_constraint
 from .videos import video_options
 
 logger = logging.getLogger("ovis2.server")
@@ -85,7 +86,13 @@ async def create_chat_completion(
             raw,
             bool(request.stream),
             stream_body=lambda first: stream_chat(
-                outputs, first, request_id, state.model_id, params, include_usage
+                outputs,
+                first,
+                request_id,
+                state.model_id,
+                params,
+                include_usage,
+                constraint_param(constraint),
             ),
             whole=lambda final: chat_response(
                 final, request_id, state.model_id, want_logprobs=bool(request.logprobs)
@@ -218,6 +225,7 @@ async def stream_chat(
     model: str,
     params: SamplingParams,
     include_usage: bool,
+    refused_param: str | None = None,
 ) -> AsyncIterator[str]:
     chunker = ChatChunker(request_id, model, want_logprobs=params.logprobs is not None)
 
@@ -229,7 +237,7 @@ async def stream_chat(
         for index in range(params.n):
             yield emit([chunker.role(index)])
         try:
-            async for output, choice in choice_updates(first, outputs):
+            async for output, choice in choice_updates(first, outputs, refused_param):
                 last = output
                 delta = chunker.delta(choice)
                 if delta is not None:
@@ -254,15 +262,19 @@ class EngineStreamFailed(Exception):
 
 
 async def choice_updates(
-    first: RequestOutput, rest: AsyncIterator[RequestOutput]
+    first: RequestOutput, rest: AsyncIterator[RequestOutput], refused_param: str | None = None
 ) -> AsyncIterator[tuple[RequestOutput, CompletionOutput]]:
-    """(output, choice) for each update of a choice, up to and including the one that finishes it."""
+    """(output, choice) for each update of a choice, up to and including the one that finishes it; a failure ends
+    it with EngineStreamFailed (one of the request's own making names `refused_param`, its constraint's field)."""
     finished: set[int] = set()
     async with aclosing(rest):
         try:
             async for output in prepend(first, rest):
                 if failed(output):
-                    raise EngineStreamFailed(engine_failure(output))
+                    error = engine_failure(output)
+                    if isinstance(error, RequestRefused):
+                        error.param = error.param or refused_param
+                    raise EngineStreamFailed(error)
                 for choice in output.outputs:
                     if choice.index not in finished:
                         finished.update([choice.index] if choice.finished else [])

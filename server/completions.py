@@ -24,7 +24,7 @@ from .request_flow import generate, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_api_error
-from .structured_outputs import constrained, requested_constraint
+from .structured_outputs import constrained, constraint_param, requested_constraint
 
 
 async def create_completion(state: ServerState, request: CompletionRequest, raw: Request) -> Response:
@@ -61,7 +61,9 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
             outputs,
             raw,
             bool(request.stream),
-            stream_body=lambda first: stream_completion(outputs, first, builder, include_usage),
+            stream_body=lambda first: stream_completion(
+                outputs, first, builder, include_usage, constraint_param(constraint)
+            ),
             whole=lambda final: completion_response(
                 check_engine_error(final, request_id), builder, state.model_id
             ),
@@ -161,11 +163,12 @@ async def stream_completion(
     first: RequestOutput,
     builder: CompletionBuilder,
     include_usage: bool,
+    refused_param: str | None = None,
 ) -> AsyncIterator[str]:
     last = first
     started: set[int] = set()
     try:
-        async for output, choice in choice_updates(first, outputs):
+        async for output, choice in choice_updates(first, outputs, refused_param):
             last = output
             delta = builder.delta(choice, first=choice.index not in started)
             if delta is not None:

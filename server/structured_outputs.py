@@ -67,6 +67,11 @@ def _sources(request: StructuredOutputsExtensions) -> Iterator[tuple[str, dict[s
             yield f"guided_{kind}", {kind: value}
 
 
+def constraint_param(constraint: Constraint | None) -> str | None:
+    """The request field a constraint came from, to name in its errors."""
+    return constraint.param if constraint is not None else None
+
+
 async def constrained(state: ServerState, constraint: Constraint | None, work: Awaitable[T]) -> T:
     """Await the response; counts a structured request, and makes a compile failure a 400 naming its field."""
     if constraint is None:

@@ -187,6 +187,18 @@ def test_a_constraint_at_a_dead_end_is_a_400_whole_and_an_error_event_streamed(c
     assert stream.status_code == 200  # the quote was streamed before the dead end
     error = json.loads(lines[-2][6:])["error"]
     assert error["type"] == "invalid_request_error" and "allows no token" in error["message"]
+    assert error["param"] == "response_format.json_schema.schema"
+    completion = {
+        "prompt": "Say it",
+        "max_tokens": 8,
+        "stream": True,
+        "structured_outputs": {"json": DEAD_END["json_schema"]["schema"]},
+    }
+    with httpx.stream(
+        "POST", live_server.base_url + "/v1/completions", json=completion, timeout=60
+    ) as stream:
+        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert json.loads(lines[-2][6:])["error"]["param"] == "structured_outputs.json"
     assert lines[-1] == "data: [DONE]"
     # the server goes on answering
     assert client.chat.completions.create(**fields).choices[0].finish_reason in ("stop", "length")
