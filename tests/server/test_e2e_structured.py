@@ -175,31 +175,34 @@ DEAD_END = {  # a string of characters from an empty class: the opening quote is
 }
 
 
+def streamed_error(url: str, body: dict) -> dict:
+    """The error of a stream that fails: the last event before [DONE] once text went out, or a plain error answer
+    when the failure came with the first output (a slow reader gets both merged into one)."""
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
+        if stream.status_code != 200:
+            stream.read()
+            return stream.json()["error"]
+        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines
+    return json.loads(lines[-2][6:])["error"]
+
+
 def test_a_constraint_at_a_dead_end_is_a_400_whole_and_an_error_event_streamed(client, live_server):
     fields = dict(model=live_server.model, messages=receipt_messages(None), max_tokens=8)
     with pytest.raises(BadRequestError) as caught:
         client.chat.completions.create(response_format=DEAD_END, **fields)
     assert caught.value.body["message"].startswith("the JSON schema allows no token after the 1 generated")
     assert caught.value.body["param"] == "response_format.json_schema.schema"
-    body = {**fields, "response_format": DEAD_END, "stream": True}
-    with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as stream:
-        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
-    assert stream.status_code == 200  # the quote was streamed before the dead end
-    error = json.loads(lines[-2][6:])["error"]
+    error = streamed_error(live_server.chat_url, {**fields, "response_format": DEAD_END})
     assert error["type"] == "invalid_request_error" and "allows no token" in error["message"]
     assert error["param"] == "response_format.json_schema.schema"
     completion = {
         "prompt": "Say it",
         "max_tokens": 8,
-        "stream": True,
         "structured_outputs": {"json": DEAD_END["json_schema"]["schema"]},
     }
-    with httpx.stream(
-        "POST", live_server.base_url + "/v1/completions", json=completion, timeout=60
-    ) as stream:
-        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
-    assert json.loads(lines[-2][6:])["error"]["param"] == "structured_outputs.json"
-    assert lines[-1] == "data: [DONE]"
+    error = streamed_error(live_server.base_url + "/v1/completions", completion)
+    assert error["param"] == "structured_outputs.json" and "allows no token" in error["message"]
     # the server goes on answering
     assert client.chat.completions.create(**fields).choices[0].finish_reason in ("stop", "length")
 
