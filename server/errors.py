@@ -88,12 +88,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     message = first.get("msg", "invalid value")
     if first.get("type") in _NOT_AN_OBJECT:  # pydantic names the model class: not a name the client knows
         message = "Input should be a JSON object"
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+    message = message.removeprefix("Value error, ")
     text = f"{param}: {message}" if param else message
+    param = param or _field_named_first(message, getattr(exc, "body", None))
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return text, param
+
+
+def _field_named_first(message: str, body) -> str | None:
+    """A whole-request check has no location; its message names the field first ("Value error, top_logprobs
+    needs ..."): that field, when the request sent it."""
+    words = message.split(" ", 1)
+    return words[0] if isinstance(body, dict) and words[0] in body else None
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -42,7 +42,7 @@ BAD_CHAT_FIELDS = [
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"top_logprobs": 2}, None),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),
@@ -89,6 +89,15 @@ def test_an_output_budget_error_names_the_field_that_was_sent(client, field, val
     error = assert_error(client.post("/v1/chat/completions", json=body), 400, field)
     other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
     assert error["message"].startswith(field) and other not in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"top_logprobs": 2}, "top_logprobs"), ({"stream_options": {"include_usage": True}}, "stream_options")],
+)
+def test_a_check_of_the_whole_request_names_the_field_its_message_is_about(client, fields, param):
+    error = assert_error(client.post("/v1/chat/completions", json={"messages": TEXT, **fields}), 400, param)
+    assert error["message"].startswith(param + " ") and error["message"].count(param) == 1, error
 
 
 @pytest.mark.parametrize(
