@@ -104,20 +104,15 @@ async def build_chat_inputs(
     urls, tiles = checked_images(state, messages, requested_tiles)
     videos = checked_videos(state, messages, video)
     frames_cap = state.settings.max_video_frames_per_request
-    hold = state.media_bytes.hold()
-    try:
-        async with decoded_media(state.images, state.videos, urls, videos, frames_cap, hold) as (
-            images,
-            frames,
-        ):
+    with state.media_bytes.hold() as hold:
+        async with decoded_media(state.images, state.videos, urls, videos, frames_cap, hold) as media:
+            images, frames = media
             prompt = processor_messages(
                 messages,
                 [{"image": image} for image in images],
                 [{"video": list(f), "num_frames": len(f)} for f in frames],
             )
             return await finish_in_thread(state.engine.processor.prepare_chat, prompt, tiles)
-    finally:
-        hold.release()
 
 
 async def chat_token_ids(
@@ -131,12 +126,9 @@ async def chat_token_ids(
     check_text_fits(state, messages)
     urls, tiles = checked_images(state, messages, requested_tiles)
     videos = checked_videos(state, messages, video)
-    hold = state.media_bytes.hold()
-    try:
+    with state.media_bytes.hold() as hold:
         sizes = await state.images.sizes(urls, hold)
         counts = await video_frame_counts(state.videos, videos, hold)
-    finally:
-        hold.release()
     prompt = processor_messages(
         messages,
         [{"image_size": size} for size in sizes],

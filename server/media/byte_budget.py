@@ -4,8 +4,8 @@ files or decoded from base64, from their arrival until the request's media are d
 The per-part byte caps bound one image or video, not how many arrive at once: 30 concurrent 60 MB video URLs held
 3.7 GB while they queued for the video decoders. Bytes arrive a chunk at a time, so a request that would take the
 total past the cap is refused at once with a 503 (retry later; a 400 when the request alone is past it) rather than
-queued: requests each holding part of
-the budget and waiting for more could wait on each other for ever. Used from the event loop only.
+queued: requests each holding part of the budget and waiting for more could wait on each other for ever. Used from
+the event loop only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class MediaBytesBudget:
         self.in_use = 0
 
     def hold(self) -> BytesHold:
-        """A request's share, empty until it takes bytes."""
+        """A request's share, empty until it takes bytes; as a context manager, given back when the block ends."""
         return BytesHold(self)
 
 
@@ -52,3 +52,9 @@ class BytesHold:
     def release(self) -> None:
         self.budget.in_use -= self.held
         self.held = 0
+
+    def __enter__(self) -> BytesHold:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
