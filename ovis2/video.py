@@ -64,9 +64,8 @@ def decode_video_frames(
                     if keyframe > probed.timestamps[0]:
                         _seek(container, stream, keyframe)
                     frames = _frames(container, stream, skippable, deadline)
-                elif keyframe > last and _seek(
-                    container, stream, keyframe
-                ):  # its group starts past the decoded
+                # its group starts past what is decoded
+                elif keyframe > last and _seek(container, stream, keyframe):
                     frames = _frames(container, stream, skippable, deadline)
                 frame, count = _decode_until(frames, target, probed)
                 decoded += count
@@ -120,9 +119,8 @@ def _decode_until(frames: Iterator, target: int, probed: VideoProbe):
     count = 0
     for frame in frames:
         count += 1
-        if (
-            frame.width * frame.height > probed.width * probed.height
-        ):  # what memory and tokens were counted for
+        # the header's size is what memory and tokens were counted for
+        if frame.width * frame.height > probed.width * probed.height:
             raise Ovis2Error(
                 f"the video's frames grow from the {probed.width}x{probed.height} its header declares to "
                 f"{frame.width}x{frame.height}"

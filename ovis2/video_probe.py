@@ -99,7 +99,7 @@ def probe_video(
     if sniff_container(data) == "mov":
         check_declared_samples(data, limits)
     with opened(data) as container:
-        stream = _video_stream(container)
+        stream, codec = _video_stream(container)
         width, height = _checked_size(stream, limits)
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > limits.max_seconds:
@@ -109,7 +109,7 @@ def probe_video(
         timestamps, keyframes, end = _read_packets(container, stream, limits, deadline)
         found = VideoProbe(
             container.format.name.split(",")[0],
-            stream.codec_context.codec.canonical_name,
+            codec,
             stream.index,
             width,
             height,
@@ -145,7 +145,8 @@ def opened(data: bytes):
         container.close()
 
 
-def _video_stream(container):
+def _video_stream(container) -> tuple:
+    """(the first video stream, its codec's name), refused unless the codec is allowed."""
     if not container.streams.video:
         kinds = " and ".join(sorted({s.type for s in container.streams}))
         raise Ovis2Error("the file has no video stream" + (f" (only {kinds})" if kinds else ""))
@@ -155,7 +156,7 @@ def _video_stream(container):
     codec = stream.codec_context.codec.canonical_name  # the codec's name (av1), not its decoder's (libdav1d)
     if codec not in CODECS:
         raise Ovis2Error(f"the video codec '{codec}' is not supported; use {', '.join(CODECS)}")
-    return stream
+    return stream, codec
 
 
 def check_declared_samples(data: bytes, limits: VideoLimits) -> None:

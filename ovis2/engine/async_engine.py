@@ -185,9 +185,8 @@ class AsyncEngine:
         try:
             return await asyncio.shield(asyncio.wrap_future(submitted))
         except asyncio.CancelledError:
-            if (
-                submitted.cancelled() and not asyncio.current_task().cancelling()
-            ):  # shutdown closed the compiler
+            # cancelled without this task being cancelled: shutdown closed the compiler
+            if submitted.cancelled() and not asyncio.current_task().cancelling():
                 raise EngineDeadError("the engine is shut down") from None
             grammars.withdraw(params.structured_outputs, submitted)
             raise

@@ -65,9 +65,8 @@ def decode_pixels(image: Image.Image) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise MediaError("the image file is corrupt or truncated") from exc
-    if (
-        image.format == "WEBP"
-    ):  # a loaded WebP keeps its decoder's canvas and frame (36 MP: 627 MB, 352 without)
+    # a loaded WebP keeps its decoder's canvas and frame (36 MP: 627 MB held, 352 MB for the pixels alone)
+    if image.format == "WEBP":
         pixels = image.copy()
         image.close()
         return pixels
