@@ -75,6 +75,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         )  # load them off the loop
         freeze_startup_objects()
         state.engine.set_idle_hook(release_free_memory, IDLE_TRIM_QUIET_SECONDS)
+        state.media_bytes.on_release = state.engine.request_idle_hook
         engine = state.engine
         logger.info(
             "serving %s (%s, max_model_len %s)", state.model_id, engine.dtype_name, engine.max_model_len

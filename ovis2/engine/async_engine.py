@@ -137,6 +137,11 @@ class AsyncEngine:
         `quiet_seconds` after its last step; an exception in it is logged and the loop goes on."""
         self._idle_hook, self._idle_hook_quiet_seconds = hook, quiet_seconds
 
+    def request_idle_hook(self) -> None:
+        """Run the idle hook after its quiet time even if no step comes first: memory was freed outside the
+        engine (a request that failed while its media loaded never reaches a step)."""
+        self._send(("idle-hook",))
+
     def set_request_hook(self, hook: Callable[[SequenceGroup], None] | None) -> None:
         """Fault injection for tests: hook(group) runs when a request is scheduled; raising fails it."""
         self.engine.core.request_hook = hook
@@ -216,7 +221,8 @@ class AsyncEngine:
         hook_due: float | None = None  # when the idle hook runs if no work comes before; None: not due
         try:
             while not self._stopping:
-                self._apply_commands()
+                if self._apply_commands():
+                    hook_due = time.monotonic() + self._idle_hook_quiet_seconds
                 if not self.engine.has_unfinished_requests:
                     hook_due = self._idle_wait(hook_due)
                     continue
@@ -249,13 +255,18 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - the hook's failure is not the engine's
             logger.exception("the engine's idle hook failed")
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> bool:
+        """Applies the queued commands; True when one asked for the idle hook."""
+        hook_wanted = False
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
                 self._add(*command[1:])
-            else:
+            elif command[0] == "abort":
                 self._abort(command[1])
+            else:
+                hook_wanted = True
+        return hook_wanted
 
     def _add(
         self, request_id: str, inputs: EngineInputs, params: SamplingParams, grammar: Grammar | None

@@ -256,6 +256,29 @@ def test_idle_hook_runs_once_per_busy_spell_and_a_failing_one_harms_nothing(make
     assert run(main()) == [1, 2] and calls == ["ovis2-engine", "ovis2-engine"]
 
 
+def test_idle_hook_runs_when_asked_for_without_a_step(make_engine):
+    quiet = 0.2
+    calls = []
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+        engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+        await asyncio.sleep(quiet * 2)
+        never_asked = len(calls)
+        asked = time.monotonic()
+        engine.request_idle_hook()
+        while not calls and time.monotonic() - asked < quiet + 5:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(quiet * 2)  # once per request
+        await engine.shutdown()
+        return never_asked, asked
+
+    never_asked, asked = run(main())
+    assert never_asked == 0 and len(calls) == 1, calls
+    assert calls[0] - asked >= quiet * 0.5, (calls[0] - asked, quiet)
+
+
 def test_idle_hook_waits_for_its_quiet_time_and_work_within_it_postpones_it(make_engine):
     quiet = 0.4
     calls = []

@@ -120,6 +120,7 @@ class FakeEngine:
     requests: dict = field(default_factory=dict)  # request_id -> (inputs, params)
     running: set = field(default_factory=set)
     aborted: list = field(default_factory=list)
+    idle_hook_requests: int = 0
     finished: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -133,6 +134,9 @@ class FakeEngine:
 
     def set_idle_hook(self, hook, quiet_seconds: float = 0.0) -> None:
         self.idle_hook = hook  # no loop thread here: never called
+
+    def request_idle_hook(self) -> None:
+        self.idle_hook_requests += 1
 
     def check_health(self) -> None:
         if self.dead:

@@ -188,7 +188,8 @@ def test_the_media_byte_budget_must_hold_the_largest_part():
     assert ServerSettings(_env_file=None, **sizes, max_media_bytes_in_flight=2000)
 
 
-def test_requests_give_their_media_bytes_back_whatever_happens(make_client):
+def test_requests_give_their_media_bytes_back_whatever_happens(make_client, fake_engine):
+    """...and each asks the engine for a heap trim: one failing while its media load never reaches a step."""
     from tests.server.conftest import data_url, image_bytes, image_message
 
     client = make_client(max_media_bytes_in_flight=64 * 1024 * 1024)
@@ -201,6 +202,11 @@ def test_requests_give_their_media_bytes_back_whatever_happens(make_client):
         tokenized = client.post("/tokenize", json={"messages": [image_message(url)]})
         assert tokenized.status_code == status, tokenized.text
         assert 'ovis2_media_bytes_in_flight{model_name="fake-model"} 0.0' in client.get("/metrics").text
+    assert fake_engine.idle_hook_requests == 4
+    assert client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    ).is_success
+    assert fake_engine.idle_hook_requests == 4  # no media, nothing freed
 
 
 def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_place_back(fake_engine):
