@@ -104,8 +104,24 @@ def _field_named_first(message: str, body) -> str | None:
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    content_type = request.headers.get("content-type", "")
+    if content_type and not _is_json(content_type) and _body_not_parsed(exc):
+        # FastAPI parses only JSON bodies; curl's -d alone sends application/x-www-form-urlencoded
+        message = (
+            f"the request body must be JSON sent with Content-Type: application/json (got {content_type!r})"
+        )
+        return error_response(message, 400)
     message, param = _validation_message(exc)
     return error_response(message, 400, param)
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _body_not_parsed(exc: RequestValidationError) -> bool:
+    return any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors())
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:

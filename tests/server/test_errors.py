@@ -219,6 +219,15 @@ def test_invalid_json_is_400(client):
     assert_error(client.post("/v1/chat/completions"), 400)
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_sent_as_another_content_type_is_told_to_send_json(client, content_type):
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'  # what `curl -d` sends without -H
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
+    assert_error(response, 400, None, f"Content-Type: application/json (got '{content_type}')")
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
 def test_unknown_model_is_404(client):
     response = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": TEXT})
     error = assert_error(response, 404, "model", "gpt-4o")
