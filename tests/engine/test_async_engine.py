@@ -144,6 +144,38 @@ def test_shutdown_ends_the_streams_still_open(make_engine):
     run(main())
 
 
+def test_shutdown_ends_the_streams_before_the_step_in_progress_ends(make_engine):
+    step_seconds = 3.0
+    in_step = threading.Event()
+
+    def slow_step(group):
+        if group.request_id == "slow":
+            in_step.set()
+            time.sleep(step_seconds)
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+        engine.set_request_hook(slow_step)
+        params = SamplingParams(max_tokens=10_000, ignore_eos=True)
+        tasks = [
+            asyncio.create_task(collect(engine, rid, chat_prompt(text_ids(i, 10)), params))
+            for i, rid in enumerate(("slow", "other"))
+        ]
+        while not in_step.is_set():
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        shutdown = asyncio.create_task(engine.shutdown())
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        heard = time.monotonic() - started
+        await shutdown
+        return results, heard
+
+    results, heard = run(main())
+    assert all(isinstance(result, EngineDeadError) for result in results), results
+    assert heard < step_seconds / 2, heard
+
+
 def test_a_slow_consumer_gets_one_merged_output_not_one_per_step(make_engine):
     async def main():
         llm = make_engine()
