@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import Ovis2Error
+from ..errors import Ovis2Error, StructuredOutputError
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
 from .core_outputs import CoreStepOutput, RequestFailure, RequestUpdate, TokenUpdate
@@ -251,7 +251,8 @@ class EngineCore:
         if group is not None:
             self._finish_all(group, "error")
         cached = group.seqs[0].num_cached_tokens if group is not None else 0
-        if isinstance(error, Ovis2Error):
+        # the request's own fault: its constraint reached a dead end; anything else failing in a step is the engine's
+        if isinstance(error, StructuredOutputError):
             return RequestFailure(str(error), cached, user_error=True)
         return RequestFailure(f"{type(error).__name__}: {error}", cached)
 

@@ -260,12 +260,14 @@ def test_bad_requests_raise_clear_errors(make_engine):
     assert not engine.has_unfinished_requests
 
 
-def test_a_failing_request_fails_alone(make_engine):
+@pytest.mark.parametrize("error", [RuntimeError("injected"), Ovis2Error("injected")])
+def test_a_failing_request_fails_alone(make_engine, error):
+    """...as the engine's fault, not the sender's: only a constraint's dead end is the request's own."""
     engine = make_engine()
 
     def hook(group):
         if group.request_id == "bad":
-            raise RuntimeError("injected")
+            raise error
 
     engine.core.request_hook = hook
     requests = {
@@ -274,6 +276,7 @@ def test_a_failing_request_fails_alone(make_engine):
     }
     final = run_to_completion(engine, requests)
     assert final["bad"].error and final["bad"].outputs[0].finish_reason == "error"
+    assert not final["bad"].user_error
     for rid in ("ok1", "ok2"):  # both neighbours finish with the answer they get alone
         assert final[rid].error is None
         assert final[rid].outputs[0].token_ids == reference_tokens(engine.core.model, requests[rid][0], 3)
