@@ -33,7 +33,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     check_unsupported(request)
     constraint = requested_constraint(request)
     prompt_ids = await asyncio.to_thread(prompt_token_ids, state, request.prompt)  # long prompts take seconds
-    prompt_text = await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids) if request.echo else ""
+    prompt_text = await echoed_prompt(state, request.prompt, prompt_ids) if request.echo else ""
     max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt")
     params = build_sampling_params(
         request,
@@ -89,10 +89,25 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
 
 
+def single_prompt(prompt: str | list) -> str | list:
+    """The one prompt of a list holding one (a string or token ids), else the prompt as sent."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        return prompt[0]
+    return prompt
+
+
+async def echoed_prompt(state: ServerState, prompt: str | list, prompt_ids: list[int]) -> str:
+    """A text prompt as sent (decoding its ids would normalize it: the tokenizer applies NFC), or the text of
+    token ids."""
+    prompt = single_prompt(prompt)
+    if isinstance(prompt, str):
+        return prompt
+    return await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids)
+
+
 def prompt_token_ids(state: ServerState, prompt: str | list) -> list[int]:
     """One prompt: text (control tokens in it act as control tokens) or token ids; never image tokens."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
+    prompt = single_prompt(prompt)
     if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
         raise bad_request("send one prompt per request", "prompt")
     if isinstance(prompt, str):
@@ -124,7 +139,8 @@ class CompletionBuilder:
         for lp in logprobs or ():
             result.tokens.append(lp.token)
             result.token_logprobs.append(lp.logprob)
-            result.top_logprobs.append({top.token: top.logprob for top in lp.top})
+            # the legacy API always lists the sampled token among the top ones: up to logprobs + 1 entries
+            result.top_logprobs.append({**{top.token: top.logprob for top in lp.top}, lp.token: lp.logprob})
             result.text_offset.append(offset)
             offset += len(lp.token)
         self.offsets[index] = offset

@@ -106,7 +106,7 @@ def build_sampling_params(
     except Ovis2Error as exc:
         message = str(exc)
         match = _PARAM_NAME.search(message)
-        name = match.group(1) if match else None
+        engine_name = name = match.group(1) if match else None
         if name == "logprobs" and isinstance(request, ChatCompletionRequest):
             name = "top_logprobs"
         if (
@@ -115,4 +115,6 @@ def build_sampling_params(
             and request.max_completion_tokens
         ):
             name = "max_completion_tokens"
+        if name != engine_name:  # the message names the field the request sent
+            message = message.replace(f"'{engine_name}'", f"'{name}'", 1)
         raise bad_request(message, name) from None

@@ -38,8 +38,12 @@ class ChoiceState:
         self.token_ids.append(update.token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
-        if update.finish_reason == "stop":  # a stop token: it ends the text, it is not part of it
-            self.finish_reason, self.stop_reason = "stop", update.token_id
+        if update.finish_reason == "stop":  # a stop token ends the text; part of it only when asked for
+            if self.params.include_stop_str_in_output:
+                self.detok.add_token(update.token_id, check_stops=False)
+            # vLLM's convention: an id only for the request's own stop_token_ids, None for the model's end
+            own = update.token_id in (self.params.stop_token_ids or ())
+            self.finish_reason, self.stop_reason = "stop", update.token_id if own else None
             return False
         stop = self.detok.add_token(
             update.token_id, check_stops=len(self.token_ids) >= self.params.min_tokens

@@ -11,6 +11,7 @@ from .structured.params import StructuredOutputsParams
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -53,7 +54,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below GREEDY_TEMPERATURE a draw differs from the argmax only at exact ties of the logits (vLLM's rule)
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def stopping_token_ids(self) -> frozenset[int]:

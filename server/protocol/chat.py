@@ -199,7 +199,7 @@ class ChatCompletionRequest(SamplingExtensions):
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        return _check_stream_options(self)
+        return check_stream_options(self)
 
 
 def unsupported_chat_fields(request: ChatCompletionRequest) -> tuple[str, str] | None:
@@ -249,7 +249,7 @@ def _unsupported_in_message(message: ChatMessage, where: str) -> tuple[str, str]
     return None
 
 
-def _check_stream_options(request):
+def check_stream_options(request):
     if request.stream_options is not None and not request.stream:
         raise ValueError("stream_options is only allowed with stream set to true")
     return request

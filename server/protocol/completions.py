@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import RequestModel, ResponseModel
-from .chat import ChatMessage, SamplingExtensions, StreamOptions
+from .chat import ChatMessage, SamplingExtensions, StreamOptions, check_stream_options
 from .chat_response import Usage
 from .structured import ResponseFormat
 
@@ -34,6 +34,10 @@ class CompletionRequest(SamplingExtensions):
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> CompletionRequest:
+        return check_stream_options(self)
 
 
 class CompletionLogprobs(ResponseModel):

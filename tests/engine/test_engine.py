@@ -232,7 +232,7 @@ def test_logprobs_stop_strings_and_min_tokens(make_engine, tokenizer):
     assert out.logprobs[0].top[0].token_id == out.token_ids[0]
 
 
-def test_stop_token_ids_add_to_eos_and_survive_ignore_eos(make_engine):
+def test_stop_token_ids_add_to_eos_and_survive_ignore_eos(make_engine, tokenizer):
     engine = make_engine()
     prompt = chat_prompt(text_ids(12, 9))
     free = run_to_completion(engine, {"f": (prompt, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))})
@@ -243,6 +243,10 @@ def test_stop_token_ids_add_to_eos_and_survive_ignore_eos(make_engine):
         out = run_to_completion(engine, {f"s{ignore_eos}": (prompt, params)})[f"s{ignore_eos}"].outputs[0]
         assert out.finish_reason == "stop" and out.stop_reason == third
         assert out.token_ids == tokens[: tokens.index(third) + 1]
+    included = SamplingParams(max_tokens=6, stop_token_ids=[third], include_stop_str_in_output=True, **GREEDY)
+    kept = run_to_completion(engine, {"k": (prompt, included)})["k"].outputs[0]
+    assert kept.token_ids == out.token_ids and kept.stop_reason == third
+    assert kept.text == tokenizer.decode(kept.token_ids, skip_special_tokens=True) != out.text
     assert {151645, 151643} <= SamplingParams(stop_token_ids=[third]).stopping_token_ids
     assert SamplingParams(stop_token_ids=[third], ignore_eos=True).stopping_token_ids == {third}
 

@@ -20,6 +20,13 @@ def test_greedy_is_the_argmax_of_the_fp32_logits():
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
+def test_a_temperature_below_1e_5_is_greedy_even_at_exact_ties():
+    tied = torch.zeros(1, 100)
+    drawn = {sample(tied, [row(seed, temperature=1e-6)]).token_ids[0] for seed in range(20)}
+    assert drawn == {int(tied.argmax(-1))}
+    assert len({sample(tied, [row(seed, temperature=1e-4)]).token_ids[0] for seed in range(20)}) > 1
+
+
 def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(1))
 

@@ -212,6 +212,10 @@ def test_completions_endpoint(client, live_server):
     )
     assert response.object == "text_completion" and response.choices[0].text
     assert response.usage.completion_tokens <= 4
+    prompt = "e\u0301 caf\u00e9"  # the tokenizer normalizes it to NFC: echo gives back what was sent
+    for sent in (prompt, [prompt]):
+        echoed = client.completions.create(model=live_server.model, prompt=sent, max_tokens=1, echo=True)
+        assert echoed.choices[0].text.startswith(prompt), echoed.choices[0].text
 
 
 def test_closing_a_stream_early_frees_its_kv_blocks(live_server):

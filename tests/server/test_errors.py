@@ -82,6 +82,12 @@ BAD_CHAT_FIELDS = [
 ]
 
 
+def test_an_engine_range_error_names_the_chat_field_that_was_sent(client):
+    body = {"messages": TEXT, "logprobs": True, "top_logprobs": 21}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "top_logprobs")
+    assert "'top_logprobs'" in error["message"] and "'logprobs'" not in error["message"], error
+
+
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 @pytest.mark.parametrize("value", [0, 100000])
 def test_an_output_budget_error_names_the_field_that_was_sent(client, field, value):
@@ -98,6 +104,9 @@ def test_an_output_budget_error_names_the_field_that_was_sent(client, field, val
 def test_a_check_of_the_whole_request_names_the_field_its_message_is_about(client, fields, param):
     error = assert_error(client.post("/v1/chat/completions", json={"messages": TEXT, **fields}), 400, param)
     assert error["message"].startswith(param + " ") and error["message"].count(param) == 1, error
+    if param == "stream_options":  # the completions API checks it alike
+        error = assert_error(client.post("/v1/completions", json={"prompt": "hi", **fields}), 400, param)
+        assert error["message"].startswith(param + " "), error
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,13 @@ def test_completions(client, fake_engine):
     assert choice["logprobs"]["text_offset"] == [0, 5, 11]
     assert choice["logprobs"]["top_logprobs"][0] == {"Hello": -0.25}
     assert body["usage"]["completion_tokens"] == 3
+    # logprobs 0: no top tokens, but the sampled one is always listed (the legacy API's rule)
+    body = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 2, "logprobs": 0}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == 2
+    assert logprobs["top_logprobs"] == [
+        {t: lp} for t, lp in zip(logprobs["tokens"], logprobs["token_logprobs"])
+    ]
     inputs, params = next(iter(fake_engine.requests.values()))
     assert inputs.images == [] and params.max_tokens == 3 and params.logprobs == 1
 
