@@ -155,7 +155,7 @@ def test_completions(client, fake_engine):
     logprobs = body["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == 2
     assert logprobs["top_logprobs"] == [
-        {t: lp} for t, lp in zip(logprobs["tokens"], logprobs["token_logprobs"])
+        {t: lp} for t, lp in zip(logprobs["tokens"], logprobs["token_logprobs"], strict=True)
     ]
     inputs, params = next(iter(fake_engine.requests.values()))
     assert inputs.images == [] and params.max_tokens == 3 and params.logprobs == 1
