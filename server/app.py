@@ -20,7 +20,7 @@ from .media import ImageLoader, MediaPolicy
 from .media.byte_budget import MediaBytesBudget
 from .media.video import VideoLoader
 from .metrics import ServerMetrics
-from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware, TrimAfterResponseMiddleware
 from .pixel_budget import PixelBudget
 from .routes import router
 from .settings import ServerSettings
@@ -52,6 +52,11 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _ask_for_trim(state: ServerState) -> None:
+    if state.engine is not None:
+        state.engine.request_idle_hook()
+
+
 def create_app(settings: ServerSettings | None = None, engine: Any = None) -> FastAPI:
     """The server. Without `engine`, the lifespan builds the real AsyncEngine from `settings`; tests pass a fake."""
     settings = settings if settings is not None else ServerSettings()
@@ -75,7 +80,6 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         )  # load them off the loop
         freeze_startup_objects()
         state.engine.set_idle_hook(release_free_memory, IDLE_TRIM_QUIET_SECONDS)
-        state.media_bytes.on_release = state.engine.request_idle_hook
         engine = state.engine
         logger.info(
             "serving %s (%s, max_model_len %s)", state.model_id, engine.dtype_name, engine.max_model_len
@@ -98,6 +102,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
     app.state.server = state
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(TrimAfterResponseMiddleware, on_done=lambda: _ask_for_trim(state))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())

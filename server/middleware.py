@@ -1,9 +1,11 @@
-"""Pure ASGI middleware: the API key check and the request body cap, both before any body is parsed."""
+"""Pure ASGI middleware: the API key check and the request body cap, both before any body is parsed, and the heap
+trim asked for once a response has gone out."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -117,3 +119,22 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+class TrimAfterResponseMiddleware:
+    """Once a POST's response has gone out (a stream's last byte read, or the client gone), `on_done()`: the server
+    asks the engine for a heap trim after its quiet second. The engine trims on its own only after its last step,
+    before the HTTP side has freed what a slow reader's stream or a request failing on its media held."""
+
+    def __init__(self, app: ASGIApp, on_done: Callable[[], None]) -> None:
+        self.app = app
+        self.on_done = on_done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.on_done()

@@ -5,13 +5,10 @@ The per-part byte caps bound one image or video, not how many arrive at once: 30
 3.7 GB while they queued for the video decoders. Bytes arrive a chunk at a time, so a request that would take the
 total past the cap is refused at once with a 503 (retry later; a 400 when the request alone is past it) rather than
 queued: requests each holding part of the budget and waiting for more could wait on each other for ever. Used from
-the event loop only. `on_release` runs when a request gives bytes back: the server asks the engine for a heap trim
-then, since a request that failed while its media loaded never reaches an engine step, after which trims run.
+the event loop only.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from ..errors import APIError
 
@@ -22,7 +19,6 @@ class MediaBytesBudget:
     def __init__(self, total: int = DEFAULT_MEDIA_BYTES_IN_FLIGHT) -> None:
         self.total = total
         self.in_use = 0
-        self.on_release: Callable[[], None] | None = None
 
     def hold(self) -> BytesHold:
         """A request's share, empty until it takes bytes; as a context manager, given back when the block ends."""
@@ -54,11 +50,8 @@ class BytesHold:
         self.held += count
 
     def release(self) -> None:
-        budget, held = self.budget, self.held
-        budget.in_use -= held
+        self.budget.in_use -= self.held
         self.held = 0
-        if held and budget.on_release is not None:
-            budget.on_release()
 
     def __enter__(self) -> BytesHold:
         return self

@@ -188,8 +188,7 @@ def test_the_media_byte_budget_must_hold_the_largest_part():
     assert ServerSettings(_env_file=None, **sizes, max_media_bytes_in_flight=2000)
 
 
-def test_requests_give_their_media_bytes_back_whatever_happens(make_client, fake_engine):
-    """...and each asks the engine for a heap trim: one failing while its media load never reaches a step."""
+def test_requests_give_their_media_bytes_back_whatever_happens(make_client):
     from tests.server.conftest import data_url, image_bytes, image_message
 
     client = make_client(max_media_bytes_in_flight=64 * 1024 * 1024)
@@ -202,11 +201,23 @@ def test_requests_give_their_media_bytes_back_whatever_happens(make_client, fake
         tokenized = client.post("/tokenize", json={"messages": [image_message(url)]})
         assert tokenized.status_code == status, tokenized.text
         assert 'ovis2_media_bytes_in_flight{model_name="fake-model"} 0.0' in client.get("/metrics").text
-    assert fake_engine.idle_hook_requests == 4
-    assert client.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
-    ).is_success
-    assert fake_engine.idle_hook_requests == 4  # no media, nothing freed
+
+
+def test_every_post_asks_for_a_heap_trim_once_its_response_has_gone_out(make_client, fake_engine):
+    """The engine trims after its last step; what the HTTP side frees later (a slow reader's stream, a request
+    failing on its media, which never reaches a step) waits for the trim asked for here."""
+    client = make_client()
+    bad_image = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}],
+    }
+    assert client.post("/v1/chat/completions", json={"messages": [bad_image]}).status_code == 400
+    assert fake_engine.idle_hook_requests == 1
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and fake_engine.idle_hook_requests == 2
+    assert client.get("/health").is_success and fake_engine.idle_hook_requests == 2
 
 
 def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_place_back(fake_engine):
