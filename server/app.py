@@ -102,7 +102,6 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
     app.state.server = state
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(TrimAfterResponseMiddleware, on_done=lambda: _ask_for_trim(state))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
@@ -113,6 +112,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    # the outermost: 413s and 401s free their bodies too
+    app.add_middleware(TrimAfterResponseMiddleware, on_done=lambda: _ask_for_trim(state))
     return app
 
 

@@ -139,8 +139,9 @@ class CompletionBuilder:
         for lp in logprobs or ():
             result.tokens.append(lp.token)
             result.token_logprobs.append(lp.logprob)
-            # the legacy API always lists the sampled token among the top ones: up to logprobs + 1 entries
-            result.top_logprobs.append({**{top.token: top.logprob for top in lp.top}, lp.token: lp.logprob})
+            # the legacy API always lists the sampled token among the top ones: up to logprobs + 1 entries (a top
+            # token decoding to the same text keeps its own value)
+            result.top_logprobs.append({lp.token: lp.logprob, **{top.token: top.logprob for top in lp.top}})
             result.text_offset.append(offset)
             offset += len(lp.token)
         self.offsets[index] = offset

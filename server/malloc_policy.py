@@ -1,5 +1,6 @@
 """glibc's malloc in the server process: at most two heaps (arenas), and freed memory handed back to the system
-whenever the engine runs out of work (and a second after each response has gone out).
+whenever the engine runs out of work (and a second after a POST's response has gone out: memory the HTTP side frees
+after the engine's last step, such as a slow reader's stream or a body refused while it loaded).
 
 glibc gives threads that allocate at the same time heaps of their own, up to eight per core. In the server the
 engine thread, the image-decoding threads and the event loop all allocate and free large buffers, and memory

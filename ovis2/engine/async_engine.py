@@ -58,6 +58,7 @@ class AsyncEngine:
         self._num_compiling = 0  # requests waiting for their grammar, not yet sent to the loop
         self._idle_hook: Callable[[], None] | None = None
         self._idle_hook_quiet_seconds = 0.0
+        self._hook_asked = False  # request_idle_hook was called: the loop sets the hook's deadline
 
     # --- lifecycle
     async def start(self) -> None:
@@ -129,6 +130,8 @@ class AsyncEngine:
             raise EngineOverloadedError(f"{self.args.max_waiting_requests} requests are already waiting")
 
     def check_health(self) -> None:
+        if self._stopping:
+            raise EngineDeadError("the engine is shut down")
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop died: {self._dead!r}")
         if self._thread is None or not self._thread.is_alive():
@@ -141,8 +144,12 @@ class AsyncEngine:
 
     def request_idle_hook(self) -> None:
         """Run the idle hook after its quiet time even if no step comes first: memory was freed outside the
-        engine (a request that failed while its media loaded never reaches a step)."""
-        self._send(("idle-hook",))
+        engine (a request that failed while its media loaded never reaches a step). A hook already due is not
+        put off; asks while the loop is stopped do nothing."""
+        if self._stopping or self._dead is not None:
+            return
+        self._hook_asked = True
+        self._wake.set()
 
     def set_request_hook(self, hook: Callable[[SequenceGroup], None] | None) -> None:
         """Fault injection for tests: hook(group) runs when a request is scheduled; raising fails it."""
@@ -223,8 +230,10 @@ class AsyncEngine:
         hook_due: float | None = None  # when the idle hook runs if no work comes before; None: not due
         try:
             while not self._stopping:
-                if self._apply_commands():
-                    hook_due = time.monotonic() + self._idle_hook_quiet_seconds
+                self._apply_commands()
+                if self._hook_asked:
+                    self._hook_asked = False
+                    hook_due = hook_due or time.monotonic() + self._idle_hook_quiet_seconds
                 if not self.engine.has_unfinished_requests:
                     hook_due = self._idle_wait(hook_due)
                     continue
@@ -257,18 +266,13 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - the hook's failure is not the engine's
             logger.exception("the engine's idle hook failed")
 
-    def _apply_commands(self) -> bool:
-        """Applies the queued commands; True when one asked for the idle hook."""
-        hook_wanted = False
+    def _apply_commands(self) -> None:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
                 self._add(*command[1:])
-            elif command[0] == "abort":
-                self._abort(command[1])
             else:
-                hook_wanted = True
-        return hook_wanted
+                self._abort(command[1])
 
     def _add(
         self, request_id: str, inputs: EngineInputs, params: SamplingParams, grammar: Grammar | None

@@ -19,14 +19,17 @@ class TokenLogprob:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str = ""  # everything generated so far, stop strings removed
+    text: str = (
+        ""  # everything generated so far; a stop string or stop token only with include_stop_str_in_output
+    )
     token_ids: list[int] = field(default_factory=list)
     delta_text: str = ""  # new since the previous RequestOutput
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # all so far, when asked
     delta_logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
-    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # the stop string, or the id of one of the request's stop_token_ids, that ended it; None at the model's own end
+    stop_reason: str | int | None = None
 
     @property
     def finished(self) -> bool:

@@ -166,13 +166,15 @@ def test_shutdown_ends_the_streams_before_the_step_in_progress_ends(make_engine)
             await asyncio.sleep(0.01)
         started = time.monotonic()
         shutdown = asyncio.create_task(engine.shutdown())
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # shutdown has begun; a request arriving now is refused at once, not queued
+        late = collect(engine, "late", chat_prompt(text_ids(3, 10)), params)
+        results = await asyncio.gather(*tasks, late, return_exceptions=True)
         heard = time.monotonic() - started
         await shutdown
         return results, heard
 
     results, heard = run(main())
-    assert all(isinstance(result, EngineDeadError) for result in results), results
+    assert len(results) == 3 and all(isinstance(result, EngineDeadError) for result in results), results
     assert heard < step_seconds / 2, heard
 
 
@@ -309,6 +311,27 @@ def test_idle_hook_runs_when_asked_for_without_a_step(make_engine):
     never_asked, asked = run(main())
     assert never_asked == 0 and len(calls) == 1, calls
     assert calls[0] - asked >= quiet * 0.5, (calls[0] - asked, quiet)
+
+
+def test_asking_for_the_idle_hook_again_and_again_does_not_put_it_off(make_engine):
+    quiet = 0.3
+    calls = []
+
+    async def main():
+        engine = AsyncEngine(engine=make_engine())
+        await engine.start()
+        engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+        first_ask = time.monotonic()
+        while time.monotonic() - first_ask < quiet * 6:  # a steady trickle of finished responses
+            engine.request_idle_hook()
+            await asyncio.sleep(quiet / 2)
+        await engine.shutdown()
+        engine.request_idle_hook()  # stopped: nothing to do, nothing queued
+        return first_ask
+
+    first_ask = run(main())
+    assert len(calls) >= 2, calls
+    assert calls[0] - first_ask < quiet * 3, (calls[0] - first_ask, quiet)
 
 
 def test_idle_hook_waits_for_its_quiet_time_and_work_within_it_postpones_it(make_engine):

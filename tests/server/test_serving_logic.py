@@ -218,6 +218,10 @@ def test_every_post_asks_for_a_heap_trim_once_its_response_has_gone_out(make_cli
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and fake_engine.idle_hook_requests == 2
     assert client.get("/health").is_success and fake_engine.idle_hook_requests == 2
+    big = {"messages": [{"role": "user", "content": "x" * 4000}]}
+    capped = make_client(max_request_body_bytes=2048)
+    assert capped.post("/v1/chat/completions", json=big).status_code == 413  # refused bodies too
+    assert fake_engine.idle_hook_requests == 3
 
 
 def test_a_client_gone_while_its_images_wait_for_the_pixel_budget_gives_its_place_back(fake_engine):
