@@ -28,10 +28,9 @@ def test_text_is_tokenized_off_the_event_loop(client, tokenizer, monkeypatch):
         monkeypatch.setattr(tokenizer, name, spy)
     ids = client.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()["tokens"]
     assert client.post("/detokenize", json={"tokens": ids}).status_code == 200
-    assert (
-        client.post("/v1/completions", json={"prompt": PROMPT, "echo": True, "max_tokens": 1}).status_code
-        == 200
-    )
+    for prompt in (PROMPT, ids):  # echo decodes token ids (a text prompt is echoed as sent)
+        response = client.post("/v1/completions", json={"prompt": prompt, "echo": True, "max_tokens": 1})
+        assert response.status_code == 200
     assert sorted(calls) == [
         ("convert_ids_to_tokens", False),
         ("decode", False),
