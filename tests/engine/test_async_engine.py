@@ -290,14 +290,20 @@ def test_idle_hook_runs_once_per_busy_spell_and_a_failing_one_harms_nothing(make
     assert run(main()) == [1, 2] and calls == ["ovis2-engine", "ovis2-engine"]
 
 
+async def started_with_timed_hook(make_engine, calls: list, quiet: float) -> AsyncEngine:
+    """A started engine whose idle hook appends the time it ran to `calls`."""
+    engine = AsyncEngine(engine=make_engine())
+    await engine.start()
+    engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+    return engine
+
+
 def test_idle_hook_runs_when_asked_for_without_a_step(make_engine):
     quiet = 0.2
     calls = []
 
     async def main():
-        engine = AsyncEngine(engine=make_engine())
-        await engine.start()
-        engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+        engine = await started_with_timed_hook(make_engine, calls, quiet)
         await asyncio.sleep(quiet * 2)
         never_asked = len(calls)
         asked = time.monotonic()
@@ -318,9 +324,7 @@ def test_asking_for_the_idle_hook_again_and_again_does_not_put_it_off(make_engin
     calls = []
 
     async def main():
-        engine = AsyncEngine(engine=make_engine())
-        await engine.start()
-        engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+        engine = await started_with_timed_hook(make_engine, calls, quiet)
         first_ask = time.monotonic()
         while time.monotonic() - first_ask < quiet * 6:  # a steady trickle of finished responses
             engine.request_idle_hook()
@@ -339,9 +343,7 @@ def test_idle_hook_waits_for_its_quiet_time_and_work_within_it_postpones_it(make
     calls = []
 
     async def main():
-        engine = AsyncEngine(engine=make_engine())
-        await engine.start()
-        engine.set_idle_hook(lambda: calls.append(time.monotonic()), quiet_seconds=quiet)
+        engine = await started_with_timed_hook(make_engine, calls, quiet)
         params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
         await collect(engine, "first", chat_prompt(text_ids(1, 8)), params)
         await asyncio.sleep(quiet / 4)
