@@ -1,4 +1,4 @@
-"""/v1/completions for plain text prompts (a string or token ids)."""
+"""/v1/completions for plain text prompts (a string or token ids, or a list of several)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import Request, Response
 from .chat import EngineStreamFailed, check_engine_error, choice_updates, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
 from .errors import bad_request
+from .merged_outputs import merged_outputs
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -26,32 +27,38 @@ from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_api_error
 from .structured_outputs import constrained, constraint_param, requested_constraint
 
+MAX_PROMPTS = 16
+
 
 async def create_completion(state: ServerState, request: CompletionRequest, raw: Request) -> Response:
     arrival = time.monotonic()
     state.check_model(request.model)
     check_unsupported(request)
     constraint = requested_constraint(request)
-    prompt_ids = await asyncio.to_thread(prompt_token_ids, state, request.prompt)  # long prompts take seconds
-    prompt_text = await echoed_prompt(state, request.prompt, prompt_ids) if request.echo else ""
-    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt")
-    params = build_sampling_params(
-        request,
-        max_tokens=max_tokens,
-        logprobs=request.logprobs,
-        vocab_size=state.vocab_size,
-        structured_outputs=constraint.params if constraint is not None else None,
-    )
+    prompts = split_prompts(request.prompt)
+    prompt_ids = [
+        await asyncio.to_thread(prompt_token_ids, state, p) for p in prompts
+    ]  # long ones take seconds
+    echoed = [await echoed_prompt(state, p, ids) for p, ids in zip(prompts, prompt_ids, strict=True)]
     request_id = random_id("cmpl")
-    outputs = generate(
-        state,
-        EngineInputs(prompt_token_ids=prompt_ids, cache_salt=request.cache_salt),
-        params,
-        request_id,
-        arrival,
-    )
+    streams = [
+        generate(
+            state,
+            EngineInputs(prompt_token_ids=ids, cache_salt=request.cache_salt),
+            sampling_params(state, request, ids, constraint),
+            request_id if len(prompts) == 1 else f"{request_id}-{k}",
+            arrival,
+        )
+        for k, ids in enumerate(prompt_ids)
+    ]
+    n = request.n or 1
+    outputs = streams[0] if len(streams) == 1 else merged_outputs(streams, prompt_ids, n, request_id)
     builder = CompletionBuilder(
-        request_id, state.model_id, prompt_text, want_logprobs=request.logprobs is not None
+        request_id,
+        state.model_id,
+        echoed if request.echo else [""] * len(prompts),
+        n,
+        request.logprobs is not None,
     )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return await constrained(
@@ -68,6 +75,17 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
                 check_engine_error(final, request_id), builder, state.model_id
             ),
         ),
+    )
+
+
+def sampling_params(state: ServerState, request: CompletionRequest, prompt_ids: list[int], constraint):
+    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt")
+    return build_sampling_params(
+        request,
+        max_tokens=max_tokens,
+        logprobs=request.logprobs,
+        vocab_size=state.vocab_size,
+        structured_outputs=constraint.params if constraint is not None else None,
     )
 
 
@@ -89,27 +107,27 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
 
 
-def single_prompt(prompt: str | list) -> str | list:
-    """The one prompt of a list holding one (a string or token ids), else the prompt as sent."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        return prompt[0]
-    return prompt
+def split_prompts(prompt: str | list) -> list[str | list[int]]:
+    """The request's prompts: a string, token ids, or a list of several of either (at most MAX_PROMPTS)."""
+    if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], str | list):
+        return [prompt]
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_request(
+            f"the request has {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed", "prompt"
+        )
+    return list(prompt)
 
 
-async def echoed_prompt(state: ServerState, prompt: str | list, prompt_ids: list[int]) -> str:
+async def echoed_prompt(state: ServerState, prompt: str | list[int], prompt_ids: list[int]) -> str:
     """A text prompt as sent (decoding its ids would normalize it: the tokenizer applies NFC), or the text of
     token ids."""
-    prompt = single_prompt(prompt)
     if isinstance(prompt, str):
         return prompt
     return await asyncio.to_thread(state.engine.tokenizer.decode, prompt_ids)
 
 
-def prompt_token_ids(state: ServerState, prompt: str | list) -> list[int]:
+def prompt_token_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
     """One prompt: text (control tokens in it act as control tokens) or token ids; never image tokens."""
-    prompt = single_prompt(prompt)
-    if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
-        raise bad_request("send one prompt per request", "prompt")
     if isinstance(prompt, str):
         ids = state.engine.tokenizer.encode(prompt, add_special_tokens=True)
     else:
@@ -125,17 +143,21 @@ def prompt_token_ids(state: ServerState, prompt: str | list) -> list[int]:
 
 
 class CompletionBuilder:
-    def __init__(self, request_id: str, model: str, prompt_text: str, want_logprobs: bool):
-        self.request_id, self.model, self.prompt_text = request_id, model, prompt_text
+    def __init__(self, request_id: str, model: str, echoed: list[str], n: int, want_logprobs: bool):
+        """`echoed`: each prompt's text to put in front of its choices' text ("" without echo)."""
+        self.request_id, self.model, self.echoed, self.n = request_id, model, echoed, n
         self.want_logprobs = want_logprobs
         self.created = now()
         self.offsets: dict[int, int] = {}
+
+    def prompt_text(self, index: int) -> str:
+        return self.echoed[index // self.n]
 
     def logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
         result = CompletionLogprobs()
-        offset = self.offsets.get(index, len(self.prompt_text))
+        offset = self.offsets.get(index, len(self.prompt_text(index)))
         for lp in logprobs or ():
             result.tokens.append(lp.token)
             result.token_logprobs.append(lp.logprob)
@@ -150,14 +172,14 @@ class CompletionBuilder:
     def full(self, output: CompletionOutput) -> CompletionChoice:
         return CompletionChoice(
             index=output.index,
-            text=self.prompt_text + output.text,
+            text=self.prompt_text(output.index) + output.text,
             logprobs=self.logprobs(output.index, output.logprobs),
             finish_reason=output.finish_reason,
             stop_reason=output.stop_reason,
         )
 
     def delta(self, output: CompletionOutput, first: bool) -> CompletionChoice | None:
-        text = (self.prompt_text if first else "") + output.delta_text
+        text = (self.prompt_text(output.index) if first else "") + output.delta_text
         if not text and not output.finished and not (self.want_logprobs and output.delta_logprobs):
             return None
         return CompletionChoice(

@@ -212,6 +212,21 @@ def test_completions_endpoint(client, live_server):
     )
     assert response.object == "text_completion" and response.choices[0].text
     assert response.usage.completion_tokens <= 4
+    prompts = ["Once upon a time", [9707, 1879, 374]]
+    alone = [
+        client.completions.create(model=live_server.model, prompt=p, max_tokens=4, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    ]
+    together = client.completions.create(
+        model=live_server.model, prompt=[prompts[0], "x"], max_tokens=4, temperature=0, n=2
+    )
+    assert [c.index for c in together.choices] == [0, 1, 2, 3] and together.choices[1].text == alone[0]
+    ids = client.completions.create(
+        model=live_server.model, prompt=[[1], prompts[1]], max_tokens=4, temperature=0
+    )
+    assert ids.choices[1].text == alone[1] and ids.usage.prompt_tokens == 4
     prompt = "e\u0301 caf\u00e9"  # the tokenizer normalizes it to NFC: echo gives back what was sent
     for sent in (prompt, [prompt]):
         echoed = client.completions.create(model=live_server.model, prompt=sent, max_tokens=1, echo=True)

@@ -186,13 +186,45 @@ def test_completions_stream(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
 
 
+def test_several_prompts_answer_as_one_request_numbered_prompt_major(client, fake_engine):
+    prompts = ["Once", "Twice"]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0, "echo": True}
+    whole = client.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in whole["choices"]] == [prompts[i // 2] + "Hello there," for i in range(4)]
+    prompt_tokens = sum(client.post("/tokenize", json={"prompt": p}).json()["count"] for p in prompts)
+    usage = whole["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt_tokens, 12)
+    assert len(fake_engine.finished) == 2 and not fake_engine.running  # two engine requests
+
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=stream) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    texts, finishes = ["", "", "", ""], [[], [], [], []]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+            finishes[choice["index"]] += [choice["finish_reason"]] if choice["finish_reason"] else []
+    assert texts == [c["text"] for c in whole["choices"]] and finishes == [["length"]] * 4
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    assert chunks[-1]["usage"]["prompt_tokens"] == prompt_tokens
+
+
+def test_several_prompts_fail_together_and_are_capped(client, fake_engine):
+    response = client.post("/v1/completions", json={"prompt": ["x"] * 17})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    fake_engine.fail_with = "injected"
+    response = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 3})
+    assert response.status_code == 500 and "injected" not in response.text
+    assert not fake_engine.running
+
+
 def test_completions_token_ids_and_bad_prompts(client):
     assert client.post("/v1/completions", json={"prompt": [9707, 1879], "max_tokens": 1}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": [[9707]], "max_tokens": 1}).status_code == 200
     for prompt, words in [
         ("a <IMG_ATOM> b", "image tokens"),
         ([151665], "image tokens"),
-        (["a", "b"], "one prompt"),
         ([10**9], "outside"),
         ("", "empty"),
     ]:
