@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from fastapi import Request, Response
 
 from .chat import EngineStreamFailed, check_engine_error, choice_updates, usage_of
 from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .merged_outputs import merged_outputs
 from .protocol import (
     CompletionChoice,
@@ -28,6 +29,7 @@ from .streaming import DONE, chunk_payload, sse, sse_api_error
 from .structured_outputs import constrained, constraint_param, requested_constraint
 
 MAX_PROMPTS = 16
+T = TypeVar("T")
 
 
 async def create_completion(state: ServerState, request: CompletionRequest, raw: Request) -> Response:
@@ -35,17 +37,21 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     state.check_model(request.model)
     check_unsupported(request)
     constraint = requested_constraint(request)
-    prompts = split_prompts(request.prompt)
+    prompts = split_prompts(request.prompt, state.settings.max_waiting_requests)
     prompt_ids = [
-        await asyncio.to_thread(prompt_token_ids, state, p) for p in prompts
+        await asyncio.to_thread(for_prompt, k, prompts, prompt_token_ids, state, p)
+        for k, p in enumerate(prompts)
     ]  # long ones take seconds
-    echoed = [await echoed_prompt(state, p, ids) for p, ids in zip(prompts, prompt_ids, strict=True)]
+    if request.echo:
+        echoed = [await echoed_prompt(state, p, ids) for p, ids in zip(prompts, prompt_ids, strict=True)]
+    else:
+        echoed = [""] * len(prompts)
     request_id = random_id("cmpl")
     streams = [
         generate(
             state,
             EngineInputs(prompt_token_ids=ids, cache_salt=request.cache_salt),
-            sampling_params(state, request, ids, constraint),
+            for_prompt(k, prompts, sampling_params, state, request, ids, constraint),
             request_id if len(prompts) == 1 else f"{request_id}-{k}",
             arrival,
         )
@@ -53,13 +59,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     ]
     n = request.n or 1
     outputs = streams[0] if len(streams) == 1 else merged_outputs(streams, prompt_ids, n, request_id)
-    builder = CompletionBuilder(
-        request_id,
-        state.model_id,
-        echoed if request.echo else [""] * len(prompts),
-        n,
-        request.logprobs is not None,
-    )
+    builder = CompletionBuilder(request_id, state.model_id, echoed, n, request.logprobs is not None)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return await constrained(
         state,
@@ -107,15 +107,26 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
 
 
-def split_prompts(prompt: str | list) -> list[str | list[int]]:
-    """The request's prompts: a string, token ids, or a list of several of either (at most MAX_PROMPTS)."""
+def split_prompts(prompt: str | list, max_waiting: int) -> list[str | list[int]]:
+    """The request's prompts: a string, token ids, or a list of several of either (at most MAX_PROMPTS, and no
+    more than the engine queues: each prompt waits as a request of its own)."""
     if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], str | list):
         return [prompt]
-    if len(prompt) > MAX_PROMPTS:
-        raise bad_request(
-            f"the request has {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed", "prompt"
-        )
+    limit = min(MAX_PROMPTS, max_waiting)
+    if len(prompt) > limit:
+        raise bad_request(f"the request has {len(prompt)} prompts; at most {limit} are allowed", "prompt")
     return list(prompt)
+
+
+def for_prompt(k: int, prompts: list, work: Callable[..., T], *args) -> T:
+    """work(*args) for prompt k; a 400 it raises names prompt[k] when there are several."""
+    try:
+        return work(*args)
+    except APIError as error:
+        if len(prompts) > 1 and error.param == "prompt":
+            error.param = f"prompt[{k}]"
+            error.message = f"prompt[{k}]: {error.message}"
+        raise
 
 
 async def echoed_prompt(state: ServerState, prompt: str | list[int], prompt_ids: list[int]) -> str:

@@ -3,7 +3,8 @@
 Prompt k's choice i becomes choice k x n + i (prompt-major, as vLLM numbers them). Each merged output holds every
 choice: the ones that moved carry their deltas, the others none, and the finished ones their whole text and ids
 (what a finished engine output carries), so the last merged output is the whole answer and its usage counts every
-prompt and every choice. Leaving early, or one request failing, closes every request's stream, which aborts them.
+prompt and every choice. Leaving early, or one request failing (raising, or an output saying it failed: the merge
+ends with that output), closes every request's stream, which aborts them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from .engine_api import CompletionOutput, RequestOutput
+from .request_flow import failed
 
 _END = object()
 
@@ -35,6 +37,8 @@ async def merged_outputs(
                 moved = [dataclasses.replace(o, index=k * n + o.index) for o in output.outputs]
                 cached[k] = output.num_cached_tokens
                 yield _merged(request_id, combined_prompt, latest, k, moved, output, sum(cached))
+                if failed(output):  # the answer has failed: the others are aborted, not waited for
+                    return
                 latest[k] = [_quiet(o) for o in moved]
     finally:
         for pump in pumps:

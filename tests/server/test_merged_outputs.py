@@ -9,13 +9,19 @@ from server.engine_api import CompletionOutput, RequestOutput
 from server.merged_outputs import merged_outputs
 
 
-def fake_stream(k: int, steps: int, closed: list, fail_at: int | None = None):
+def fake_stream(
+    k: int, steps: int, closed: list, fail_at: int | None = None, error_output_at: int | None = None
+):
     async def stream():
         try:
             for step in range(steps):
                 await asyncio.sleep(0.001 * (k + 1))
                 if step == fail_at:
                     raise RuntimeError(f"stream {k} failed")
+                if step == error_output_at:  # the engine's way: an output saying the request failed
+                    failed = CompletionOutput(index=0, finish_reason="error")
+                    yield RequestOutput(f"r{k}", [k], [failed], error="dead end", user_error=True)
+                    await asyncio.sleep(3600)  # a failed request's stream has nothing more
                 last = step == steps - 1
                 choice = CompletionOutput(
                     index=0,
@@ -65,3 +71,12 @@ def test_leaving_early_or_one_failure_closes_every_stream():
     with pytest.raises(RuntimeError, match="stream 1 failed"):
         asyncio.run(consume([fake_stream(k, 50, closed, fail_at=2 if k == 1 else None) for k in range(3)]))
     assert sorted(closed) == [0, 1, 2]
+
+
+def test_an_output_saying_its_request_failed_ends_the_answer_without_waiting_for_the_others():
+    closed = []
+    streams = [fake_stream(k, 2000, closed, error_output_at=3 if k == 0 else None) for k in range(2)]
+    outputs = asyncio.run(asyncio.wait_for(consume(streams), timeout=30))
+    last = outputs[-1]
+    assert last.error == "dead end" and last.user_error and last.outputs[0].finish_reason == "error"
+    assert not last.outputs[1].finished and sorted(closed) == [0, 1]

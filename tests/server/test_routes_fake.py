@@ -213,10 +213,19 @@ def test_several_prompts_answer_as_one_request_numbered_prompt_major(client, fak
 def test_several_prompts_fail_together_and_are_capped(client, fake_engine):
     response = client.post("/v1/completions", json={"prompt": ["x"] * 17})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    response = client.post("/v1/completions", json={"prompt": [[9707], [151665]]})
+    assert response.json()["error"]["param"] == "prompt[1]" and "image tokens" in response.text
     fake_engine.fail_with = "injected"
     response = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 3})
     assert response.status_code == 500 and "injected" not in response.text
     assert not fake_engine.running
+
+
+def test_no_more_prompts_than_the_engine_queues(make_client):
+    client = make_client(max_waiting_requests=2)
+    assert client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1}).status_code == 200
+    response = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
+    assert response.status_code == 400 and "at most 2" in response.json()["error"]["message"], response.text
 
 
 def test_completions_token_ids_and_bad_prompts(client):
