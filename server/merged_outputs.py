@@ -23,7 +23,8 @@ _END = object()
 async def merged_outputs(
     streams: list[AsyncIterator[RequestOutput]], prompts: list[list[int]], n: int, request_id: str
 ) -> AsyncIterator[RequestOutput]:
-    queue: asyncio.Queue = asyncio.Queue()
+    # bounded: for a slow reader the engine's own streams merge the outputs waiting, instead of this queue growing
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     pumps = [asyncio.create_task(_pump(k, stream, queue)) for k, stream in enumerate(streams)]
     latest = [[CompletionOutput(index=k * n + i) for i in range(n)] for k in range(len(streams))]
     cached = [0] * len(streams)
