@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -21,6 +20,7 @@ from ..errors import Ovis2Error
 from ..inputs import EngineInputs
 from .core import EngineStats
 from .engine_args import EngineArgs
+from .idle_hook import IdleHook
 from .input_processor import load_processor
 from .llm_engine import LLMEngine
 from .output_stream import OutputStream
@@ -56,9 +56,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._num_pending_adds = 0
         self._num_compiling = 0  # requests waiting for their grammar, not yet sent to the loop
-        self._idle_hook: Callable[[], None] | None = None
-        self._idle_hook_quiet_seconds = 0.0
-        self._hook_asked = False  # request_idle_hook was called: the loop sets the hook's deadline
+        self._idle_hook = IdleHook()
 
     # --- lifecycle
     async def start(self) -> None:
@@ -140,7 +138,7 @@ class AsyncEngine:
     def set_idle_hook(self, hook: Callable[[], None] | None, quiet_seconds: float = 0.0) -> None:
         """`hook()` runs on the loop thread once per busy spell, when the engine has had no work for
         `quiet_seconds` after its last step; an exception in it is logged and the loop goes on."""
-        self._idle_hook, self._idle_hook_quiet_seconds = hook, quiet_seconds
+        self._idle_hook.set(hook, quiet_seconds)
 
     def request_idle_hook(self) -> None:
         """Run the idle hook after its quiet time even if no step comes first: memory was freed outside the
@@ -148,7 +146,7 @@ class AsyncEngine:
         put off; asks while the loop is stopped do nothing."""
         if self._stopping or self._dead is not None:
             return
-        self._hook_asked = True
+        self._idle_hook.ask()
         self._wake.set()
 
     def set_request_hook(self, hook: Callable[[SequenceGroup], None] | None) -> None:
@@ -227,18 +225,15 @@ class AsyncEngine:
         self._run_loop()
 
     def _run_loop(self) -> None:
-        hook_due: float | None = None  # when the idle hook runs if no work comes before; None: not due
         try:
             while not self._stopping:
                 self._apply_commands()
-                if self._hook_asked:
-                    self._hook_asked = False
-                    hook_due = hook_due or time.monotonic() + self._idle_hook_quiet_seconds
+                self._idle_hook.take_ask()
                 if not self.engine.has_unfinished_requests:
-                    hook_due = self._idle_wait(hook_due)
+                    self._idle_hook.wait(self._wake)
                     continue
                 outputs = self.engine.step()
-                hook_due = time.monotonic() + self._idle_hook_quiet_seconds
+                self._idle_hook.stepped()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
         except BaseException as error:  # noqa: BLE001 - anything here is fatal: report, never hang clients
@@ -247,24 +242,6 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(
                 self._fail_all, EngineDeadError(f"the engine loop died: {error!r}")
             )
-
-    def _idle_wait(self, hook_due: float | None) -> float | None:
-        """Runs the idle hook if it is due, then waits for a command; returns when the hook is due next."""
-        now = time.monotonic()
-        if hook_due is not None and now >= hook_due:
-            self._run_idle_hook()
-            hook_due = None
-        self._wake.wait(timeout=1.0 if hook_due is None else min(1.0, hook_due - now))
-        self._wake.clear()
-        return hook_due
-
-    def _run_idle_hook(self) -> None:
-        if self._idle_hook is None:
-            return
-        try:
-            self._idle_hook()
-        except Exception:  # noqa: BLE001 - the hook's failure is not the engine's
-            logger.exception("the engine's idle hook failed")
 
     def _apply_commands(self) -> None:
         while self._commands:
