@@ -75,14 +75,14 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
-        # the requests hear of it now, not after the step in progress (a long prefill on a CPU)
+        # the requests hear of it now, not after the step in progress (a long prefill on a CPU); none registers
+        # later: check_health refuses from here on
         self._fail_all(EngineDeadError("the engine is shut down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
         if self.engine is not None:
             self.engine.input_processor.close()
-        self._fail_all(EngineDeadError("the engine is shut down"))
 
     # --- the public interface
     @property

@@ -12,9 +12,9 @@ logger = logging.getLogger(__name__)
 
 
 class IdleHook:
-    """`stepped()` after each step sets the deadline; `asked()` sets one without a step, never a later one than
-    already set; `wait(wake)` runs the hook when the deadline has passed, then waits for `wake`. Used from the
-    loop thread only, except `ask()`, which is a flag the loop picks up."""
+    """`stepped()` after each step sets the deadline; `ask()` (from any thread: a flag) and then the loop's
+    `take_ask()` set one without a step, never later than one already set; `wait(wake)` runs the hook when the
+    deadline has passed, then waits for `wake`. All but `ask()` run on the loop thread."""
 
     def __init__(self) -> None:
         self.hook: Callable[[], None] | None = None

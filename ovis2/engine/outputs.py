@@ -19,9 +19,8 @@ class TokenLogprob:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str = (
-        ""  # everything generated so far; a stop string or stop token only with include_stop_str_in_output
-    )
+    # everything generated so far; a stop string or stop token only with include_stop_str_in_output
+    text: str = ""
     token_ids: list[int] = field(default_factory=list)
     delta_text: str = ""  # new since the previous RequestOutput
     delta_token_ids: list[int] = field(default_factory=list)
