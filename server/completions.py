@@ -9,23 +9,16 @@ from typing import TypeVar
 
 from fastapi import Request, Response
 
-from .chat import EngineStreamFailed, check_engine_error, choice_updates, usage_of
-from .engine_api import IMAGE_TOKEN_IDS, CompletionOutput, EngineInputs, RequestOutput, TokenLogprob
+from .chat import EngineStreamFailed, check_engine_error, choice_updates
+from .completion_builder import CompletionBuilder, Echo
+from .engine_api import IMAGE_TOKEN_IDS, EngineInputs, RequestOutput
 from .errors import APIError, bad_request
 from .merged_outputs import merged_outputs
-from .protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    Usage,
-    now,
-    random_id,
-)
+from .protocol import CompletionRequest, random_id
 from .request_flow import generate, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
-from .streaming import DONE, chunk_payload, sse, sse_api_error
+from .streaming import DONE, sse_api_error
 from .structured_outputs import constrained, constraint_param, requested_constraint
 
 MAX_PROMPTS = 16
@@ -42,11 +35,10 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
         await asyncio.to_thread(for_prompt, k, prompts, prompt_token_ids, state, p)
         for k, p in enumerate(prompts)
     ]  # long ones take seconds
-    if request.echo:
-        echoed = [await echoed_prompt(state, p, ids) for p, ids in zip(prompts, prompt_ids, strict=True)]
-    else:
-        echoed = [""] * len(prompts)
     request_id = random_id("cmpl")
+    n = request.n or 1
+    echo = await echo_of(state, request, prompts, prompt_ids)
+    builder = CompletionBuilder(request_id, state.model_id, echo, n, request.logprobs is not None)
     streams = [
         generate(
             state,
@@ -57,9 +49,9 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
         )
         for k, ids in enumerate(prompt_ids)
     ]
-    n = request.n or 1
+    if echo.first_tokens is not None:  # prompt logprobs come in the engine's outputs: keep them per prompt
+        streams = [builder.recording(k, stream) for k, stream in enumerate(streams)]
     outputs = streams[0] if len(streams) == 1 else merged_outputs(streams, prompt_ids, n, request_id)
-    builder = CompletionBuilder(request_id, state.model_id, echoed, n, request.logprobs is not None)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return await constrained(
         state,
@@ -71,30 +63,22 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
             stream_body=lambda first: stream_completion(
                 outputs, first, builder, include_usage, constraint_param(constraint)
             ),
-            whole=lambda final: completion_response(
-                check_engine_error(final, request_id), builder, state.model_id
-            ),
+            whole=lambda final: builder.response(check_engine_error(final, request_id)),
         ),
     )
 
 
 def sampling_params(state: ServerState, request: CompletionRequest, prompt_ids: list[int], constraint):
-    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt")
+    # echo with max_tokens 0: the prompt alone, so one token runs and is left out of the answer
+    requested = 1 if request.echo and request.max_tokens == 0 else request.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), 0, state.max_model_len, "prompt")
     return build_sampling_params(
         request,
         max_tokens=max_tokens,
         logprobs=request.logprobs,
+        prompt_logprobs=request.logprobs if request.echo else None,
         vocab_size=state.vocab_size,
         structured_outputs=constraint.params if constraint is not None else None,
-    )
-
-
-def completion_response(
-    final: RequestOutput, builder: CompletionBuilder, model_id: str
-) -> CompletionResponse:
-    choices = [builder.full(o) for o in sorted(final.outputs, key=lambda o: o.index)]
-    return CompletionResponse(
-        id=builder.request_id, created=builder.created, model=model_id, choices=choices, usage=usage_of(final)
     )
 
 
@@ -103,8 +87,6 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("suffix (insertion) is not supported", "suffix")
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise bad_request("best_of other than n is not supported", "best_of")
-    if request.echo and request.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
 
 
 def split_prompts(prompt: str | list, max_waiting: int) -> list[str | list[int]]:
@@ -127,6 +109,22 @@ def for_prompt(k: int, prompts: list, work: Callable[..., T], *args) -> T:
             error.param = f"prompt[{k}]"
             error.message = f"prompt[{k}]: {error.message}"
         raise
+
+
+async def echo_of(
+    state: ServerState,
+    request: CompletionRequest,
+    prompts: list[str | list[int]],
+    prompt_ids: list[list[int]],
+) -> Echo:
+    if not request.echo:
+        return Echo([""] * len(prompts))
+    texts = [await echoed_prompt(state, p, ids) for p, ids in zip(prompts, prompt_ids, strict=True)]
+    first_tokens = None
+    if request.logprobs is not None:  # the engine gives no logprob, so no text, for a prompt's first token
+        decode = state.engine.tokenizer.decode
+        first_tokens = [decode(ids[:1], skip_special_tokens=False) for ids in prompt_ids]
+    return Echo(texts, first_tokens, only=request.max_tokens == 0)
 
 
 async def echoed_prompt(state: ServerState, prompt: str | list[int], prompt_ids: list[int]) -> str:
@@ -153,61 +151,6 @@ def prompt_token_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
     return ids
 
 
-class CompletionBuilder:
-    def __init__(self, request_id: str, model: str, echoed: list[str], n: int, want_logprobs: bool):
-        """`echoed`: each prompt's text to put in front of its choices' text ("" without echo)."""
-        self.request_id, self.model, self.echoed, self.n = request_id, model, echoed, n
-        self.want_logprobs = want_logprobs
-        self.created = now()
-        self.offsets: dict[int, int] = {}
-
-    def prompt_text(self, index: int) -> str:
-        return self.echoed[index // self.n]
-
-    def logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> CompletionLogprobs | None:
-        if not self.want_logprobs:
-            return None
-        result = CompletionLogprobs()
-        offset = self.offsets.get(index, len(self.prompt_text(index)))
-        for lp in logprobs or ():
-            result.tokens.append(lp.token)
-            result.token_logprobs.append(lp.logprob)
-            # the legacy API always lists the sampled token among the top ones: up to logprobs + 1 entries (a top
-            # token decoding to the same text keeps its own value)
-            result.top_logprobs.append({lp.token: lp.logprob, **{top.token: top.logprob for top in lp.top}})
-            result.text_offset.append(offset)
-            offset += len(lp.token)
-        self.offsets[index] = offset
-        return result
-
-    def full(self, output: CompletionOutput) -> CompletionChoice:
-        return CompletionChoice(
-            index=output.index,
-            text=self.prompt_text(output.index) + output.text,
-            logprobs=self.logprobs(output.index, output.logprobs),
-            finish_reason=output.finish_reason,
-            stop_reason=output.stop_reason,
-        )
-
-    def delta(self, output: CompletionOutput, first: bool) -> CompletionChoice | None:
-        text = (self.prompt_text(output.index) if first else "") + output.delta_text
-        if not text and not output.finished and not (self.want_logprobs and output.delta_logprobs):
-            return None
-        return CompletionChoice(
-            index=output.index,
-            text=text,
-            logprobs=self.logprobs(output.index, output.delta_logprobs),
-            finish_reason=output.finish_reason,
-            stop_reason=output.stop_reason,
-        )
-
-    def chunk(self, choices: list[CompletionChoice], usage: Usage | None, include_usage: bool) -> str:
-        response = CompletionResponse(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-        return sse(chunk_payload(response, include_usage))
-
-
 async def stream_completion(
     outputs: AsyncIterator[RequestOutput],
     first: RequestOutput,
@@ -229,5 +172,5 @@ async def stream_completion(
         yield DONE
         return
     if include_usage:
-        yield builder.chunk([], usage_of(last), include_usage)
+        yield builder.chunk([], builder.usage(last), include_usage)
     yield DONE

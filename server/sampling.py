@@ -72,6 +72,7 @@ def build_sampling_params(
     logprobs: int | None,
     vocab_size: int,
     structured_outputs: StructuredOutputsParams | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
     stop_token_ids = list(dict.fromkeys(request.stop_token_ids)) if request.stop_token_ids else None
@@ -96,6 +97,7 @@ def build_sampling_params(
         stop_token_ids=stop_token_ids,
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         output_kind="delta",  # streams use the deltas, whole answers the finished output

@@ -151,7 +151,10 @@ class EngineCore:
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
         items, logits = execute_isolating_failures(self.runner, items, failed)
         self.scheduler.update_computed(items)
-        return self._update_from_output(items, logits, failed)
+        for item in items:
+            if id(item) in logits.prompt_logprobs:
+                item.seq.group.prompt_logprobs.extend(logits.prompt_logprobs[id(item)])
+        return self._update_from_output(items, logits.sampled, failed)
 
     def _copy_lent_slots(self, items: list[ScheduledSeq]) -> dict[str, Exception]:
         """The KV that partial prefix hits borrow, copied once before any forward (a rerun after a failed batch
@@ -218,6 +221,9 @@ class EngineCore:
                 update = updates[group.request_id] = RequestUpdate(
                     group.request_id, [], group.seqs[0].num_cached_tokens, group.metrics
                 )
+            if seq.needs_prompt_logprobs:  # its first token: they are all computed, and go out with it
+                assert group.num_prompt_logprobs == seq.prompt_len - 1, "prompt logprobs missing"
+                update.prompt_logprobs, group.prompt_logprobs = [None, *group.prompt_logprobs], None
             update.tokens.append(self._append_token(seq, token_id, logprob))
         for update in updates.values():
             group = self.groups.get(update.request_id)

@@ -27,6 +27,8 @@ class RequestUpdate:
     tokens: list[TokenUpdate]
     num_cached_tokens: int
     metrics: RequestMetrics
+    # asked for: each prompt token's logprob (None for the first), with the request's first tokens
+    prompt_logprobs: list[RawLogprob | None] | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .model_runner import StepLogits
 from .sampler import SamplingRow, sample
 from .scheduler import ScheduledSeq
 from .sequence import SequenceGroup
@@ -20,17 +21,21 @@ def groups_of(items: list[ScheduledSeq]) -> list[SequenceGroup]:
     return list({id(item.seq.group): item.seq.group for item in items}.values())
 
 
-def execute_isolating_failures(runner, items: list[ScheduledSeq], failed: dict[str, Exception]):
-    """-> (the items that ran, [S, V] logits of those that sample, in order); adds each failed request to `failed`.
+def execute_isolating_failures(
+    runner, items: list[ScheduledSeq], failed: dict[str, Exception]
+) -> tuple[list[ScheduledSeq], StepLogits]:
+    """-> (the items that ran, their logits: [S, V] of those that sample, in order, and their prompt logprobs);
+    adds each failed request to `failed`.
 
     Rerunning a request alone is safe: its KV writes go to its own slots, and rewriting them gives the same
     values."""
     if not items:
-        return [], None
+        return [], StepLogits(None, {})
     runs = run_isolating_failures(items, runner.execute, failed, "model step")
     ran = [item for own, _ in runs for item in own]
-    rows = [logits for _, logits in runs if logits is not None]
-    return ran, (torch.cat(rows) if rows else None)
+    rows = [result.sampled for _, result in runs if result.sampled is not None]
+    found = {key: values for _, result in runs for key, values in result.prompt_logprobs.items()}
+    return ran, StepLogits(torch.cat(rows) if rows else None, found)
 
 
 def sample_isolating_failures(

@@ -14,8 +14,10 @@ import torch
 from ..image_layout import IMAGE_TOKEN_IDS
 from ..layers import PagedAttentionMetadata
 from .block_tables import padded_block_tables, slot_of
+from .core_outputs import RawLogprob
 from .decode_graphs import DecodeGraphs
 from .partial_blocks import SlotCopy
+from .prompt_logprobs import prompt_logprobs
 from .scheduler import ScheduledSeq
 from .sequence import SequenceGroup
 from .visual_embeddings import VisualEmbeddings
@@ -46,6 +48,14 @@ class ModelInputs:
     atom_index: torch.Tensor  # [atoms in this batch]: their flat positions in input_ids
     meta: PagedAttentionMetadata
     sample_index: torch.Tensor  # [S]: flat index of each sampled row's last token
+
+
+@dataclass
+class StepLogits:
+    """What one step's forward passes give the sampler and the prompt logprobs."""
+
+    sampled: torch.Tensor | None  # [S, V] fp32 logits of the items that sample, in scheduled order
+    prompt_logprobs: dict[int, list[RawLogprob | None]]  # by id() of each item computing prompt logprobs
 
 
 class ModelRunner:
@@ -97,16 +107,18 @@ class ModelRunner:
 
     # --- the forward pass
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
-        """Runs the scheduled tokens; returns [S, V] fp32 logits for the items that sample, in order.
+    def execute(self, scheduled: list[ScheduledSeq]) -> StepLogits:
+        """Runs the scheduled tokens: the logits of the items that sample, and the prompt logprobs of the items
+        computing them.
 
         Decodes run together; each prefill chunk runs as its own forward, so one long chunk does not pad
         every decode row of the batch up to its length in attention.
         """
         parts = split_by_query_len(scheduled)
-        hidden = [h for h in (self._forward(part) for part in parts) if h is not None]
+        found: dict[int, list[RawLogprob | None]] = {}
+        hidden = [h for h in (self._forward(part, found) for part in parts) if h is not None]
         if not hidden:
-            return None
+            return StepLogits(None, found)
         hidden = torch.cat(hidden)  # [S, H] in part order
         part_order = [id(item) for part in parts for item in part if item.samples]
         wanted = [id(item) for item in scheduled if item.samples]
@@ -116,10 +128,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # [S, V] in scheduled order
         if self.banned_ids.numel():
             logits.index_fill_(1, self.banned_ids, float("-inf"))
-        return logits
+        return StepLogits(logits, found)
 
-    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
-        """Hidden states [S_part, H] of this part's sampled rows."""
+    def _forward(
+        self, scheduled: list[ScheduledSeq], found: dict[int, list[RawLogprob | None]]
+    ) -> torch.Tensor | None:
+        """Hidden states [S_part, H] of this part's sampled rows; the prompt logprobs its items compute go into
+        `found`."""
         bucket = self.decode_graphs.bucket_for(scheduled) if self.decode_graphs is not None else None
         hidden = (
             self.decode_graphs.run(scheduled, bucket) if bucket is not None else None
@@ -132,7 +147,22 @@ class ModelRunner:
             inputs.input_ids, inputs.image_embeds, inputs.atom_index
         )  # [T, H]
         hidden = self.model.forward_paged(embeds, inputs.positions, inputs.meta)  # [T, H]
+        self._add_prompt_logprobs(scheduled, hidden, found)
         return hidden[inputs.sample_index] if inputs.sample_index.numel() else None
+
+    def _add_prompt_logprobs(
+        self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, found: dict[int, list[RawLogprob | None]]
+    ) -> None:
+        """hidden: [T, H], the items' tokens one after another."""
+        offset = 0
+        for item in scheduled:
+            positions = item.prompt_logprob_positions
+            if positions:
+                rows = hidden[offset + positions.start - item.start : offset + positions.stop - item.start]
+                targets = item.seq.token_ids[positions.start + 1 : positions.stop + 1]
+                k = item.seq.params.prompt_logprobs
+                found[id(item)] = prompt_logprobs(self.model, rows, targets, k, self.banned_ids)
+            offset += item.num_tokens
 
     def build_inputs(self, scheduled: list[ScheduledSeq]) -> ModelInputs:
         bs = self.block_size

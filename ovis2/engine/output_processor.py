@@ -85,6 +85,7 @@ class RequestState:
     num_cached_tokens: int = 0
     error: str | None = None
     user_error: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -100,6 +101,7 @@ class RequestState:
             error=self.error,
             user_error=self.user_error,
             metrics=self.metrics,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -186,6 +188,11 @@ class OutputProcessor:
 
     def _apply(self, state: RequestState, update: RequestUpdate) -> list[tuple[str, int]]:
         state.num_cached_tokens = update.num_cached_tokens
+        if update.prompt_logprobs is not None:
+            state.prompt_logprobs = [
+                None if raw is None else self._token_logprob(token_id, raw)
+                for token_id, raw in zip(state.prompt_token_ids, update.prompt_logprobs, strict=True)
+            ]
         stopped = []
         for token in update.tokens:
             choice = state.choices[token.index]

@@ -65,6 +65,9 @@ class RequestOutput:
         False  # the failure is the request's own (say, a constraint at a dead end): `error` says why
     )
     metrics: RequestMetrics | None = None  # timestamps, shared and updated while the request runs
+    # SamplingParams.prompt_logprobs: entry p is prompt token p's logprob given the tokens before it, with the top
+    # k there; None for the first token and image placeholders. In every output from the first tokens on.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -34,6 +34,9 @@ class SamplingParams:
     )
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+    # None: off; k >= 0: each prompt token's logprob given the tokens before it, plus the top k there (the first
+    # token has none); such a request skips the prefix cache, whose positions have no logits
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # "cumulative": every output holds all text, ids and logprobs so far, besides the deltas; "delta": outputs
@@ -78,6 +81,11 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
                 "logprobs",
+                f"must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                "prompt_logprobs",
                 f"must be between 0 and {MAX_TOP_LOGPROBS}",
             ),
             (

@@ -41,6 +41,11 @@ class ScheduledSeq:
         """This chunk reaches the sequence's last token, so its logits give the next token."""
         return self.end >= self.seq.num_tokens
 
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """The positions of this chunk whose logits give prompt logprobs (the request asked for them)."""
+        return self.seq.prompt_logprob_positions(self.start, self.end)
+
 
 @dataclass
 class SchedulerOutput:
@@ -136,8 +141,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             parent = self._fork_parent(seq)
+            # waits for its first choice's prompt, then shares it (so the first choice's prompt logprobs, if asked
+            # for, come before any choice's tokens: a first choice preempted while prefilling is ahead in the queue)
             if parent is not None and parent.is_prefilling:
-                skipped.append(self.waiting.popleft())  # waits for its first choice's prompt, then shares it
+                skipped.append(self.waiting.popleft())
                 continue
             if not self._admit(seq, parent, budget, out):
                 break
@@ -157,8 +164,10 @@ class Scheduler:
                 return False
             bm.fork(parent, seq, partial)
         else:
-            cached = bm.find_cached_blocks(seq)
-            partial = bm.find_partial_block(seq, len(cached))
+            # prompt logprobs: every prompt position must run, the prefix cache keeps no logits
+            uncached = seq.needs_prompt_logprobs
+            cached = [] if uncached else bm.find_cached_blocks(seq)
+            partial = None if uncached else bm.find_partial_block(seq, len(cached))
             lent = partial.num_tokens if partial else 0
             num_tokens = min(seq.num_tokens - len(cached) * bm.block_size - lent, budget)
             if not bm.can_allocate(seq, cached, lent + num_tokens):

@@ -91,6 +91,18 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request asked for prompt logprobs and this choice computes them: the first, until its first token."""
+        return self.index == 0 and self.params.prompt_logprobs is not None and not self._output_ids
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """The positions in [start, end) whose logits give a prompt token's logprob not yet computed (position p
+        gives token p + 1's; those computed before a preemption are not computed again)."""
+        if not self.needs_prompt_logprobs:
+            return range(0)
+        return range(max(start, self.group.num_prompt_logprobs), min(end, self.prompt_len - 1))
+
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self._output_ids.append(token_id)
@@ -116,6 +128,8 @@ class SequenceGroup:
         self.request = request
         self.metrics = RequestMetrics(arrival_time=request.arrival_time)
         self.image_embeds: Any = None  # [num_atoms, H] tensor while some choice still prefills; else None
+        # prompt logprobs asked for: those of prompt tokens 1, 2, ... computed so far (the core's raw entries)
+        self.prompt_logprobs: list[Any] | None = [] if request.params.prompt_logprobs is not None else None
         self.seqs = [Sequence(self, i) for i in range(request.params.n)]
 
     @property
@@ -149,6 +163,10 @@ class SequenceGroup:
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def num_prompt_logprobs(self) -> int:
+        return len(self.prompt_logprobs or ())
 
     @property
     def needs_image_embeds(self) -> bool:

@@ -311,10 +311,10 @@ def test_a_request_that_breaks_the_batched_forward_fails_alone(make_engine, monk
     original = engine.core.runner._forward
     poison = 4242
 
-    def forward(scheduled):
+    def forward(scheduled, found):
         if any(poison in item.seq.token_ids for item in scheduled):
             raise RuntimeError("forward failed")
-        return original(scheduled)
+        return original(scheduled, found)
 
     monkeypatch.setattr(engine.core.runner, "_forward", forward)
     requests = {

@@ -170,6 +170,17 @@ class FakeEngine:
         if self.overloaded:
             raise EngineOverloadedError("full")
 
+    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list[TokenLogprob | None] | None:
+        """Scripted: prompt token p's logprob is -p / 10; the top k are t0, t1, ... at -2, -3, ..."""
+        if k is None:
+            return None
+        entries = [None]
+        for p, token_id in enumerate(ids[1:], start=1):
+            text = self.tokenizer.decode([token_id])
+            top = [TokenLogprob(100 + i, f"t{i}", -2.0 - i, [], list(f"t{i}".encode())) for i in range(k)]
+            entries.append(TokenLogprob(token_id, text, -p / 10, top, list(text.encode())))
+        return entries
+
     async def generate(self, inputs: EngineInputs, params, request_id: str):
         self.check_health()
         self.check_capacity()
@@ -193,6 +204,7 @@ class FakeEngine:
                     list(inputs.prompt_token_ids),
                     outputs,
                     num_image_tokens=inputs.num_image_tokens,
+                    prompt_logprobs=self._prompt_logprobs(inputs.prompt_token_ids, params.prompt_logprobs),
                 )
                 if self.fail_with is not None and step >= self.fail_from_step:
                     output.error, output.user_error = self.fail_with, self.fail_as_users

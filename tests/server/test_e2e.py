@@ -233,6 +233,29 @@ def test_completions_endpoint(client, live_server):
         assert echoed.choices[0].text.startswith(prompt), echoed.choices[0].text
 
 
+def test_echoed_prompt_logprobs_equal_what_generation_reports_at_each_position(client, live_server):
+    """lm-eval-harness's loglikelihood request (echo, logprobs, max_tokens 0): prompt token p's entry holds the
+    distribution a greedy request for prompt[:p] samples from."""
+    prompt = [9707, 1879, 374, 264, 1273, 13]
+    scored = client.completions.create(
+        model=live_server.model, prompt=prompt, echo=True, logprobs=5, max_tokens=0, temperature=0
+    )
+    choice = scored.choices[0]
+    assert choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(prompt) and "".join(logprobs.tokens) == choice.text
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for p in range(1, len(prompt)):
+        generated = client.completions.create(
+            model=live_server.model, prompt=prompt[:p], max_tokens=1, logprobs=5, temperature=0
+        )
+        expected, found = generated.choices[0].logprobs.top_logprobs[0], logprobs.top_logprobs[p]
+        scale = max(abs(v) for v in expected.values())
+        assert set(found) - set(expected) <= {logprobs.tokens[p]}
+        assert {key: found[key] for key in expected} == pytest.approx(expected, rel=1e-4, abs=1e-5 * scale)
+        assert logprobs.token_logprobs[p] == found[logprobs.tokens[p]] <= 0
+
+
 def test_closing_a_stream_early_frees_its_kv_blocks(live_server):
     before = metrics(live_server)
     total = before["ovis2_kv_cache_total_blocks"]

@@ -243,7 +243,6 @@ def test_completions_token_ids_and_bad_prompts(client):
     for fields, param in [
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"echo": True, "logprobs": 1}, "echo"),
         ({"max_tokens": 5000}, "max_tokens"),
     ]:
         response = client.post("/v1/completions", json={"prompt": "x", **fields})

@@ -1,0 +1,36 @@
+"""Prompt logprobs: each prompt token's logprob given the tokens before it, and the top k there, from the hidden
+states of the positions before it. The logits are built a slice of rows at a time, so a long prompt chunk never
+holds [chunk, vocab] floats at once."""
+
+from __future__ import annotations
+
+import torch
+
+from .core_outputs import RawLogprob
+
+LOGITS_BYTES_PER_SLICE = 64 * 1024**2
+
+
+def prompt_logprobs(
+    model, hidden: torch.Tensor, targets: list[int], k: int, banned_ids: torch.Tensor
+) -> list[RawLogprob | None]:
+    """hidden: [P, H], the rows of P prompt positions; targets: the prompt token after each. Per row: (the
+    target's logprob, the top k), normalized as the sampler's (image placeholder ids masked), or None where the
+    target is an image placeholder (its embedding is replaced: it has no probability of its own)."""
+    vocab = model.config.vocab_size
+    rows_per_slice = max(1, LOGITS_BYTES_PER_SLICE // (vocab * 4))
+    target = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+    banned = set(banned_ids.tolist())
+    result: list[RawLogprob | None] = []
+    for start in range(0, len(targets), rows_per_slice):
+        end = min(start + rows_per_slice, len(targets))
+        logits = model.compute_logits(hidden[start:end])  # [rows, V] fp32
+        if banned_ids.numel():
+            logits.index_fill_(1, banned_ids, float("-inf"))
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, target[start:end, None])[:, 0].tolist()
+        top_values, top_ids = logprobs.topk(k, dim=-1)
+        rows = zip(targets[start:end], chosen, top_ids.tolist(), top_values.tolist(), strict=True)
+        for token_id, value, ids, values in rows:
+            result.append(None if token_id in banned else (value, list(zip(ids, values, strict=True))))
+    return result

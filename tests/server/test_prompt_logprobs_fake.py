@@ -1,0 +1,104 @@
+"""/v1/completions with echo and logprobs (the prompt's own logprobs first) and echo with max_tokens 0, against
+the fake engine, whose prompt logprobs are scripted: token p has -p / 10, its top k are t0, t1, ... at -2, -3, ..."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PROMPT = "Say hi to the cat"
+
+
+def prompt_tokens(client, prompt: str) -> list[str]:
+    ids = client.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    return [client.post("/detokenize", json={"tokens": [i]}).json()["prompt"] for i in ids]
+
+
+def streamed(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def joined(chunks: list[dict], index: int = 0) -> dict:
+    """One choice's streamed text and logprobs, put together."""
+    text, logprobs = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            if choice["index"] == index:
+                text += choice["text"]
+                for key in logprobs:
+                    logprobs[key] += (choice["logprobs"] or {}).get(key, [])
+    return {"text": text, "logprobs": logprobs}
+
+
+def check_prompt_part(logprobs: dict, tokens: list[str], k: int) -> None:
+    n = len(tokens)
+    assert logprobs["tokens"][:n] == tokens
+    assert logprobs["token_logprobs"][:n] == [None] + [-p / 10 for p in range(1, n)]
+    assert logprobs["top_logprobs"][0] is None
+    for p in range(1, n):
+        assert logprobs["top_logprobs"][p] == {tokens[p]: -p / 10, **{f"t{i}": -2.0 - i for i in range(k)}}
+    offsets = logprobs["text_offset"]
+    assert offsets[0] == 0
+    assert offsets[1:] == [offsets[i] + len(logprobs["tokens"][i]) for i in range(len(offsets) - 1)]
+
+
+def test_echo_with_logprobs_puts_the_prompts_logprobs_first(client, fake_engine):
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 2, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()
+    choice, tokens = whole["choices"][0], prompt_tokens(client, PROMPT)
+    assert choice["text"] == PROMPT + "Hello there" and "".join(tokens) == PROMPT
+    check_prompt_part(choice["logprobs"], tokens, 2)
+    assert choice["logprobs"]["tokens"][len(tokens) :] == ["Hello", " there"]
+    assert choice["logprobs"]["token_logprobs"][len(tokens) :] == [-0.25, -0.25]
+    _, params = next(iter(fake_engine.requests.values()))
+    assert params.prompt_logprobs == 2 and params.logprobs == 2
+    assert whole["usage"]["completion_tokens"] == 2
+    assert joined(streamed(client, body)) == {"text": choice["text"], "logprobs": choice["logprobs"]}
+
+
+def test_no_prompt_logprobs_without_echo_or_without_logprobs(client, fake_engine):
+    for fields in ({"logprobs": 1}, {"echo": True}):
+        client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, **fields})
+    assert [params.prompt_logprobs for _, params in fake_engine.requests.values()] == [None, None]
+
+
+@pytest.mark.parametrize("logprobs", [None, 0])
+def test_echo_with_no_tokens_answers_the_prompt_alone(client, fake_engine, logprobs):
+    body = {"prompt": PROMPT, "echo": True, "max_tokens": 0, "logprobs": logprobs}
+    whole = client.post("/v1/completions", json=body).json()
+    choice, tokens = whole["choices"][0], prompt_tokens(client, PROMPT)
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    usage = whole["usage"]
+    assert (usage["completion_tokens"], usage["total_tokens"]) == (0, usage["prompt_tokens"])
+    if logprobs is None:
+        assert choice["logprobs"] is None
+    else:
+        assert len(choice["logprobs"]["tokens"]) == len(tokens)
+        check_prompt_part(choice["logprobs"], tokens, 0)
+    _, params = next(iter(fake_engine.requests.values()))
+    assert params.max_tokens == 1  # one token runs, and is left out
+    chunks = streamed(client, {**body, "stream_options": {"include_usage": True}})
+    assert joined(chunks)["text"] == PROMPT
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+
+
+def test_no_tokens_without_echo_is_refused(client):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+
+
+def test_each_prompt_gives_its_own_choices_its_logprobs(client):
+    prompts = ["Once upon", "Twice"]
+    body = {"prompt": prompts, "n": 2, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()
+    chunks = streamed(client, body)
+    for choice in whole["choices"]:
+        tokens = prompt_tokens(client, prompts[choice["index"] // 2])
+        assert choice["text"] == prompts[choice["index"] // 2] + "Hello"
+        check_prompt_part(choice["logprobs"], tokens, 1)
+        assert choice["logprobs"]["tokens"][len(tokens) :] == ["Hello"]
+        assert joined(chunks, choice["index"]) == {"text": choice["text"], "logprobs": choice["logprobs"]}
