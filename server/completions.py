@@ -32,7 +32,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     constraint = requested_constraint(request)
     prompts = split_prompts(request.prompt, state.settings.max_waiting_requests)
     prompt_ids = [
-        await asyncio.to_thread(for_prompt, k, prompts, prompt_token_ids, state, p)
+        await asyncio.to_thread(for_prompt, k, len(prompts), prompt_token_ids, state, p)
         for k, p in enumerate(prompts)
     ]  # long ones take seconds
     request_id = random_id("cmpl")
@@ -43,7 +43,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
         generate(
             state,
             EngineInputs(prompt_token_ids=ids, cache_salt=request.cache_salt),
-            for_prompt(k, prompts, sampling_params, state, request, ids, constraint),
+            for_prompt(k, len(prompts), sampling_params, state, request, ids, constraint),
             request_id if len(prompts) == 1 else f"{request_id}-{k}",
             arrival,
         )
@@ -100,12 +100,12 @@ def split_prompts(prompt: str | list, max_waiting: int) -> list[str | list[int]]
     return list(prompt)
 
 
-def for_prompt(k: int, prompts: list, work: Callable[..., T], *args) -> T:
-    """work(*args) for prompt k; a 400 it raises names prompt[k] when there are several."""
+def for_prompt(k: int, num_prompts: int, work: Callable[..., T], *args) -> T:
+    """work(*args) for prompt k of num_prompts; a 400 it raises names prompt[k] when there are several."""
     try:
         return work(*args)
     except APIError as error:
-        if len(prompts) > 1 and error.param == "prompt":
+        if num_prompts > 1 and error.param == "prompt":
             error.param = f"prompt[{k}]"
             error.message = f"prompt[{k}]: {error.message}"
         raise
