@@ -75,6 +75,10 @@ class CompletionBuilder:
         )
 
     def delta(self, output: CompletionOutput, first: bool) -> CompletionChoice | None:
+        """None while there is nothing to send. A choice starts with its first token: with several prompts, the
+        merged outputs hold choices whose prompt has not reached the engine's outputs yet (nor its prompt logprobs)."""
+        if first and not (output.delta_token_ids or output.finished):
+            return None
         text = (self.prompt_text(output.index) if first else "") + (
             "" if self.echo.only else output.delta_text
         )

@@ -22,6 +22,9 @@ from .streaming import DONE, sse_api_error
 from .structured_outputs import constrained, constraint_param, requested_constraint
 
 MAX_PROMPTS = 16
+# echo with logprobs: prompt tokens x n x (logprobs + 1) values in one answer (16 prompts x 16 choices x 4095 tokens
+# x 21 would be ~0.7 GB of JSON; this many is ~10 MB, built in ~3 s on a CPU)
+MAX_ECHOED_LOGPROBS = 2**18
 T = TypeVar("T")
 
 
@@ -37,6 +40,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     ]  # long ones take seconds
     request_id = random_id("cmpl")
     n = request.n or 1
+    check_echoed_logprobs(request, prompt_ids, n)
     echo = await echo_of(state, request, prompts, prompt_ids)
     builder = CompletionBuilder(request_id, state.model_id, echo, n, request.logprobs is not None)
     streams = [
@@ -87,6 +91,18 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("suffix (insertion) is not supported", "suffix")
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise bad_request("best_of other than n is not supported", "best_of")
+
+
+def check_echoed_logprobs(request: CompletionRequest, prompt_ids: list[list[int]], n: int) -> None:
+    if not request.echo or request.logprobs is None:
+        return
+    values = sum(len(ids) for ids in prompt_ids) * n * (request.logprobs + 1)
+    if values > MAX_ECHOED_LOGPROBS:
+        raise bad_request(
+            f"echo with logprobs would return {values} prompt logprob values (prompt tokens x n x (logprobs + 1)); "
+            f"at most {MAX_ECHOED_LOGPROBS} are allowed: send fewer or shorter prompts, or a smaller n or logprobs",
+            "logprobs",
+        )
 
 
 def split_prompts(prompt: str | list, max_waiting: int) -> list[str | list[int]]:

@@ -129,7 +129,7 @@ async def respond(
             final = await unless_disconnected(collect_final(outputs), raw)
         except ClientDisconnected:
             return Response(status_code=499)
-        return whole(final)
+        return await whole_answer(whole, final)
     try:
         first = await unless_disconnected(anext(outputs), raw)
     except ClientDisconnected:
@@ -140,6 +140,13 @@ async def respond(
         await outputs.aclose()
         raise engine_failure(first)
     return sse_response(stream_body(first))
+
+
+async def whole_answer(whole: Callable[[RequestOutput | None], Any], final: RequestOutput | None) -> Response:
+    """The answer built and serialized in a worker thread: a large one (the prompt logprobs of several prompts and
+    choices: tens of MB) held the event loop, and every other request with it, for seconds."""
+    body = await asyncio.to_thread(lambda: whole(final).model_dump_json(by_alias=True))
+    return Response(body, media_type="application/json")
 
 
 def failed(output: RequestOutput) -> bool:

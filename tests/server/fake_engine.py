@@ -106,6 +106,10 @@ class FakeEngine:
     model_name: str = "fake-model"
     words: list[str] = field(default_factory=lambda: list(WORDS))  # the answer, one token each; then EOS
     step_delay: float = 0.0
+    late_suffix: str | None = (
+        None  # requests whose id ends with it wait `late_delay` before their first output
+    )
+    late_delay: float = 0.0
     overloaded: bool = False
     dead: bool = False
     fail_with: str | None = None  # an engine-side error for every request
@@ -192,6 +196,8 @@ class FakeEngine:
         self.running.add(request_id)
         choices = [_Choice(i, self._choice_words(params, i)) for i in range(params.n)]
         try:
+            if self.late_suffix is not None and request_id.endswith(self.late_suffix):
+                await asyncio.sleep(self.late_delay)
             for step in itertools.count():
                 await asyncio.sleep(self.step_delay)
                 if request_id not in self.running:

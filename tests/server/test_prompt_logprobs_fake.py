@@ -91,7 +91,10 @@ def test_no_tokens_without_echo_is_refused(client):
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
 
 
-def test_each_prompt_gives_its_own_choices_its_logprobs(client):
+@pytest.mark.parametrize("late", [None, "-1"])
+def test_each_prompt_gives_its_own_choices_its_logprobs(client, fake_engine, late):
+    """`late`: the second prompt's first output comes after the first prompt's answer has begun streaming."""
+    fake_engine.late_suffix, fake_engine.late_delay = late, 0.3
     prompts = ["Once upon", "Twice"]
     body = {"prompt": prompts, "n": 2, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
     whole = client.post("/v1/completions", json=body).json()
@@ -102,3 +105,17 @@ def test_each_prompt_gives_its_own_choices_its_logprobs(client):
         check_prompt_part(choice["logprobs"], tokens, 1)
         assert choice["logprobs"]["tokens"][len(tokens) :] == ["Hello"]
         assert joined(chunks, choice["index"]) == {"text": choice["text"], "logprobs": choice["logprobs"]}
+
+
+def test_echoed_logprobs_are_capped(client, monkeypatch):
+    from server import completions
+
+    tokens = len(prompt_tokens(client, PROMPT))
+    monkeypatch.setattr(completions, "MAX_ECHOED_LOGPROBS", 2 * tokens * 2 * 2)  # 2 prompts x n 2 x (1 + 1)
+    body = {"prompt": [PROMPT, PROMPT], "echo": True, "n": 2, "logprobs": 1, "max_tokens": 0}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    for more in ({"logprobs": 2}, {"n": 3}, {"prompt": [PROMPT] * 3}):
+        response = client.post("/v1/completions", json={**body, **more})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs", response.text
+        assert "prompt tokens x n x (logprobs + 1)" in response.json()["error"]["message"]
+    assert client.post("/v1/completions", json={**body, "echo": False, "max_tokens": 1}).status_code == 200
