@@ -4,6 +4,7 @@ compiler's cache and its sharing of compiles, and a slow compile next to a runni
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import threading
@@ -17,6 +18,7 @@ from ovis2.engine.sampling_params import SamplingParams
 from ovis2.engine.structured.bitmask import apply_grammar_bitmask
 from ovis2.engine.structured.compiler import GrammarCompiler, choice_grammar
 from ovis2.engine.structured.params import MAX_CONSTRAINT_CHARS, StructuredOutputsParams
+from ovis2.engine.structured.schema_limits import MAX_OPTIONAL_PROPERTIES, MAX_SCHEMA_DEPTH
 from ovis2.errors import StructuredOutputError
 from ovis2.tokenizer import DEFAULT_EOS_IDS, FIRST_ADDED_TOKEN_ID, VISUAL_INDICATOR_IDS
 from tests.engine.prompts import chat_prompt, text_ids
@@ -42,6 +44,39 @@ NUM_TOKENIZER_IDS = VISUAL_INDICATOR_IDS[-1] + 1  # the model's vocabulary goes 
 def test_a_malformed_constraint_is_refused_by_name(values, problem):
     with pytest.raises(StructuredOutputError, match=problem):
         StructuredOutputsParams(**values)
+
+
+def nested_arrays(levels: int) -> str:
+    """A schema of `levels` arrays in arrays around an integer: levels + 1 nested JSON objects."""
+    return '{"type":"array","items":' * levels + '{"type":"integer"}' + "}" * levels
+
+
+def properties(count: int, required: int = 0) -> dict:
+    names = [f"p{i}" for i in range(count)]
+    return {
+        "type": "object",
+        "properties": dict.fromkeys(names, {"type": "integer"}),
+        "required": names[:required],
+    }
+
+
+def test_schemas_whose_compile_time_grows_with_the_cube_are_capped():
+    """Deep nesting and many optional properties: xgrammar took 114 s for 1200 levels, 29 s for 3000 properties."""
+    StructuredOutputsParams(json=nested_arrays(MAX_SCHEMA_DEPTH - 1))
+    with pytest.raises(
+        StructuredOutputError, match=f"deeper than {MAX_SCHEMA_DEPTH} levels at #/items/items"
+    ):
+        StructuredOutputsParams(json=nested_arrays(MAX_SCHEMA_DEPTH))
+    deep_data = json.loads(nested_arrays(900))
+    with pytest.raises(StructuredOutputError, match="deeper than"):  # the check itself survives any depth
+        StructuredOutputsParams(json=deep_data)
+    with pytest.raises(StructuredOutputError, match="too deep to read"):  # deeper than Python's parser goes
+        StructuredOutputsParams(json=nested_arrays(5000))
+    StructuredOutputsParams(json=properties(MAX_OPTIONAL_PROPERTIES))
+    StructuredOutputsParams(json=properties(MAX_OPTIONAL_PROPERTIES + 100, required=100))
+    nested = {"type": "object", "properties": {"inner": properties(MAX_OPTIONAL_PROPERTIES + 1)}}
+    with pytest.raises(StructuredOutputError, match="513 optional properties at #/properties/inner;"):
+        StructuredOutputsParams(json=nested)
 
 
 def test_the_cache_key_keeps_a_schemas_property_order():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import StructuredOutputError
+from .schema_limits import schema_shape_problem
 
 MAX_CONSTRAINT_CHARS = 100_000  # a schema, regex or grammar; compiling grows with its size
 MAX_CHOICES = 1024
@@ -101,8 +102,10 @@ def _schema_problem(value: Any) -> str | None:
             value = jsonlib.loads(value)
         except ValueError as error:
             return f"is not valid JSON: {error}"
+        except RecursionError:
+            return "nests too deep to read"
     if not isinstance(value, (dict, bool)):
         return "must be a JSON schema: an object (or true/false)"
     if value is False:
         return "is the schema false, which no output satisfies"
-    return None
+    return schema_shape_problem(value)
