@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .configuration import Ovis2Config, Ovis2TextConfig, Ovis2VisionConfig
+from .meta_build import build_on_meta
 from .tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 DEMO_FORMAT_VERSION = 2
@@ -76,9 +77,7 @@ def build_random_model(
 ):
     """A model_class with `random_init_` weights, built on the meta device and filled in place on `device` (no
     default initialisation to throw away: the 2B shapes take seconds otherwise)."""
-    with torch.device("meta"):
-        model = model_class(config)
-    model = model.to_empty(device=device)
+    model = build_on_meta(lambda: model_class(config)).to_empty(device=device)
     random_init_(model, seed, layer_gain)
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -14,6 +14,7 @@ from .checkpoint import resolve_checkpoint
 from .configuration import Ovis2Config
 from .dtypes import resolve_dtype
 from .errors import Ovis2Error
+from .meta_build import build_on_meta
 
 logger = logging.getLogger(__name__)
 PROGRESS_BAR_BYTES = 1 << 30
@@ -144,8 +145,7 @@ def load_model(cls, path_or_id, dtype=None, device=None, compat: str = "ovis", m
     dtype = resolve_dtype(dtype, device)
     directory = resolve_checkpoint(path_or_id, model_class=cls)
     config = Ovis2Config.from_pretrained(directory)
-    with torch.device("meta"):
-        model = cls(config, compat=compat)
+    model = build_on_meta(lambda: cls(config, compat=compat))
     check_weights_fit(model, dtype, device, memory_fraction)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     loaded = _read_state_dict(directory, config, expected, dtype, device)

@@ -54,7 +54,8 @@ class CompletionBuilder:
         offset = self.offsets.get(index, 0)
         if first and self.echo.first_tokens is not None:
             k = index // self.n
-            entries = self.prompt_logprobs[k] or ()
+            entries = self.prompt_logprobs[k]
+            assert entries is not None, "a choice started before its prompt's logprobs came"
             for position, entry in enumerate(entries):
                 if entry is None:  # the first token (completions refuse image placeholders, the other kind)
                     assert position == 0, "a text prompt's token without a logprob"

@@ -73,16 +73,18 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
 
 
 def sampling_params(state: ServerState, request: CompletionRequest, prompt_ids: list[int], constraint):
-    # echo with max_tokens 0: the prompt alone, so one token runs and is left out of the answer
-    requested = 1 if request.echo and request.max_tokens == 0 else request.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), 0, state.max_model_len, "prompt")
+    # echo with max_tokens 0: the prompt alone, so one token runs (free of any constraint) and is left out
+    echo_only = request.echo and request.max_tokens == 0
+    max_tokens = resolve_max_tokens(
+        1 if echo_only else request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt"
+    )
     return build_sampling_params(
         request,
         max_tokens=max_tokens,
         logprobs=request.logprobs,
         prompt_logprobs=request.logprobs if request.echo else None,
         vocab_size=state.vocab_size,
-        structured_outputs=constraint.params if constraint is not None else None,
+        structured_outputs=constraint.params if constraint is not None and not echo_only else None,
     )
 
 

@@ -222,7 +222,11 @@ class EngineCore:
                     group.request_id, [], group.seqs[0].num_cached_tokens, group.metrics
                 )
             if seq.needs_prompt_logprobs:  # its first token: they are all computed, and go out with it
-                assert group.num_prompt_logprobs == seq.prompt_len - 1, "prompt logprobs missing"
+                if (
+                    group.num_prompt_logprobs != seq.prompt_len - 1
+                ):  # never seen: fail the request, not the batch
+                    failed[group.request_id] = RuntimeError("prompt logprobs missing")
+                    continue
                 update.prompt_logprobs, group.prompt_logprobs = [None, *group.prompt_logprobs], None
             update.tokens.append(self._append_token(seq, token_id, logprob))
         for update in updates.values():

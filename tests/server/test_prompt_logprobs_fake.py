@@ -86,6 +86,14 @@ def test_echo_with_no_tokens_answers_the_prompt_alone(client, fake_engine, logpr
     assert chunks[-1]["usage"]["completion_tokens"] == 0
 
 
+def test_the_one_token_run_for_no_tokens_is_free_of_the_constraint(client, fake_engine):
+    body = {"prompt": PROMPT, "echo": True, "max_tokens": 0, "structured_outputs": {"regex": "[0-9]"}}
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == PROMPT
+    client.post("/v1/completions", json={**body, "max_tokens": 1})
+    assert [params.structured_outputs for _, params in fake_engine.requests.values()][0] is None
+    assert [params.structured_outputs for _, params in fake_engine.requests.values()][1].regex == "[0-9]"
+
+
 def test_no_tokens_without_echo_is_refused(client):
     response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
