@@ -19,6 +19,7 @@ from .engine_api import (
     TokenLogprob,
 )
 from .errors import ENGINE_DEAD, APIError, bad_request
+from .prompt_logprobs import check_prompt_logprob_values, prompt_logprobs_field
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -116,10 +117,14 @@ def chat_sampling_params(
         tokens_field=field,
     )
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    if request.prompt_logprobs is not None:
+        values = len(inputs.prompt_token_ids) * (request.prompt_logprobs + 1)
+        check_prompt_logprob_values(values, "prompt_logprobs")
     return build_sampling_params(
         request,
         max_tokens=max_tokens,
         logprobs=logprobs,
+        prompt_logprobs=request.prompt_logprobs,
         vocab_size=state.vocab_size,
         structured_outputs=constraint.params if constraint is not None else None,
     )
@@ -178,8 +183,14 @@ def chat_response(
         )
         for o in sorted(final.outputs, key=lambda o: o.index)
     ]
+    prompt_logprobs = None if final.prompt_logprobs is None else prompt_logprobs_field(final.prompt_logprobs)
     return ChatCompletionResponse(
-        id=request_id, created=now(), model=model, choices=choices, usage=usage_of(final)
+        id=request_id,
+        created=now(),
+        model=model,
+        choices=choices,
+        usage=usage_of(final),
+        prompt_logprobs=prompt_logprobs,
     )
 
 

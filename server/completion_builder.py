@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 from .chat import usage_of
 from .engine_api import CompletionOutput, RequestOutput, TokenLogprob
+from .prompt_logprobs import prompt_logprobs_field
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
 from .streaming import chunk_payload, sse
 
@@ -27,9 +28,12 @@ class Echo:
 
 
 class CompletionBuilder:
-    def __init__(self, request_id: str, model: str, echo: Echo, n: int, want_logprobs: bool):
+    def __init__(
+        self, request_id: str, model: str, echo: Echo, n: int, want_logprobs: bool, want_prompt_logprobs: bool
+    ):
+        """`want_prompt_logprobs`: vLLM's `prompt_logprobs` field in each choice of a whole answer."""
         self.request_id, self.model, self.echo, self.n = request_id, model, echo, n
-        self.want_logprobs = want_logprobs
+        self.want_logprobs, self.want_prompt_logprobs = want_logprobs, want_prompt_logprobs
         self.created = now()
         self.offsets: dict[int, int] = {}
         self.prompt_logprobs: list[list[TokenLogprob | None] | None] = [None] * len(echo.texts)
@@ -72,8 +76,16 @@ class CompletionBuilder:
             index=output.index,
             text=self.prompt_text(output.index) + ("" if self.echo.only else output.text),
             logprobs=self.logprobs(output.index, output.logprobs, first=True),
+            prompt_logprobs=self._prompt_logprobs_field(output.index),
             **self._ending(output),
         )
+
+    def _prompt_logprobs_field(self, index: int) -> list[dict[str, dict] | None] | None:
+        if not self.want_prompt_logprobs:
+            return None
+        entries = self.prompt_logprobs[index // self.n]
+        assert entries is not None, "a finished answer without its prompt's logprobs"
+        return prompt_logprobs_field(entries)
 
     def delta(self, output: CompletionOutput, first: bool) -> CompletionChoice | None:
         """None while there is nothing to send. A choice starts with its first token: with several prompts, the

@@ -14,6 +14,7 @@ from .completion_builder import CompletionBuilder, Echo
 from .engine_api import IMAGE_TOKEN_IDS, EngineInputs, RequestOutput
 from .errors import APIError, bad_request
 from .merged_outputs import merged_outputs
+from .prompt_logprobs import check_prompt_logprob_values
 from .protocol import CompletionRequest, random_id
 from .request_flow import generate, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
@@ -22,9 +23,6 @@ from .streaming import DONE, sse_api_error
 from .structured_outputs import constrained, constraint_param, requested_constraint
 
 MAX_PROMPTS = 16
-# echo with logprobs: prompt tokens x n x (logprobs + 1) values in one answer (16 prompts x 16 choices x 4095 tokens
-# x 21 would be ~0.7 GB of JSON; this many is ~10 MB, built in ~3 s on a CPU)
-MAX_ECHOED_LOGPROBS = 2**18
 T = TypeVar("T")
 
 
@@ -40,9 +38,11 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
     ]  # long ones take seconds
     request_id = random_id("cmpl")
     n = request.n or 1
-    check_echoed_logprobs(request, prompt_ids, n)
+    check_prompt_logprob_count(request, prompt_ids, n)
     echo = await echo_of(state, request, prompts, prompt_ids)
-    builder = CompletionBuilder(request_id, state.model_id, echo, n, request.logprobs is not None)
+    builder = CompletionBuilder(
+        request_id, state.model_id, echo, n, request.logprobs is not None, request.prompt_logprobs is not None
+    )
     streams = [
         generate(
             state,
@@ -53,7 +53,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
         )
         for k, ids in enumerate(prompt_ids)
     ]
-    if echo.first_tokens is not None:  # prompt logprobs come in the engine's outputs: keep them per prompt
+    if prompt_logprobs_k(request) is not None:  # they come in the engine's outputs: kept per prompt
         streams = [builder.recording(k, stream) for k, stream in enumerate(streams)]
     outputs = streams[0] if len(streams) == 1 else merged_outputs(streams, prompt_ids, n, request_id)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -82,7 +82,7 @@ def sampling_params(state: ServerState, request: CompletionRequest, prompt_ids: 
         request,
         max_tokens=max_tokens,
         logprobs=request.logprobs,
-        prompt_logprobs=request.logprobs if request.echo else None,
+        prompt_logprobs=prompt_logprobs_k(request),
         vocab_size=state.vocab_size,
         structured_outputs=constraint.params if constraint is not None and not echo_only else None,
     )
@@ -95,16 +95,23 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("best_of other than n is not supported", "best_of")
 
 
-def check_echoed_logprobs(request: CompletionRequest, prompt_ids: list[list[int]], n: int) -> None:
-    if not request.echo or request.logprobs is None:
+def prompt_logprobs_k(request: CompletionRequest) -> int | None:
+    """The top k of the prompt logprobs the answer carries (vLLM's rule): `prompt_logprobs`, else with `echo` the
+    request's `logprobs`; None for none."""
+    if request.prompt_logprobs is not None:
+        return request.prompt_logprobs
+    return request.logprobs if request.echo else None
+
+
+def check_prompt_logprob_count(request: CompletionRequest, prompt_ids: list[list[int]], n: int) -> None:
+    k = prompt_logprobs_k(request)
+    if k is None:
         return
-    values = sum(len(ids) for ids in prompt_ids) * n * (request.logprobs + 1)
-    if values > MAX_ECHOED_LOGPROBS:
-        raise bad_request(
-            f"echo with logprobs would return {values} prompt logprob values (prompt tokens x n x (logprobs + 1)); "
-            f"at most {MAX_ECHOED_LOGPROBS} are allowed: send fewer or shorter prompts, or a smaller n or logprobs",
-            "logprobs",
-        )
+    places = (request.prompt_logprobs is not None) + (request.echo and request.logprobs is not None)
+    values = sum(len(ids) for ids in prompt_ids) * n * (k + 1) * places
+    check_prompt_logprob_values(
+        values, "prompt_logprobs" if request.prompt_logprobs is not None else "logprobs"
+    )
 
 
 def split_prompts(prompt: str | list, max_waiting: int) -> list[str | list[int]]:

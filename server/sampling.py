@@ -74,6 +74,8 @@ def build_sampling_params(
     structured_outputs: StructuredOutputsParams | None = None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
+    if request.prompt_logprobs is not None and request.stream:
+        raise bad_request("prompt_logprobs are not available when streaming (as in vLLM)", "prompt_logprobs")
     check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
     stop_token_ids = list(dict.fromkeys(request.stop_token_ids)) if request.stop_token_ids else None
     stop = request.stop if request.stop is not None else []

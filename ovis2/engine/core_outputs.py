@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from .outputs import RequestMetrics
 
-RawLogprob = tuple[
-    float, list[tuple[int, float]]
-]  # (chosen token's logprob, [(token id, logprob)] most likely first)
+# (the token's logprob, [(token id, logprob)] most likely first), and for prompt tokens the token's rank (1: the
+# most likely)
+RawLogprob = tuple[float, list[tuple[int, float]]] | tuple[float, list[tuple[int, float]], int]
 
 
 @dataclass

@@ -207,13 +207,14 @@ class OutputProcessor:
         return state.output()
 
     def _token_logprob(self, token_id: int, raw: RawLogprob) -> TokenLogprob:
-        chosen, top = raw
+        chosen, top, *rank = raw
         return TokenLogprob(
             token_id,
             self._text(token_id),
             chosen,
             [self._entry(t, lp) for t, lp in top],
             self.token_bytes(token_id),
+            rank[0] if rank else None,
         )
 
     def _entry(self, token_id: int, logprob: float) -> TokenLogprob:

@@ -14,6 +14,7 @@ class TokenLogprob:
         default_factory=list
     )  # the most likely tokens at this step (no top of their own)
     bytes: list[int] | None = None  # the token's own UTF-8 bytes
+    rank: int | None = None  # prompt logprobs: the token's rank in its distribution (1: the most likely)
 
 
 @dataclass

@@ -15,8 +15,8 @@ def prompt_logprobs(
     model, hidden: torch.Tensor, targets: list[int], k: int, banned_ids: torch.Tensor
 ) -> list[RawLogprob | None]:
     """hidden: [P, H], the rows of P prompt positions; targets: the prompt token after each. Per row: (the
-    target's logprob, the top k), normalized as the sampler's (image placeholder ids masked), or None where the
-    target is an image placeholder (its embedding is replaced: it has no probability of its own)."""
+    target's logprob, the top k, the target's rank), normalized as the sampler's (image placeholder ids masked), or
+    None where the target is an image placeholder (its embedding is replaced: it has no probability of its own)."""
     vocab = model.config.vocab_size
     rows_per_slice = max(1, LOGITS_BYTES_PER_SLICE // (vocab * 4))
     target = torch.tensor(targets, dtype=torch.long, device=hidden.device)
@@ -28,9 +28,11 @@ def prompt_logprobs(
         if banned_ids.numel():
             logits.index_fill_(1, banned_ids, float("-inf"))
         logprobs = logits.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, target[start:end, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, target[start:end, None])  # [rows, 1]
+        ranks = (logprobs > chosen).sum(dim=-1) + 1  # 1: the most likely token
         top_values, top_ids = logprobs.topk(k, dim=-1)
-        rows = zip(targets[start:end], chosen, top_ids.tolist(), top_values.tolist(), strict=True)
-        for token_id, value, ids, values in rows:
-            result.append(None if token_id in banned else (value, list(zip(ids, values, strict=True))))
+        columns = (chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist())
+        rows = zip(targets[start:end], *columns, strict=True)
+        for token_id, value, rank, ids, values in rows:
+            result.append(None if token_id in banned else (value, list(zip(ids, values, strict=True)), rank))
     return result

@@ -149,6 +149,8 @@ class SamplingExtensions(StructuredOutputsExtensions):
     skip_special_tokens: bool = True
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # each prompt token's logprob and the top k there, as `prompt_logprobs` in the answer (not when streaming)
+    prompt_logprobs: int | None = None
     # A secret per tenant: the prefix and visual caches share only among requests with the same salt (vLLM's name).
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 

@@ -62,6 +62,7 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatChoice]
     usage: Usage
     service_tier: str | None = None
+    prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's: asked for with `prompt_logprobs`
 
 
 class DeltaMessage(ResponseModel):

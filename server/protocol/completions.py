@@ -53,6 +53,7 @@ class CompletionChoice(ResponseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's: asked for with `prompt_logprobs`
 
 
 class CompletionResponse(ResponseModel):

@@ -175,14 +175,15 @@ class FakeEngine:
             raise EngineOverloadedError("full")
 
     def _prompt_logprobs(self, ids: list[int], k: int | None) -> list[TokenLogprob | None] | None:
-        """Scripted: prompt token p's logprob is -p / 10; the top k are t0, t1, ... at -2, -3, ..."""
+        """Scripted: prompt token p's logprob is -p / 10, its rank k + p; the top k are t0, t1, ... (ids 100, 101,
+        ...) at -2, -3, ..."""
         if k is None:
             return None
         entries = [None]
         for p, token_id in enumerate(ids[1:], start=1):
             text = self.tokenizer.decode([token_id])
             top = [TokenLogprob(100 + i, f"t{i}", -2.0 - i, [], list(f"t{i}".encode())) for i in range(k)]
-            entries.append(TokenLogprob(token_id, text, -p / 10, top, list(text.encode())))
+            entries.append(TokenLogprob(token_id, text, -p / 10, top, list(text.encode()), rank=k + p))
         return entries
 
     async def generate(self, inputs: EngineInputs, params, request_id: str):

@@ -256,6 +256,34 @@ def test_echoed_prompt_logprobs_equal_what_generation_reports_at_each_position(c
         assert logprobs.token_logprobs[p] == found[logprobs.tokens[p]] <= 0
 
 
+def test_a_chat_with_an_image_scores_its_prompt(client, live_server, image_url):
+    """vLLM's `prompt_logprobs` on chat: the prompt scored token by token, the image placeholders None, each entry
+    the token itself and the top 3 ranked by logprob."""
+    from ovis2.image_layout import IMAGE_TOKEN_IDS
+
+    response = client.chat.completions.create(
+        model=live_server.model,
+        messages=chat_messages(image_url),
+        max_tokens=1,
+        temperature=0,
+        extra_body={"prompt_logprobs": 3},
+    )
+    ids = httpx.post(live_server.base_url + "/tokenize", json={"messages": chat_messages(image_url)}).json()[
+        "tokens"
+    ]
+    field = response.model_extra["prompt_logprobs"]
+    assert len(field) == len(ids) == response.usage.prompt_tokens and field[0] is None
+    for token_id, entry in zip(ids[1:], field[1:], strict=True):
+        if token_id in IMAGE_TOKEN_IDS:
+            assert entry is None
+            continue
+        own = entry[str(token_id)]
+        assert own["logprob"] <= 0 and own["rank"] >= 1 and 3 <= len(entry) <= 4
+        ranked = sorted((v["rank"], v["logprob"]) for v in entry.values())
+        assert [lp for _, lp in ranked] == sorted((lp for _, lp in ranked), reverse=True)
+    assert any(entry is None for entry in field[1:]) and any(entry is not None for entry in field[1:])
+
+
 def test_closing_a_stream_early_frees_its_kv_blocks(live_server):
     before = metrics(live_server)
     total = before["ovis2_kv_cache_total_blocks"]

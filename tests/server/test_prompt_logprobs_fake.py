@@ -116,14 +116,64 @@ def test_each_prompt_gives_its_own_choices_its_logprobs(client, fake_engine, lat
 
 
 def test_echoed_logprobs_are_capped(client, monkeypatch):
-    from server import completions
+    from server import prompt_logprobs
 
     tokens = len(prompt_tokens(client, PROMPT))
-    monkeypatch.setattr(completions, "MAX_ECHOED_LOGPROBS", 2 * tokens * 2 * 2)  # 2 prompts x n 2 x (1 + 1)
+    monkeypatch.setattr(
+        prompt_logprobs, "MAX_PROMPT_LOGPROB_VALUES", 2 * tokens * 2 * 2
+    )  # 2 prompts x n 2 x (1 + 1)
     body = {"prompt": [PROMPT, PROMPT], "echo": True, "n": 2, "logprobs": 1, "max_tokens": 0}
     assert client.post("/v1/completions", json=body).status_code == 200
     for more in ({"logprobs": 2}, {"n": 3}, {"prompt": [PROMPT] * 3}):
         response = client.post("/v1/completions", json={**body, **more})
         assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs", response.text
-        assert "prompt tokens x n x (logprobs + 1)" in response.json()["error"]["message"]
+        assert "prompt tokens x (k + 1)" in response.json()["error"]["message"]
     assert client.post("/v1/completions", json={**body, "echo": False, "max_tokens": 1}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "hi " * 100}], "prompt_logprobs": 1, "max_tokens": 1}
+    response = client.post("/v1/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs", (
+        response.text
+    )
+
+
+def check_vllm_field(field: list, ids: list[int], texts: list[str], k: int) -> None:
+    """vLLM's prompt_logprobs: None first, then {token id: {logprob, rank, decoded_token}}: the token and its top k."""
+    assert len(field) == len(ids) and field[0] is None
+    for p in range(1, len(ids)):
+        top = {str(100 + i): {"logprob": -2.0 - i, "rank": i + 1, "decoded_token": f"t{i}"} for i in range(k)}
+        own = {str(ids[p]): {"logprob": -p / 10, "rank": k + p, "decoded_token": texts[p]}}
+        assert field[p] == {**top, **own}
+
+
+def test_vllms_prompt_logprobs_field_on_completions_and_chat(client, fake_engine):
+    ids = client.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    body = {"prompt": [PROMPT, PROMPT], "n": 2, "prompt_logprobs": 2, "max_tokens": 1}
+    whole = client.post("/v1/completions", json=body).json()
+    for choice in whole["choices"]:
+        check_vllm_field(choice["prompt_logprobs"], ids, prompt_tokens(client, PROMPT), 2)
+        assert choice["logprobs"] is None
+    assert (
+        client.post("/v1/completions", json={"prompt": PROMPT}).json()["choices"][0]["prompt_logprobs"]
+        is None
+    )
+
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "prompt_logprobs": 0}).json()
+    inputs, params = list(fake_engine.requests.values())[-1]
+    texts = [
+        client.post("/detokenize", json={"tokens": [i]}).json()["prompt"] for i in inputs.prompt_token_ids
+    ]
+    check_vllm_field(chat["prompt_logprobs"], inputs.prompt_token_ids, texts, 0)
+    assert params.prompt_logprobs == 0 and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_vllms_prompt_logprobs_are_refused_when_streaming_or_out_of_range(client, route):
+    body = (
+        {"prompt": PROMPT} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    )
+    for fields in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": 21}, {"prompt_logprobs": -1}):
+        response = client.post(route, json={**body, "max_tokens": 1, **fields})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs", (
+            response.text
+        )
