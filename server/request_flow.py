@@ -7,9 +7,11 @@ closes the engine's iterator as soon as it is closed itself, so a consumer that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ T = TypeVar("T")
 logger = logging.getLogger("ovis2.server")
 DISCONNECT_POLL_SECONDS = 0.5
 ENGINE_FAILED = "the engine failed while generating this answer"
+ANSWER_THREADS = 2  # whole answers built at once, apart from the default pool's media work
 
 
 class RequestRefused(APIError):
@@ -143,10 +146,21 @@ async def respond(
 
 
 async def whole_answer(whole: Callable[[RequestOutput | None], Any], final: RequestOutput | None) -> Response:
-    """The answer built and serialized in a worker thread: a large one (the prompt logprobs of several prompts and
-    choices: tens of MB) held the event loop, and every other request with it, for seconds."""
-    body = await asyncio.to_thread(lambda: whole(final).model_dump_json(by_alias=True))
+    """The answer built and serialized in a thread of its own pool: a large one (the prompt logprobs of several
+    prompts and choices: tens of MB) held the event loop, and every other request with it, for seconds; in the
+    default pool, answers would wait behind image decodes."""
+    build = functools.partial(_serialized, whole, final)
+    body = await asyncio.get_running_loop().run_in_executor(_answer_threads(), build)
     return Response(body, media_type="application/json")
+
+
+def _serialized(whole: Callable[[RequestOutput | None], Any], final: RequestOutput | None) -> str:
+    return whole(final).model_dump_json(by_alias=True)
+
+
+@functools.cache
+def _answer_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=ANSWER_THREADS, thread_name_prefix="ovis2-answer")
 
 
 def failed(output: RequestOutput) -> bool:

@@ -4,6 +4,7 @@ the fake engine, whose prompt logprobs are scripted: token p has -p / 10, its to
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -177,3 +178,18 @@ def test_vllms_prompt_logprobs_are_refused_when_streaming_or_out_of_range(client
         assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs", (
             response.text
         )
+
+
+def test_whole_answers_are_built_in_threads_of_their_own(client, monkeypatch):
+    """Not on the event loop (a large one held every other request), nor in the pool that decodes media."""
+    from server.completion_builder import CompletionBuilder
+
+    names, original = [], CompletionBuilder.response
+
+    def recording(self, final):
+        names.append(threading.current_thread().name)
+        return original(self, final)
+
+    monkeypatch.setattr(CompletionBuilder, "response", recording)
+    assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).status_code == 200
+    assert len(names) == 1 and names[0].startswith("ovis2-answer"), names
