@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request, Response
 
+from .answers import EngineStreamFailed, check_engine_error, choice_updates, usage_of
 from .chat_inputs import build_chat_inputs
 from .engine_api import (
     CompletionOutput,
-    EngineDeadError,
     EngineInputs,
     RequestOutput,
     SamplingParams,
     TokenLogprob,
 )
-from .errors import ENGINE_DEAD, APIError, bad_request
+from .errors import bad_request
 from .prompt_logprobs import check_prompt_logprob_values, prompt_logprobs_field
 from .protocol import (
     AssistantMessage,
@@ -30,7 +29,6 @@ from .protocol import (
     ChatTokenLogprob,
     ChoiceLogprobs,
     DeltaMessage,
-    PromptTokensDetails,
     TopLogprob,
     Usage,
     now,
@@ -38,11 +36,7 @@ from .protocol import (
     unsupported_chat_fields,
 )
 from .request_flow import (
-    ENGINE_FAILED,
     ClientDisconnected,
-    RequestRefused,
-    engine_failure,
-    failed,
     generate,
     respond,
     unless_disconnected,
@@ -52,8 +46,6 @@ from .state import ServerState
 from .streaming import DONE, chunk_payload, sse, sse_api_error
 from .structured_outputs import Constraint, constrained, constraint_param, requested_constraint
 from .videos import video_options
-
-logger = logging.getLogger("ovis2.server")
 
 
 async def create_chat_completion(
@@ -133,20 +125,6 @@ def chat_sampling_params(
 # ---------------------------------------------------------------------------------------------- the response
 
 
-def usage_of(output: RequestOutput) -> Usage:
-    prompt = len(output.prompt_token_ids)
-    completion = sum(len(o.token_ids) for o in output.outputs)
-    details = PromptTokensDetails(
-        cached_tokens=output.num_cached_tokens, image_tokens=output.num_image_tokens
-    )
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=details,
-    )
-
-
 def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs:
     content = [
         ChatTokenLogprob(
@@ -158,15 +136,6 @@ def chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs:
         for lp in logprobs or ()
     ]
     return ChoiceLogprobs(content=content)
-
-
-def check_engine_error(output: RequestOutput | None, request_id: str) -> RequestOutput:
-    if output is None:
-        logger.error("request %s ended without output", request_id)
-        raise APIError(ENGINE_FAILED, 500)
-    if failed(output):
-        raise engine_failure(output)
-    return output
 
 
 def chat_response(
@@ -262,45 +231,3 @@ async def stream_chat(
     if include_usage:
         yield emit([], usage_of(last))
     yield DONE
-
-
-class EngineStreamFailed(Exception):
-    """The engine failed this request in the middle of its stream; `error` is what the client is told."""
-
-    def __init__(self, error: APIError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-async def choice_updates(
-    first: RequestOutput, rest: AsyncIterator[RequestOutput], refused_param: str | None = None
-) -> AsyncIterator[tuple[RequestOutput, CompletionOutput]]:
-    """(output, choice) for each update of a choice, up to and including the one that finishes it; a failure ends
-    it with EngineStreamFailed (one of the request's own making names `refused_param`, its constraint's field)."""
-    finished: set[int] = set()
-    async with aclosing(rest):
-        try:
-            async for output in prepend(first, rest):
-                if failed(output):
-                    error = engine_failure(output)
-                    if isinstance(error, RequestRefused):
-                        error.param = error.param or refused_param
-                    raise EngineStreamFailed(error)
-                for choice in output.outputs:
-                    if choice.index not in finished:
-                        finished.update([choice.index] if choice.finished else [])
-                        yield output, choice
-        except EngineDeadError as exc:  # the loop died (or was stopped) with the stream open
-            logger.error("the engine stopped during a stream: %s", exc)
-            raise EngineStreamFailed(APIError(ENGINE_DEAD, 503, code="engine_dead")) from exc
-        except EngineStreamFailed:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a stream that has begun can only end with an error event
-            logger.exception("the stream of an answer failed")
-            raise EngineStreamFailed(APIError(ENGINE_FAILED, 500)) from exc
-
-
-async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    yield first
-    async for output in rest:
-        yield output

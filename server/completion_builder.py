@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from .chat import usage_of
+from .answers import usage_of
 from .engine_api import CompletionOutput, RequestOutput, TokenLogprob
 from .prompt_logprobs import prompt_logprobs_field
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now

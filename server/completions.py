@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from fastapi import Request, Response
 
-from .chat import EngineStreamFailed, check_engine_error, choice_updates
+from .answers import EngineStreamFailed, check_engine_error, choice_updates
 from .completion_builder import CompletionBuilder, Echo
 from .engine_api import IMAGE_TOKEN_IDS, EngineInputs, RequestOutput
 from .errors import APIError, bad_request

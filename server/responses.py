@@ -9,13 +9,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
-from .chat import (
-    EngineStreamFailed,
-    chat_sampling_params,
-    check_engine_error,
-    choice_updates,
-    usage_of,
-)
+from .answers import EngineStreamFailed, check_engine_error, choice_updates, usage_of
+from .chat import chat_sampling_params
 from .chat_inputs import build_chat_inputs
 from .engine_api import RequestOutput
 from .errors import APIError
