@@ -222,9 +222,8 @@ class EngineCore:
                     group.request_id, [], group.seqs[0].num_cached_tokens, group.metrics
                 )
             if seq.needs_prompt_logprobs:  # its first token: they are all computed, and go out with it
-                if (
-                    group.num_prompt_logprobs != seq.prompt_len - 1
-                ):  # never seen: fail the request, not the batch
+                # never seen; if it were, the request fails, not the batch
+                if group.num_prompt_logprobs != seq.prompt_len - 1:
                     failed[group.request_id] = RuntimeError("prompt logprobs missing")
                     continue
                 update.prompt_logprobs, group.prompt_logprobs = [None, *group.prompt_logprobs], None

@@ -125,10 +125,14 @@ class ModelRunner:
         if part_order != wanted:
             position = {key: index for index, key in enumerate(part_order)}
             hidden = hidden[torch.tensor([position[key] for key in wanted], device=hidden.device)]
-        logits = self.model.compute_logits(hidden)  # [S, V] in scheduled order
+        return StepLogits(self.logits(hidden), found)  # [S, V] in scheduled order
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] fp32 logits, the image placeholder ids masked: they are never generated."""
+        logits = self.model.compute_logits(hidden)
         if self.banned_ids.numel():
             logits.index_fill_(1, self.banned_ids, float("-inf"))
-        return StepLogits(logits, found)
+        return logits
 
     def _forward(
         self, scheduled: list[ScheduledSeq], found: dict[int, list[RawLogprob | None]]
@@ -161,7 +165,7 @@ class ModelRunner:
                 rows = hidden[offset + positions.start - item.start : offset + positions.stop - item.start]
                 targets = item.seq.token_ids[positions.start + 1 : positions.stop + 1]
                 k = item.seq.params.prompt_logprobs
-                found[id(item)] = prompt_logprobs(self.model, rows, targets, k, self.banned_ids)
+                found[id(item)] = prompt_logprobs(self.logits, rows, targets, k, self.vocab_size)
             offset += item.num_tokens
 
     def build_inputs(self, scheduled: list[ScheduledSeq]) -> ModelInputs:

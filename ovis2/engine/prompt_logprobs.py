@@ -4,35 +4,39 @@ holds [chunk, vocab] floats at once."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from ..image_layout import IMAGE_TOKEN_IDS
 from .core_outputs import RawLogprob
 
 LOGITS_BYTES_PER_SLICE = 32 * 1024**2  # ~55 rows of a 151936-token vocabulary: ~10% faster on Zen 3 than 110
 
 
 def prompt_logprobs(
-    model, hidden: torch.Tensor, targets: list[int], k: int, banned_ids: torch.Tensor
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: list[int],
+    k: int,
+    vocab_size: int,
 ) -> list[RawLogprob | None]:
-    """hidden: [P, H], the rows of P prompt positions; targets: the prompt token after each. Per row: (the
-    target's logprob, the top k, the target's rank), normalized as the sampler's (image placeholder ids masked), or
-    None where the target is an image placeholder (its embedding is replaced: it has no probability of its own)."""
-    vocab = model.config.vocab_size
-    rows_per_slice = max(1, LOGITS_BYTES_PER_SLICE // (vocab * 4))
+    """hidden: [P, H], the rows of P prompt positions; targets: the prompt token after each; logits_of: the model
+    runner's (the sampler's normalization: image placeholder ids masked). Per row: (the target's logprob, the top
+    k, the target's rank), or None where the target is an image placeholder (its embedding is replaced: it has no
+    probability of its own)."""
+    rows_per_slice = max(1, LOGITS_BYTES_PER_SLICE // (vocab_size * 4))
     target = torch.tensor(targets, dtype=torch.long, device=hidden.device)
-    banned = set(banned_ids.tolist())
     result: list[RawLogprob | None] = []
     for start in range(0, len(targets), rows_per_slice):
         end = min(start + rows_per_slice, len(targets))
-        logits = model.compute_logits(hidden[start:end])  # [rows, V] fp32
-        if banned_ids.numel():
-            logits.index_fill_(1, banned_ids, float("-inf"))
-        logprobs = logits.log_softmax(dim=-1)
+        logprobs = logits_of(hidden[start:end]).log_softmax(dim=-1)  # [rows, V]
         chosen = logprobs.gather(1, target[start:end, None])  # [rows, 1]
         ranks = (logprobs > chosen).sum(dim=-1) + 1  # 1: the most likely token
         top_values, top_ids = logprobs.topk(k, dim=-1)
         columns = (chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist())
         rows = zip(targets[start:end], *columns, strict=True)
         for token_id, value, rank, ids, values in rows:
-            result.append(None if token_id in banned else (value, list(zip(ids, values, strict=True)), rank))
+            placeholder = token_id in IMAGE_TOKEN_IDS
+            result.append(None if placeholder else (value, list(zip(ids, values, strict=True)), rank))
     return result
