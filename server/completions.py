@@ -73,8 +73,8 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
 
 
 def sampling_params(state: ServerState, request: CompletionRequest, prompt_ids: list[int], constraint):
-    # echo with max_tokens 0: the prompt alone, so one token runs (free of any constraint) and is left out
-    echo_only = request.echo and request.max_tokens == 0
+    # the prompt alone: one token runs (free of any constraint) and is left out
+    echo_only = prompt_only(request)
     max_tokens = resolve_max_tokens(
         1 if echo_only else request.max_tokens, len(prompt_ids), 0, state.max_model_len, "prompt"
     )
@@ -93,6 +93,11 @@ def check_unsupported(request: CompletionRequest) -> None:
         raise bad_request("suffix (insertion) is not supported", "suffix")
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise bad_request("best_of other than n is not supported", "best_of")
+
+
+def prompt_only(request: CompletionRequest) -> bool:
+    """`echo` with `max_tokens: 0`: the answer is the prompt alone."""
+    return bool(request.echo) and request.max_tokens == 0
 
 
 def prompt_logprobs_k(request: CompletionRequest) -> int | None:
@@ -149,7 +154,7 @@ async def echo_of(
     if request.logprobs is not None:  # the engine gives no logprob, so no text, for a prompt's first token
         decode = state.engine.tokenizer.decode
         first_tokens = [decode(ids[:1], skip_special_tokens=False) for ids in prompt_ids]
-    return Echo(texts, first_tokens, only=request.max_tokens == 0)
+    return Echo(texts, first_tokens, only=prompt_only(request))
 
 
 async def echoed_prompt(state: ServerState, prompt: str | list[int], prompt_ids: list[int]) -> str:
