@@ -105,6 +105,15 @@ class CompletionBuilder:
             **self._ending(output),
         )
 
+    def delta_chunk(self, output: CompletionOutput, first: bool, include_usage: bool) -> str | None:
+        """The SSE chunk of `delta`, or None."""
+        delta = self.delta(output, first)
+        return None if delta is None else self.chunk([delta], None, include_usage)
+
+    def starts_with_prompt_logprobs(self, first: bool) -> bool:
+        """A choice's first chunk lists its prompt's logprobs (up to the cap's 2^18 values)."""
+        return first and self.want_logprobs and self.echo.first_tokens is not None
+
     def _ending(self, output: CompletionOutput) -> dict:
         if self.echo.only:  # its one token was run, not asked for: the prompt is the whole answer
             return dict(finish_reason="length" if output.finished else None, stop_reason=None)

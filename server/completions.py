@@ -16,7 +16,7 @@ from .errors import APIError, bad_request
 from .merged_outputs import merged_outputs
 from .prompt_logprobs import check_prompt_logprob_values
 from .protocol import CompletionRequest, random_id
-from .request_flow import generate, respond
+from .request_flow import generate, in_answer_thread, respond
 from .sampling import build_sampling_params, check_token_ids, resolve_max_tokens
 from .state import ServerState
 from .streaming import DONE, sse_api_error
@@ -193,10 +193,14 @@ async def stream_completion(
     try:
         async for output, choice in choice_updates(first, outputs, refused_param):
             last = output
-            delta = builder.delta(choice, first=choice.index not in started)
-            if delta is not None:
+            first_chunk = choice.index not in started
+            if builder.starts_with_prompt_logprobs(first_chunk):  # large: built off the event loop
+                chunk = await in_answer_thread(builder.delta_chunk, choice, first_chunk, include_usage)
+            else:
+                chunk = builder.delta_chunk(choice, first_chunk, include_usage)
+            if chunk is not None:
                 started.add(choice.index)
-                yield builder.chunk([delta], None, include_usage)
+                yield chunk
     except EngineStreamFailed as failure:
         yield sse_api_error(failure.error)
         yield DONE

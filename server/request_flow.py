@@ -149,9 +149,15 @@ async def whole_answer(whole: Callable[[RequestOutput | None], Any], final: Requ
     """The answer built and serialized in a thread of its own pool: a large one (the prompt logprobs of several
     prompts and choices: tens of MB) held the event loop, and every other request with it, for seconds; in the
     default pool, answers would wait behind image decodes."""
-    build = functools.partial(_serialized, whole, final)
-    body = await asyncio.get_running_loop().run_in_executor(_answer_threads(), build)
+    body = await in_answer_thread(_serialized, whole, final)
     return Response(body, media_type="application/json")
+
+
+async def in_answer_thread(function: Callable[..., T], *args) -> T:
+    """function(*args) in the pool that builds answers (large ones would hold the event loop)."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _answer_threads(), functools.partial(function, *args)
+    )
 
 
 def _serialized(whole: Callable[[RequestOutput | None], Any], final: RequestOutput | None) -> str:

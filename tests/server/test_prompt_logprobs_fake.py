@@ -193,3 +193,21 @@ def test_whole_answers_are_built_in_threads_of_their_own(client, monkeypatch):
     monkeypatch.setattr(CompletionBuilder, "response", recording)
     assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).status_code == 200
     assert len(names) == 1 and names[0].startswith("ovis2-answer"), names
+
+
+def test_a_streamed_choices_first_chunk_with_prompt_logprobs_is_built_off_the_event_loop(client, monkeypatch):
+    """It lists up to 2^18 prompt logprob values; the chunks after it stay on the loop."""
+    from server.completion_builder import CompletionBuilder
+
+    calls, original = [], CompletionBuilder.delta_chunk
+
+    def recording(self, output, first, include_usage):
+        calls.append((first, threading.current_thread().name))
+        return original(self, output, first, include_usage)
+
+    monkeypatch.setattr(CompletionBuilder, "delta_chunk", recording)
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": 2, "temperature": 0}
+    assert joined(streamed(client, body))["text"] == PROMPT + "Hello there"
+    first_calls = [name for first, name in calls if first]
+    assert first_calls and all(name.startswith("ovis2-answer") for name in first_calls), calls
+    assert any(not first and not name.startswith("ovis2-answer") for first, name in calls), calls
