@@ -20,7 +20,12 @@ from .media import ImageLoader, MediaPolicy
 from .media.byte_budget import MediaBytesBudget
 from .media.video import VideoLoader
 from .metrics import ServerMetrics
-from .middleware import APIKeyMiddleware, BodySizeLimitMiddleware, TrimAfterResponseMiddleware
+from .middleware import (
+    APIKeyMiddleware,
+    BodySizeLimitMiddleware,
+    TrimAfterResponseMiddleware,
+    UnexpectedErrorMiddleware,
+)
 from .pixel_budget import PixelBudget
 from .routes import router
 from .settings import ServerSettings
@@ -98,10 +103,12 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
             await state.engine.shutdown()
             state.videos.close()
 
-    app = FastAPI(title="ovis2-serve", version="0.1.0", lifespan=lifespan)
+    # no redirect from a path with a trailing slash: a bare 307 with no body, where a client expects the envelope
+    app = FastAPI(title="ovis2-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.server = state
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(UnexpectedErrorMiddleware)  # the innermost
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())

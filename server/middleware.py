@@ -124,6 +124,33 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
+class UnexpectedErrorMiddleware:
+    """A bug's exception becomes the 500 envelope here. Starlette's outermost handler answers the same, then
+    re-raises, and the server closes the connection: a client's next request on it was reset."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            if started:  # a response under way cannot turn into a 500
+                raise
+            logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            await error_response("internal server error", 500)(scope, receive, send)
+
+
 class TrimAfterResponseMiddleware:
     """Once a POST's response has gone out (a stream's last byte read, or the client gone), `on_done()`: the server
     asks the engine for a heap trim after its quiet second. The engine trims on its own only after its last step,

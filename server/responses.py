@@ -151,7 +151,9 @@ async def stream_response(
     except EngineStreamFailed as failure:
         code = "invalid_prompt" if failure.error.status < 500 else "server_error"
         error = {"code": code, "message": failure.error.message}
-        yield builder.event("response.failed", response=builder.response("failed", error=error))
+        # the message as far as it was streamed (the SDK's snapshot keeps an output only when the event has one)
+        output = [builder.message(text, "incomplete")]
+        yield builder.event("response.failed", response=builder.response("failed", output, error=error))
         return
     final = builder.finished(last, text)
     yield builder.text_event("response.output_text.done", text=text, logprobs=[])

@@ -122,6 +122,7 @@ def renamed(error: APIError, origins: list[str]) -> APIError:
             error.param = origins[int(index)] + rest
     elif param == "messages":
         error.param = "input"
+        error.message = error.message.replace("shorten the messages", "shorten the input")
     return error
 
 

@@ -30,14 +30,20 @@ class RequestModel(BaseModel):
 
 
 def _check_unicode(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode; it holds a lone surrogate code point") from None
-    elif isinstance(value, list):
-        for item in value:
-            _check_unicode(item)
+    """Every string in value, through lists and dicts (keys too: metadata and schemas are echoed back)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode; it holds a lone surrogate code point") from None
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
 
 
 class ResponseModel(BaseModel):

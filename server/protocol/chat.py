@@ -173,6 +173,7 @@ class ChatCompletionRequest(SamplingExtensions):
     prediction: dict[str, Any] | None = None
     presence_penalty: float | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None  # a caching hint, as prompt_cache_key: no effect here
     reasoning_effort: str | None = None
     response_format: ResponseFormat | None = None
     safety_identifier: str | None = None

@@ -115,6 +115,10 @@ class TextFormat(RequestModel):
     def _schema_with_its_type(self) -> TextFormat:
         if self.type == "json_schema" and (self.name is None or self.schema_ is None):
             raise ValueError("a json_schema format needs a name and a schema")
+        if self.type != "json_schema" and (self.schema_ is not None or self.name is not None or self.strict):
+            raise ValueError(
+                f"a {self.type} format takes no name, schema or strict (a json_schema format does)"
+            )
         return self
 
 
@@ -137,6 +141,7 @@ class ResponsesRequest(RequestModel):
     previous_response_id: str | None = None
     prompt: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None  # a caching hint, as prompt_cache_key: no effect here
     reasoning: dict[str, Any] | None = None
     # A secret per tenant: the prefix and visual caches share only among requests with the same salt (vLLM's name).
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
@@ -182,6 +187,7 @@ class OutputMessage(ResponseModel):
 
 class InputTokensDetails(ResponseModel):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # the SDK's type requires it; nothing here is billed for writing the cache
     image_tokens: int = 0  # of input_tokens, the ones standing for images (an extension, as in chat's usage)
 
 

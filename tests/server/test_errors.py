@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from fastapi.testclient import TestClient
 
 from ovis2 import EngineDeadError
+from server.app import create_app
+from server.settings import ServerSettings
 from tests.server.conftest import data_url, image_bytes, image_message
 
 TEXT = [{"role": "user", "content": "hi"}]
@@ -287,6 +290,24 @@ def test_bug_is_500_without_internals(client, fake_engine):
     assert error["message"] == "internal server error"
     fake_engine.crash_with = None
     assert client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+
+
+def test_a_bug_is_answered_where_it_happens_not_re_raised(fake_engine):
+    """Re-raised past the 500, the exception made the server close the connection (a client's next request on it
+    was reset); the test client raises what reaches the server."""
+    app = create_app(ServerSettings(_env_file=None, served_model_name="fake-model"), fake_engine)
+    with TestClient(app, raise_server_exceptions=True) as client:
+        fake_engine.crash_with = RuntimeError("a bug")
+        assert_error(client.post("/v1/chat/completions", json={"messages": TEXT}), 500)
+        fake_engine.crash_with = None
+        assert (
+            client.post("/v1/chat/completions", json={"messages": TEXT, "max_tokens": 1}).status_code == 200
+        )
+
+
+def test_a_route_with_a_trailing_slash_is_a_404_envelope_not_a_bare_redirect(client):
+    response = client.post("/v1/chat/completions/", json={"messages": TEXT}, follow_redirects=False)
+    assert_error(response, 404)
 
 
 def test_engine_side_failure(client, fake_engine):

@@ -192,3 +192,52 @@ def test_what_the_stateless_server_cannot_do_is_a_400_naming_the_field(client, f
     error = response.json()["error"]
     assert error["param"] == param, error
     assert "max_completion_tokens" not in error["message"] and "messages[" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"metadata": {"a": "\ud800"}},
+        {"metadata": {"\udfff": "v"}},
+        {"text": {"format": {"type": "json_schema", "name": "A", "schema": {"description": "\ud800"}}}},
+    ],
+)
+def test_lone_surrogates_in_echoed_fields_are_400s(client, fields):
+    """Dict keys and values too: the response echoes metadata and the format (they failed to serialize: a 500)."""
+    body = json.dumps({"input": "x", **fields})  # sent as the escape "\ud800"
+    response = client.post("/v1/responses", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "Unicode" in response.json()["error"]["message"], response.text
+
+
+def test_a_text_or_json_object_format_takes_no_schema(client):
+    for kind in ("text", "json_object"):
+        response = respond(client, text={"format": {"type": kind, "schema": {"type": "object"}}})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "text.format", (
+            response.text
+        )
+    assert respond(client, text={"format": {"type": "json_object"}}).status_code == 200
+
+
+def test_usage_details_hold_every_field_the_sdks_types_require(client):
+    from openai.types.responses import Response
+
+    body = respond(client, prompt_cache_retention="24h").json()
+    assert body["usage"]["input_tokens_details"]["cache_write_tokens"] == 0
+    Response.model_validate(body, strict=True)
+
+
+def test_a_failed_stream_keeps_what_it_sent(client, fake_engine):
+    fake_engine.fail_with, fake_engine.fail_from_step = "the engine broke", 2
+    with client.stream("POST", "/v1/responses", json={"input": "Say hello", "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas and events[-1]["type"] == "response.failed", events[-1]
+    output = events[-1]["response"]["output"]
+    assert output[0]["status"] == "incomplete" and output[0]["content"][0]["text"] == deltas
+
+
+def test_a_prompt_too_long_is_told_to_shorten_the_input(client):
+    response = respond(client, input="word " * 5000)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "input", error
+    assert "shorten the input" in error["message"] and "messages" not in error["message"], error
