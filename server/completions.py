@@ -50,6 +50,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw:
             for_prompt(k, len(prompts), sampling_params, state, request, ids, constraint),
             request_id if len(prompts) == 1 else f"{request_id}-{k}",
             arrival,
+            answers_tokens=not prompt_only(request),
         )
         for k, ids in enumerate(prompt_ids)
     ]

@@ -10,6 +10,10 @@ COUNTERS = {  # EngineStats field -> (metric, help)
         "ovis2_num_preemptions",
         "Running requests preempted (their KV blocks freed, recomputed later) for want of KV cache blocks.",
     ),
+    "num_encoded_images": (
+        "ovis2_vision_encoded_images",
+        "Images and video frames the vision tower encoded (the visual cache serves the rest).",
+    ),
 }
 
 

@@ -142,13 +142,6 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.encoded_images = Gauge(
-            "ovis2_vision_encoded_images",
-            "Images and video frames the vision tower encoded since start (the visual "
-            "cache serves the rest).",
-            labels,
-            registry=r,
-        )
         self.requests = Counter(
             "ovis2_requests",
             "Finished requests by finish reason (stop, length, abort, error).",
@@ -180,7 +173,6 @@ class ServerMetrics:
         self.kv_cache_usage.labels(**self._labels).set(stats.kv_cache_usage)
         self.kv_free_blocks.labels(**self._labels).set(stats.num_free_blocks)
         self.kv_total_blocks.labels(**self._labels).set(stats.num_total_blocks)
-        self.encoded_images.labels(**self._labels).set(getattr(stats, "num_encoded_images", 0))
         self.grammars.update(stats)
         self.engine_counters.update(stats)
 

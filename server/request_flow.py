@@ -40,26 +40,39 @@ class ClientDisconnected(Exception):
 
 
 async def generate(
-    state: ServerState, inputs: EngineInputs, params: SamplingParams, request_id: str, arrival: float
+    state: ServerState,
+    inputs: EngineInputs,
+    params: SamplingParams,
+    request_id: str,
+    arrival: float,
+    answers_tokens: bool = True,
 ) -> AsyncIterator[RequestOutput]:
     """`engine.generate` with metrics; leaving early (close, cancel, error) closes the engine's iterator, which
-    aborts the request.
+    aborts the request. `answers_tokens` False: the tokens run are not the answer's (completions' echo with
+    max_tokens 0), so no token counts or latencies are recorded for them.
 
     Consume it inside `contextlib.aclosing` so the abort happens at once, not when it is garbage-collected.
     """
     timing = TokenTiming(arrival)
     final: RequestOutput | None = None
+    refused = False
     state.request_started()
     try:
         async with aclosing(state.engine.generate(inputs, params, request_id)) as outputs:
             async for output in outputs:
-                timing.observe(state, output)
+                if answers_tokens:
+                    timing.observe(state, output)
                 final = output
                 yield output
+    except Exception:
+        refused = True  # overloaded, its input refused, or a bug: answered with an error, not counted
+        raise
     finally:
         try:
             if final is not None:
                 _record_finished(state, inputs, final, arrival, timing.num_generated)
+            elif not refused:  # the client left while it waited (queued, its grammar compiling): an abort
+                _record_unanswered(state, params, arrival)
         finally:
             state.request_finished()
 
@@ -107,6 +120,12 @@ def _record_finished(
     m.count(m.generation_tokens, num_generated)
     for output in final.outputs:
         m.count(m.requests, 1, finished_reason=output.finish_reason or "abort")
+
+
+def _record_unanswered(state: ServerState, params: SamplingParams, arrival: float) -> None:
+    m = state.metrics
+    m.observe(m.e2e_latency, time.monotonic() - arrival)
+    m.count(m.requests, params.n, finished_reason="abort")
 
 
 async def collect_final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:

@@ -97,7 +97,7 @@ def test_a_second_turn_resending_the_video_runs_the_vision_tower_zero_times(clie
         )
 
     first = ask(messages)
-    encoded = live_server.metrics()["ovis2_vision_encoded_images"]
+    encoded = live_server.metrics()["ovis2_vision_encoded_images_total"]
     follow_up = [
         *messages,
         {"role": "assistant", "content": first.choices[0].message.content},
@@ -105,7 +105,7 @@ def test_a_second_turn_resending_the_video_runs_the_vision_tower_zero_times(clie
     ]
     second = ask(follow_up)
     again = ask(messages)
-    assert live_server.metrics()["ovis2_vision_encoded_images"] == encoded  # zero vision tower runs
+    assert live_server.metrics()["ovis2_vision_encoded_images_total"] == encoded  # zero vision tower runs
     assert again.choices[0].message.content == first.choices[0].message.content  # same tokens
     assert (
         second.usage.prompt_tokens_details.cached_tokens >= 12 * FRAME_TOKENS

@@ -247,3 +247,16 @@ def test_completions_token_ids_and_bad_prompts(client):
     ]:
         response = client.post("/v1/completions", json={"prompt": "x", **fields})
         assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_echo_with_no_tokens_counts_no_generated_tokens(client):
+    """The one token run for `echo` with `max_tokens: 0` is not the answer's: no tokens, no token latencies."""
+    client.post("/v1/completions", json={"prompt": "Say hi", "max_tokens": 2})  # every metric has a sample
+    before = client.get("/metrics").text
+    body = {"prompt": "Say hi", "echo": True, "max_tokens": 0, "n": 3}
+    assert client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 0
+    after = client.get("/metrics").text
+    for name in ("ovis2_generation_tokens_total", "ovis2_time_to_first_token_seconds_count"):
+        assert metric(after, name) == metric(before, name), name
+    length = metric(after, "ovis2_requests_total", finished_reason="length")
+    assert length == metric(before, "ovis2_requests_total", finished_reason="length") + 3

@@ -316,3 +316,27 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_and_no_traceback(tmp_path):
     assert "could not fetch 'no-such-org/no-such-model'" in lines[0] and lines[0].startswith(
         "ovis2-serve: error:"
     )
+
+
+def test_a_request_left_before_its_first_output_is_counted_as_an_abort(fake_engine):
+    """Aborted while it waited in the queue: a finished request (as its n choices) with its end-to-end time."""
+    state = state_for(fake_engine)
+    fake_engine.late_suffix, fake_engine.late_delay = "-late", 5.0
+    metrics = state.metrics
+
+    def value(metric, **labels) -> float:
+        return metrics.registry.get_sample_value(metric, {"model_name": state.model_id, **labels}) or 0.0
+
+    async def run():
+        params = SamplingParams(max_tokens=5, n=2)
+        outputs = generate(state, EngineInputs([1, 2, 3]), params, "r1-late", 0.0)
+        task = asyncio.ensure_future(collect_final(outputs))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert value("ovis2_requests_total", finished_reason="abort") == 2
+    assert value("ovis2_e2e_request_latency_seconds_count") == 1
+    assert value("ovis2_generation_tokens_total") == 0
