@@ -26,6 +26,7 @@ from .model_runner import ModelRunner
 from .request import EngineRequest
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, SequenceGroup
+from .step_costs import step_costs
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,13 @@ class EngineCore:
             )
         self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            step_costs(self.model.config),
+            self.runner.visual.crops_to_encode,
+        )
         self.groups: dict[str, SequenceGroup] = {}
         self.max_model_len = self._max_model_len()
         if self.runner.device.type == "cuda" and not args.enforce_eager:
@@ -149,6 +156,8 @@ class EngineCore:
         failed = self._copy_lent_slots(sched.scheduled)
         failed.update(self._prepare_requests([g for g in groups if g.request_id not in failed]))
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
+        failed.update(self.runner.visual.prepare([(item.seq.group, *item.atoms) for item in items]))
+        items = [item for item in items if item.seq.group.request_id not in failed]
         items, logits = execute_isolating_failures(self.runner, items, failed)
         self.scheduler.update_computed(items)
         for item in items:
@@ -168,7 +177,7 @@ class EngineCore:
         return {}
 
     def _prepare_requests(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
-        """The fault hook and image embeddings of each request; a failure fails that request only."""
+        """The fault hook of each request; a failure fails that request only."""
         failed: dict[str, Exception] = {}
         now = time.monotonic()
         for group in groups:
@@ -178,7 +187,6 @@ class EngineCore:
                     self.request_hook(group)
             except Exception as error:  # noqa: BLE001 - a broken request fails alone
                 failed[group.request_id] = error
-        failed.update(self.runner.visual.prepare([g for g in groups if g.request_id not in failed]))
         return failed
 
     def _update_from_output(
@@ -228,10 +236,27 @@ class EngineCore:
                     continue
                 update.prompt_logprobs, group.prompt_logprobs = [None, *group.prompt_logprobs], None
             update.tokens.append(self._append_token(seq, token_id, logprob))
+        self._fail_slow_constraints(sampled, failed)
         for update in updates.values():
             group = self.groups.get(update.request_id)
             if group is not None and group.is_finished:
                 self._retire(group)
+
+    def _fail_slow_constraints(self, sampled: list[ScheduledSeq], failed: dict[str, Exception]) -> None:
+        """A request whose grammar matching took longer than the limit for this step's token fails: its
+        matcher runs on the engine's thread, so every other stream waits for it."""
+        seconds: dict[str, float] = {}
+        for item in sampled:
+            if item.seq.matcher is not None:
+                request_id = item.seq.group.request_id
+                seconds[request_id] = seconds.get(request_id, 0.0) + item.seq.matcher.take_seconds()
+        limit = self.args.max_grammar_seconds_per_token
+        for request_id, spent in seconds.items():
+            if spent > limit and request_id not in failed:
+                failed[request_id] = StructuredOutputError(
+                    f"following the constraint took {spent:.2f} s for one token (the limit is {limit} s): it is "
+                    "too ambiguous to match at serving speed (a grammar with several ways to read the same text?)"
+                )
 
     def _append_token(self, seq: Sequence, token_id: int, logprob) -> TokenUpdate:
         seq.append_token(token_id)

@@ -111,6 +111,12 @@ class EngineArgs:
         "Compiled structured-output grammars kept for reuse (LRU; 0: compile every request's).",
         _at_least(0),
     )
+    max_grammar_seconds_per_token: float = _arg(
+        0.25,
+        "Longest a request's structured-output matching may take for one token, its choices together, before the "
+        "request fails (400): it runs on the engine's thread, and an ambiguous grammar's grows with every token.",
+        lambda v: None if v > 0 else "must be above 0",
+    )
     image_processor: Literal["pil", "fast"] = _arg(
         "pil",
         "Image preprocessing backend: 'pil' (bit-faithful resizes) or 'fast' "

@@ -240,4 +240,4 @@ def _atoms_in(group: SequenceGroup, start: int, end: int) -> tuple[list[int], to
     first, last = group.atoms_before(start), group.atoms_before(end)
     if first == last:
         return None
-    return group.atom_positions[first:last], group.image_embeds[first:last]
+    return group.atom_positions[first:last], group.image_embeds.atoms(first, last)

@@ -2,7 +2,9 @@
 
 One rule instead of prefill/decode modes: a running sequence gets the tokens it still lacks (1 when
 decoding, a chunk of its prompt while prefilling), within `max_num_batched_tokens` for the whole step
-and `max_num_seqs` sequences. Running sequences go first (FCFS), so long prompts are prefilled in
+and `max_num_seqs` sequences. The budget counts a chunk's work (step_costs.py): its tokens, the vision-tower crops
+its image atoms need and its prompt-logprob rows; a chunk is cut where its work would pass what is left, and one
+chunk a step may pass it by its first token's work, so a crop dearer than the whole budget still runs. Running sequences go first (FCFS), so long prompts are prefilled in
 chunks while others keep decoding; waiting sequences join the batch with the budget left over. When
 the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it is
 recomputed later (its cached prefix blocks usually survive). A request admitted on a partial prefix-cache
@@ -12,11 +14,16 @@ hit comes with a SlotCopy the runner applies before the step's forward.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .partial_blocks import SlotCopy
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .step_costs import StepCosts
+
+# (group, first atom, end atom) -> the vision-tower crops those image atoms still need
+TowerCrops = Callable[[SequenceGroup, int, int], int]
 
 
 @dataclass
@@ -42,6 +49,12 @@ class ScheduledSeq:
         return self.end >= self.seq.num_tokens
 
     @property
+    def atoms(self) -> tuple[int, int]:
+        """The image atoms this chunk prefills: atom indices [first, end) of the prompt's atoms."""
+        group = self.seq.group
+        return group.atoms_before(self.start), group.atoms_before(self.end)
+
+    @property
     def prompt_logprob_positions(self) -> range:
         """The positions of this chunk whose logits give prompt logprobs (the request asked for them)."""
         return self.seq.prompt_logprob_positions(self.start, self.end)
@@ -63,10 +76,20 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        costs: StepCosts = StepCosts(),
+        tower_crops: TowerCrops | None = None,
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.costs = costs
+        self.tower_crops = tower_crops
+        self._overrun_spent = False  # a chunk of this step passed the budget by its first token's work
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._groups: set[SequenceGroup] = set()  # each held sequence's group: sequences hold theirs weakly
@@ -102,23 +125,65 @@ class Scheduler:
     # --- the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        self._overrun_spent = False
+        budget = self._schedule_running(out, float(self.max_num_batched_tokens))
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: float) -> float:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            num_tokens, cost = self._affordable(
+                seq, seq.num_computed_tokens, seq.num_uncomputed_tokens, budget
+            )
+            if num_tokens == 0:  # its next chunk's work does not fit what is left
+                index += 1
+                continue
             if not self._make_room(seq, num_tokens, out):
                 break  # seq itself was preempted: it was the newest, nothing after it remains
             self.block_manager.append_slots(seq, num_tokens)
             out.scheduled.append(ScheduledSeq(seq, num_tokens))
-            budget -= num_tokens
+            budget -= cost
             index += 1
         return budget
+
+    # --- what a chunk costs
+    def _affordable(self, seq: Sequence, start: int, wanted: int, budget: float) -> tuple[int, float]:
+        """(tokens of seq from `start`, at most `wanted`, whose work fits in `budget`; that work)."""
+        if wanted == 1 and not seq.is_prefilling:
+            return 1, 1.0  # a decode step
+        num_tokens = self._most_tokens(seq, start, wanted, budget)
+        if num_tokens == 0 and wanted > 0 and not self._overrun_spent:
+            self._overrun_spent = True
+            num_tokens = self._most_tokens(seq, start, wanted, budget + self._work(seq, start, 1))
+        return num_tokens, self._work(seq, start, num_tokens)
+
+    def _most_tokens(self, seq: Sequence, start: int, wanted: int, limit: float) -> int:
+        """The most tokens from `start` (at most `wanted`) whose work is within `limit` (work grows with them)."""
+        high = min(wanted, int(limit))  # a token's work is at least 1
+        if high <= 0 or self._work(seq, start, high) <= limit:
+            return max(high, 0)
+        low = 0  # fits; high does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._work(seq, start, middle) <= limit:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def _work(self, seq: Sequence, start: int, num_tokens: int) -> float:
+        end = start + num_tokens
+        work = float(num_tokens)
+        if self.costs.prompt_logprob_row:
+            work += len(seq.prompt_logprob_positions(start, end)) * self.costs.prompt_logprob_row
+        if self.tower_crops is not None and self.costs.crop:
+            first_atom, end_atom = seq.group.atoms_before(start), seq.group.atoms_before(end)
+            if first_atom < end_atom:
+                work += self.tower_crops(seq.group, first_atom, end_atom) * self.costs.crop
+        return work
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Preempt the newest running sequences until seq's new tokens fit; False if seq was preempted."""
@@ -136,7 +201,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: float) -> None:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -146,12 +211,20 @@ class Scheduler:
             if parent is not None and parent.is_prefilling:
                 skipped.append(self.waiting.popleft())
                 continue
-            if not self._admit(seq, parent, budget, out):
+            cost = self._admit(seq, parent, budget, out)
+            if cost is None:
                 break
-            budget -= out.scheduled[-1].num_tokens
+            if cost == 0:  # its first chunk's work does not fit what is left: after the others, or next step
+                skipped.append(self.waiting.popleft())
+                continue
+            budget -= cost
         self.waiting.extendleft(reversed(skipped))
 
-    def _admit(self, seq: Sequence, parent: Sequence | None, budget: int, out: SchedulerOutput) -> bool:
+    def _admit(
+        self, seq: Sequence, parent: Sequence | None, budget: float, out: SchedulerOutput
+    ) -> float | None:
+        """The work of seq's first chunk, now scheduled; 0 when none of it fits the budget; None when the pool
+        has no room for it."""
         bm = self.block_manager
         if parent is not None and parent.status is SequenceStatus.RUNNING:
             shared = bm.num_shared_blocks(parent, seq)
@@ -159,9 +232,12 @@ class Scheduler:
             borrowing = any(item.seq is parent and item.kv_copy is not None for item in out.scheduled)
             partial = None if borrowing else bm.fork_partial_block(parent, seq, shared)
             lent = partial.num_tokens if partial else 0
-            num_tokens = min(seq.num_tokens - shared * bm.block_size - lent, budget)
+            start = shared * bm.block_size + lent
+            num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
+            if num_tokens == 0:
+                return 0.0
             if not bm.can_allocate(seq, parent.block_table[:shared], lent + num_tokens):
-                return False
+                return None
             bm.fork(parent, seq, partial)
         else:
             # prompt logprobs: every prompt position must run, the prefix cache keeps no logits
@@ -169,9 +245,12 @@ class Scheduler:
             cached = [] if uncached else bm.find_cached_blocks(seq)
             partial = None if uncached else bm.find_partial_block(seq, len(cached))
             lent = partial.num_tokens if partial else 0
-            num_tokens = min(seq.num_tokens - len(cached) * bm.block_size - lent, budget)
+            start = len(cached) * bm.block_size + lent
+            num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
+            if num_tokens == 0:
+                return 0.0
             if not bm.can_allocate(seq, cached, lent + num_tokens):
-                return False
+                return None
             bm.allocate(seq, cached, partial)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -184,7 +263,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         out.scheduled.append(ScheduledSeq(seq, num_tokens, kv_copy=copy))
-        return True
+        return cost
 
     @staticmethod
     def _fork_parent(seq: Sequence) -> Sequence | None:

@@ -127,7 +127,8 @@ class SequenceGroup:
     def __init__(self, request: EngineRequest) -> None:
         self.request = request
         self.metrics = RequestMetrics(arrival_time=request.arrival_time)
-        self.image_embeds: Any = None  # [num_atoms, H] tensor while some choice still prefills; else None
+        # visual_embeddings.RequestEmbeddings while some choice still prefills image atoms; else None
+        self.image_embeds: Any = None
         # prompt logprobs asked for: those of prompt tokens 1, 2, ... computed so far (the core's raw entries)
         self.prompt_logprobs: list[Any] | None = [] if request.params.prompt_logprobs is not None else None
         self.seqs = [Sequence(self, i) for i in range(request.params.n)]

@@ -1,16 +1,22 @@
-"""The visual side of a step: each group's image embeddings, from the vision tower or its cache.
+"""The visual side of a step: image embeddings from the vision tower or its cache, crop by crop as prefill
+chunks reach them.
 
-The tower runs once per new image, on the crops of every image that arrives in the same step together, and an LRU
-cache keyed by (content hash, compat, grid, cache salt) keeps the embeddings so a later turn resending the same
-image skips the tower.
+A request's embeddings ([num_atoms, H], `RequestEmbeddings`) fill in as its prefill chunks reach each crop's 256
+atoms: the scheduler prices the crops a chunk needs against the step's budget (`crops_to_encode`), so a request
+with many images or video frames does not hold every other stream for its whole vision tower time in one step.
+Each step the tower runs once, on every crop the scheduled chunks need. An LRU cache keyed by (content hash, compat,
+grid, cache salt) keeps each whole image's embeddings, so a later turn resending it skips the tower.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
+from ..image_layout import TOKENS_PER_CROP
 from ..inputs import ImageInput
 from .sequence import SequenceGroup
 
@@ -28,6 +34,9 @@ class VisualCache:
             self.entries.move_to_end(key)
         return value
 
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.entries
+
     def put(self, key: tuple, value: torch.Tensor) -> None:
         if self.capacity <= 0:
             return
@@ -37,8 +46,53 @@ class VisualCache:
             self.entries.popitem(last=False)
 
 
+class RequestEmbeddings:
+    """One request's image embeddings [num_atoms, H], crop by crop (a crop is 256 consecutive atoms)."""
+
+    def __init__(self, num_atoms: int) -> None:
+        self.rows: torch.Tensor | None = None  # allocated with the first crop, in its dtype and device
+        self.ready = [False] * (num_atoms // TOKENS_PER_CROP)
+        self.num_atoms = num_atoms
+
+    def fill(self, first_crop: int, values: torch.Tensor) -> None:
+        """values: [k * 256, H], crops first_crop .. first_crop + k - 1."""
+        if self.rows is None:
+            self.rows = values.new_empty(self.num_atoms, values.shape[-1])
+        start = first_crop * TOKENS_PER_CROP
+        self.rows[start : start + values.shape[0]] = values
+        for crop in range(first_crop, first_crop + values.shape[0] // TOKENS_PER_CROP):
+            self.ready[crop] = True
+
+    def atoms(self, first: int, last: int) -> torch.Tensor:
+        assert all(self.ready[c] for c in _crops_of(first, last)), (
+            "atoms used before their crops were encoded"
+        )
+        return self.rows[first:last]
+
+
+@dataclass
+class _ImageCrops:
+    """The crops of one image that atoms [first, end) of a request cover."""
+
+    image: ImageInput
+    key: tuple
+    first_crop: int  # the image's first crop among the request's crops
+    crops: range  # request-wide crop indices
+
+
+@dataclass
+class _TowerWork:
+    """Crops to run through the tower this step, each once, and where their embeddings go."""
+
+    pixels: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (key, crop in image) -> [3, 448, 448]
+    targets: dict[tuple, list[tuple[RequestEmbeddings, int]]] = field(default_factory=dict)
+    images: dict[tuple, tuple[RequestEmbeddings, _ImageCrops]] = field(
+        default_factory=dict
+    )  # cached once whole
+
+
 class VisualEmbeddings:
-    """The vision tower and its cache, for the model runner: `prepare(groups)` each step."""
+    """The vision tower and its cache, for the scheduler (`crops_to_encode`) and the step (`prepare`)."""
 
     def __init__(self, model, compat: str, cache_size: int) -> None:
         self.model = model
@@ -58,66 +112,95 @@ class VisualEmbeddings:
         chunks = pixel_values.split(self.max_crops_per_call)
         return torch.cat([self.model.get_image_embeddings(c.to(self.device)) for c in chunks])
 
-    @torch.inference_mode()
-    def prepare(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
-        """Make sure each group that prefills image atoms holds its image embeddings.
+    def crops_to_encode(self, group: SequenceGroup, first_atom: int, end_atom: int) -> int:
+        """The crops the tower must run for the group's atoms [first_atom, end_atom) (none for cached images)."""
+        count = 0
+        for part in self._images_in(group, first_atom, end_atom):
+            missing = _missing(group.image_embeds, part.crops)
+            if missing and part.key not in self.cache:
+                count += len(missing)
+        return count
 
-        Crops of all uncached images are encoded in one batch; if that fails, each group is retried
-        alone so one bad request fails by itself. Returns {request_id: exception} for the failures.
-        """
-        todo = [g for g in groups if g.image_embeds is None and g.needs_image_embeds]
-        if not todo:
+    @torch.inference_mode()
+    def prepare(self, needs: list[tuple[SequenceGroup, int, int]]) -> dict[str, Exception]:
+        """Make sure each (group, first_atom, end_atom) has the embeddings of those atoms.
+
+        The crops all of them need run through the tower in one batch; if that fails, each group is retried
+        alone so one bad request fails by itself. Returns {request_id: exception} for the failures."""
+        needs = [need for need in needs if need[1] < need[2]]
+        if not needs:
             return {}
-        missing = self._missing_images(todo)
         try:
-            fresh = self._encode_images(missing)
+            self._fill(needs)
         except Exception:  # noqa: BLE001 - isolate the failing request below
-            return self._prepare_one_by_one(todo)
-        for group in todo:
-            group.image_embeds = self._assemble(group, fresh)
+            return self._fill_one_by_one(needs)
         return {}
 
-    def _prepare_one_by_one(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
+    def _fill_one_by_one(self, needs: list[tuple[SequenceGroup, int, int]]) -> dict[str, Exception]:
         failures: dict[str, Exception] = {}
-        for group in groups:
+        for need in needs:
             try:
-                fresh = self._encode_images(self._missing_images([group]))
-                group.image_embeds = self._assemble(group, fresh)
+                self._fill([need])
             except Exception as error:  # noqa: BLE001
-                failures[group.request_id] = error
+                failures[need[0].request_id] = error
         return failures
 
-    def _missing_images(self, groups: list[SequenceGroup]) -> dict[tuple, ImageInput]:
-        missing: dict[tuple, ImageInput] = {}
-        for group in groups:
-            for image in group.inputs.images:
-                key = self.key(image, group.inputs.cache_salt)
-                if key not in missing and self.cache.get(key) is None:
-                    missing[key] = image
-        return missing
+    def _fill(self, needs: list[tuple[SequenceGroup, int, int]]) -> None:
+        work = _TowerWork()
+        for group, first_atom, end_atom in needs:
+            if group.image_embeds is None:
+                group.image_embeds = RequestEmbeddings(group.num_atoms)
+            self._plan(group, first_atom, end_atom, work)
+        if work.pixels:
+            embeds = self.encode_crops(torch.stack(list(work.pixels.values())))  # [crops, 256, H]
+            for index, crop in enumerate(work.pixels):
+                for target, request_crop in work.targets[crop]:
+                    target.fill(request_crop, embeds[index])
+        for target, part in work.images.values():
+            if all(target.ready[c] for c in _image_crops(part)):
+                crops = _image_crops(part)
+                rows = target.rows[crops.start * TOKENS_PER_CROP : crops.stop * TOKENS_PER_CROP]
+                self.cache.put(part.key, rows.clone())
+                self.num_encoded_images += 1
 
-    def _encode_images(self, images: dict[tuple, ImageInput]) -> dict[tuple, torch.Tensor]:
-        """Runs the tower on every crop of these images (by visual key) at once; key -> [num_crops * 256, H]."""
-        if not images:
-            return {}
-        pixels = torch.cat([image.pixel_values for image in images.values()])  # [all crops, 3, 448, 448]
-        embeds = self.encode_crops(pixels)  # [all crops, 256, H]
-        self.num_encoded_images += len(images)
-        fresh = {}
-        parts = embeds.split([image.num_crops for image in images.values()])
-        for key, part in zip(images, parts, strict=True):
-            fresh[key] = part.flatten(0, 1)
-            self.cache.put(key, fresh[key])
-        return fresh
+    def _plan(self, group: SequenceGroup, first_atom: int, end_atom: int, work: _TowerWork) -> None:
+        """Copies cached images in; lists the other crops these atoms need in `work`."""
+        target = group.image_embeds
+        for part in self._images_in(group, first_atom, end_atom):
+            missing = _missing(target, part.crops)
+            if not missing:
+                continue
+            cached = self.cache.get(part.key)
+            if cached is not None:
+                target.fill(part.first_crop, cached)
+                continue
+            for crop in missing:
+                local = (part.key, crop - part.first_crop)
+                if local not in work.pixels:
+                    work.pixels[local] = part.image.pixel_values[local[1]]
+                work.targets.setdefault(local, []).append((target, crop))
+            work.images[(id(target), part.first_crop)] = (target, part)
 
-    def _assemble(self, group: SequenceGroup, fresh: dict[tuple, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for image in group.inputs.images:
-            key = self.key(image, group.inputs.cache_salt)
-            part = fresh.get(key)
-            if part is None:
-                part = self.cache.get(key)
-            if part is None:  # evicted by a bigger batch: encode again, alone
-                part = self._encode_images({key: image})[key]
-            parts.append(part)
-        return torch.cat(parts)  # [num_atoms, H]
+    def _images_in(self, group: SequenceGroup, first_atom: int, end_atom: int) -> Iterator[_ImageCrops]:
+        salt = group.inputs.cache_salt
+        for image, span in zip(group.inputs.images, group.request.image_spans, strict=True):
+            if span.atom_end <= first_atom:
+                continue
+            if span.atom_start >= end_atom:
+                break
+            crops = _crops_of(max(first_atom, span.atom_start), min(end_atom, span.atom_end))
+            yield _ImageCrops(image, self.key(image, salt), span.atom_start // TOKENS_PER_CROP, crops)
+
+
+def _crops_of(first_atom: int, end_atom: int) -> range:
+    return range(first_atom // TOKENS_PER_CROP, -(-end_atom // TOKENS_PER_CROP))
+
+
+def _image_crops(part: _ImageCrops) -> range:
+    return range(part.first_crop, part.first_crop + part.image.num_crops)
+
+
+def _missing(target: RequestEmbeddings | None, crops: range) -> list[int]:
+    if target is None:
+        return list(crops)
+    return [c for c in crops if not target.ready[c]]

@@ -1,6 +1,7 @@
 """LLMEngine end to end on a tiny fp32 checkpoint: parity with generate(), preemption, caches, block accounting."""
 
 import pytest
+import torch
 
 from ovis2.engine.partial_blocks import SlotCopy
 from ovis2.engine.sampling_params import SamplingParams
@@ -290,17 +291,20 @@ def test_a_failing_request_fails_alone(make_engine, error):
 def test_failing_vision_tower_fails_only_that_request(make_engine, monkeypatch):
     engine = make_engine()
     original = engine.core.runner.visual.encode_crops
-
-    def flaky(pixels):
-        if pixels.shape[0] >= 3:  # batches holding the (1, 2) image: thumbnail + 2 tiles
-            raise RuntimeError("vision failed")
-        return original(pixels)
-
-    monkeypatch.setattr(engine.core.runner.visual, "encode_crops", flaky)
     requests = {
         "good": (chat_prompt([5], [random_image(1)]), SamplingParams(max_tokens=2, **GREEDY)),
         "bad": (chat_prompt([5], [random_image(2, (1, 2))]), SamplingParams(max_tokens=2, **GREEDY)),
     }
+    bad_crops = requests["bad"][0].images[0].pixel_values
+
+    def flaky(pixels):
+        if any(
+            torch.equal(crop, bad) for crop in pixels for bad in bad_crops
+        ):  # batches holding the bad image
+            raise RuntimeError("vision failed")
+        return original(pixels)
+
+    monkeypatch.setattr(engine.core.runner.visual, "encode_crops", flaky)
     final = run_to_completion(engine, requests)
     assert "vision failed" in final["bad"].error and final["good"].error is None
     assert final["good"].outputs[0].token_ids == reference_tokens(engine.core.model, requests["good"][0], 2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ovis2.engine.sampling_params import SamplingParams
+from ovis2.engine.step_costs import StepCosts
 from ovis2.errors import Ovis2Error
 from ovis2.image_layout import IMAGE_TOKEN_IDS
 from tests.engine.conftest import GREEDY, run_to_completion
@@ -100,6 +101,8 @@ def test_prompt_logprobs_survive_preemption_mid_prompt(make_engine, engine_model
     block_bytes = make_engine().core.runner.bytes_per_block
     engine = make_engine(kv_cache_memory=12 * block_bytes, max_num_batched_tokens=16)
     assert engine.core.runner.num_blocks == 12
+    # tokens alone: at the tiny model's price of a logprob row (~130 tokens) one token a step would be scheduled
+    engine.core.scheduler.costs = StepCosts()
     prompts = {f"r{i}": chat_prompt(text_ids(20 + i, 60)) for i in range(3)}
     params = SamplingParams(max_tokens=20, ignore_eos=True, prompt_logprobs=1, **GREEDY)
     preempted_mid_prompt = []

@@ -212,6 +212,31 @@ def test_a_constraint_at_a_dead_end_fails_its_request_alone_as_the_senders_error
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
 
 
+def test_a_constraint_slower_to_follow_than_the_limit_fails_its_request_alone(make_engine, grammars):
+    """Matching runs on the engine's thread: a request whose matching takes longer than the limit for a token, its
+    choices together, fails as the sender's error; a request under it in the same batch is untouched."""
+    engine = make_engine(grammars=grammars)
+    slow = SamplingParams(max_tokens=8, structured_outputs=TAG, n=2, temperature=1.0, seed=3)
+    requests = {
+        "slow": (chat_prompt(text_ids(1, 5)), slow),
+        "fine": (chat_prompt(text_ids(2, 5)), tag_params(2)),
+    }
+    for request_id, (inputs, params) in requests.items():
+        engine.add_request(request_id, inputs, params)
+    engine.step()  # both prefilled, first tokens matched under the default limit
+    engine.core.args.max_grammar_seconds_per_token = 1e-9  # now any matching is too slow...
+    slow_group = engine.core.groups["slow"]
+    fine_matcher = engine.core.groups["fine"].seqs[0].matcher
+    fine_matcher.take_seconds = lambda: 0.0  # ...but the fine request's, which stays under it
+    final = run_to_completion(engine, {})
+    failure = final["slow"]
+    assert failure.user_error and "too ambiguous" in failure.error, failure.error
+    assert all(choice.finish_reason == "error" for choice in failure.outputs)
+    assert slow_group.is_finished and final["fine"].error is None
+    assert_tag(final["fine"].outputs[0])
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+
+
 @pytest.mark.parametrize(
     ("constraint", "reason"),
     [

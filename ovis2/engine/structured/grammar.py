@@ -7,6 +7,7 @@ choice's output tokens, so a preempted choice (recomputed later from its tokens)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -53,17 +54,28 @@ class GrammarMatcher:
         self._vocab_size = compiled.tokenizer_info.vocab_size
         self.kind = kind
         self.num_accepted_tokens = 0
+        self._seconds = 0.0  # spent matching since `take_seconds` last read it
 
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; False (state unchanged) if the grammar does not allow it."""
+        start = time.perf_counter()
         accepted = self._matcher.accept_token(token_id)
+        self._seconds += time.perf_counter() - start
         self.num_accepted_tokens += accepted
         return accepted
 
     def fill_bitmask(self, bitmask, row: int) -> bool:
         """Write the allowed next tokens into bitmask[row] ([rows, ceil(V / 32)] int32, CPU); False when every
         token is allowed (the row needs no masking)."""
-        return self._matcher.fill_next_token_bitmask(bitmask, row)
+        start = time.perf_counter()
+        allows_less = self._matcher.fill_next_token_bitmask(bitmask, row)
+        self._seconds += time.perf_counter() - start
+        return allows_less
+
+    def take_seconds(self) -> float:
+        """Seconds spent matching (filling bitmasks, accepting tokens) since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
 
     def allows_nothing(self) -> bool:
         """No token may come next, not even a stop token: the tokens so far begin no text the grammar matches."""
