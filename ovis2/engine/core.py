@@ -31,6 +31,12 @@ from .step_costs import step_costs
 logger = logging.getLogger(__name__)
 
 
+# A step's budget where --max-num-batched-tokens is not given. On a CPU (1B shapes, 2 Zen 3 cores) a step of 4096
+# held every running stream 16-20 s while a long prompt or an image prefilled; 2048 holds them 14 s on the prompt and
+# 9 s on the image (one crop a step), the prefilling request taking no longer (bench/RESULTS.md).
+DEFAULT_BATCHED_TOKENS = {"cuda": 4096, "cpu": 2048}
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -63,7 +69,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager,
             args.max_num_seqs,
-            args.max_num_batched_tokens,
+            args.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS.get(self.runner.device.type, 4096),
             step_costs(self.model.config),
             self.runner.visual.crops_to_encode,
         )

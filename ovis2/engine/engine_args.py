@@ -65,7 +65,13 @@ class EngineArgs:
         None, "Longest prompt + output in tokens (default: the model's).", _optional(_at_least(1))
     )
     max_num_seqs: int = _arg(64, "Most sequences in one running batch.", _at_least(1))
-    max_num_batched_tokens: int = _arg(4096, "Most tokens the engine runs in one step.", _at_least(1))
+    max_num_batched_tokens: int | None = _arg(
+        None,
+        "Most work the engine runs in one step, in tokens (image crops and prompt-logprob rows priced in "
+        "tokens); it bounds how long running streams wait for a prefilling one (default: 4096 on CUDA, 2048 "
+        "on CPU).",
+        _optional(_at_least(1)),
+    )
     block_size: int = _arg(16, "Tokens per KV cache block.", _at_least(1))
     kv_cache_memory: int | None = _arg(
         None,
