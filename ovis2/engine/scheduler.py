@@ -3,8 +3,9 @@
 One rule instead of prefill/decode modes: a running sequence gets the tokens it still lacks (1 when
 decoding, a chunk of its prompt while prefilling), within `max_num_batched_tokens` for the whole step
 and `max_num_seqs` sequences. The budget counts a chunk's work (step_costs.py): its tokens, the vision-tower crops
-its image atoms need and its prompt-logprob rows; a chunk is cut where its work would pass what is left, and one
-chunk a step may pass it by its first token's work, so a crop dearer than the whole budget still runs. Running sequences go first (FCFS), so long prompts are prefilled in
+its image atoms need and its prompt-logprob rows; a chunk is cut where its work would pass what is left. A chunk
+whose first token's work passes what is left runs anyway (a crop dearer than the whole budget still runs, one a
+step) and ends the step's prefill; the decoding sequences after it still get their token. Running sequences go first (FCFS), so long prompts are prefilled in
 chunks while others keep decoding; waiting sequences join the batch with the budget left over. When
 the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it is
 recomputed later (its cached prefix blocks usually survive). A request admitted on a partial prefix-cache
@@ -52,6 +53,8 @@ class ScheduledSeq:
     def atoms(self) -> tuple[int, int]:
         """The image atoms this chunk prefills: atom indices [first, end) of the prompt's atoms."""
         group = self.seq.group
+        if not group.atom_positions or self.start > group.atom_positions[-1]:
+            return 0, 0  # past its images (every decode step)
         return group.atoms_before(self.start), group.atoms_before(self.end)
 
     @property
@@ -89,7 +92,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.costs = costs
         self.tower_crops = tower_crops
-        self._overrun_spent = False  # a chunk of this step passed the budget by its first token's work
+        self._overran = False  # a chunk of this step passed the budget: only decodes follow it
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._groups: set[SequenceGroup] = set()  # each held sequence's group: sequences hold theirs weakly
@@ -125,7 +128,7 @@ class Scheduler:
     # --- the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._overrun_spent = False
+        self._overran = False
         budget = self._schedule_running(out, float(self.max_num_batched_tokens))
         if not out.preempted:
             self._schedule_waiting(out, budget)
@@ -133,14 +136,15 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: float) -> float:
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and (budget > 0 or self._overran):
             seq = self.running[index]
+            decoding = seq.num_uncomputed_tokens == 1 and not seq.is_prefilling
+            if budget <= 0 and not decoding:  # past an overrun: decodes only
+                index += 1
+                continue
             num_tokens, cost = self._affordable(
                 seq, seq.num_computed_tokens, seq.num_uncomputed_tokens, budget
             )
-            if num_tokens == 0:  # its next chunk's work does not fit what is left
-                index += 1
-                continue
             if not self._make_room(seq, num_tokens, out):
                 break  # seq itself was preempted: it was the newest, nothing after it remains
             self.block_manager.append_slots(seq, num_tokens)
@@ -151,12 +155,13 @@ class Scheduler:
 
     # --- what a chunk costs
     def _affordable(self, seq: Sequence, start: int, wanted: int, budget: float) -> tuple[int, float]:
-        """(tokens of seq from `start`, at most `wanted`, whose work fits in `budget`; that work)."""
+        """(tokens of seq from `start`, at most `wanted` (>= 1), whose work fits in `budget` (> 0); that work).
+        When not even its first token's work fits, as much as fits past the budget by that much: the overrun."""
         if wanted == 1 and not seq.is_prefilling:
             return 1, 1.0  # a decode step
         num_tokens = self._most_tokens(seq, start, wanted, budget)
-        if num_tokens == 0 and wanted > 0 and not self._overrun_spent:
-            self._overrun_spent = True
+        if num_tokens == 0:
+            self._overran = True
             num_tokens = self._most_tokens(seq, start, wanted, budget + self._work(seq, start, 1))
         return num_tokens, self._work(seq, start, num_tokens)
 
@@ -214,17 +219,13 @@ class Scheduler:
             cost = self._admit(seq, parent, budget, out)
             if cost is None:
                 break
-            if cost == 0:  # its first chunk's work does not fit what is left: after the others, or next step
-                skipped.append(self.waiting.popleft())
-                continue
             budget -= cost
         self.waiting.extendleft(reversed(skipped))
 
     def _admit(
         self, seq: Sequence, parent: Sequence | None, budget: float, out: SchedulerOutput
     ) -> float | None:
-        """The work of seq's first chunk, now scheduled; 0 when none of it fits the budget; None when the pool
-        has no room for it."""
+        """The work of seq's first chunk, now scheduled; None when the pool has no room for it."""
         bm = self.block_manager
         if parent is not None and parent.status is SequenceStatus.RUNNING:
             shared = bm.num_shared_blocks(parent, seq)
@@ -234,8 +235,6 @@ class Scheduler:
             lent = partial.num_tokens if partial else 0
             start = shared * bm.block_size + lent
             num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
-            if num_tokens == 0:
-                return 0.0
             if not bm.can_allocate(seq, parent.block_table[:shared], lent + num_tokens):
                 return None
             bm.fork(parent, seq, partial)
@@ -247,8 +246,6 @@ class Scheduler:
             lent = partial.num_tokens if partial else 0
             start = len(cached) * bm.block_size + lent
             num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
-            if num_tokens == 0:
-                return 0.0
             if not bm.can_allocate(seq, cached, lent + num_tokens):
                 return None
             bm.allocate(seq, cached, partial)

@@ -5,11 +5,14 @@ A request's embeddings ([num_atoms, H], `RequestEmbeddings`) fill in as its pref
 atoms: the scheduler prices the crops a chunk needs against the step's budget (`crops_to_encode`), so a request
 with many images or video frames does not hold every other stream for its whole vision tower time in one step.
 Each step the tower runs once, on every crop the scheduled chunks need. An LRU cache keyed by (content hash, compat,
-grid, cache salt) keeps each whole image's embeddings, so a later turn resending it skips the tower.
+grid, cache salt) keeps each whole image's embeddings, so a later turn resending it skips the tower; while an image
+is still being filled, a request reaching its crops later copies the crops already encoded (not with the cache off,
+which keeps requests apart).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,6 +104,8 @@ class VisualEmbeddings:
         self.max_crops_per_call = 64 if self.device.type == "cuda" else 16
         self.cache = VisualCache(cache_size)
         self.num_encoded_images = 0  # images that went through the vision tower
+        # image key -> the requests filling it: (their embeddings, held weakly; the image's first crop there)
+        self._filling: dict[tuple, list[tuple[weakref.ref, int]]] = {}
 
     def key(self, image: ImageInput, cache_salt: str | None = None) -> tuple:
         """Salted like the prefix cache: a tenant cannot tell from its time to first token that another sent the
@@ -118,8 +123,19 @@ class VisualEmbeddings:
         for part in self._images_in(group, first_atom, end_atom):
             missing = _missing(group.image_embeds, part.crops)
             if missing and part.key not in self.cache:
-                count += len(missing)
+                count += sum(self._encoded_elsewhere(part.key, c - part.first_crop) is None for c in missing)
         return count
+
+    def _encoded_elsewhere(self, key: tuple, crop: int) -> torch.Tensor | None:
+        """Crop `crop` of image `key` ([256, H]) where another request filling that image has it."""
+        if self.cache.capacity <= 0:
+            return None
+        for holder, first_crop in self._filling.get(key, ()):
+            embeddings = holder()
+            if embeddings is not None and embeddings.ready[first_crop + crop]:
+                start = (first_crop + crop) * TOKENS_PER_CROP
+                return embeddings.rows[start : start + TOKENS_PER_CROP]
+        return None
 
     @torch.inference_mode()
     def prepare(self, needs: list[tuple[SequenceGroup, int, int]]) -> dict[str, Exception]:
@@ -156,8 +172,11 @@ class VisualEmbeddings:
             for index, crop in enumerate(work.pixels):
                 for target, request_crop in work.targets[crop]:
                     target.fill(request_crop, embeds[index])
+        for key in [key for key, holders in self._filling.items() if all(r() is None for r, _ in holders)]:
+            del self._filling[key]  # its requests ended before the image was whole
         for target, part in work.images.values():
-            if all(target.ready[c] for c in _image_crops(part)):
+            if part.key in self._filling and all(target.ready[c] for c in _image_crops(part)):
+                del self._filling[part.key]  # whole: the cache serves it from now on
                 crops = _image_crops(part)
                 rows = target.rows[crops.start * TOKENS_PER_CROP : crops.stop * TOKENS_PER_CROP]
                 self.cache.put(part.key, rows.clone())
@@ -176,10 +195,22 @@ class VisualEmbeddings:
                 continue
             for crop in missing:
                 local = (part.key, crop - part.first_crop)
+                elsewhere = self._encoded_elsewhere(*local)
+                if elsewhere is not None:
+                    target.fill(crop, elsewhere)
+                    continue
                 if local not in work.pixels:
                     work.pixels[local] = part.image.pixel_values[local[1]]
                 work.targets.setdefault(local, []).append((target, crop))
+            self._register(part.key, target, part.first_crop)
             work.images[(id(target), part.first_crop)] = (target, part)
+
+    def _register(self, key: tuple, target: RequestEmbeddings, first_crop: int) -> None:
+        """target fills image `key` from its crop first_crop on (the dead holders of the key dropped)."""
+        holders = [(ref, first) for ref, first in self._filling.get(key, ()) if ref() is not None]
+        if not any(ref() is target and first == first_crop for ref, first in holders):
+            holders.append((weakref.ref(target), first_crop))
+        self._filling[key] = holders
 
     def _images_in(self, group: SequenceGroup, first_atom: int, end_atom: int) -> Iterator[_ImageCrops]:
         salt = group.inputs.cache_salt

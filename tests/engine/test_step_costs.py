@@ -82,7 +82,7 @@ def test_a_crop_dearer_than_the_whole_budget_still_runs_one_a_step(make_engine, 
 
 
 def test_the_same_image_twice_in_a_step_runs_the_tower_once(make_engine):
-    engine = make_engine(max_num_batched_tokens=8192)
+    engine = make_engine(max_num_batched_tokens=16384)  # both requests' three crops in the first step
     sizes = crops_per_step(engine)
     image = random_image(7, (1, 2))
     requests = {
@@ -91,6 +91,37 @@ def test_the_same_image_twice_in_a_step_runs_the_tower_once(make_engine):
     }
     run_to_completion(engine, requests)
     assert sizes == [3] and engine.core.runner.visual.num_encoded_images == 1
+
+
+def test_a_request_reaching_an_image_another_is_still_filling_copies_its_crops(make_engine, engine_model):
+    engine = make_engine(max_num_batched_tokens=3000)  # two crops a step
+    sizes = crops_per_step(engine)
+    image = random_image(11, (3, 3))  # 10 crops
+    first = chat_prompt(text_ids(12, 4), [image])
+    engine.add_request("a", first, SamplingParams(max_tokens=2, **GREEDY))
+    engine.step()
+    later = chat_prompt(text_ids(13, 4), [image])
+    final = run_to_completion(engine, {"b": (later, SamplingParams(max_tokens=2, **GREEDY))})
+    assert sum(sizes) == 10 and engine.core.runner.visual.num_encoded_images == 1, sizes
+    assert final["b"].outputs[0].token_ids == reference_tokens(engine_model, later, 2)
+
+
+def test_decoding_streams_keep_their_token_when_a_crop_passes_the_budget(make_engine):
+    """A crop dearer than the budget runs anyway, and ends the step's prefill, not the decodes after it."""
+    engine = make_engine(max_num_batched_tokens=512)
+    engine.add_request(
+        "image", chat_prompt(text_ids(14, 4), [random_image(15, (3, 3))]), SamplingParams(max_tokens=1)
+    )
+    engine.add_request("stream", chat_prompt(text_ids(16, 4)), SamplingParams(max_tokens=30, ignore_eos=True))
+    counts, image_done = [], False
+    while not image_done:
+        outputs = {o.request_id: o for o in engine.step()}
+        counts.append(len(outputs["stream"].outputs[0].token_ids) if "stream" in outputs else None)
+        image_done = "image" in outputs and outputs["image"].finished
+    assert counts[0] == 1 and len(counts) > 10, (
+        counts
+    )  # both admitted at once; the image's 10 crops, one a step
+    assert counts == list(range(1, len(counts) + 1)), counts
 
 
 def test_prompt_logprob_rows_are_priced_into_the_chunks(make_engine):
