@@ -3,9 +3,10 @@
 One rule instead of prefill/decode modes: a running sequence gets the tokens it still lacks (1 when
 decoding, a chunk of its prompt while prefilling), within `max_num_batched_tokens` for the whole step
 and `max_num_seqs` sequences. The budget counts a chunk's work (step_costs.py): its tokens, the vision-tower crops
-its image atoms need and its prompt-logprob rows; a chunk is cut where its work would pass what is left. A chunk
-whose first token's work passes what is left runs anyway (a crop dearer than the whole budget still runs, one a
-step) and ends the step's prefill; the decoding sequences after it still get their token. Running sequences go first (FCFS), so long prompts are prefilled in
+its image atoms need and its prompt-logprob rows; a chunk is cut where its work would pass what is left. When not
+even its first token's work fits, the sequence waits for a later step, unless no prompt has run in this step yet:
+then it runs anyway (a crop dearer than the whole budget still runs, one a step) and ends the step's prefill; the
+decoding sequences after it still get their token. Running sequences go first (FCFS), so long prompts are prefilled in
 chunks while others keep decoding; waiting sequences join the batch with the budget left over. When
 the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it is
 recomputed later (its cached prefix blocks usually survive). A request admitted on a partial prefix-cache
@@ -93,6 +94,7 @@ class Scheduler:
         self.costs = costs
         self.tower_crops = tower_crops
         self._overran = False  # a chunk of this step passed the budget: only decodes follow it
+        self._prefilled = False  # a prompt chunk is in this step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._groups: set[SequenceGroup] = set()  # each held sequence's group: sequences hold theirs weakly
@@ -128,7 +130,7 @@ class Scheduler:
     # --- the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._overran = False
+        self._overran = self._prefilled = False
         budget = self._schedule_running(out, float(self.max_num_batched_tokens))
         if not out.preempted:
             self._schedule_waiting(out, budget)
@@ -145,6 +147,9 @@ class Scheduler:
             num_tokens, cost = self._affordable(
                 seq, seq.num_computed_tokens, seq.num_uncomputed_tokens, budget
             )
+            if num_tokens == 0:  # its next chunk does not fit what is left: a later step
+                index += 1
+                continue
             if not self._make_room(seq, num_tokens, out):
                 break  # seq itself was preempted: it was the newest, nothing after it remains
             self.block_manager.append_slots(seq, num_tokens)
@@ -156,13 +161,17 @@ class Scheduler:
     # --- what a chunk costs
     def _affordable(self, seq: Sequence, start: int, wanted: int, budget: float) -> tuple[int, float]:
         """(tokens of seq from `start`, at most `wanted` (>= 1), whose work fits in `budget` (> 0); that work).
-        When not even its first token's work fits, as much as fits past the budget by that much: the overrun."""
+        When not even its first token's work fits: none, or, as the step's first prompt chunk, as much as fits past
+        the budget by that much (the overrun)."""
         if wanted == 1 and not seq.is_prefilling:
             return 1, 1.0  # a decode step
         num_tokens = self._most_tokens(seq, start, wanted, budget)
         if num_tokens == 0:
+            if self._prefilled:
+                return 0, 0.0
             self._overran = True
             num_tokens = self._most_tokens(seq, start, wanted, budget + self._work(seq, start, 1))
+        self._prefilled = True
         return num_tokens, self._work(seq, start, num_tokens)
 
     def _most_tokens(self, seq: Sequence, start: int, wanted: int, limit: float) -> int:
@@ -219,13 +228,19 @@ class Scheduler:
             cost = self._admit(seq, parent, budget, out)
             if cost is None:
                 break
+            if (
+                cost == 0
+            ):  # its first chunk's work does not fit what is left: after the others, or a later step
+                skipped.append(self.waiting.popleft())
+                continue
             budget -= cost
         self.waiting.extendleft(reversed(skipped))
 
     def _admit(
         self, seq: Sequence, parent: Sequence | None, budget: float, out: SchedulerOutput
     ) -> float | None:
-        """The work of seq's first chunk, now scheduled; None when the pool has no room for it."""
+        """The work of seq's first chunk, now scheduled; 0 when none of it fits the budget; None when the pool
+        has no room for it."""
         bm = self.block_manager
         if parent is not None and parent.status is SequenceStatus.RUNNING:
             shared = bm.num_shared_blocks(parent, seq)
@@ -235,6 +250,8 @@ class Scheduler:
             lent = partial.num_tokens if partial else 0
             start = shared * bm.block_size + lent
             num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
+            if num_tokens == 0:
+                return 0.0
             if not bm.can_allocate(seq, parent.block_table[:shared], lent + num_tokens):
                 return None
             bm.fork(parent, seq, partial)
@@ -246,6 +263,8 @@ class Scheduler:
             lent = partial.num_tokens if partial else 0
             start = len(cached) * bm.block_size + lent
             num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
+            if num_tokens == 0:
+                return 0.0
             if not bm.can_allocate(seq, cached, lent + num_tokens):
                 return None
             bm.allocate(seq, cached, partial)

@@ -142,3 +142,25 @@ def test_prompt_logprob_rows_are_priced_into_the_chunks(make_engine):
     final = run_to_completion(engine, {"scored": (inputs, params)})
     assert max(chunks) <= 2048 // (1 + row) and sum(chunks) == len(inputs.prompt_token_ids), chunks
     assert len(final["scored"].prompt_logprobs) == len(inputs.prompt_token_ids)
+
+
+def test_prefilling_images_take_turns_and_new_requests_still_get_in(make_engine):
+    """Two images prefilling at once: the second waits while the first's crop fills the step (it does not pass the
+    budget beside it), and a text request arriving meanwhile is admitted with what is left."""
+    engine = make_engine(max_num_batched_tokens=2048)  # one crop (~1340) and its tokens a step
+    sizes = crops_per_step(engine)
+    for rid, seed in (("a", 17), ("b", 18)):
+        inputs = chat_prompt(text_ids(seed, 4), [random_image(seed, (3, 3))])  # 10 crops each
+        engine.add_request(rid, inputs, SamplingParams(max_tokens=1))
+    engine.step()
+    engine.add_request("text", chat_prompt(text_ids(19, 6)), SamplingParams(max_tokens=2, ignore_eos=True))
+    steps, text_first_token, finished = 0, None, set()
+    while engine.has_unfinished_requests:
+        steps += 1
+        for output in engine.step():
+            if output.request_id == "text" and output.outputs[0].token_ids and text_first_token is None:
+                text_first_token = steps
+            if output.finished:
+                finished.add(output.request_id)
+    assert sizes == [1] * 20, sizes
+    assert text_first_token == 1 and finished == {"a", "b", "text"}
