@@ -34,7 +34,7 @@ _EXPORTS = {
     "CompletionOutput": "engine.outputs",
     "TokenLogprob": "engine.outputs",
     "RequestMetrics": "engine.outputs",
-    "EngineStats": "engine.core",
+    "EngineStats": "engine.engine_stats",
     "AsyncEngine": "engine.async_engine",
     "LLMEngine": "engine.llm_engine",
     "EngineDeadError": "engine.async_engine",

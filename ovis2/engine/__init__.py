@@ -16,7 +16,7 @@ _EXPORTS = {
     "TokenLogprob": "outputs",
     "RequestMetrics": "outputs",
     "LLMEngine": "llm_engine",
-    "EngineStats": "core",
+    "EngineStats": "engine_stats",
     "EngineCore": "core",
     "AsyncEngine": "async_engine",
     "EngineDeadError": "async_engine",

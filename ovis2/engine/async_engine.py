@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable
 
 from ..errors import Ovis2Error
 from ..inputs import EngineInputs
-from .core import EngineStats
 from .engine_args import EngineArgs
+from .engine_stats import EngineStats
 from .idle_hook import IdleHook
 from .input_processor import load_processor
 from .llm_engine import LLMEngine

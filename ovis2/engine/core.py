@@ -1,6 +1,6 @@
 """The engine core: token ids in, token ids out. It knows no tokenizer and no text.
 
-`step()` reads schedule -> encode new images -> execute -> update from output. A request that fails (its
+`step()` reads schedule -> encode the image crops the chunks reach -> execute -> update from output. A request that fails (its
 images, its forward pass, its sampling, a test's fault hook) comes back in `CoreStepOutput.failed` and is
 finished here; the others in the batch go on (execution.py). The scheduler output is never edited: failed
 requests are skipped by id.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -20,38 +19,18 @@ from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
 from .core_outputs import CoreStepOutput, RequestFailure, RequestUpdate, TokenUpdate
 from .engine_args import EngineArgs
+from .engine_stats import EngineStats
 from .execution import execute_isolating_failures, groups_of, sample_isolating_failures
 from .model_loading import load_model
 from .model_runner import ModelRunner
 from .request import EngineRequest
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, SequenceGroup
+from .step_budget import DEFAULT_BATCHED_TOKENS
 from .step_costs import step_costs
+from .structured.grammar import too_slow_to_follow
 
 logger = logging.getLogger(__name__)
-
-
-# A step's budget where --max-num-batched-tokens is not given. On a CPU (1B shapes, 2 Zen 3 cores) a step of 4096
-# held every running stream 16-20 s while a long prompt or an image prefilled; 2048 holds them 14 s on the prompt and
-# 9 s on the image (one crop a step), the prefilling request taking no longer (bench/RESULTS.md).
-DEFAULT_BATCHED_TOKENS = {"cuda": 4096, "cpu": 2048}
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    kv_cache_usage: float  # 0..1, blocks referenced by some sequence
-    num_encoded_images: int = 0
-    num_prompt_tokens: int = 0  # computed (not cached) prompt tokens so far
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache so far
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
-    num_grammar_compiles: int = 0  # structured outputs: grammars compiled, their total seconds, cache hits
-    grammar_compile_seconds: float = 0.0
-    num_grammar_cache_hits: int = 0
 
 
 class EngineCore:
@@ -242,27 +221,17 @@ class EngineCore:
                     continue
                 update.prompt_logprobs, group.prompt_logprobs = [None, *group.prompt_logprobs], None
             update.tokens.append(self._append_token(seq, token_id, logprob))
-        self._fail_slow_constraints(sampled, failed)
+        matchers = [
+            (item.seq.group.request_id, item.seq.matcher) for item in sampled if item.seq.matcher is not None
+        ]
+        for request_id, error in too_slow_to_follow(
+            matchers, self.args.max_grammar_seconds_per_token
+        ).items():
+            failed.setdefault(request_id, error)
         for update in updates.values():
             group = self.groups.get(update.request_id)
             if group is not None and group.is_finished:
                 self._retire(group)
-
-    def _fail_slow_constraints(self, sampled: list[ScheduledSeq], failed: dict[str, Exception]) -> None:
-        """A request whose grammar matching took longer than the limit for this step's token fails: its
-        matcher runs on the engine's thread, so every other stream waits for it."""
-        seconds: dict[str, float] = {}
-        for item in sampled:
-            if item.seq.matcher is not None:
-                request_id = item.seq.group.request_id
-                seconds[request_id] = seconds.get(request_id, 0.0) + item.seq.matcher.take_seconds()
-        limit = self.args.max_grammar_seconds_per_token
-        for request_id, spent in seconds.items():
-            if spent > limit and request_id not in failed:
-                failed[request_id] = StructuredOutputError(
-                    f"following the constraint took {spent:.2f} s for one token (the limit is {limit} s): it is "
-                    "too ambiguous to match at serving speed (a grammar with several ways to read the same text?)"
-                )
 
     def _append_token(self, seq: Sequence, token_id: int, logprob) -> TokenUpdate:
         seq.append_token(token_id)

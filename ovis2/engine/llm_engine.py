@@ -9,8 +9,9 @@ from __future__ import annotations
 from ..dtypes import dtype_name
 from ..errors import Ovis2Error
 from ..inputs import EngineInputs
-from .core import EngineCore, EngineStats
+from .core import EngineCore
 from .engine_args import EngineArgs
+from .engine_stats import EngineStats
 from .input_processor import InputProcessor
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput

@@ -2,12 +2,9 @@
 
 One rule instead of prefill/decode modes: a running sequence gets the tokens it still lacks (1 when
 decoding, a chunk of its prompt while prefilling), within `max_num_batched_tokens` for the whole step
-and `max_num_seqs` sequences. The budget counts a chunk's work (step_costs.py): its tokens, the vision-tower crops
-its image atoms need and its prompt-logprob rows; a chunk is cut where its work would pass what is left. When not
-even its first token's work fits, the sequence waits for a later step, unless no prompt has run in this step yet:
-then it runs anyway (a crop dearer than the whole budget still runs, one a step) and ends the step's prefill; the
-decoding sequences after it still get their token. Running sequences go first (FCFS), so long prompts are prefilled in
-chunks while others keep decoding; waiting sequences join the batch with the budget left over. When
+and `max_num_seqs` sequences; the budget counts a chunk's work, image crops and prompt-logprob rows priced in tokens
+(step_budget.py). Running sequences go first (FCFS), so long prompts are prefilled in chunks while others keep
+decoding; waiting sequences join the batch with the budget left over. When
 the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it is
 recomputed later (its cached prefix blocks usually survive). A request admitted on a partial prefix-cache
 hit comes with a SlotCopy the runner applies before the step's forward.
@@ -16,16 +13,13 @@ hit comes with a SlotCopy the runner applies before the step's forward.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .partial_blocks import SlotCopy
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .step_budget import StepBudget, TowerCrops
 from .step_costs import StepCosts
-
-# (group, first atom, end atom) -> the vision-tower crops those image atoms still need
-TowerCrops = Callable[[SequenceGroup, int, int], int]
 
 
 @dataclass
@@ -93,8 +87,6 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.costs = costs
         self.tower_crops = tower_crops
-        self._overran = False  # a chunk of this step passed the budget: only decodes follow it
-        self._prefilled = False  # a prompt chunk is in this step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._groups: set[SequenceGroup] = set()  # each held sequence's group: sequences hold theirs weakly
@@ -130,23 +122,17 @@ class Scheduler:
     # --- the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._overran = self._prefilled = False
-        budget = self._schedule_running(out, float(self.max_num_batched_tokens))
+        budget = StepBudget(self.max_num_batched_tokens, self.costs, self.tower_crops)
+        self._schedule_running(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: float) -> float:
+    def _schedule_running(self, out: SchedulerOutput, budget: StepBudget) -> None:
         index = 0
-        while index < len(self.running) and (budget > 0 or self._overran):
+        while index < len(self.running) and budget.is_open:
             seq = self.running[index]
-            decoding = seq.num_uncomputed_tokens == 1 and not seq.is_prefilling
-            if budget <= 0 and not decoding:  # past an overrun: decodes only
-                index += 1
-                continue
-            num_tokens, cost = self._affordable(
-                seq, seq.num_computed_tokens, seq.num_uncomputed_tokens, budget
-            )
+            num_tokens = budget.take(seq, seq.num_computed_tokens, seq.num_uncomputed_tokens)
             if num_tokens == 0:  # its next chunk does not fit what is left: a later step
                 index += 1
                 continue
@@ -154,50 +140,7 @@ class Scheduler:
                 break  # seq itself was preempted: it was the newest, nothing after it remains
             self.block_manager.append_slots(seq, num_tokens)
             out.scheduled.append(ScheduledSeq(seq, num_tokens))
-            budget -= cost
             index += 1
-        return budget
-
-    # --- what a chunk costs
-    def _affordable(self, seq: Sequence, start: int, wanted: int, budget: float) -> tuple[int, float]:
-        """(tokens of seq from `start`, at most `wanted` (>= 1), whose work fits in `budget` (> 0); that work).
-        When not even its first token's work fits: none, or, as the step's first prompt chunk, as much as fits past
-        the budget by that much (the overrun)."""
-        if wanted == 1 and not seq.is_prefilling:
-            return 1, 1.0  # a decode step
-        num_tokens = self._most_tokens(seq, start, wanted, budget)
-        if num_tokens == 0:
-            if self._prefilled:
-                return 0, 0.0
-            self._overran = True
-            num_tokens = self._most_tokens(seq, start, wanted, budget + self._work(seq, start, 1))
-        self._prefilled = True
-        return num_tokens, self._work(seq, start, num_tokens)
-
-    def _most_tokens(self, seq: Sequence, start: int, wanted: int, limit: float) -> int:
-        """The most tokens from `start` (at most `wanted`) whose work is within `limit` (work grows with them)."""
-        high = min(wanted, int(limit))  # a token's work is at least 1
-        if high <= 0 or self._work(seq, start, high) <= limit:
-            return max(high, 0)
-        low = 0  # fits; high does not
-        while high - low > 1:
-            middle = (low + high) // 2
-            if self._work(seq, start, middle) <= limit:
-                low = middle
-            else:
-                high = middle
-        return low
-
-    def _work(self, seq: Sequence, start: int, num_tokens: int) -> float:
-        end = start + num_tokens
-        work = float(num_tokens)
-        if self.costs.prompt_logprob_row:
-            work += len(seq.prompt_logprob_positions(start, end)) * self.costs.prompt_logprob_row
-        if self.tower_crops is not None and self.costs.crop:
-            first_atom, end_atom = seq.group.atoms_before(start), seq.group.atoms_before(end)
-            if first_atom < end_atom:
-                work += self.tower_crops(seq.group, first_atom, end_atom) * self.costs.crop
-        return work
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Preempt the newest running sequences until seq's new tokens fit; False if seq was preempted."""
@@ -215,9 +158,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: float) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: StepBudget) -> None:
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget.left > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             parent = self._fork_parent(seq)
             # waits for its first choice's prompt, then shares it (so the first choice's prompt logprobs, if asked
@@ -225,22 +168,20 @@ class Scheduler:
             if parent is not None and parent.is_prefilling:
                 skipped.append(self.waiting.popleft())
                 continue
-            cost = self._admit(seq, parent, budget, out)
-            if cost is None:
+            admitted = self._admit(seq, parent, budget, out)
+            if admitted is None:
                 break
             if (
-                cost == 0
+                not admitted
             ):  # its first chunk's work does not fit what is left: after the others, or a later step
                 skipped.append(self.waiting.popleft())
-                continue
-            budget -= cost
         self.waiting.extendleft(reversed(skipped))
 
     def _admit(
-        self, seq: Sequence, parent: Sequence | None, budget: float, out: SchedulerOutput
-    ) -> float | None:
-        """The work of seq's first chunk, now scheduled; 0 when none of it fits the budget; None when the pool
-        has no room for it."""
+        self, seq: Sequence, parent: Sequence | None, budget: StepBudget, out: SchedulerOutput
+    ) -> bool | None:
+        """Whether seq's first chunk is scheduled (False: none of it fits the budget); None when the pool has no
+        room for it."""
         bm = self.block_manager
         if parent is not None and parent.status is SequenceStatus.RUNNING:
             shared = bm.num_shared_blocks(parent, seq)
@@ -249,9 +190,9 @@ class Scheduler:
             partial = None if borrowing else bm.fork_partial_block(parent, seq, shared)
             lent = partial.num_tokens if partial else 0
             start = shared * bm.block_size + lent
-            num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
+            num_tokens = budget.take(seq, start, seq.num_tokens - start)
             if num_tokens == 0:
-                return 0.0
+                return False
             if not bm.can_allocate(seq, parent.block_table[:shared], lent + num_tokens):
                 return None
             bm.fork(parent, seq, partial)
@@ -262,9 +203,9 @@ class Scheduler:
             partial = None if uncached else bm.find_partial_block(seq, len(cached))
             lent = partial.num_tokens if partial else 0
             start = len(cached) * bm.block_size + lent
-            num_tokens, cost = self._affordable(seq, start, seq.num_tokens - start, budget)
+            num_tokens = budget.take(seq, start, seq.num_tokens - start)
             if num_tokens == 0:
-                return 0.0
+                return False
             if not bm.can_allocate(seq, cached, lent + num_tokens):
                 return None
             bm.allocate(seq, cached, partial)
@@ -279,7 +220,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         out.scheduled.append(ScheduledSeq(seq, num_tokens, kv_copy=copy))
-        return cost
+        return True
 
     @staticmethod
     def _fork_parent(seq: Sequence) -> Sequence | None:

@@ -101,3 +101,20 @@ class GrammarMatcher:
     def is_completed(self) -> bool:
         """The tokens so far form a whole sentence of the grammar (a stop token may come next)."""
         return self._matcher.is_completed()
+
+
+def too_slow_to_follow(matchers: list[tuple[str, GrammarMatcher]], limit: float) -> dict[str, Exception]:
+    """The requests whose matchers ((request id, matcher), a request's choices together) took longer than `limit`
+    seconds since the last call (a step's token), and why: matching runs on the engine's thread, so every other
+    stream waits for it. Every matcher's time is read."""
+    seconds: dict[str, float] = {}
+    for request_id, matcher in matchers:
+        seconds[request_id] = seconds.get(request_id, 0.0) + matcher.take_seconds()
+    return {
+        request_id: StructuredOutputError(
+            f"following the constraint took {spent:.2f} s for one token (the limit is {limit} s): it is too "
+            "ambiguous to match at serving speed (a grammar with several ways to read the same text?)"
+        )
+        for request_id, spent in seconds.items()
+        if spent > limit
+    }
