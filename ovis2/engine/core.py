@@ -1,8 +1,8 @@
 """The engine core: token ids in, token ids out. It knows no tokenizer and no text.
 
-`step()` reads schedule -> encode the image crops the chunks reach -> execute -> update from output. A request that fails (its
-images, its forward pass, its sampling, a test's fault hook) comes back in `CoreStepOutput.failed` and is
-finished here; the others in the batch go on (execution.py). The scheduler output is never edited: failed
+`step()` reads schedule -> encode the image crops the chunks reach -> execute -> update from output. A request
+that fails (its images, its forward pass, its sampling, a test's fault hook) comes back in `CoreStepOutput.failed`
+and is finished here; the others in the batch go on (execution.py). The scheduler output is never edited: failed
 requests are skipped by id.
 """
 
@@ -139,10 +139,8 @@ class EngineCore:
             return CoreStepOutput()
         groups = groups_of(sched.scheduled)  # alive through the step, which may retire some of them
         failed = self._copy_lent_slots(sched.scheduled)
-        failed.update(self._prepare_requests([g for g in groups if g.request_id not in failed]))
+        self._prepare_requests(groups, sched.scheduled, failed)
         items = [item for item in sched.scheduled if item.seq.group.request_id not in failed]
-        failed.update(self.runner.visual.prepare([(item.seq.group, *item.atoms) for item in items]))
-        items = [item for item in items if item.seq.group.request_id not in failed]
         items, logits = execute_isolating_failures(self.runner, items, failed)
         self.scheduler.update_computed(items)
         for item in items:
@@ -161,18 +159,21 @@ class EngineCore:
             return {item.seq.group.request_id: error for item in borrowers}
         return {}
 
-    def _prepare_requests(self, groups: list[SequenceGroup]) -> dict[str, Exception]:
-        """The fault hook of each request; a failure fails that request only."""
-        failed: dict[str, Exception] = {}
+    def _prepare_requests(
+        self, groups: list[SequenceGroup], items: list[ScheduledSeq], failed: dict[str, Exception]
+    ) -> None:
+        """The fault hook of each request, then the image crops its chunk reaches; a failure (into `failed`)
+        fails that request only."""
         now = time.monotonic()
-        for group in groups:
+        for group in [g for g in groups if g.request_id not in failed]:
             group.metrics.first_scheduled_time = group.metrics.first_scheduled_time or now
             try:
                 if self.request_hook is not None:
                     self.request_hook(group)
             except Exception as error:  # noqa: BLE001 - a broken request fails alone
                 failed[group.request_id] = error
-        return failed
+        alive = [item for item in items if item.seq.group.request_id not in failed]
+        failed.update(self.runner.visual.prepare([(item.seq.group, *item.atoms) for item in alive]))
 
     def _update_from_output(
         self, items: list[ScheduledSeq], logits, failed: dict[str, Exception]

@@ -82,6 +82,11 @@ class _ImageCrops:
     first_crop: int  # the image's first crop among the request's crops
     crops: range  # request-wide crop indices
 
+    @property
+    def all_crops(self) -> range:
+        """The image's crops, request-wide."""
+        return range(self.first_crop, self.first_crop + self.image.num_crops)
+
 
 @dataclass
 class _TowerWork:
@@ -89,9 +94,8 @@ class _TowerWork:
 
     pixels: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (key, crop in image) -> [3, 448, 448]
     targets: dict[tuple, list[tuple[RequestEmbeddings, int]]] = field(default_factory=dict)
-    images: dict[tuple, tuple[RequestEmbeddings, _ImageCrops]] = field(
-        default_factory=dict
-    )  # cached once whole
+    # (request, its image's first crop) -> the image, cached once whole
+    images: dict[tuple, tuple[RequestEmbeddings, _ImageCrops]] = field(default_factory=dict)
 
 
 class VisualEmbeddings:
@@ -175,9 +179,9 @@ class VisualEmbeddings:
         for key in [key for key, holders in self._filling.items() if all(r() is None for r, _ in holders)]:
             del self._filling[key]  # its requests ended before the image was whole
         for target, part in work.images.values():
-            if part.key in self._filling and all(target.ready[c] for c in _image_crops(part)):
+            crops = part.all_crops
+            if part.key in self._filling and all(target.ready[c] for c in crops):
                 del self._filling[part.key]  # whole: the cache serves it from now on
-                crops = _image_crops(part)
                 rows = target.rows[crops.start * TOKENS_PER_CROP : crops.stop * TOKENS_PER_CROP]
                 self.cache.put(part.key, rows.clone())
                 self.num_encoded_images += 1
@@ -225,10 +229,6 @@ class VisualEmbeddings:
 
 def _crops_of(first_atom: int, end_atom: int) -> range:
     return range(first_atom // TOKENS_PER_CROP, -(-end_atom // TOKENS_PER_CROP))
-
-
-def _image_crops(part: _ImageCrops) -> range:
-    return range(part.first_crop, part.first_crop + part.image.num_crops)
 
 
 def _missing(target: RequestEmbeddings | None, crops: range) -> list[int]:
