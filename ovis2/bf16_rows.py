@@ -63,6 +63,17 @@ class PanelWeight:
         rows = lanes.permute(0, 3, 2, 1).reshape(-1, self.in_features)  # row 8 half + lane of each panel
         return rows[: self.out_features].clone()
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids` (indices of any shape) -> [*ids.shape, in_features], as F.embedding reads them
+        from the plain weight."""
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
+            raise IndexError(f"row index out of range: the weight has {self.out_features} rows")
+        lanes = self.data.view(-1, self.in_features, PANEL // 2, 2)  # [panels, in, lane, half]
+        place = flat % PANEL
+        picked = lanes[flat // PANEL, :, place % (PANEL // 2), place // (PANEL // 2)]  # [ids, in]
+        return picked.view(*ids.shape, self.in_features)
+
 
 def panels_of(weight: torch.Tensor) -> PanelWeight:
     """A 2-d weight's panels (a copy; the weight is left as it is)."""

@@ -31,6 +31,7 @@ from .layers import (
     padded_attention,
     paged_attention,
 )
+from .tied_embedding import Embedding
 
 AttentionMetadata = PaddedAttentionMetadata | PagedAttentionMetadata
 
@@ -214,7 +215,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: Ovis2TextConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -341,7 +342,9 @@ class Ovis2ForConditionalGeneration(nn.Module):
             if isinstance(module, Qwen2Attention | SwiGLU)
         )
         vision = pack_linears(self.model.vision_tower, rows_hint=None)
-        return fused + vision + pack_linears(self)
+        packed = fused + vision + pack_linears(self)
+        language.embed_tokens.share_panels(self.lm_head)  # a tied table held once, as the projection's panels
+        return packed
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.language_model.embed_tokens.weight

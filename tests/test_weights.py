@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,14 @@ def test_cpu_weights_are_aligned(tiny_checkpoints):
     model = Ovis2ForConditionalGeneration.from_pretrained(str(tiny_checkpoints["stride2_gqa_tied"]))
     offsets = {name: p.data_ptr() % 64 for name, p in model.named_parameters()}
     assert set(offsets.values()) == {0}, {k: v for k, v in offsets.items() if v}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_loaded_weights_own_their_memory(tiny_checkpoints):
+    """safetensors hands out views of the file's mapping: a kept view would hold the whole file resident (beside
+    the packed copies) for the model's lifetime; once loaded, the model maps no checkpoint file."""
+    directory = tiny_checkpoints["stride2_gqa_tied"]
+    model = Ovis2ForConditionalGeneration.from_pretrained(str(directory))
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(directory) in line]
+    assert not mapped and model.lm_head.weight.numel()
