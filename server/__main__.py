@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -104,18 +105,21 @@ def find_checkpoint(settings: ServerSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     limit_malloc_arenas(settings.malloc_arena_max)
+    sock = _bound_socket(settings)
     find_checkpoint(settings)
     import uvicorn
 
     from .app import SHUTDOWN_MARGIN_SECONDS, create_app
+    from .startup import StartupOutcome
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    outcome = StartupOutcome(app)
     config = uvicorn.Config(
-        app,
-        host=settings.host,
+        outcome,
+        host=settings.host,  # the address of the socket bound above, for uvicorn's messages
         port=settings.port,
         log_level=settings.log_level,
         # past the grace period the app fails what is still running with 503s (app.stop_after_grace): uvicorn
@@ -128,7 +132,32 @@ def main(argv: list[str] | None = None) -> int:
     # re-raise is a no-op, so SIGTERM ends in exit status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit for a failed start-up
+        if outcome.error is None and not outcome.stopped:
+            raise
+    return _exit_status(server, outcome)
+
+
+def _bound_socket(settings: ServerSettings):
+    from .startup import Ovis2Error, bound_socket
+
+    try:
+        return bound_socket(settings.host, settings.port)
+    except Ovis2Error as error:
+        print(f"ovis2-serve: error: --host/--port: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _exit_status(server, outcome) -> int:
+    if outcome.error is not None:
+        print(f"ovis2-serve: error: --model: {outcome.error}", file=sys.stderr)
+        return 2
+    if outcome.stopped:  # the model may still be loading in its thread: no interpreter shutdown around it
+        print("ovis2-serve: stopped while loading the model", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(0)
     return 0 if server.started else 1
 
 

@@ -29,6 +29,7 @@ from .middleware import (
 from .pixel_budget import PixelBudget
 from .routes import router
 from .settings import ServerSettings
+from .startup import unless_told_to_exit
 from .state import ServerState
 from .stats_log import log_stats_forever
 
@@ -77,12 +78,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.engine is None:
-            state.engine = await asyncio.to_thread(build_engine, settings.engine_args_kwargs())
-        await state.engine.start()
-        await asyncio.to_thread(
-            lambda: (state.engine.processor, state.engine.tokenizer)
-        )  # load them off the loop
+        await unless_told_to_exit(_start_engine(state, settings), state.exit_requested)
         freeze_startup_objects()
         state.engine.set_idle_hook(release_free_memory, IDLE_TRIM_QUIET_SECONDS)
         engine = state.engine
@@ -122,6 +118,13 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
     # the outermost: 413s and 401s free their bodies too
     app.add_middleware(TrimAfterResponseMiddleware, on_done=lambda: _ask_for_trim(state))
     return app
+
+
+async def _start_engine(state: ServerState, settings: ServerSettings) -> None:
+    if state.engine is None:
+        state.engine = await asyncio.to_thread(build_engine, settings.engine_args_kwargs())
+    await state.engine.start()
+    await asyncio.to_thread(lambda: (state.engine.processor, state.engine.tokenizer))  # loaded off the loop
 
 
 async def stop_after_grace(state: ServerState, grace_seconds: float) -> None:

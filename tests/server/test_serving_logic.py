@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from contextlib import aclosing
 
 import pytest
@@ -316,6 +319,68 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_and_no_traceback(tmp_path):
     assert "could not fetch 'no-such-org/no-such-model'" in lines[0] and lines[0].startswith(
         "ovis2-serve: error:"
     )
+
+
+def serve_briefly(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "server", "--dtype", "float32", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_a_checkpoint_the_load_refuses_is_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
+    """Found while the app starts (not by the name check): the load's own message, exit status 2."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = serve_briefly("--model", str(broken), "--port", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ovis2-serve: error: --model: weight file") and "corrupt or unreadable" in last
+
+
+def test_an_address_in_use_is_refused_before_the_model_loads(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_briefly("--model", str(tiny_checkpoint), "--port", str(port))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr  # nothing loaded: no uvicorn line either
+    assert lines[0].startswith("ovis2-serve: error: --host/--port: cannot listen on 127.0.0.1:")
+
+
+def test_a_stop_while_the_model_loads_ends_the_start_up_at_once():
+    """The lifespan's load is abandoned when the runner is told to exit; the runner hears it from StartupOutcome
+    (uvicorn only hears that start-up failed: no traceback)."""
+    from server.startup import StartupOutcome, StartupStopped, unless_told_to_exit
+
+    told = []
+
+    async def app(scope, receive, send):  # a Starlette lifespan: the failure is sent, then raised
+        try:
+            await unless_told_to_exit(asyncio.sleep(60), lambda: bool(told))
+        except BaseException:
+            await send({"type": "lifespan.startup.failed", "message": "Traceback ..."})
+            raise
+
+    async def run():
+        sent = []
+        outcome = StartupOutcome(app)
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.get_running_loop().call_later(0.2, told.append, True)
+        began = time.monotonic()
+        await outcome({"type": "lifespan"}, None, send)
+        return outcome, sent, time.monotonic() - began
+
+    outcome, sent, took = asyncio.run(run())
+    assert outcome.stopped and outcome.error is None and took < 5
+    assert sent == [{"type": "lifespan.startup.failed", "message": ""}]
+    with pytest.raises(StartupStopped):
+        asyncio.run(unless_told_to_exit(asyncio.sleep(60), lambda: True))
+    assert asyncio.run(unless_told_to_exit(asyncio.sleep(0, "done"), lambda: False)) == "done"
 
 
 def test_a_request_left_before_its_first_output_is_counted_as_an_abort(fake_engine):
