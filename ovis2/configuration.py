@@ -17,6 +17,13 @@ def _required(source: dict, name: str, where: str) -> Any:
     return source[name]
 
 
+def _section(source: dict, name: str, where: str) -> dict:
+    value = _required(source, name, where)
+    if not isinstance(value, dict):
+        raise Ovis2Error(f"config.json: field '{where}.{name}' must be an object, got {type(value).__name__}")
+    return value
+
+
 def _known_fields(cls, source: dict) -> dict:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in source.items() if k in names}
@@ -27,6 +34,13 @@ def _check_positive(obj, names: tuple[str, ...], where: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise Ovis2Error(f"config.json: field '{where}.{name}' must be a positive integer, got {value!r}")
+
+
+def _check_positive_real(obj, names: tuple[str, ...], where: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise Ovis2Error(f"config.json: field '{where}.{name}' must be a positive number, got {value!r}")
 
 
 @dataclass
@@ -71,6 +85,7 @@ class Ovis2VisionConfig:
         _check_positive(
             self, self.REQUIRED + ("image_size", "patch_size", "hidden_stride", "vocab_size"), "vision_config"
         )
+        _check_positive_real(self, ("rms_norm_eps",), "vision_config")
         if self.hidden_size % self.num_attention_heads:
             raise Ovis2Error(
                 "config.json: 'vision_config.hidden_size' must be divisible by 'num_attention_heads'"
@@ -122,6 +137,7 @@ class Ovis2TextConfig:
         _check_positive(
             self, self.REQUIRED + ("num_key_value_heads", "max_position_embeddings"), "text_config"
         )
+        _check_positive_real(self, ("rms_norm_eps", "rope_theta"), "text_config")
         if self.hidden_size % self.num_attention_heads:
             raise Ovis2Error(
                 "config.json: 'text_config.hidden_size' must be divisible by 'num_attention_heads'"
@@ -151,6 +167,10 @@ class Ovis2TextConfig:
         return {"model_type": "qwen2", **values, "tie_word_embeddings": tie_word_embeddings}
 
 
+def _is_token_id(value, text: Ovis2TextConfig) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < text.vocab_size
+
+
 @dataclass
 class Ovis2Config:
     text_config: Ovis2TextConfig = field(default_factory=Ovis2TextConfig)
@@ -161,11 +181,14 @@ class Ovis2Config:
     source_format: str = "hf"  # "hf" (model_type ovis2) or "ovis" (original AIDC, model_type ovis)
 
     def __post_init__(self) -> None:
-        self.visual_indicator_token_ids = tuple(self.visual_indicator_token_ids)
+        ids = self.visual_indicator_token_ids
+        if not isinstance(ids, list | tuple) or not all(_is_token_id(i, self.text_config) for i in ids):
+            raise Ovis2Error("config.json: 'visual_indicator_token_ids' must be a list of text token ids")
+        self.visual_indicator_token_ids = tuple(ids)
         if len(self.visual_indicator_token_ids) != self.vision_config.num_visual_indicator_tokens:
             raise Ovis2Error("config.json: 'visual_indicator_token_ids' must hold one id per indicator token")
-        if not 0 <= self.image_token_id < self.text_config.vocab_size:
-            raise Ovis2Error("config.json: 'image_token_id' is outside the text vocabulary")
+        if not _is_token_id(self.image_token_id, self.text_config):
+            raise Ovis2Error("config.json: 'image_token_id' must be a token id of the text vocabulary")
 
     @property
     def hidden_size(self) -> int:
@@ -189,8 +212,8 @@ class Ovis2Config:
     @classmethod
     def _from_hf(cls, source: dict) -> Ovis2Config:
         return cls(
-            text_config=Ovis2TextConfig.from_dict(_required(source, "text_config", "config")),
-            vision_config=Ovis2VisionConfig.from_dict(_required(source, "vision_config", "config")),
+            text_config=Ovis2TextConfig.from_dict(_section(source, "text_config", "config")),
+            vision_config=Ovis2VisionConfig.from_dict(_section(source, "vision_config", "config")),
             image_token_id=source.get("image_token_id", IMAGE_ATOM_ID),
             visual_indicator_token_ids=source.get("visual_indicator_token_ids", VISUAL_INDICATOR_IDS),
             tie_word_embeddings=bool(source.get("tie_word_embeddings", False)),
@@ -199,15 +222,15 @@ class Ovis2Config:
 
     @classmethod
     def _from_original(cls, source: dict) -> Ovis2Config:
-        visual = _required(source, "visual_tokenizer_config", "config")
-        backbone = _required(visual, "backbone_config", "visual_tokenizer_config")
+        visual = _section(source, "visual_tokenizer_config", "config")
+        backbone = _section(visual, "backbone_config", "visual_tokenizer_config")
         vision = {**backbone, "vocab_size": _required(visual, "vocab_size", "visual_tokenizer_config")}
         vision["hidden_stride"] = visual.get("hidden_stride", 1)
         vision["tokenize_function"] = visual.get("tokenize_function", "softmax")
         vision["qkv_bias"] = backbone.get("qkv_bias", False)
         vision["mlp_bias"] = backbone.get("use_bias", False)
         return cls(
-            text_config=Ovis2TextConfig.from_dict(_required(source, "llm_config", "config")),
+            text_config=Ovis2TextConfig.from_dict(_section(source, "llm_config", "config")),
             vision_config=Ovis2VisionConfig.from_dict(vision),
             source_format="ovis",
         )
@@ -219,8 +242,10 @@ class Ovis2Config:
             raise Ovis2Error(f"no config.json in {directory}")
         try:
             source = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise Ovis2Error(f"{path} is not valid JSON: {error}") from error
+        if not isinstance(source, dict):
+            raise Ovis2Error(f"{path} must hold a JSON object, not {type(source).__name__}")
         return cls.from_dict(source)
 
     def to_dict(self) -> dict:

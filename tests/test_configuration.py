@@ -58,6 +58,13 @@ def test_original_format_is_read():
         (lambda c: c["text_config"].update(num_key_value_heads=3), "num_key_value_heads"),
         (lambda c: c["vision_config"].update(tokenize_function="argmax"), "tokenize_function"),
         (lambda c: c["text_config"].update(num_hidden_layers=0), "text_config.num_hidden_layers"),
+        (lambda c: c["text_config"].update(rope_theta="abc"), "text_config.rope_theta"),
+        (lambda c: c["text_config"].update(rms_norm_eps=0), "text_config.rms_norm_eps"),
+        (lambda c: c["vision_config"].update(rms_norm_eps=float("nan")), "vision_config.rms_norm_eps"),
+        (lambda c: c.update(text_config="oops"), "'config.text_config' must be an object"),
+        (lambda c: c.update(image_token_id="x"), "image_token_id"),
+        (lambda c: c.update(visual_indicator_token_ids=5), "visual_indicator_token_ids"),
+        (lambda c: c.update(visual_indicator_token_ids=[1, 2, 3, 4, -5]), "visual_indicator_token_ids"),
     ],
 )
 def test_bad_fields_are_named(edit, message):
@@ -65,3 +72,10 @@ def test_bad_fields_are_named(edit, message):
     edit(source)
     with pytest.raises(Ovis2Error, match=message):
         Ovis2Config.from_dict(source)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"text"', b"null", b"\xff\xfe{}"])
+def test_a_config_file_that_is_not_an_object_is_named(tmp_path, content):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(Ovis2Error, match="config.json"):
+        Ovis2Config.from_pretrained(tmp_path)
