@@ -423,7 +423,16 @@ def make_batch_feature(results, return_tensors: str | None):
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A checkpoint's JSON object file, {} where it is missing; one that is not a JSON object is an Ovis2Error."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Ovis2Error(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise Ovis2Error(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def is_original_checkpoint(folder: Path) -> bool:

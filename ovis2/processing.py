@@ -31,7 +31,13 @@ from .image_processing import (
 from .image_processing_fast import Ovis2ImageProcessorFast
 from .inputs import EngineInputs, ImageInput
 from .padding import PADDING_ARGUMENTS, BatchLayout
-from .tokenizer import CHAT_TEMPLATE, IMAGE_ATOM_ID, IMAGE_TOKENS, VISUAL_INDICATOR_IDS
+from .tokenizer import (
+    CHAT_TEMPLATE,
+    FIRST_ADDED_TOKEN_ID,
+    IMAGE_ATOM_ID,
+    IMAGE_TOKENS,
+    VISUAL_INDICATOR_IDS,
+)
 from .video_parts import expand_video_parts
 
 IMAGE_TOKEN = "<image>"
@@ -71,6 +77,7 @@ class Ovis2Processor:
         ensure_image_tokens(tokenizer)
         self._plain_encoder = _plain_text_encoder(tokenizer)
         self._control_pattern = _control_token_pattern(tokenizer)
+        self._render([{"role": "user", "content": "hi"}], True)  # a template that cannot render fails here
 
     @property
     def compat(self) -> str:
@@ -292,13 +299,18 @@ class Ovis2Processor:
         return digest.hexdigest()
 
     def _render(self, messages, add_generation_prompt: bool, **template_kwargs) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(messages),
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages),
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
+        except TemplateError as error:  # a syntax error, or the template's own raise_exception()
+            raise Ovis2Error(f"the chat template failed: {error}") from error
 
     def _encode_conversation(self, messages, add_generation_prompt, max_patches, require_images=False):
         """-> (prompt ids, [(pixel_values, grid)] per image part)."""
@@ -495,9 +507,17 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise Ovis2Error(f"no usable tokenizer files in {folder}: {error}") from error
+    if (
+        len(tokenizer) < FIRST_ADDED_TOKEN_ID
+    ):  # transformers builds a near-empty tokenizer when the files are missing
+        raise Ovis2Error(
+            f"no usable tokenizer files in {folder}: the tokenizer read has {len(tokenizer)} tokens, "
+            f"Ovis2's (Qwen2's) has {FIRST_ADDED_TOKEN_ID} and more"
+        )
+    return tokenizer
 
 
 def read_chat_template(folder: Path, tokenizer) -> str:

@@ -32,6 +32,8 @@ def resolve_device(device) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise Ovis2Error(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise Ovis2Error(f"device {device!r} is not served; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise Ovis2Error("device 'cuda' was requested but no GPU is visible (in Docker: run with --gpus all)")
     return resolved

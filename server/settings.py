@@ -177,6 +177,15 @@ class ServerSettings(EngineSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("api_key")
+    @classmethod
+    def _a_key_is_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "is empty: leave it unset to serve without a key (an empty key would turn it off)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_image_fits_the_pixel_budget(self) -> ServerSettings:
         if self.max_image_pixels_in_flight < self.max_image_pixels:

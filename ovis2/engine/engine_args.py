@@ -44,6 +44,16 @@ def _dtype_rule(value) -> str | None:
     return None
 
 
+def _device_rule(value) -> str | None:
+    from ..weights import resolve_device
+
+    try:
+        resolve_device(value)
+    except Ovis2Error as error:
+        return f"is unusable: {error}"
+    return None
+
+
 @dataclass
 class EngineArgs:
     model: str = _arg(
@@ -60,7 +70,7 @@ class EngineArgs:
         "where the few-row bf16 kernel builds; else float32).",
         _dtype_rule,
     )
-    device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.")
+    device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.", _device_rule)
     max_model_len: int | None = _arg(
         None, "Longest prompt + output in tokens (default: the model's).", _optional(_at_least(1))
     )
@@ -132,7 +142,7 @@ class EngineArgs:
     enforce_eager: bool = _arg(
         False, "CUDA: run decode steps eagerly instead of replaying CUDA graphs (slower; for debugging)."
     )
-    seed: int = _arg(0, "Engine seed for requests that give none.")
+    seed: int = _arg(0, "Engine seed for requests that give none.", _between(-(2**63), 2**64 - 1))
 
     def __post_init__(self) -> None:
         for item in fields(self):

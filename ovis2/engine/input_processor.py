@@ -17,14 +17,6 @@ from .structured.compiler import GrammarCompiler, GrammarStats
 from .structured.grammar import Grammar
 
 
-def load_tokenizer(args: EngineArgs):
-    from transformers import AutoTokenizer
-
-    from ..checkpoint import resolve_checkpoint
-
-    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(args.model)))
-
-
 def load_processor(args: EngineArgs):
     """The checkpoint's processor with the engine's compat, backend and tile cap (its default max_patches)."""
     from ..processing import Ovis2Processor
@@ -55,8 +47,10 @@ class InputProcessor:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.args)
+        if (
+            self._tokenizer is None
+        ):  # the processor's: one tokenizer, with the image tokens (AIDC files lack them)
+            self._tokenizer = self.processor.tokenizer
         return self._tokenizer
 
     @property

@@ -165,6 +165,22 @@ def test_bad_flags_exit_with_a_message(capsys):
     assert "could never be decoded" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--api-key", ""], "--api-key: is empty"),  # an empty key would have served an open API
+        (["--api-key", "  "], "--api-key: is empty"),
+        (["--device", "tpu"], "--device: is unusable: unknown device 'tpu'"),
+        (["--device", "meta"], "--device: is unusable: device 'meta' is not served"),
+        (["--seed", str(2**64)], "--seed: must be between"),
+    ],
+)
+def test_settings_that_would_fail_after_the_load_are_refused_before_it(capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        load_settings(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_engine_args_from_settings():
     from ovis2 import EngineArgs
 
