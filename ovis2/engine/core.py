@@ -41,7 +41,8 @@ class EngineCore:
         self.runner = ModelRunner(self.model, args)
         if self.runner.num_blocks < 2:
             raise Ovis2Error(
-                f"the KV cache budget holds {self.runner.num_blocks} blocks; raise kv_cache_memory"
+                f"the KV cache budget holds {self.runner.num_blocks} blocks of {args.block_size} tokens; raise "
+                f"{_kv_budget_setting(self.runner.device)} (or lower block_size)"
             )
         self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
@@ -65,9 +66,26 @@ class EngineCore:
         )
 
     def _max_model_len(self) -> int:
+        """The asked max_model_len where the model and the KV pool take it (else an Ovis2Error saying what to
+        change); without one, the model's context, lowered to what the pool holds with a warning."""
         model_max = self.model.config.text_config.max_position_embeddings
         pool_max = self.runner.num_blocks * self.args.block_size  # one sequence must always fit alone
-        return min(self.args.max_model_len or model_max, model_max, pool_max)
+        asked = self.args.max_model_len
+        if asked is not None and asked > model_max:
+            raise Ovis2Error(f"max_model_len {asked} is beyond the model's context ({model_max} tokens)")
+        if asked is not None and asked > pool_max:
+            raise Ovis2Error(
+                f"max_model_len {asked} does not fit the KV cache, which holds {pool_max} tokens: raise "
+                f"{_kv_budget_setting(self.runner.device)} or lower max_model_len"
+            )
+        if asked is None and pool_max < model_max:
+            logger.warning(
+                "max_model_len is %d, not the model's %d: the KV cache holds no more (raise %s for more)",
+                pool_max,
+                model_max,
+                _kv_budget_setting(self.runner.device),
+            )
+        return min(asked or model_max, pool_max)
 
     @property
     def vocab_size(self) -> int:
@@ -279,3 +297,8 @@ class EngineCore:
             num_encoded_images=self.runner.visual.num_encoded_images,
             **self.counters,
         )
+
+
+def _kv_budget_setting(device: torch.device) -> str:
+    """The setting that sizes the KV pool on this device (flags and LLM keywords alike)."""
+    return "kv_cache_memory or gpu_memory_utilization" if device.type == "cuda" else "kv_cache_memory"

@@ -72,7 +72,9 @@ class EngineArgs:
     )
     device: str = _arg("auto", "Device: auto (cuda when available), cuda, cuda:N or cpu.", _device_rule)
     max_model_len: int | None = _arg(
-        None, "Longest prompt + output in tokens (default: the model's).", _optional(_at_least(1))
+        None,
+        "Longest prompt + output in tokens (default: the model's, or what the KV cache holds if less).",
+        _optional(_at_least(1)),
     )
     max_num_seqs: int = _arg(64, "Most sequences in one running batch.", _at_least(1))
     max_num_batched_tokens: int | None = _arg(

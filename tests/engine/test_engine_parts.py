@@ -184,3 +184,22 @@ def test_a_bf16_cpu_engine_decides_its_kernels_at_start_up(engine_checkpoint):
         kernel.cache_clear()
     LLM(model=str(engine_checkpoint), dtype="bf16", device="cpu", kv_cache_memory=KV)
     assert all(kernel.cache_info().currsize == 1 for kernel in kernels)
+
+
+def test_max_model_len_is_what_was_asked_or_a_clear_error(make_engine, engine_model, caplog):
+    """An asked max_model_len beyond the model's context or the KV pool is refused, naming what to change; without
+    one, the model's context is lowered to the pool with a warning (it was lowered silently)."""
+    from tests.engine.conftest import kv_block_bytes
+
+    model_max = engine_model.config.text_config.max_position_embeddings
+    with pytest.raises(Ovis2Error, match=f"beyond the model's context \\({model_max} tokens\\)"):
+        make_engine(max_model_len=model_max + 1)
+    memory = 8 * kv_block_bytes(engine_model)  # 8 blocks of 16 tokens
+    with pytest.raises(
+        Ovis2Error, match="does not fit the KV cache, which holds 128 tokens: raise kv_cache_memory"
+    ):
+        make_engine(kv_cache_memory=memory, max_model_len=129)
+    assert make_engine(kv_cache_memory=memory, max_model_len=128).max_model_len == 128
+    with caplog.at_level("WARNING", logger="ovis2.engine.core"):
+        assert make_engine(kv_cache_memory=memory).max_model_len == 128
+    assert f"max_model_len is 128, not the model's {model_max}" in caplog.text
