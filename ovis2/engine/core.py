@@ -239,7 +239,11 @@ class EngineCore:
                     failed[group.request_id] = RuntimeError("prompt logprobs missing")
                     continue
                 update.prompt_logprobs, group.prompt_logprobs = [None, *group.prompt_logprobs], None
-            update.tokens.append(self._append_token(seq, token_id, logprob))
+            try:
+                update.tokens.append(self._append_token(seq, token_id, logprob))
+            except Exception as error:  # noqa: BLE001 - a request whose token cannot be taken fails alone
+                logger.exception("request %s: taking its token failed", group.request_id)
+                failed[group.request_id] = error
         matchers = [
             (item.seq.group.request_id, item.seq.matcher) for item in sampled if item.seq.matcher is not None
         ]

@@ -3,6 +3,7 @@ EngineInputs turned into an EngineRequest (its image spans known) for the core."
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 from .. import image_layout
@@ -128,14 +129,17 @@ class InputProcessor:
         return {**message, "content": parts}
 
     def prompt_inputs(self, prompt) -> EngineInputs:
-        """EngineInputs as they are, a list of token ids, or a string (tokenized without a chat template)."""
+        """EngineInputs as they are, a list of token ids, a string (tokenized without a chat template), or vLLM's
+        {"prompt": str} / {"prompt_token_ids": [...]} (images go through chat(), or EngineInputs)."""
+        if isinstance(prompt, dict):
+            prompt = _vllm_prompt(prompt)
         if isinstance(prompt, EngineInputs):
             return prompt
         if isinstance(prompt, str):
             return EngineInputs(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return EngineInputs(list(prompt))
-        raise Ovis2Error("a prompt must be EngineInputs, a list of token ids or a string")
+        if isinstance(prompt, Sequence) and all(_is_token_id(t) for t in prompt):
+            return EngineInputs([int(t) for t in prompt])
+        raise Ovis2Error("a prompt must be EngineInputs, a list of token ids (integers) or a string")
 
     # --- EngineInputs -> EngineRequest
     def make_request(
@@ -202,3 +206,20 @@ def _parts(messages, kind: str) -> list[dict]:
         if isinstance(content, (list, tuple)):
             parts += [p for p in content if isinstance(p, dict) and p.get("type") == kind]
     return parts
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _vllm_prompt(prompt: dict):
+    """vLLM's prompt dicts: the text or the token ids they hold."""
+    if "multi_modal_data" in prompt:
+        raise Ovis2Error(
+            "multi_modal_data is not taken here: send images and videos as parts of chat() messages "
+            "({'type': 'image', 'image': <PIL image>}), or as EngineInputs"
+        )
+    keys = [key for key in ("prompt", "prompt_token_ids") if key in prompt]
+    if len(keys) != 1:
+        raise Ovis2Error("a prompt dict needs one of 'prompt' (text) or 'prompt_token_ids'")
+    return prompt[keys[0]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from ..errors import Ovis2Error
@@ -12,6 +13,20 @@ from .structured.params import StructuredOutputsParams
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5
+
+
+INTEGERS = ("n", "max_tokens", "min_tokens", "top_k")
+OPTIONAL_INTEGERS = ("seed", "logprobs", "prompt_logprobs")
+NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+FLAGS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -49,6 +64,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif self.stop is None:  # vLLM takes None for "none"
+            self.stop = []
+        if self.logit_bias is None:
+            self.logit_bias = {}
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
@@ -67,6 +86,9 @@ class SamplingParams:
         return extra if self.ignore_eos else extra | frozenset(DEFAULT_EOS_IDS)
 
     def validate(self) -> None:
+        for ok, name, rule in self._type_checks():  # first: the range checks below compare values
+            if not ok:
+                raise Ovis2Error(f"invalid sampling parameter '{name}': {rule}")
         checks = [
             (1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}"),
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
@@ -102,19 +124,34 @@ class SamplingParams:
             ),
             (self.output_kind in ("cumulative", "delta"), "output_kind", "must be 'cumulative' or 'delta'"),
         ]
-        numbers = (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-        )
-        checks += [(math.isfinite(getattr(self, name)), name, "must be a finite number") for name in numbers]
+        checks += [(math.isfinite(getattr(self, name)), name, "must be a finite number") for name in NUMBERS]
         checks += self._structured_checks()
         for ok, name, rule in checks:
             if not ok:
                 raise Ovis2Error(f"invalid sampling parameter '{name}': {rule}")
+
+    def _type_checks(self) -> list[tuple[bool, str, str]]:
+        checks = [(_is_int(getattr(self, name)), name, "must be an integer") for name in INTEGERS]
+        checks += [
+            (getattr(self, name) is None or _is_int(getattr(self, name)), name, "must be an integer or None")
+            for name in OPTIONAL_INTEGERS
+        ]
+        checks += [(_is_number(getattr(self, name)), name, "must be a number") for name in NUMBERS]
+        checks += [(isinstance(getattr(self, name), bool), name, "must be true or false") for name in FLAGS]
+        bias, stop_ids = self.logit_bias, self.stop_token_ids
+        return checks + [
+            (isinstance(self.stop, list), "stop", "must be a string or a list of strings"),
+            (
+                stop_ids is None or isinstance(stop_ids, list | tuple) and all(map(_is_int, stop_ids)),
+                "stop_token_ids",
+                "must be a list of token ids",
+            ),
+            (
+                isinstance(bias, dict) and all(_is_int(k) and _is_number(v) for k, v in bias.items()),
+                "logit_bias",
+                "must map token ids (integers) to numbers",
+            ),
+        ]
 
     def _structured_checks(self) -> list[tuple[bool, str, str]]:
         if self.structured_outputs is None:

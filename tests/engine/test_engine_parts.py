@@ -161,6 +161,62 @@ def test_a_request_whose_text_cannot_be_built_fails_alone(make_engine, monkeypat
     )
 
 
+def test_a_request_whose_token_cannot_be_taken_fails_alone(make_engine, monkeypatch):
+    """In the core (a stop check raising for one request, as a scalar stop_token_ids once did): its neighbours in
+    the step go on."""
+    from ovis2.engine.core import EngineCore
+
+    original = EngineCore._stop_reason
+
+    def stop_reason(self, seq, token_id):
+        if seq.group.request_id == "bad":
+            raise TypeError("'int' object is not iterable")
+        return original(self, seq, token_id)
+
+    monkeypatch.setattr(EngineCore, "_stop_reason", stop_reason)
+    engine = make_engine()
+    greedy = dict(max_tokens=4, temperature=0.0, ignore_eos=True)
+    final = run_to_completion(
+        engine,
+        {
+            name: (chat_prompt(text_ids(k, 6)), SamplingParams(**greedy))
+            for k, name in enumerate(("bad", "a", "b"))
+        },
+    )
+    assert final["bad"].outputs[0].finish_reason == "error" and "not iterable" in final["bad"].error
+    assert all(
+        final[name].error is None and len(final[name].outputs[0].token_ids) == 4 for name in ("a", "b")
+    )
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_total_blocks
+
+
+@pytest.mark.parametrize(
+    "values, name",
+    [
+        (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(stop_token_ids=["a"]), "stop_token_ids"),
+        (dict(top_k=0.5), "top_k"),
+        (dict(logprobs=True), "logprobs"),
+        (dict(logit_bias={"9707": 5.0}), "logit_bias"),
+        (dict(n=2.5), "n"),
+        (dict(seed=1.5), "seed"),
+        (dict(max_tokens=2.5), "max_tokens"),
+        (dict(temperature=None), "temperature"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+    ],
+)
+def test_sampling_params_of_the_wrong_type_are_refused_when_built(values, name):
+    """They passed the range checks and failed inside the engine (a scalar stop_token_ids failed every request of
+    its step); the server's request models type them, offline callers had no such check."""
+    with pytest.raises(Ovis2Error, match=f"invalid sampling parameter '{name}'"):
+        SamplingParams(**values)
+    params = SamplingParams()
+    params.stop = "ab"  # set after construction: not split into single characters
+    with pytest.raises(Ovis2Error, match="'stop'"):
+        params.validate()
+    assert SamplingParams(stop=None, logit_bias=None).stop == []  # vLLM's None for "none"
+
+
 def test_an_aborted_request_reports_its_cached_prompt_tokens(make_engine):
     engine = make_engine(max_num_batched_tokens=32)
     shared = text_ids(4, 64)

@@ -70,3 +70,53 @@ def test_structured_outputs_through_sampling_params(llm, grammars):
             [SamplingParams(max_tokens=4), SamplingParams(structured_outputs={"regex": "(x"})],
         )
     assert not llm.engine.has_unfinished_requests  # the good one never started
+
+
+def test_vllm_prompt_dicts_and_numpy_ids_are_taken(llm):
+    import numpy as np
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    ids = [9707, 11, 1879, 0]
+    expected = llm.generate(ids, greedy)[0].outputs[0].token_ids
+    for prompt in ({"prompt_token_ids": ids}, [np.int64(t) for t in ids], [{"prompt_token_ids": ids}]):
+        assert llm.generate(prompt, greedy)[0].outputs[0].token_ids == expected
+    text = llm.generate("Hello there", greedy)[0].outputs[0].token_ids
+    assert llm.generate({"prompt": "Hello there"}, greedy)[0].outputs[0].token_ids == text
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda llm: llm.generate(None), "prompts must be"),
+        (lambda llm: llm.generate(5), "prompts must be"),
+        (lambda llm: llm.generate({"prompt": "hi", "multi_modal_data": {"image": None}}), "multi_modal_data"),
+        (lambda llm: llm.generate({"text": "hi"}), "'prompt' .* or 'prompt_token_ids'"),
+        (lambda llm: llm.generate("Hi", {"max_tokens": 3}), "sampling_params must be"),
+        (lambda llm: llm.chat("Hi"), "conversations must be"),
+        (lambda llm: llm.chat([{"role": "user", "content": 5}]), "content must be a string or a list"),
+    ],
+)
+def test_malformed_offline_inputs_are_clear_errors(llm, call, message):
+    with pytest.raises(Ovis2Error, match=message):
+        call(llm)
+    assert not llm.engine.has_unfinished_requests
+
+
+def test_two_threads_calling_generate_both_get_their_own_answers(llm):
+    """They take turns on the one engine (each stepping it took the other's outputs: one spun for ever)."""
+    import threading
+
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = {name: [[9707 + k + 10 * i, 11, 1879] for i in range(3)] for k, name in enumerate(("a", "b"))}
+    alone = {name: [r.outputs[0].token_ids for r in llm.generate(p, greedy)] for name, p in prompts.items()}
+    together: dict[str, list] = {}
+
+    def run(name):
+        together[name] = [r.outputs[0].token_ids for r in llm.generate(prompts[name], greedy)]
+
+    threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert together == alone
