@@ -14,6 +14,7 @@ from .checkpoint import resolve_checkpoint
 from .configuration import Ovis2Config
 from .dtypes import resolve_dtype
 from .errors import Ovis2Error
+from .host_memory import check_fits
 from .meta_build import build_on_meta
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,18 @@ WEIGHTS_HEADROOM_BYTES = 1 << 30
 
 
 def check_weights_fit(model, dtype: torch.dtype, device: torch.device, memory_fraction: float) -> None:
-    """Refuse at start, with the sizes, when the weights cannot fit the allowed share of the GPU."""
+    """Refuse at start, with the sizes, when the weights cannot fit the allowed share of the GPU, or the host's
+    available memory on a CPU."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() for p in unique) * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu":
+        name = str(dtype).removeprefix("torch.")
+        check_fits(
+            weights, f"the model's weights in {name}", "use --dtype bfloat16, a smaller model or more memory"
+        )
     if device.type != "cuda":
         return
     free, total = torch.cuda.mem_get_info(device)
-    unique = {id(p): p for p in model.parameters()}.values()
-    weights = sum(p.numel() for p in unique) * torch.empty((), dtype=dtype).element_size()
     allowed = min(free, int(total * memory_fraction))
     if weights + WEIGHTS_HEADROOM_BYTES > allowed:
         gib = 1 << 30

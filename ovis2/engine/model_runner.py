@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_memory import check_fits
 from ..image_layout import IMAGE_TOKEN_IDS
 from ..layers import PagedAttentionMetadata
 from .block_tables import padded_block_tables, slot_of
@@ -79,6 +80,10 @@ class ModelRunner:
     def allocate_kv_cache(self) -> None:
         shape = (self.num_blocks + 1, *self.model.kv_cache_block_shape(self.block_size))
         dtype = self.model.dtype
+        if self.device.type == "cpu":
+            layers = self.model.num_kv_layers
+            needed = 2 * layers * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            check_fits(needed, "the KV cache", "lower kv_cache_memory (--kv-cache-memory)")
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=dtype, device=self.device),
