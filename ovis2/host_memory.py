@@ -11,6 +11,7 @@ from .errors import Ovis2Error
 PROC = Path("/proc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GIB = 1 << 30
+NO_LIMIT = 1 << 62  # cgroup v1 writes "no limit" as a number near 2^63
 
 
 def available_bytes(proc: Path = PROC, cgroup_root: Path = CGROUP_ROOT) -> int | None:
@@ -40,15 +41,32 @@ def _meminfo_available(proc: Path) -> int | None:
 
 
 def _cgroup_room(proc: Path, cgroup_root: Path) -> int | None:
-    """cgroup v2: memory.max less the group's anonymous memory (its file pages are the page cache, reclaimable)."""
+    """The group's memory limit less its anonymous memory (its file pages are the page cache, reclaimable): cgroup
+    v2's memory.max and anon, or v1's hierarchical limit and total_rss; None without a limit."""
     try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-        path = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
-        group = cgroup_root / path.lstrip("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-        return int(limit) - int(stat.get("anon", 0))
-    except (OSError, ValueError, StopIteration, IndexError):
+        groups = dict(line.split(":", 2)[1:] for line in (proc / "self" / "cgroup").read_text().splitlines())
+    except (OSError, ValueError):
         return None
+    try:
+        if "memory" in groups:
+            stat = _stat(_group_dir(cgroup_root / "memory", groups["memory"]))
+            limit, used = int(stat["hierarchical_memory_limit"]), int(stat["total_rss"])
+        elif "" in groups:
+            group = _group_dir(cgroup_root, groups[""])
+            text = (group / "memory.max").read_text().strip()
+            limit, used = (NO_LIMIT if text == "max" else int(text)), int(_stat(group).get("anon", 0))
+        else:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return None if limit >= NO_LIMIT else limit - used
+
+
+def _group_dir(hierarchy: Path, path: str) -> Path:
+    """The group's directory; inside a container the hierarchy is often mounted at the group itself."""
+    nested = hierarchy / path.lstrip("/")
+    return nested if nested.is_dir() else hierarchy
+
+
+def _stat(group: Path) -> dict[str, str]:
+    return dict(line.split()[:2] for line in (group / "memory.stat").read_text().splitlines() if " " in line)

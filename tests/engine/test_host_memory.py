@@ -35,6 +35,19 @@ def test_the_least_of_the_machine_and_its_container(tmp_path):
     assert host_memory.available_bytes(tmp_path / "none", tmp_path / "none") is None
 
 
+def test_cgroup_v1_reads_the_hierarchical_limit_and_the_groups_rss(tmp_path):
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemAvailable: {8 << 20} kB\n")
+    (proc / "self" / "cgroup").write_text("4:memory:/box/one\n0::/\n")
+    group = root / "memory" / "box" / "one"
+    group.mkdir(parents=True)
+    (group / "memory.stat").write_text(f"rss 5\nhierarchical_memory_limit {3 << 30}\ntotal_rss {1 << 30}\n")
+    assert host_memory.available_bytes(proc, root) == 2 << 30
+    (group / "memory.stat").write_text(f"hierarchical_memory_limit {9223372036854771712}\ntotal_rss 10\n")
+    assert host_memory.available_bytes(proc, root) == 8 << 30  # no limit: the machine's
+
+
 def test_weights_that_cannot_fit_are_refused_before_loading(tiny_checkpoint, monkeypatch):
     from ovis2.engine.engine_args import EngineArgs
     from ovis2.engine.model_loading import load_model
