@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationInfo, create_model, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ovis2 import EngineArgs
-from ovis2.engine.engine_args import field_problem
+from ovis2.engine.engine_args import field_problem, fields_problem
 
 CommaList = Annotated[list[str], NoDecode]
 ENGINE_FIELDS = tuple(item.name for item in dataclasses.fields(EngineArgs))
@@ -185,6 +185,13 @@ class ServerSettings(EngineSettings):
                 "is empty: leave it unset to serve without a key (an empty key would turn it off)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _a_video_fits_a_request(self) -> ServerSettings:
+        problem = fields_problem(self.max_video_frames, self.max_video_frames_per_request)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _one_image_fits_the_pixel_budget(self) -> ServerSettings:

@@ -6,7 +6,9 @@ validate with `field_problem`, so a rule and a default are written once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from functools import cache
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -14,6 +16,7 @@ from ..compat import COMPAT_MODES, CompatMode
 from ..dtypes import DtypeName, check_dtype
 from ..errors import Ovis2Error
 from ..image_layout import MAX_TILES_PER_IMAGE
+from ..video_sampling import RECIPE_NUM_FRAMES
 
 
 def _arg(default, help: str, check=None):
@@ -151,9 +154,49 @@ class EngineArgs:
             problem = field_problem(item.name, getattr(self, item.name))
             if problem is not None:
                 raise Ovis2Error(f"{item.name} {problem}")
+        problem = fields_problem(self.max_video_frames, self.max_video_frames_per_request)
+        if problem is not None:
+            raise Ovis2Error(problem)
 
 
 def field_problem(name: str, value) -> str | None:
-    """What is wrong with `value` for the field `name`, or None."""
+    """What is wrong with `value` for the field `name`, or None (a value of the wrong type: what type it needs)."""
+    expected = _field_types().get(name)
+    if expected is not None and not _has_type(value, expected):
+        return (
+            f"must be {' or '.join(t.__name__ for t in expected)}, not {type(value).__name__} {value!r:.40}"
+        )
     check = EngineArgs.__dataclass_fields__[name].metadata.get("check")
     return None if check is None else check(value)
+
+
+def fields_problem(max_video_frames: int, max_video_frames_per_request: int) -> str | None:
+    """What is wrong across fields, or None: a video sampled at the default count must fit a request."""
+    default_frames = min(RECIPE_NUM_FRAMES, max_video_frames)
+    if max_video_frames_per_request < default_frames:
+        return (
+            f"max_video_frames_per_request ({max_video_frames_per_request}) is below the frames a video gives by "
+            f"default ({default_frames}, the recipe's within max_video_frames): every video request naming no "
+            "frame count would be refused"
+        )
+    return None
+
+
+@cache
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """The plain Python types each scalar field takes (None among them where it is optional)."""
+    wanted = {}
+    for name, hint in get_type_hints(EngineArgs).items():
+        members = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+        plain = tuple(m for m in members if m in (int, float, bool, str, type(None)))
+        if len(plain) == len(members):
+            wanted[name] = plain
+    return wanted
+
+
+def _has_type(value, expected: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in expected
+    if isinstance(value, int) and float in expected:
+        return True
+    return isinstance(value, expected)

@@ -259,3 +259,26 @@ def test_max_model_len_is_what_was_asked_or_a_clear_error(make_engine, engine_mo
     with caplog.at_level("WARNING", logger="ovis2.engine.core"):
         assert make_engine(kv_cache_memory=memory).max_model_len == 128
     assert f"max_model_len is 128, not the model's {model_max}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(max_num_seqs="8"), "max_num_seqs must be int, not str"),
+        (dict(max_num_seqs=2.5), "max_num_seqs must be int, not float"),
+        (dict(enable_prefix_caching="no"), "enable_prefix_caching must be bool"),
+        (dict(max_model_len=True), "max_model_len must be int or NoneType, not bool"),
+        (dict(max_video_frames_per_request=4), "every video request naming no frame count would be refused"),
+    ],
+)
+def test_engine_args_of_the_wrong_type_or_at_odds_are_refused(values, message):
+    """LLM(...)'s keywords: a string count failed with a TypeError, a fractional one was taken; a per-request
+    frame cap below a video's default frame count refused every video request naming none."""
+    with pytest.raises(Ovis2Error, match=message):
+        EngineArgs(**values)
+    assert (
+        EngineArgs(
+            gpu_memory_utilization=1, max_video_frames=4, max_video_frames_per_request=4
+        ).max_video_frames
+        == 4
+    )

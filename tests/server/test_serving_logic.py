@@ -173,6 +173,7 @@ def test_bad_flags_exit_with_a_message(capsys):
         (["--device", "tpu"], "--device: is unusable: unknown device 'tpu'"),
         (["--device", "meta"], "--device: is unusable: device 'meta' is not served"),
         (["--seed", str(2**64)], "--seed: must be between"),
+        (["--max-video-frames-per-request", "4"], "--max-video-frames-per-request (4) is below the frames"),
     ],
 )
 def test_settings_that_would_fail_after_the_load_are_refused_before_it(capsys, flags, message):
