@@ -70,19 +70,27 @@ def load_settings(argv: list[str] | None = None) -> ServerSettings:
     try:
         return ServerSettings(**given)
     except ValidationError as exc:
-        parser.error("; ".join(_problem(error) for error in exc.errors()))
-        raise  # unreachable: parser.error exits
+        problems = "; ".join(_problem(error, given) for error in exc.errors())
+        print(f"{parser.prog}: error: {problems} (--help lists the flags)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _problem(error: dict) -> str:
-    """'--flag: message'; a check across settings has no location, so the settings it names become flags."""
+def _source(name: str, given: dict) -> str:
+    """Where a setting came from: its flag, or its OVIS2_* variable when the flag was not given."""
+    variable = "OVIS2_" + name.upper()
+    return variable if name not in given and variable in os.environ else _flag(name)
+
+
+def _problem(error: dict, given: dict) -> str:
+    """'--flag: message' (or 'OVIS2_VARIABLE: message'); a check across settings has no location, so the settings
+    it names become flags."""
     message = error["msg"].removeprefix("Value error, ")
     if error["loc"]:
-        return f"{_flag('_'.join(str(p) for p in error['loc']))}: {message}"
+        return f"{_source('_'.join(str(p) for p in error['loc']), given)}: {message}"
     return _SETTING_NAME.sub(lambda match: _flag(match.group(0)), message)
 
 

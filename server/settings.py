@@ -177,6 +177,13 @@ class ServerSettings(EngineSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _a_name_is_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: leave it unset to serve the model under --model's name")
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _a_key_is_not_blank(cls, value: SecretStr | None) -> SecretStr | None:

@@ -422,3 +422,20 @@ def test_a_request_left_before_its_first_output_is_counted_as_an_abort(fake_engi
     assert value("ovis2_requests_total", finished_reason="abort") == 2
     assert value("ovis2_e2e_request_latency_seconds_count") == 1
     assert value("ovis2_generation_tokens_total") == 0
+
+
+def test_a_bad_setting_is_one_line_naming_where_it_came_from(capsys, monkeypatch):
+    """The flag when given on the command line, the OVIS2_* variable when it came from the environment; no usage
+    text before it."""
+    monkeypatch.setenv("OVIS2_MAX_NUM_SEQS", "zero")
+    for argv, source in ([], "OVIS2_MAX_NUM_SEQS: "), (["--max-num-seqs", "0"], "--max-num-seqs: "):
+        with pytest.raises(SystemExit) as info:
+            load_settings(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert (
+            info.value.code == 2 and len(lines) == 1 and lines[0].startswith("ovis2-serve: error: " + source)
+        )
+    monkeypatch.delenv("OVIS2_MAX_NUM_SEQS")
+    with pytest.raises(SystemExit):
+        load_settings(["--served-model-name", " "])
+    assert "--served-model-name: is empty" in capsys.readouterr().err
