@@ -11,6 +11,17 @@ from .errors import Ovis2Error
 from .tokenizer import IMAGE_ATOM_ID, VISUAL_INDICATOR_IDS
 
 
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file that must hold an object; anything else is an Ovis2Error naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Ovis2Error(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise Ovis2Error(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
 def _required(source: dict, name: str, where: str) -> Any:
     if name not in source or source[name] is None:
         raise Ovis2Error(f"config.json: field '{where}.{name}' is missing")
@@ -240,13 +251,7 @@ class Ovis2Config:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise Ovis2Error(f"no config.json in {directory}")
-        try:
-            source = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise Ovis2Error(f"{path} is not valid JSON: {error}") from error
-        if not isinstance(source, dict):
-            raise Ovis2Error(f"{path} must hold a JSON object, not {type(source).__name__}")
-        return cls.from_dict(source)
+        return cls.from_dict(read_json_object(path))
 
     def to_dict(self) -> dict:
         """The -hf form, loadable by transformers' Ovis2 as well."""

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .checkpoint import resolve_checkpoint
 from .compat import check_compat
+from .configuration import read_json_object
 from .errors import Ovis2Error
 from .image_layout import MAX_TILES_PER_IMAGE as MAX_ALLOWED_PATCHES
 
@@ -423,16 +424,8 @@ def make_batch_feature(results, return_tensors: str | None):
 
 
 def read_json(path: Path) -> dict:
-    """A checkpoint's JSON object file, {} where it is missing; one that is not a JSON object is an Ovis2Error."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise Ovis2Error(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise Ovis2Error(f"{path} must hold a JSON object, not {type(value).__name__}")
-    return value
+    """A checkpoint's JSON object file, {} where it is missing."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def is_original_checkpoint(folder: Path) -> bool:
