@@ -5,6 +5,7 @@ validate with `field_problem`, so a rule and a default are written once."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from functools import cache
 from types import UnionType
@@ -150,6 +151,8 @@ class EngineArgs:
     seed: int = _arg(0, "Engine seed for requests that give none.", _between(-(2**63), 2**64 - 1))
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):  # LLM(model=Path(...))
+            self.model = os.fspath(self.model)
         for item in fields(self):
             problem = field_problem(item.name, getattr(self, item.name))
             if problem is not None:
