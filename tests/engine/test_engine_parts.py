@@ -282,3 +282,9 @@ def test_engine_args_of_the_wrong_type_or_at_odds_are_refused(values, message):
         ).max_video_frames
         == 4
     )
+
+
+def test_engine_args_take_a_path_like_model():
+    from pathlib import Path
+
+    assert EngineArgs(model=Path("/models/ovis2")).model == "/models/ovis2"  # LLM(model=Path(...)) as before
