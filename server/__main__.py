@@ -113,12 +113,12 @@ def find_checkpoint(settings: ServerSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     limit_malloc_arenas(settings.malloc_arena_max)
-    sock = _bound_socket(settings)
+    sockets = _bound_sockets(settings)
     find_checkpoint(settings)
     import uvicorn
 
     from .app import SHUTDOWN_MARGIN_SECONDS, create_app
-    from .startup import StartupOutcome
+    from .startup import StartupOutcome, urls_of
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -140,19 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     # re-raise is a no-op, so SIGTERM ends in exit status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
+    app.state.server.listening_on = urls_of(sockets)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     except SystemExit:  # uvicorn's exit for a failed start-up
         if outcome.error is None and not outcome.stopped:
             raise
+    except OSError as error:  # another server bound the address meanwhile and listened first
+        print(f"ovis2-serve: error: --host/--port: cannot listen: {error.strerror or error}", file=sys.stderr)
+        return 2
     return _exit_status(server, outcome)
 
 
-def _bound_socket(settings: ServerSettings):
-    from .startup import Ovis2Error, bound_socket
+def _bound_sockets(settings: ServerSettings):
+    from .startup import Ovis2Error, bound_sockets
 
     try:
-        return bound_socket(settings.host, settings.port)
+        return bound_sockets(settings.host, settings.port)
     except Ovis2Error as error:
         print(f"ovis2-serve: error: --host/--port: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -160,7 +164,7 @@ def _bound_socket(settings: ServerSettings):
 
 def _exit_status(server, outcome) -> int:
     if outcome.error is not None:
-        print(f"ovis2-serve: error: --model: {outcome.error}", file=sys.stderr)
+        print(f"ovis2-serve: error: {outcome.error}", file=sys.stderr)
         return 2
     if outcome.stopped:  # the model may still be loading in its thread: no interpreter shutdown around it
         print("ovis2-serve: stopped while loading the model", file=sys.stderr)

@@ -83,7 +83,11 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         state.engine.set_idle_hook(release_free_memory, IDLE_TRIM_QUIET_SECONDS)
         engine = state.engine
         logger.info(
-            "serving %s (%s, max_model_len %s)", state.model_id, engine.dtype_name, engine.max_model_len
+            "serving %s (%s, max_model_len %s)%s",
+            state.model_id,
+            engine.dtype_name,
+            engine.max_model_len,
+            f" on {state.listening_on}" if state.listening_on else "",
         )
         if settings.model == "demo":
             logger.warning(DEMO_BANNER)

@@ -179,10 +179,8 @@ class ServerSettings(EngineSettings):
 
     @field_validator("served_model_name")
     @classmethod
-    def _a_name_is_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("is empty: leave it unset to serve the model under --model's name")
-        return value
+    def _a_blank_name_is_unset(cls, value: str | None) -> str | None:
+        return value if value is None or value.strip() else None  # OVIS2_SERVED_MODEL_NAME= : --model's name
 
     @field_validator("api_key")
     @classmethod

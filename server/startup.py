@@ -18,18 +18,39 @@ class StartupStopped(Exception):
     """The process was told to exit while the model loaded."""
 
 
-def bound_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to the address and not yet listening (so connections are refused until the server serves);
-    an address that cannot be had raises Ovis2Error at once, before minutes of loading."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def bound_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` names, as uvicorn's own bind (asyncio's create_server) makes them: the
+    IPv6 ones IPv6-only, "" for every interface. Not yet listening, so connections are refused until the server
+    serves; an address that cannot be had raises Ovis2Error at once, before minutes of loading."""
     try:
-        sock.bind((host, port))
+        found = socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as error:
+        raise Ovis2Error(f"cannot listen on {host}:{port}: {error}") from None
+    sockets = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
     except OSError as error:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise Ovis2Error(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    return sock
+    return sockets
+
+
+def urls_of(sockets: list[socket.socket]) -> str:
+    """Where the sockets listen, for the log (the port chosen where --port is 0)."""
+    urls = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        urls.append(f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}")
+    return ", ".join(urls)
 
 
 async def unless_told_to_exit(work: Awaitable, exit_requested: Callable[[], bool] | None):

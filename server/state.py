@@ -26,6 +26,7 @@ class ServerState:
     media_bytes: MediaBytesBudget = field(default_factory=MediaBytesBudget)  # encoded media held at once
     engine: Any = None  # an AsyncEngine (docs/CONTRACTS.md); set by the lifespan
     num_in_flight: int = 0
+    listening_on: str | None = None  # the runner's addresses, for the start-up log line (server/__main__.py)
     exit_requested: Callable[[], bool] | None = None  # the runner's "told to stop" flag (server/__main__.py)
     started_at: int = field(default_factory=lambda: int(time.time()))
 

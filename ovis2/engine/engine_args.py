@@ -5,12 +5,14 @@ validate with `field_problem`, so a rule and a default are written once."""
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from functools import cache
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
+import numpy as np
 import torch
 
 from ..compat import COMPAT_MODES, CompatMode
@@ -153,6 +155,10 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):  # LLM(model=Path(...))
             self.model = os.fspath(self.model)
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        for name, expected in _field_types().items():  # numpy and torch scalars as Python's
+            setattr(self, name, _plain(getattr(self, name), expected))
         for item in fields(self):
             problem = field_problem(item.name, getattr(self, item.name))
             if problem is not None:
@@ -195,6 +201,22 @@ def _field_types() -> dict[str, tuple[type, ...]]:
         if len(plain) == len(members):
             wanted[name] = plain
     return wanted
+
+
+def _plain(value, expected: tuple[type, ...]):
+    """`value` as the Python type the field takes where it is a number of another kind (numpy's, torch's, 0 or 1
+    for a flag); otherwise as it is, for field_problem to judge."""
+    if isinstance(value, bool | str | None):
+        return value
+    if bool in expected and (
+        isinstance(value, np.bool_) or isinstance(value, numbers.Integral) and value in (0, 1)
+    ):
+        return bool(value)
+    if int in expected and isinstance(value, numbers.Integral) and not isinstance(value, np.bool_):
+        return int(value)
+    if float in expected and isinstance(value, numbers.Real) and not isinstance(value, np.bool_):
+        return float(value)
+    return value
 
 
 def _has_type(value, expected: tuple[type, ...]) -> bool:

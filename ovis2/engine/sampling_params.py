@@ -6,6 +6,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import Ovis2Error
 from ..tokenizer import DEFAULT_EOS_IDS
 from .structured.params import StructuredOutputsParams
@@ -66,6 +68,16 @@ class SamplingParams:
             self.stop = [self.stop]
         elif self.stop is None:  # vLLM takes None for "none"
             self.stop = []
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, tuple | set | frozenset):
+            self.stop_token_ids = list(self.stop_token_ids)
+        for name in FLAGS:  # numpy's bool, or 0 and 1, as Python's
+            value = getattr(self, name)
+            if not isinstance(value, bool) and (
+                isinstance(value, np.bool_) or _is_int(value) and value in (0, 1)
+            ):
+                setattr(self, name, bool(value))
         if self.logit_bias is None:
             self.logit_bias = {}
         if isinstance(self.structured_outputs, dict):

@@ -284,7 +284,34 @@ def test_engine_args_of_the_wrong_type_or_at_odds_are_refused(values, message):
     )
 
 
-def test_engine_args_take_a_path_like_model():
+def test_engine_args_take_a_path_like_model_and_other_kinds_of_numbers():
+    """As before the type checks: a path, a torch.device, numpy numbers, 0 or 1 for a flag (made Python's)."""
     from pathlib import Path
 
-    assert EngineArgs(model=Path("/models/ovis2")).model == "/models/ovis2"  # LLM(model=Path(...)) as before
+    import numpy as np
+
+    args = EngineArgs(
+        model=Path("/models/ovis2"),
+        device=torch.device("cpu"),
+        max_num_seqs=np.int64(4),
+        gpu_memory_utilization=np.float32(0.5),
+        enable_prefix_caching=0,
+        enforce_eager=np.bool_(True),
+    )
+    assert (args.model, args.device, args.max_num_seqs, args.enable_prefix_caching, args.enforce_eager) == (
+        "/models/ovis2",
+        "cpu",
+        4,
+        False,
+        True,
+    )
+    assert type(args.max_num_seqs) is int and type(args.gpu_memory_utilization) is float
+    params = SamplingParams(
+        stop=("###",), stop_token_ids={5}, ignore_eos=np.bool_(True), skip_special_tokens=0
+    )
+    assert (params.stop, params.stop_token_ids, params.ignore_eos, params.skip_special_tokens) == (
+        ["###"],
+        [5],
+        True,
+        False,
+    )

@@ -352,7 +352,7 @@ def test_a_checkpoint_the_load_refuses_is_one_line_and_no_traceback(tiny_checkpo
     result = serve_briefly("--model", str(broken), "--port", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ovis2-serve: error: --model: weight file") and "corrupt or unreadable" in last
+    assert last.startswith("ovis2-serve: error: weight file") and "corrupt or unreadable" in last
 
 
 def test_an_address_in_use_is_refused_before_the_model_loads(tiny_checkpoint):
@@ -436,6 +436,25 @@ def test_a_bad_setting_is_one_line_naming_where_it_came_from(capsys, monkeypatch
             info.value.code == 2 and len(lines) == 1 and lines[0].startswith("ovis2-serve: error: " + source)
         )
     monkeypatch.delenv("OVIS2_MAX_NUM_SEQS")
-    with pytest.raises(SystemExit):
-        load_settings(["--served-model-name", " "])
-    assert "--served-model-name: is empty" in capsys.readouterr().err
+    assert load_settings(["--served-model-name", " "]).model_id == "demo"  # blank: --model's name, as unset
+
+
+def test_the_address_is_bound_as_uvicorn_binds_it():
+    """Every address the host names (localhost: 127.0.0.1 and ::1 where both are configured), IPv6 ones
+    IPv6-only; a name that does not resolve is one Ovis2Error."""
+    from ovis2 import Ovis2Error
+    from server.startup import bound_sockets, urls_of
+
+    names = {info[4][0] for info in socket.getaddrinfo("localhost", 0, 0, socket.SOCK_STREAM)}
+    sockets = bound_sockets("localhost", 0)
+    try:
+        assert {sock.getsockname()[0] for sock in sockets} == names
+        for sock in sockets:
+            if sock.family == socket.AF_INET6:
+                assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert urls_of(sockets).startswith("http://")
+    finally:
+        for sock in sockets:
+            sock.close()
+    with pytest.raises(Ovis2Error, match="cannot listen on no-such-host.invalid:80"):
+        bound_sockets("no-such-host.invalid", 80)
