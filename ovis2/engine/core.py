@@ -17,6 +17,7 @@ import torch
 from ..errors import Ovis2Error, StructuredOutputError
 from ..image_layout import check_tokens_per_crop
 from .block_manager import BlockManager
+from .context_length import check_pool_blocks, max_model_len
 from .core_outputs import CoreStepOutput, RequestFailure, RequestUpdate, TokenUpdate
 from .engine_args import EngineArgs
 from .engine_stats import EngineStats
@@ -39,11 +40,7 @@ class EngineCore:
         self.model = model if model is not None else load_model(args)
         check_tokens_per_crop(self.model.config.vision_config)
         self.runner = ModelRunner(self.model, args)
-        if self.runner.num_blocks < 2:
-            raise Ovis2Error(
-                f"the KV cache budget holds {self.runner.num_blocks} blocks of {args.block_size} tokens; raise "
-                f"{_kv_budget_setting(self.runner.device)} (or lower block_size)"
-            )
+        check_pool_blocks(self.runner.num_blocks, args.block_size, self.runner.device)
         self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -54,7 +51,12 @@ class EngineCore:
             self.runner.visual.crops_to_encode,
         )
         self.groups: dict[str, SequenceGroup] = {}
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = max_model_len(
+            args.max_model_len,
+            self.model.config.text_config.max_position_embeddings,
+            self.runner.num_blocks * args.block_size,
+            self.runner.device,
+        )
         if self.runner.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_decode_graphs(self.max_model_len, capture=True)
         self.request_hook: Callable[[SequenceGroup], None] | None = (
@@ -64,28 +66,6 @@ class EngineCore:
         self.counters = dict.fromkeys(
             ("num_prompt_tokens", "num_cached_tokens", "num_generated_tokens", "num_preemptions"), 0
         )
-
-    def _max_model_len(self) -> int:
-        """The asked max_model_len where the model and the KV pool take it (else an Ovis2Error saying what to
-        change); without one, the model's context, lowered to what the pool holds with a warning."""
-        model_max = self.model.config.text_config.max_position_embeddings
-        pool_max = self.runner.num_blocks * self.args.block_size  # one sequence must always fit alone
-        asked = self.args.max_model_len
-        if asked is not None and asked > model_max:
-            raise Ovis2Error(f"max_model_len {asked} is beyond the model's context ({model_max} tokens)")
-        if asked is not None and asked > pool_max:
-            raise Ovis2Error(
-                f"max_model_len {asked} does not fit the KV cache, which holds {pool_max} tokens: raise "
-                f"{_kv_budget_setting(self.runner.device)} or lower max_model_len"
-            )
-        if asked is None and pool_max < model_max:
-            logger.warning(
-                "max_model_len is %d, not the model's %d: the KV cache holds no more (raise %s for more)",
-                pool_max,
-                model_max,
-                _kv_budget_setting(self.runner.device),
-            )
-        return min(asked or model_max, pool_max)
 
     @property
     def vocab_size(self) -> int:
@@ -301,8 +281,3 @@ class EngineCore:
             num_encoded_images=self.runner.visual.num_encoded_images,
             **self.counters,
         )
-
-
-def _kv_budget_setting(device: torch.device) -> str:
-    """The setting that sizes the KV pool on this device (flags and LLM keywords alike)."""
-    return "kv_cache_memory or gpu_memory_utilization" if device.type == "cuda" else "kv_cache_memory"

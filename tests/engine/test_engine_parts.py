@@ -256,7 +256,7 @@ def test_max_model_len_is_what_was_asked_or_a_clear_error(make_engine, engine_mo
     ):
         make_engine(kv_cache_memory=memory, max_model_len=129)
     assert make_engine(kv_cache_memory=memory, max_model_len=128).max_model_len == 128
-    with caplog.at_level("WARNING", logger="ovis2.engine.core"):
+    with caplog.at_level("WARNING", logger="ovis2.engine.context_length"):
         assert make_engine(kv_cache_memory=memory).max_model_len == 128
     assert f"max_model_len is 128, not the model's {model_max}" in caplog.text
 
