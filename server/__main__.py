@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome = StartupOutcome(app)
     config = uvicorn.Config(
         outcome,
-        host=settings.host,  # the address of the socket bound above, for uvicorn's messages
+        host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # past the grace period the app fails what is still running with 503s (app.stop_after_grace): uvicorn
