@@ -35,6 +35,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, model_class: type | None =
     return _download(text, with_weights=model_class is not None)
 
 
+REASON_CHARS = 500  # of the hub's first error line: the whole of it, short of a page
+
+
 @functools.cache  # the model, tokenizer and processor all resolve the same id: ask the hub once per process
 def _download(repo_id: str, with_weights: bool) -> Path:
     from huggingface_hub import snapshot_download
@@ -45,7 +48,8 @@ def _download(repo_id: str, with_weights: bool) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 3] + "..."
         raise Ovis2Error(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({reason[:200]}); check the id and the network "
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({reason}); check the id and the network "
             "(HF_HUB_OFFLINE unset, HF_TOKEN for gated repos), or pass a local checkpoint directory"
         ) from None
