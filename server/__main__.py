@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import re
@@ -67,12 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
 def load_settings(argv: list[str] | None = None) -> ServerSettings:
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    for line in misspelt_variables(os.environ):
+        print(f"{parser.prog}: warning: {line}", file=sys.stderr)
     try:
         return ServerSettings(**given)
     except ValidationError as exc:
         problems = "; ".join(_problem(error, given) for error in exc.errors())
         print(f"{parser.prog}: error: {problems} (--help lists the flags)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def misspelt_variables(environ) -> list[str]:
+    """An OVIS2_* variable that is no setting but nearly one's name (a setting silently left at its default);
+    the project's other OVIS2_* switches are not near any."""
+    settings = ["OVIS2_" + name.upper() for name in ServerSettings.model_fields]
+    found = []
+    for variable in sorted(v for v in environ if v.startswith("OVIS2_") and v not in settings):
+        close = difflib.get_close_matches(variable, settings, n=1, cutoff=0.85)
+        if close:
+            found.append(f"{variable} is not a setting and is ignored; did you mean {close[0]}?")
+    return found
 
 
 def _flag(name: str) -> str:

@@ -458,3 +458,16 @@ def test_the_address_is_bound_as_uvicorn_binds_it():
             sock.close()
     with pytest.raises(Ovis2Error, match="cannot listen on no-such-host.invalid:80"):
         bound_sockets("no-such-host.invalid", 80)
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_nearly_is(capsys, monkeypatch):
+    """Silently ignored before; the project's own OVIS2_* switches (native kernels, caches) are not settings and
+    are not warned about."""
+    monkeypatch.setenv("OVIS2_MAX_NUM_SEQ", "4")
+    monkeypatch.setenv("OVIS2_NATIVE_DECODE", "1")
+    monkeypatch.setenv("OVIS2_TRITON_ATTENTION", "1")
+    settings = load_settings([])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert settings.max_num_seqs == 64 and lines == [
+        "ovis2-serve: warning: OVIS2_MAX_NUM_SEQ is not a setting and is ignored; did you mean OVIS2_MAX_NUM_SEQS?"
+    ]
