@@ -81,8 +81,7 @@ class ModelRunner:
         shape = (self.num_blocks + 1, *self.model.kv_cache_block_shape(self.block_size))
         dtype = self.model.dtype
         if self.device.type == "cpu":
-            layers = self.model.num_kv_layers
-            needed = 2 * layers * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            needed = (self.num_blocks + 1) * self.bytes_per_block
             check_fits(needed, "the KV cache", "lower kv_cache_memory (--kv-cache-memory)")
         self.kv_caches = [
             (
