@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import threading
 
 from .engine.engine_args import EngineArgs
 from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
+from .engine.scalars import is_integer
 from .errors import Ovis2Error
 from .inputs import EngineInputs
 
@@ -99,15 +99,11 @@ def _prompt_list(prompts) -> list:
     if isinstance(prompts, str | EngineInputs | dict):
         return [prompts]
     if isinstance(prompts, list | tuple):
-        return [prompts] if prompts and _is_token_id(prompts[0]) else list(prompts)
+        return [prompts] if prompts and is_integer(prompts[0]) else list(prompts)
     raise Ovis2Error(
         "prompts must be a string, a list of token ids, EngineInputs, a dict with 'prompt' or 'prompt_token_ids', "
         f"or a list of those; got {type(prompts).__name__}"
     )
-
-
-def _is_token_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_conversations(conversations) -> None:

@@ -5,14 +5,12 @@ validate with `field_problem`, so a rule and a default are written once."""
 
 from __future__ import annotations
 
-import numbers
 import os
 from dataclasses import dataclass, field, fields
 from functools import cache
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-import numpy as np
 import torch
 
 from ..compat import COMPAT_MODES, CompatMode
@@ -20,6 +18,7 @@ from ..dtypes import DtypeName, check_dtype
 from ..errors import Ovis2Error
 from ..image_layout import MAX_TILES_PER_IMAGE
 from ..video_sampling import RECIPE_NUM_FRAMES
+from .scalars import as_flag, is_integer, is_real
 
 
 def _arg(default, help: str, check=None):
@@ -208,13 +207,11 @@ def _plain(value, expected: tuple[type, ...]):
     for a flag); otherwise as it is, for field_problem to judge."""
     if isinstance(value, bool | str | None):
         return value
-    if bool in expected and (
-        isinstance(value, np.bool_) or isinstance(value, numbers.Integral) and value in (0, 1)
-    ):
-        return bool(value)
-    if int in expected and isinstance(value, numbers.Integral) and not isinstance(value, np.bool_):
+    if bool in expected:
+        return as_flag(value)
+    if int in expected and is_integer(value):
         return int(value)
-    if float in expected and isinstance(value, numbers.Real) and not isinstance(value, np.bool_):
+    if float in expected and is_real(value):
         return float(value)
     return value
 

@@ -3,7 +3,6 @@ EngineInputs turned into an EngineRequest (its image spans known) for the core."
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 from .. import image_layout
@@ -14,6 +13,7 @@ from ..video_sampling import RECIPE_NUM_FRAMES
 from .engine_args import EngineArgs
 from .request import EngineRequest
 from .sampling_params import SamplingParams
+from .scalars import is_integer
 from .structured.compiler import GrammarCompiler, GrammarStats
 from .structured.grammar import Grammar
 
@@ -137,7 +137,7 @@ class InputProcessor:
             return prompt
         if isinstance(prompt, str):
             return EngineInputs(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if isinstance(prompt, Sequence) and all(_is_token_id(t) for t in prompt):
+        if isinstance(prompt, Sequence) and all(is_integer(t) for t in prompt):
             return EngineInputs([int(t) for t in prompt])
         raise Ovis2Error("a prompt must be EngineInputs, a list of token ids (integers) or a string")
 
@@ -206,10 +206,6 @@ def _parts(messages, kind: str) -> list[dict]:
         if isinstance(content, (list, tuple)):
             parts += [p for p in content if isinstance(p, dict) and p.get("type") == kind]
     return parts
-
-
-def _is_token_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _vllm_prompt(prompt: dict):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from ..errors import Ovis2Error
 from ..tokenizer import DEFAULT_EOS_IDS
+from .scalars import as_flag, is_integer, is_real
 from .structured.params import StructuredOutputsParams
 
 MAX_N = 16
@@ -21,14 +19,6 @@ INTEGERS = ("n", "max_tokens", "min_tokens", "top_k")
 OPTIONAL_INTEGERS = ("seed", "logprobs", "prompt_logprobs")
 NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 FLAGS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -72,12 +62,8 @@ class SamplingParams:
             self.stop = list(self.stop)
         if isinstance(self.stop_token_ids, tuple | set | frozenset):
             self.stop_token_ids = list(self.stop_token_ids)
-        for name in FLAGS:  # numpy's bool, or 0 and 1, as Python's
-            value = getattr(self, name)
-            if not isinstance(value, bool) and (
-                isinstance(value, np.bool_) or _is_int(value) and value in (0, 1)
-            ):
-                setattr(self, name, bool(value))
+        for name in FLAGS:
+            setattr(self, name, as_flag(getattr(self, name)))
         if self.logit_bias is None:
             self.logit_bias = {}
         if isinstance(self.structured_outputs, dict):
@@ -143,23 +129,27 @@ class SamplingParams:
                 raise Ovis2Error(f"invalid sampling parameter '{name}': {rule}")
 
     def _type_checks(self) -> list[tuple[bool, str, str]]:
-        checks = [(_is_int(getattr(self, name)), name, "must be an integer") for name in INTEGERS]
+        checks = [(is_integer(getattr(self, name)), name, "must be an integer") for name in INTEGERS]
         checks += [
-            (getattr(self, name) is None or _is_int(getattr(self, name)), name, "must be an integer or None")
+            (
+                getattr(self, name) is None or is_integer(getattr(self, name)),
+                name,
+                "must be an integer or None",
+            )
             for name in OPTIONAL_INTEGERS
         ]
-        checks += [(_is_number(getattr(self, name)), name, "must be a number") for name in NUMBERS]
+        checks += [(is_real(getattr(self, name)), name, "must be a number") for name in NUMBERS]
         checks += [(isinstance(getattr(self, name), bool), name, "must be true or false") for name in FLAGS]
         bias, stop_ids = self.logit_bias, self.stop_token_ids
         return checks + [
             (isinstance(self.stop, list), "stop", "must be a string or a list of strings"),
             (
-                stop_ids is None or isinstance(stop_ids, list | tuple) and all(map(_is_int, stop_ids)),
+                stop_ids is None or isinstance(stop_ids, list | tuple) and all(map(is_integer, stop_ids)),
                 "stop_token_ids",
                 "must be a list of token ids",
             ),
             (
-                isinstance(bias, dict) and all(_is_int(k) and _is_number(v) for k, v in bias.items()),
+                isinstance(bias, dict) and all(is_integer(k) and is_real(v) for k, v in bias.items()),
                 "logit_bias",
                 "must map token ids (integers) to numbers",
             ),
