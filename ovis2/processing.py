@@ -510,9 +510,8 @@ def load_tokenizer(folder: Path):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise Ovis2Error(f"no usable tokenizer files in {folder}: {error}") from error
-    if (
-        len(tokenizer) < FIRST_ADDED_TOKEN_ID
-    ):  # transformers builds a near-empty tokenizer when the files are missing
+    # transformers builds a near-empty tokenizer when the files are missing
+    if len(tokenizer) < FIRST_ADDED_TOKEN_ID:
         raise Ovis2Error(
             f"no usable tokenizer files in {folder}: the tokenizer read has {len(tokenizer)} tokens, "
             f"Ovis2's (Qwen2's) has {FIRST_ADDED_TOKEN_ID} and more"

@@ -20,9 +20,8 @@ class Embedding(nn.Embedding):
     (`share_panels`). Unpacking the projection gives the plain table back; so do `.to()` and loading a state dict.
     """
 
-    projection: Linear | None = (
-        None  # the tied projection whose panels hold the table, once the table is freed
-    )
+    # the tied projection whose panels hold the table, once the table is freed
+    projection: Linear | None = None
 
     def share_panels(self, projection: Linear) -> bool:
         """Free the plain table where `projection` shares it and holds it as panels; False where it does not."""

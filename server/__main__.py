@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
         shown = ",".join(default) if isinstance(default, list) else default
-        text = f"{field.description} [env: OVIS2_{name.upper()}; default: {shown}]"
+        text = f"{field.description} [env: {_variable(name)}; default: {shown}]"
         kind = _flag_kind(field.annotation)
         if kind == "bool":
             parser.add_argument(
@@ -81,7 +81,7 @@ def load_settings(argv: list[str] | None = None) -> ServerSettings:
 def misspelt_variables(environ) -> list[str]:
     """An OVIS2_* variable that is no setting but nearly one's name (a setting silently left at its default);
     the project's other OVIS2_* switches are not near any."""
-    settings = ["OVIS2_" + name.upper() for name in ServerSettings.model_fields]
+    settings = [_variable(name) for name in ServerSettings.model_fields]
     found = []
     for variable in sorted(v for v in environ if v.startswith("OVIS2_") and v not in settings):
         close = difflib.get_close_matches(variable, settings, n=1, cutoff=0.85)
@@ -94,9 +94,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _variable(name: str) -> str:
+    return ServerSettings.model_config["env_prefix"] + name.upper()
+
+
 def _source(name: str, given: dict) -> str:
     """Where a setting came from: its flag, or its OVIS2_* variable when the flag was not given."""
-    variable = "OVIS2_" + name.upper()
+    variable = _variable(name)
     return variable if name not in given and variable in os.environ else _flag(name)
 
 

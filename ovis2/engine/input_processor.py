@@ -48,9 +48,8 @@ class InputProcessor:
 
     @property
     def tokenizer(self):
-        if (
-            self._tokenizer is None
-        ):  # the processor's: one tokenizer, with the image tokens (AIDC files lack them)
+        # the processor's: one tokenizer, with the image tokens (AIDC files lack them)
+        if self._tokenizer is None:
             self._tokenizer = self.processor.tokenizer
         return self._tokenizer
 
