@@ -171,9 +171,8 @@ class Scheduler:
             admitted = self._admit(seq, parent, budget, out)
             if admitted is None:
                 break
-            if (
-                not admitted
-            ):  # its first chunk's work does not fit what is left: after the others, or a later step
+            # its first chunk's work does not fit what is left: after the others, or a later step
+            if not admitted:
                 skipped.append(self.waiting.popleft())
         self.waiting.extendleft(reversed(skipped))
 
