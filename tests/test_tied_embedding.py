@@ -13,10 +13,7 @@ from ovis2.cpu_linear import Linear
 from ovis2.tied_embedding import Embedding
 
 from .linear_bounds import assert_near_reference
-
-
-def random_bf16(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+from .test_bf16_panels import random_bf16
 
 
 @pytest.mark.parametrize("shape", [(67, 101), (16, 8), (3, 9), (1, 1)])
